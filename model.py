@@ -1,0 +1,231 @@
+"""A GPT-style decoder: RoPE, RMSNorm, SwiGLU MLP, tied embeddings, no biases.
+
+The layout is Llama's (rotate-half RoPE, pre-norm blocks, gate/up/down MLP) with nanoGPT's names, so the
+weights map one to one onto a Llama checkpoint. Sizes: config/pretrain_137m.py is the 137.8M reference.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 4096  # max context in tokens (RoPE tables are built for this length)
+    vocab_size: int = 32000
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_hidden: int = 3072  # SwiGLU hidden width (gate and up each project n_embd -> mlp_hidden)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos/sin of shape (max_len, head_dim) for the rotate-half convention, in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (max_len, head_dim)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, n_head, T, head_dim); cos/sin: (T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        hd = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store k, v (B, n_head, T, hd) at the current position; return everything cached so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, C = x.size()
+        hd = C // self.n_head
+        # (B, T, C) -> (B, n_head, T, hd)
+        q = self.c_q(x).view(B, T, self.n_head, hd).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.n_head, hd).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.n_head, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None or cache.pos == 0:
+            if cache is not None:
+                cache.update(self.layer_idx, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = cache.update(self.layer_idx, k, v)
+            # new query i sits at absolute position cache.pos + i and may see keys 0..cache.pos + i
+            past = cache.pos
+            mask = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=RMSNorm(config.n_embd, config.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix, counted and stored once
+        # Computed once; not in the state dict, so a checkpoint holds only learned weights.
+        cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Residual projections start at zero (as in modded-nanogpt): each block begins as the identity,
+        # so the loss at init is ln(vocab_size) whatever the depth.
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights are one parameter
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N for the matmuls forward+backward, 12*L*d*T for attention (PaLM)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    def forward(self, idx, targets=None, cache=None):
+        B, T = idx.size()
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        cos = self.rope_cos[start : start + T].to(self.transformer.wte.weight.dtype)
+        sin = self.rope_sin[start : start + T].to(self.transformer.wte.weight.dtype)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        for block in self.transformer.h:
+            if self.config.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]).float(), None  # generation needs only the last position
+        logits = self.lm_head(x).float()  # (B, T, vocab_size)
+        # targets of -1 are ignored: SFT masks non-assistant tokens this way
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_token=None, generator=None):
+        """Sample max_new_tokens after idx (B, T) with a KV cache. temperature=0 means greedy.
+
+        When the cache is full, the last half-context is re-encoded into a fresh cache and decoding goes on,
+        so generation can run past block_size at the cost of one prefill per block_size/2 tokens.
+        """
+        c = self.config
+        idx = idx[:, -c.block_size :]
+        dtype = self.transformer.wte.weight.dtype
+        cache = KVCache(c, idx.size(0), c.block_size, idx.device, dtype)
+        logits, _ = self(idx, cache=cache)
+        out = [idx]
+        for _ in range(max_new_tokens):
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            out.append(next_id)
+            if stop_token is not None and bool((next_id == stop_token).all()):
+                break
+            if cache.pos == c.block_size:
+                context = torch.cat(out, dim=1)[:, -(c.block_size // 2) :]
+                cache = KVCache(c, idx.size(0), c.block_size, idx.device, dtype)
+                logits, _ = self(context, cache=cache)
+            else:
+                logits, _ = self(next_id, cache=cache)
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits, temperature, top_k, top_p, generator=None):
+    """One token id per row from (B, vocab) logits: greedy, or temperature + top-k + nucleus (top-p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -1,0 +1,125 @@
+"""Muon for the hidden matrices, AdamW for everything else, in one optimizer.
+
+Muon (Keller Jordan, 2024, https://kellerjordan.github.io/posts/muon/) takes the Nesterov momentum of a
+matrix's gradient and replaces it by the nearest semi-orthogonal matrix (U V^T of its SVD), found with a few
+Newton-Schulz iterations in bf16. Every direction of the update then moves by the same amount, which is what
+lets it train hidden layers faster than AdamW. Embeddings, the (tied) output head and the 1-D norm gains are
+not hidden matrices and keep AdamW.
+
+Param groups carry `use_muon`. Under DDP (torch.distributed initialised) the gradients are already averaged;
+each rank orthogonalises every world_size-th matrix of a same-shape bucket and the updates are all-gathered,
+so no two ranks do the same Newton-Schulz work. Momentum is updated on every rank for every matrix (it is
+elementwise and cheap), which keeps the optimizer state identical everywhere, so rank 0's state_dict is the
+whole state.
+"""
+
+import torch
+import torch.distributed as dist
+
+
+def zeropower_via_newtonschulz5(G, steps=5):
+    """Approximate U V^T for G = U S V^T (G is 2-D, or batched 3-D) by a quintic Newton-Schulz iteration.
+
+    The coefficients (3.4445, -4.7750, 2.0315) maximise the slope at zero, so small singular values rise
+    fast; the price is that the result's singular values land in roughly [0.7, 1.2] rather than exactly 1,
+    which does not hurt training.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:  # iterate on the wide orientation: X @ X.T is then the smaller Gram matrix
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    """param_groups: dicts with `params`, `use_muon`, `lr`, `weight_decay`, and for Muon groups `momentum`,
+    `nesterov`, `ns_steps`; for AdamW groups `betas`, `eps`. Weight decay is decoupled (scaled by lr)."""
+
+    def __init__(self, param_groups):
+        for group in param_groups:
+            group.setdefault("weight_decay", 0.0)
+            if group["use_muon"]:
+                group.setdefault("momentum", 0.95)
+                group.setdefault("nesterov", True)
+                group.setdefault("ns_steps", 5)
+                assert all(p.ndim == 2 for p in group["params"]), "Muon only takes 2-D matrices"
+            else:
+                group.setdefault("betas", (0.9, 0.95))
+                group.setdefault("eps", 1e-8)
+        super().__init__(param_groups, {})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+
+    def _muon_step(self, group):
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        params = [p for p in group["params"] if p.grad is not None]
+        # 1) momentum on every rank for every matrix (cheap, and keeps the state identical across ranks)
+        directions = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m*buf + (1-m)*g
+            directions.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+        # 2) orthogonalise: rank r takes matrices r, r+world, ... of each same-shape bucket
+        buckets = {}
+        for p, d in zip(params, directions):
+            buckets.setdefault(p.shape, []).append((p, d))
+        pending = []
+        for shape, items in buckets.items():
+            for base in range(0, len(items), world):
+                chunk = items[base : base + world]
+                mine = chunk[rank][1] if rank < len(chunk) else torch.zeros(shape, device=chunk[0][1].device)
+                update = zeropower_via_newtonschulz5(mine, group["ns_steps"])
+                if world == 1:
+                    self._apply(group, chunk, [update])
+                    continue
+                gathered = [torch.empty_like(update) for _ in range(world)]
+                work = dist.all_gather(gathered, update.contiguous(), async_op=True)  # overlaps the next NS
+                pending.append((chunk, gathered, work))
+        for chunk, updates, work in pending:
+            work.wait()
+            self._apply(group, chunk, updates)
+
+    @staticmethod
+    def _apply(group, chunk, updates):
+        """Decoupled weight decay, then the update scaled so that its RMS does not shrink for tall matrices
+        (max(1, rows/cols)^0.5, as in Keller Jordan's reference implementation)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        for (p, _), u in zip(chunk, updates):
+            scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+            p.mul_(1 - lr * wd)
+            p.add_(u.to(p.dtype), alpha=-lr * scale)
+
+    def _adamw_step(self, group):
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            t = state["step"].item()
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))

@@ -1,0 +1,344 @@
+"""Plumbing shared by the stage scripts: checked config overrides, device/precision/DDP setup, checkpoint
+files, metrics logging. Importing it has no side effects; the scripts call what they need in their setup.
+"""
+
+import difflib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shards import ShardError
+
+
+class UserError(Exception):
+    """A mistake the user can fix; reported as one `error:` line and a non-zero exit, never a traceback."""
+
+
+def install_error_handler():
+    """Turn UserError / ShardError escaping a script into one clear line on stderr and exit status 2."""
+
+    def hook(kind, value, tb):
+        if issubclass(kind, (UserError, ShardError)):
+            print(f"error: {value}", file=sys.stderr)
+            sys.exit(2)
+        sys.__excepthook__(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_keys(namespace):
+    """The overridable globals of a script: public names bound to int, float, bool or str."""
+    return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+
+
+def check_value(key, value, default):
+    """Return value if it has default's type (an int is accepted for a float); else raise UserError."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        raise UserError(f"{key} must be a {type(default).__name__} (default {default!r}), got {value!r}")
+    return value
+
+
+def parse_value(key, text, default):
+    """Parse a command-line string as the type of default; bools accept only true/false."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        return text
+    except ValueError:
+        raise UserError(f"--{key}={text}: expected a {type(default).__name__} like {default!r}") from None
+
+
+def unknown_key(key, known, source):
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else "; run with --help to list the keys"
+    return UserError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def configure(namespace, argv):
+    """Apply config files (`path.py`, plain assignments) then `--key=value` overrides to a script's globals.
+
+    Every key must already exist in the script and keep its type. Returns the final config as a dict.
+    """
+    keys = config_keys(namespace)
+    defaults = {k: namespace[k] for k in keys}
+    config = dict(defaults)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print("config keys (default values):")
+            for k in keys:
+                print(f"  --{k}={defaults[k]}")
+            sys.exit(0)
+        if not arg.startswith("--"):
+            path = Path(arg)
+            if not path.is_file():
+                raise UserError(f"config file {arg} not found (configs live in config/, overrides are --key=value)")
+            values = {}
+            try:
+                exec(compile(path.read_text(), str(path), "exec"), {}, values)
+            except Exception as e:
+                raise UserError(f"config file {arg} failed to run: {type(e).__name__}: {e}") from None
+            for k, v in values.items():
+                if k.startswith("_") or type(v).__name__ == "module":
+                    continue
+                if k not in defaults:
+                    raise unknown_key(k, keys, arg)
+                config[k] = check_value(k, v, defaults[k])
+        else:
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise UserError(f"{arg}: overrides are written --key=value")
+            if key not in defaults:
+                raise unknown_key(key, keys, "the command line")
+            config[key] = parse_value(key, text, defaults[key])
+    namespace.update(config)
+    return config
+
+
+# ----------------------------------------------------------------------------- device, precision, DDP
+
+
+def setup_device(device="auto", dtype="auto"):
+    """Pick the device (CUDA, then MPS, then CPU unless given), precision and, under torchrun, DDP.
+
+    Returns a dict: device, device_type, ptdtype, autocast (a context manager), ddp, rank, local_rank,
+    world_size, master (rank 0 prints and saves).
+    """
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+    device_type = device.split(":")[0]
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"device={device}: expected auto, cuda, cuda:N, mps or cpu")
+    if dtype == "auto":  # bf16 where the hardware has it; MPS has fp16 only; plain fp32 is fastest on CPU
+        dtype = {"cuda": "bfloat16", "mps": "float16", "cpu": "float32"}[device_type]
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if ptdtype is None:
+        raise UserError(f"dtype={dtype}: expected auto, float32, bfloat16 or float16")
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+    return dict(
+        device=device,
+        device_type=device_type,
+        ptdtype=ptdtype,
+        autocast=autocast,
+        ddp=ddp,
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        master=rank == 0,
+    )
+
+
+# Dense bf16 tensor-core peaks in FLOP/s, for MFU. Matched against torch.cuda.get_device_name().
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+
+
+def peak_flops(device):
+    """The device's bf16 peak, or None where unknown (MFU is then not printed)."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def memory_gib(device):
+    """Peak memory of this process: the allocator's peak on CUDA, resident set size elsewhere."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if str(device).startswith("mps"):
+        return torch.mps.driver_allocated_memory() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def get_rng_state(device):
+    state = {"torch": torch.get_rng_state()}
+    if str(device).startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CKPT_GLOB = "ckpt_[0-9]*.pt"
+BEST = "ckpt_best.pt"
+
+
+def step_checkpoints(out_dir):
+    """Step checkpoints in out_dir, oldest first."""
+    return sorted(Path(out_dir).glob(CKPT_GLOB))
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, fsync, then rename: a crash leaves the old file or the new one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir, step, state, keep_last, is_best):
+    """Write ckpt_<step>.pt, copy it to ckpt_best.pt when is_best, keep only the last keep_last steps."""
+    path = Path(out_dir) / f"ckpt_{step:07d}.pt"
+    atomic_save(state, path)
+    if is_best:
+        tmp = Path(out_dir) / f"{BEST}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, Path(out_dir) / BEST)
+    for old in step_checkpoints(out_dir)[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def find_checkpoint(out_dir, which="latest"):
+    """Path of the checkpoint to load: `latest`, `best` (falls back to latest) or a file name in out_dir."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise UserError(f"run folder {out_dir} does not exist; check --out_dir")
+    if which == "best" and (out_dir / BEST).exists():
+        return out_dir / BEST
+    if which in ("best", "latest"):
+        steps = step_checkpoints(out_dir)
+        if not steps:
+            raise UserError(f"no checkpoint (ckpt_*.pt) in {out_dir}; train one with train.py first")
+        return steps[-1]
+    if not (out_dir / which).is_file():
+        raise UserError(f"checkpoint {out_dir / which} not found")
+    return out_dir / which
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint without unpickling code (weights_only=True); refuse anything that is not ours."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(
+            f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
+            f"delete it to fall back to an older one, or retrain"
+        ) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} is not an AnarchoBot checkpoint (no model/model_args entries)")
+    return ckpt
+
+
+def load_model_state(model, state, path):
+    """load_state_dict(strict=True) with a one-line error when the checkpoint's architecture differs."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    extra = [k for k in state if k not in ours]
+    shapes = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or extra or shapes:
+        detail = (missing and f"missing {missing[0]}") or (extra and f"unexpected {extra[0]}") or (
+            f"{shapes[0]} is {tuple(state[shapes[0]].shape)}, model has {tuple(ours[shapes[0]].shape)}"
+        )
+        raise UserError(f"{path} holds another architecture ({detail}); load it with the config it was trained with")
+    model.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """Appends one JSON object per line to out_dir/metrics.jsonl, and mirrors scalars to TensorBoard when the
+    tensorboard package is installed."""
+
+    def __init__(self, out_dir, enabled=True):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.file = open(Path(out_dir) / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+        except ImportError:
+            pass
+
+    def log(self, record):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Timer:
+    """Tokens/s and ETA over the steps since the last call to `lap`."""
+
+    def __init__(self):
+        self.t0 = time.time()
+
+    def lap(self):
+        t1 = time.time()
+        dt, self.t0 = t1 - self.t0, t1
+        return dt

@@ -1,0 +1,123 @@
+"""Token shards: the on-disk format written by prepare.py and read by every trainer.
+
+A shard is a 32-byte header followed by the tokens, so np.memmap reads it with no copy:
+
+    offset  size  field
+    0       8     magic b"ANBTOKS\\0"
+    8       4     format version (uint32, little-endian)
+    12      4     bytes per token: 2 (uint16) or 4 (uint32)
+    16      8     vocabulary size of the tokenizer that wrote it (uint64)
+    24      8     number of tokens (uint64)
+
+A data folder holds tokenizer.model, train_*.bin and val_*.bin.
+"""
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = b"ANBTOKS\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQ")  # 32 bytes
+
+
+class ShardError(ValueError):
+    """A shard or data folder a trainer cannot use; the message says what to do."""
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def write_shard(path, tokens, vocab_size):
+    """Write tokens atomically: a reader never sees a half-written shard under the final name."""
+    dtype = token_dtype(vocab_size)
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise ShardError(f"token id {int(tokens.max())} is outside the vocabulary of {vocab_size}")
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, vocab_size, tokens.size))
+        f.write(tokens.astype(dtype).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path):
+    with open(path, "rb") as f:
+        raw = f.read(HEADER.size)
+    if len(raw) < HEADER.size:
+        raise ShardError(f"{path} is too short to be a shard; re-run prepare.py")
+    magic, version, itemsize, vocab_size, n_tokens = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ShardError(f"{path} is not an AnarchoBot token shard (bad magic); re-run prepare.py")
+    if version != VERSION:
+        raise ShardError(f"{path} has shard format v{version}, this code reads v{VERSION}; re-run prepare.py")
+    if itemsize not in (2, 4):
+        raise ShardError(f"{path} has an unknown token width {itemsize}; re-run prepare.py")
+    expected = HEADER.size + itemsize * n_tokens
+    if os.path.getsize(path) != expected:
+        raise ShardError(f"{path} is truncated or padded ({os.path.getsize(path)} bytes, header says {expected})")
+    return {"itemsize": itemsize, "vocab_size": vocab_size, "n_tokens": n_tokens}
+
+
+def open_shard(path, vocab_size=None):
+    """Memory-map one shard's tokens, refusing a shard written for another vocabulary."""
+    h = read_header(path)
+    if vocab_size is not None and h["vocab_size"] != vocab_size:
+        raise ShardError(
+            f"{path} was tokenized with a {h['vocab_size']}-token vocabulary but the model has "
+            f"vocab_size={vocab_size}; set vocab_size={h['vocab_size']} or re-run prepare.py"
+        )
+    dtype = np.uint16 if h["itemsize"] == 2 else np.uint32
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(h["n_tokens"],))
+
+
+def find_shards(data_dir, split):
+    if not Path(data_dir).is_dir():
+        raise ShardError(f"data folder {data_dir} does not exist; run `python prepare.py` first or set data_dir")
+    paths = sorted(Path(data_dir).glob(f"{split}_*.bin"))
+    if not paths:
+        raise ShardError(f"no {split}_*.bin shards in {data_dir}; run `python prepare.py` to make them")
+    return paths
+
+
+class TokenWindows:
+    """Random (input, target) windows of block_size tokens, drawn uniformly across all shards of a split.
+
+    Every window start is equally likely, whichever shard it lies in. The draw comes from a torch.Generator,
+    whose state is the data position: save it in a checkpoint and a resumed run sees the same batches.
+    """
+
+    def __init__(self, data_dir, split, block_size, vocab_size, seed):
+        self.block_size = block_size
+        self.shards = [open_shard(p, vocab_size) for p in find_shards(data_dir, split)]
+        starts_per_shard = [max(len(s) - block_size - 1, 0) for s in self.shards]
+        if sum(starts_per_shard) == 0:
+            longest = max(len(s) for s in self.shards)
+            raise ShardError(
+                f"the {split} shards in {data_dir} are shorter than block_size+1={block_size + 1} tokens "
+                f"(longest: {longest}); lower block_size or prepare more data"
+            )
+        self.cum_starts = np.cumsum([0] + starts_per_shard)
+        self.n_tokens = sum(len(s) for s in self.shards)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample_starts(self, n):
+        """n global window starts; ranks that draw in the same order see the same sequence."""
+        return torch.randint(int(self.cum_starts[-1]), (n,), generator=self.generator).numpy()
+
+    def gather(self, starts):
+        """Rows of (x, y) int64 tensors for the given global window starts."""
+        T = self.block_size
+        rows = []
+        for g in starts:
+            i = int(np.searchsorted(self.cum_starts, g, side="right")) - 1
+            off = int(g - self.cum_starts[i])
+            rows.append(torch.from_numpy(self.shards[i][off : off + T + 1].astype(np.int64)))
+        xy = torch.stack(rows)  # (B, T+1)
+        return xy[:, :-1], xy[:, 1:]

@@ -1,0 +1,81 @@
+"""SentencePiece BPE tokenizer that round-trips text exactly, with reserved special tokens.
+
+decode(encode(text)) == text for every string: no normalisation, no dummy prefix, no whitespace folding,
+byte fallback for anything outside the vocabulary. The special tokens are SentencePiece *control* symbols:
+they have fixed ids, decode to nothing, and can never be produced by encoding user text, so a document that
+happens to contain "<|user|>" cannot forge a chat turn.
+"""
+
+import io
+
+import sentencepiece as spm
+
+# Fixed ids 1..5 (0 is <unk>, which byte fallback makes unreachable). SFT uses the chat ones.
+BOS = "<|endoftext|>"  # document boundary: every document starts with it
+SPECIAL_TOKENS = [BOS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+# SentencePiece writes spaces as U+2581 and turns that character back into a space on decode, so a literal
+# U+2581 in the text would come back as a space. We encode it as its three UTF-8 byte tokens instead.
+META_SPACE = "\u2581"
+
+
+def train_tokenizer(lines, vocab_size, max_lines=300_000):
+    """Train a BPE model on an iterator of text lines; returns the serialized model (bytes)."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines,
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        normalization_rule_name="identity",  # exact round trip: no NFKC, no case folding
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,  # indentation runs become single tokens
+        split_digits=True,
+        byte_fallback=True,
+        character_coverage=0.9999,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        control_symbols=SPECIAL_TOKENS,
+        input_sentence_size=max_lines,  # a random sample of lines is plenty for a BPE merge table
+        shuffle_input_sentence=True,
+        max_sentence_length=16384,
+        num_threads=2,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+class Tokenizer:
+    def __init__(self, path=None, model_proto=None):
+        self.sp = spm.SentencePieceProcessor(model_file=path) if path else spm.SentencePieceProcessor(
+            model_proto=model_proto
+        )
+        self.vocab_size = self.sp.vocab_size()
+        self.special = {}
+        for name in SPECIAL_TOKENS:
+            i = self.sp.piece_to_id(name)
+            if i == self.sp.unk_id():
+                raise ValueError(f"tokenizer has no special token {name}; re-run prepare.py to rebuild it")
+            self.special[name] = i
+        self.bos_id = self.special[BOS]
+        self._meta_space_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]
+
+    def encode(self, text):
+        ids = []
+        for i, part in enumerate(text.split(META_SPACE)):
+            if i:
+                ids += self._meta_space_ids
+            ids += self.sp.encode(part)
+        return ids
+
+    def encode_batch(self, texts, num_threads=0):
+        """Encode many texts with SentencePiece's own threads (0 = all cores)."""
+        plain = [t for t in texts if META_SPACE not in t]
+        fast = iter(self.sp.encode(plain, num_threads=num_threads))
+        return [next(fast) if META_SPACE not in t else self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])

@@ -1,0 +1,273 @@
+"""Pretrain a GPT on memmap token shards with Muon + AdamW.
+
+    python train.py config/tiny_cpu.py                          # CPU demo (Quick start)
+    python train.py config/pretrain_137m.py                     # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/pretrain_137m.py
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \\
+        train.py config/pretrain_137m.py                        # then node_rank=1 on the second node
+    python train.py config/tiny_cpu.py --init_from=resume       # continue a stopped run exactly
+
+Config: the globals below; a config file and --key=value override them (checked: see runtime.configure).
+"""
+
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import runtime
+from model import GPT, GPTConfig
+from muon import Muon
+from runtime import UserError
+from shards import TokenWindows, read_header, find_shards
+
+# ----------------------------------------------------------------------------- config
+# I/O
+out_dir = "out/run"  # run folder: checkpoints, metrics.jsonl, tb/, a copy of the tokenizer
+data_dir = "data/stdlib"  # folder made by prepare.py: tokenizer.model, train_*.bin, val_*.bin
+init_from = "scratch"  # 'scratch' or 'resume' (from the latest checkpoint in out_dir)
+overwrite = False  # allow init_from=scratch to replace a run already in out_dir
+eval_interval = 250  # steps between validation-loss evaluations
+eval_iters = 20  # micro-batches per evaluation (per rank)
+log_interval = 10  # steps between progress lines / metrics records
+ckpt_interval = 500  # steps between checkpoints (one is also written at the end)
+keep_last = 3  # step checkpoints kept (ckpt_best.pt is kept besides)
+# data
+batch_size = 8  # sequences per micro-batch, per rank
+block_size = 1024  # sequence length in tokens (<= 4096)
+gradient_accumulation_steps = 8  # micro-batches per step, summed over all ranks (must divide by world size)
+# model
+vocab_size = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads (n_embd / n_head is the head size)
+n_embd = 768  # residual width
+mlp_hidden = 3072  # SwiGLU hidden width
+rope_theta = 10000.0  # RoPE base
+activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% more compute
+# optimizer
+muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
+muon_momentum = 0.95  # Nesterov momentum of Muon
+learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains
+beta1 = 0.9  # AdamW
+beta2 = 0.95  # AdamW
+weight_decay = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+max_iters = 5000  # optimizer steps in the whole run
+warmup_iters = 100  # linear warmup steps
+lr_decay_iters = 0  # cosine decay ends here (0 = max_iters)
+min_lr_frac = 0.1  # final learning rate as a fraction of the peak
+# system
+device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu
+dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+compile = True  # torch.compile the model (worth it on CUDA; slow to start on CPU)
+seed = 1337  # model init and data order
+# -----------------------------------------------------------------------------
+runtime.install_error_handler()
+config = runtime.configure(globals(), sys.argv[1:])
+
+# ----------------------------------------------------------------------------- device / DDP
+env = runtime.setup_device(device, dtype)
+master, world_size, rank = env["master"], env["world_size"], env["rank"]
+if init_from not in ("scratch", "resume"):
+    raise UserError(f"init_from={init_from}: expected scratch or resume")
+if gradient_accumulation_steps % world_size:
+    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by {world_size} ranks")
+accum_steps = gradient_accumulation_steps // world_size  # micro-batches this rank runs per step
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+torch.manual_seed(seed)  # same init on every rank
+
+# ----------------------------------------------------------------------------- data
+tokenizer_path = Path(data_dir) / "tokenizer.model"
+find_shards(data_dir, "train")  # one clear error for a missing or empty data folder
+if not tokenizer_path.is_file():
+    raise UserError(f"{tokenizer_path} is missing; re-run prepare.py for {data_dir}")
+shard_vocab = read_header(find_shards(data_dir, "train")[0])["vocab_size"]
+vocab_size = vocab_size or shard_vocab
+config["vocab_size"] = vocab_size
+train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
+val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
+
+
+def get_batches():
+    """This rank's micro-batches for one step. Every rank draws the starts of the whole global step from
+    the same generator and keeps its own slice, so any world size sees the same global batch."""
+    starts = train_data.sample_starts(gradient_accumulation_steps * batch_size)
+    mine = starts[rank * accum_steps * batch_size : (rank + 1) * accum_steps * batch_size]
+    for j in range(accum_steps):
+        x, y = train_data.gather(mine[j * batch_size : (j + 1) * batch_size])
+        if env["device_type"] == "cuda":
+            x, y = x.pin_memory().to(env["device"], non_blocking=True), y.pin_memory().to(env["device"], non_blocking=True)
+        yield x.to(env["device"]), y.to(env["device"])
+
+
+# ----------------------------------------------------------------------------- model
+model_args = dict(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                  mlp_hidden=mlp_hidden, rope_theta=rope_theta)
+ckpt = None
+out = Path(out_dir)
+if init_from == "resume":
+    ckpt = runtime.load_checkpoint(runtime.find_checkpoint(out_dir, "latest"), env["device"])
+    for k, v in model_args.items():
+        if ckpt["model_args"].get(k) != v:
+            raise UserError(f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
+                            f"says {k}={v}; resume with the run's own config")
+elif runtime.step_checkpoints(out) and not overwrite:
+    raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
+if master:
+    if init_from == "scratch":  # a fresh run: clear what a previous run left (only reached with overwrite)
+        for old in [*runtime.step_checkpoints(out), out / runtime.BEST, out / "metrics.jsonl"]:
+            old.unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+model_config = GPTConfig(**model_args, activation_checkpointing=activation_checkpointing)
+model = GPT(model_config).to(env["device"])
+if ckpt is not None:
+    runtime.load_model_state(model, ckpt["model"], out_dir)
+raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module
+
+# ----------------------------------------------------------------------------- optimizer
+matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
+optimizer = Muon([
+    dict(params=matrices, use_muon=True, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
+    dict(params=[model.transformer.wte.weight], use_muon=False, lr=learning_rate, betas=(beta1, beta2),
+         weight_decay=weight_decay),
+    dict(params=[p for p in model.parameters() if p.ndim < 2], use_muon=False, lr=learning_rate,
+         betas=(beta1, beta2), weight_decay=0.0),
+])
+for group in optimizer.param_groups:
+    group["peak_lr"] = group["lr"]
+scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
+iter_num, best_val_loss = 0, float("inf")
+if ckpt is not None:
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    train_data.generator.set_state(ckpt["data"])
+    runtime.set_rng_state(ckpt["rng"], env["device"])
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    del ckpt
+if compile:
+    model = torch.compile(model)
+if env["ddp"]:
+    model = DDP(model, device_ids=[env["local_rank"]] if env["device_type"] == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- schedule
+def get_lr(it):
+    """Multiplier of the peak learning rates: linear warmup, then cosine decay to min_lr_frac."""
+    decay_end = lr_decay_iters or max_iters
+    if it < warmup_iters:
+        return (it + 1) / warmup_iters
+    if it >= decay_end:
+        return min_lr_frac
+    progress = (it - warmup_iters) / max(1, decay_end - warmup_iters)
+    return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean validation loss over the same eval_iters micro-batches every time (averaged across ranks)."""
+    model.eval()
+    val_data.generator.manual_seed(seed + rank)
+    losses = torch.zeros(eval_iters, device=env["device"])
+    for k in range(eval_iters):
+        x, y = val_data.gather(val_data.sample_starts(batch_size))
+        with env["autocast"]:
+            _, loss = model(x.to(env["device"]), y.to(env["device"]))
+        losses[k] = loss
+    model.train()
+    mean = losses.mean()
+    if env["ddp"]:
+        dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+    return mean.item()
+
+
+# ----------------------------------------------------------------------------- loop
+log = runtime.MetricsLog(out_dir, enabled=master)
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+peak = runtime.peak_flops(env["device"])
+if master:
+    print("config:", " ".join(f"{k}={v}" for k, v in config.items()))
+    print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {env['device']} {env['ptdtype']} | "
+          f"{world_size} rank(s) | {tokens_per_iter:,} tokens/step | {train_data.n_tokens:,} train tokens")
+val_loss, last_eval = float("nan"), -1
+if iter_num == 0:
+    val_loss, last_eval = estimate_loss(), 0
+    log.log({"step": 0, "val_loss": val_loss})
+    if master:
+        print(f"step 0: val loss {val_loss:.4f}")
+loss_sum = torch.zeros((), device=env["device"])  # summed step losses since the last log line
+steps_since_log, t_log, t_start, start_iter = 0, time.time(), time.time(), iter_num
+while iter_num < max_iters:
+    lr_mult = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * lr_mult
+    for micro_step, (x, y) in enumerate(get_batches()):
+        if env["ddp"]:  # all-reduce gradients only on the last micro-batch
+            model.require_backward_grad_sync = micro_step == accum_steps - 1
+        with env["autocast"]:
+            _, loss = model(x, y)
+            loss = loss / accum_steps
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    steps_since_log += 1
+
+    is_last = iter_num == max_iters
+    if iter_num % log_interval == 0 or is_last or iter_num % ckpt_interval == 0:
+        if env["ddp"]:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        train_loss = loss_sum.item() / steps_since_log
+        if not math.isfinite(train_loss):  # stop before anything is saved: the last checkpoint stays good
+            raise UserError(f"loss is {train_loss} at step {iter_num}; the last good checkpoint in {out_dir} is "
+                            f"untouched. Lower muon_lr/learning_rate or raise warmup_iters, then --init_from=resume")
+        dt = time.time() - t_log
+        tok_s = steps_since_log * tokens_per_iter / dt
+        record = {"step": iter_num, "loss": train_loss, "lr_mult": lr_mult, "muon_lr": muon_lr * lr_mult,
+                  "adamw_lr": learning_rate * lr_mult, "tok_per_s": tok_s, "mem_gib": runtime.memory_gib(env["device"]),
+                  "elapsed_s": time.time() - t_start}
+        if peak:
+            record["mfu"] = flops_per_iter * steps_since_log / dt / (peak * world_size)
+        log.log(record)
+        if master:
+            eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
+            mfu = f" | mfu {100 * record['mfu']:.1f}%" if peak else ""
+            print(f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | {tok_s:,.0f} tok/s"
+                  f"{mfu} | mem {record['mem_gib']:.2f}GiB | eta {runtime.format_duration(eta)}", flush=True)
+        loss_sum.zero_()
+        steps_since_log, t_log = 0, time.time()
+
+    if iter_num % eval_interval == 0 or is_last or (iter_num % ckpt_interval == 0 and last_eval != iter_num):
+        val_loss, last_eval = estimate_loss(), iter_num
+        log.log({"step": iter_num, "val_loss": val_loss})
+        if master:
+            print(f"step {iter_num}: val loss {val_loss:.4f}")
+    if (iter_num % ckpt_interval == 0 or is_last) and master:
+        is_best = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                     model_args=asdict(model_config), config=config, iter_num=iter_num, val_loss=val_loss,
+                     best_val_loss=best_val_loss, rng=runtime.get_rng_state(env["device"]),
+                     data=train_data.generator.get_state())
+        path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
+        print(f"saved {path}" + (" (best so far)" if is_best else ""))
+
+# ----------------------------------------------------------------------------- cleanup
+log.close()
+if master:
+    print(f"done: {iter_num} steps, best val loss {best_val_loss:.4f}, checkpoints in {out_dir}")
+if env["ddp"]:
+    dist.destroy_process_group()
