@@ -131,7 +131,10 @@ if tokenizer:
     print(f"tokenizer: reusing {tokenizer} ({tok.vocab_size} tokens)")
 else:
     lines = (line for _, text in train for line in text.split("\n") if line.strip())
-    tok = Tokenizer(model_proto=train_tokenizer(lines, vocab_size))
+    try:
+        tok = Tokenizer(model_proto=train_tokenizer(lines, vocab_size))
+    except RuntimeError as e:  # SentencePiece refuses e.g. a vocabulary larger than the text supports
+        raise UserError(f"tokenizer training failed: {str(e).splitlines()[-1]}; lower --vocab_size") from None
     print(f"tokenizer: trained a {tok.vocab_size}-token BPE in {time.time() - t0:.1f}s")
 tmp = out / "tokenizer.model.tmp"
 tmp.write_bytes(tok.sp.serialized_model_proto())

@@ -2,6 +2,7 @@
 files, metrics logging. Importing it has no side effects; the scripts call what they need in their setup.
 """
 
+import dataclasses
 import difflib
 import json
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model import GPT, GPTConfig
 from shards import ShardError
 
 
@@ -286,6 +288,17 @@ def load_model_state(model, state, path):
         )
         raise UserError(f"{path} holds another architecture ({detail}); load it with the config it was trained with")
     model.load_state_dict(state, strict=True)
+
+
+def build_model(ckpt, path):
+    """The GPT a checkpoint describes, with its weights; a UserError if it is not one of ours."""
+    unknown = set(ckpt["model_args"]) - {f.name for f in dataclasses.fields(GPTConfig)}
+    if unknown:
+        raise UserError(f"{path} holds another architecture (model_args has {sorted(unknown)[0]!r}); "
+                        f"it was not written by this project's train.py")
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    load_model_state(model, ckpt["model"], path)
+    return model
 
 
 # ----------------------------------------------------------------------------- logging

@@ -147,7 +147,10 @@ for group in optimizer.param_groups:
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
 iter_num, best_val_loss = 0, float("inf")
 if ckpt is not None:
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group, h in zip(optimizer.param_groups, hyper):  # the config sets hyperparameters, even on resume
+        group.update(h)
     scaler.load_state_dict(ckpt["scaler"])
     train_data.generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
@@ -187,6 +190,13 @@ def estimate_loss():
     if env["ddp"]:
         dist.all_reduce(mean, op=dist.ReduceOp.AVG)
     return mean.item()
+
+
+def check_finite(loss, what):
+    """Stop on a NaN/inf loss before anything is saved, so the last checkpoint stays a good one."""
+    if not math.isfinite(loss):
+        raise UserError(f"{what} is {loss} at step {iter_num}; the last good checkpoint in {out_dir} is untouched. "
+                        f"Lower muon_lr/learning_rate or raise warmup_iters, then --init_from=resume")
 
 
 # ----------------------------------------------------------------------------- loop
@@ -231,9 +241,7 @@ while iter_num < max_iters:
         if env["ddp"]:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         train_loss = loss_sum.item() / steps_since_log
-        if not math.isfinite(train_loss):  # stop before anything is saved: the last checkpoint stays good
-            raise UserError(f"loss is {train_loss} at step {iter_num}; the last good checkpoint in {out_dir} is "
-                            f"untouched. Lower muon_lr/learning_rate or raise warmup_iters, then --init_from=resume")
+        check_finite(train_loss, "loss")
         dt = time.time() - t_log
         tok_s = steps_since_log * tokens_per_iter / dt
         record = {"step": iter_num, "loss": train_loss, "lr_mult": lr_mult, "muon_lr": muon_lr * lr_mult,
@@ -252,6 +260,7 @@ while iter_num < max_iters:
 
     if iter_num % eval_interval == 0 or is_last or (iter_num % ckpt_interval == 0 and last_eval != iter_num):
         val_loss, last_eval = estimate_loss(), iter_num
+        check_finite(val_loss, "validation loss")  # the weights about to be saved must be sound
         log.log({"step": iter_num, "val_loss": val_loss})
         if master:
             print(f"step {iter_num}: val loss {val_loss:.4f}")

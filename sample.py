@@ -1,0 +1,79 @@
+"""Sample text from a trained run.
+
+    python sample.py --out_dir=out/tiny
+    python sample.py --out_dir=out/tiny --start="def fibonacci(n):" --num_samples=3 --max_new_tokens=200
+    python sample.py --out_dir=out/tiny --start=FILE:prompt.txt --temperature=0   # greedy
+
+Loads the checkpoint (ckpt_best.pt, else the latest step) and the tokenizer from the run folder, and decodes
+with the KV cache.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import runtime
+from runtime import UserError
+from tokenizer import Tokenizer
+
+# -----------------------------------------------------------------------------
+out_dir = "out/run"  # run folder written by train.py
+ckpt = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
+start = ""  # prompt text, or FILE:path to read it from a file; empty = start a new document
+num_samples = 2  # samples to draw (decoded as one batch)
+max_new_tokens = 200  # tokens generated per sample
+temperature = 0.8  # 0 = greedy; below 1 is more conservative, above 1 more random
+top_k = 200  # keep only the k most likely tokens (0 = off)
+top_p = 0.95  # keep the smallest set of tokens whose probability reaches p (1.0 = off)
+seed = 1337  # sampling seed
+device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
+dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+# -----------------------------------------------------------------------------
+runtime.install_error_handler()
+config = runtime.configure(globals(), sys.argv[1:])
+env = runtime.setup_device(device, dtype)
+
+# ----------------------------------------------------------------------------- model
+path = runtime.find_checkpoint(out_dir, ckpt)
+checkpoint = runtime.load_checkpoint(path, env["device"])
+model = runtime.build_model(checkpoint, path)
+model.eval().to(env["device"])
+if env["ptdtype"] != torch.float32:
+    model.to(env["ptdtype"])  # inference only: keep the weights in the compute precision
+tokenizer_path = Path(out_dir) / "tokenizer.model"
+if not tokenizer_path.is_file():
+    raise UserError(f"{tokenizer_path} is missing; copy the data folder's tokenizer.model into the run folder")
+tok = Tokenizer(str(tokenizer_path))
+if tok.vocab_size != model.config.vocab_size:
+    raise UserError(f"{tokenizer_path} has {tok.vocab_size} tokens but the checkpoint expects "
+                    f"{model.config.vocab_size}; the run folder's tokenizer was replaced")
+
+# ----------------------------------------------------------------------------- prompt
+if start.startswith("FILE:"):
+    prompt_file = Path(start[5:])
+    if not prompt_file.is_file():
+        raise UserError(f"prompt file {prompt_file} not found")
+    start = prompt_file.read_text(encoding="utf-8")
+ids = [tok.bos_id] + tok.encode(start)  # training documents start with the boundary token too
+block_size = model.config.block_size
+if len(ids) > block_size:
+    print(f"note: the prompt is {len(ids)} tokens, longer than the context of {block_size}; "
+          f"keeping its last {block_size} tokens", file=sys.stderr)
+    ids = ids[-block_size:]
+x = torch.tensor([ids] * num_samples, dtype=torch.long, device=env["device"])
+
+# ----------------------------------------------------------------------------- sample
+generator = torch.Generator(env["device"]).manual_seed(seed)
+t0 = time.time()
+y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+dt = time.time() - t0
+for row in y.tolist():
+    new = row[len(ids) :]
+    if tok.bos_id in new:  # the model started another document: this sample ends there
+        new = new[: new.index(tok.bos_id)]
+    print(tok.decode(row[: len(ids)] + new))
+    print("-" * 80)
+print(f"{num_samples} x {max_new_tokens} tokens in {dt:.2f}s ({num_samples * max_new_tokens / dt:.0f} tok/s) "
+      f"from {path}", file=sys.stderr)

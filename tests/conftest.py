@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny prepared dataset and a helper that runs a script as a user would."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Tiny model settings for subprocess runs: a few seconds per run on two CPU cores.
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--mlp_hidden=128", "--block_size=64", "--batch_size=4",
+        "--compile=false", "--eval_iters=2", "--warmup_iters=2", "--log_interval=1"]
+
+
+def run(script, *args, check=True, timeout=300, cmd=None):
+    """Run a repo script in a subprocess (cwd = repo) and return the CompletedProcess."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    argv = cmd or [sys.executable, str(REPO / script)]
+    proc = subprocess.run([*argv, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def stdlib_sample(n=60):
+    """The first n standard-library modules, as (name, text): real Python text for the tests' corpus."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.strip():
+            docs.append((path.name, text))
+        if len(docs) == n:
+            break
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A data folder made by prepare.py from 60 standard-library files with a 512-token vocabulary."""
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "src"
+    src.mkdir()
+    for name, text in stdlib_sample():
+        (src / f"{name}.txt").write_text(text, encoding="utf-8")
+    data = root / "data"
+    run("prepare.py", f"--input={src}", f"--data_dir={data}", "--vocab_size=512", "--val_permille=100")
+    return data

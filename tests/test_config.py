@@ -1,0 +1,62 @@
+import pytest
+
+from conftest import run
+from runtime import UserError, configure
+
+
+def defaults():
+    return {"n_layer": 12, "muon_lr": 0.02, "compile": True, "out_dir": "out/run", "_private": 1}
+
+
+def test_file_then_command_line(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nn_layer = 4  # comment\nmuon_lr = 1  # an int is fine for a float\n")
+    ns = defaults()
+    config = configure(ns, [str(cfg), "--compile=false", "--out_dir=out/x"])
+    assert config == {"n_layer": 4, "muon_lr": 1.0, "compile": False, "out_dir": "out/x"}
+    assert ns["n_layer"] == 4 and isinstance(ns["muon_lr"], float)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n_layers=4"], "did you mean n_layer"),
+        (["--n_layer=four"], "expected a int"),
+        (["--compile=yes"], "expected a bool"),
+        (["--compile"], "--key=value"),
+        (["missing.py"], "not found"),
+    ],
+)
+def test_command_line_rejections(argv, message):
+    with pytest.raises(UserError, match=message):
+        configure(defaults(), argv)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("n_layers = 4\n", "unknown config key 'n_layers'.*did you mean n_layer"),
+        ("n_layer = '4'\n", "n_layer must be a int"),
+        ("compile = 1\n", "compile must be a bool"),
+        ("n_layer = 2.5\n", "n_layer must be a int"),
+        ("n_layer = = 3\n", "failed to run"),
+    ],
+)
+def test_config_file_rejections(tmp_path, text, message):
+    cfg = tmp_path / "bad.py"
+    cfg.write_text(text)
+    with pytest.raises(UserError, match=message):
+        configure(defaults(), [str(cfg)])
+
+
+def test_script_reports_one_line_and_exits_nonzero():
+    proc = run("train.py", "config/tiny_cpu.py", "--n_embed=64", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "error: unknown config key 'n_embed' in the command line; did you mean n_embd?"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_shipped_configs_are_valid():
+    for script, cfg in [("train.py", "config/tiny_cpu.py"), ("train.py", "config/pretrain_137m.py")]:
+        proc = run(script, cfg, "--help")
+        assert "--n_layer=" in proc.stdout

@@ -1,0 +1,114 @@
+import math
+
+import torch
+
+from model import GPT, GPTConfig, KVCache, sample_next
+
+SMALL = GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=64, mlp_hidden=128)
+
+
+def make_model(config=SMALL, seed=0, perturb=True):
+    torch.manual_seed(seed)
+    model = GPT(config)
+    if perturb:  # the residual projections start at zero; give them weight so every path is exercised
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_proj.weight.normal_(0, 0.05)
+                block.mlp.c_proj.weight.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_loss_at_init_is_ln_vocab():
+    config = GPTConfig(block_size=128, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, mlp_hidden=768)
+    model = make_model(config, perturb=False)
+    idx = torch.randint(0, config.vocab_size, (4, 128))
+    targets = torch.randint(0, config.vocab_size, (4, 128))  # not idx: tied embeddings favour copying at init
+    _, loss = model(idx, targets)
+    # logits have std ~0.02*sqrt(n_embd)=0.32, which adds about 0.32^2/2 = 0.05 nats above ln(vocab)
+    assert abs(loss.item() - math.log(config.vocab_size)) < 0.15, loss.item()
+
+
+def test_reference_config_has_137_8m_parameters():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())  # the defaults are the 137M reference: 12 x 768, SwiGLU 3072, 32K vocab
+    assert model.num_params() == 137_841_408
+    # tied embeddings: the output head is the embedding matrix, stored once
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.flops_per_token(2048) == 6 * 137_841_408 + 12 * 12 * 768 * 2048
+
+
+def test_causality_later_tokens_do_not_change_earlier_logits():
+    model = make_model()
+    idx = torch.randint(0, SMALL.vocab_size, (1, 32))
+    changed = idx.clone()
+    changed[0, 20:] = (changed[0, 20:] + 7) % SMALL.vocab_size
+    a, _ = model(idx, idx)
+    b, _ = model(changed, changed)
+    assert torch.allclose(a[0, :20], b[0, :20], atol=1e-5)
+    assert not torch.allclose(a[0, 20:], b[0, 20:], atol=1e-3)
+
+
+def greedy_without_cache(model, idx, n):
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size :], idx[:, -model.config.block_size :])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_kv_cache_generation_equals_full_recompute():
+    model = make_model()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 10))
+    with torch.no_grad():
+        cached = model.generate(idx, 40, temperature=0)
+        full = greedy_without_cache(model, idx, 40)
+    assert torch.equal(cached, full)
+
+
+def test_cached_chunk_logits_match_full_forward():
+    """Prefill 10 tokens, then feed 5 at once through the cache: logits equal a full forward pass."""
+    model = make_model()
+    idx = torch.randint(0, SMALL.vocab_size, (1, 15))
+    with torch.no_grad():
+        full, _ = model(idx, idx)
+        cache = KVCache(SMALL, 1, SMALL.block_size, "cpu", torch.float32)
+        model(idx[:, :10], cache=cache)
+        x = model.transformer.wte(idx[:, 10:])
+        cos, sin = model.rope_cos[10:15], model.rope_sin[10:15]
+        for block in model.transformer.h:  # the chunk path of attention (cache.pos > 0, T > 1)
+            x = block(x, cos, sin, cache)
+        chunk = model.lm_head(model.transformer.ln_f(x))
+    assert torch.allclose(chunk, full[:, 10:], atol=1e-5)
+
+
+def test_generation_runs_past_block_size():
+    model = make_model()
+    idx = torch.randint(0, SMALL.vocab_size, (1, 60))
+    out = model.generate(idx, 100, temperature=1.0, top_k=10)
+    assert out.shape == (1, 160)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, 1.0, 1, 1.0, g), logits.argmax(-1, keepdim=True))
+    top2 = sample_next(logits, 1.0, 2, 1.0, g)
+    assert set(top2.unique().tolist()) == {0, 1}
+    # probabilities are .64 .24 .09 ...: top_p=0.8 keeps exactly the first two tokens
+    nucleus = sample_next(logits, 1.0, 0, 0.8, g)
+    assert set(nucleus.unique().tolist()) == {0, 1}
+    assert set(sample_next(logits, 1.0, 0, 1.0, g).unique().tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    model = make_model()
+    model.train()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 32))
+    _, loss = model(idx, idx)
+    loss.backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.config.activation_checkpointing = True
+    _, loss2 = model(idx, idx)
+    loss2.backward()
+    assert torch.allclose(loss, loss2)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(plain, model.parameters()))

@@ -1,0 +1,67 @@
+import copy
+
+import pytest
+import torch
+
+from muon import Muon, zeropower_via_newtonschulz5
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (128, 256), (1024, 256)])
+def test_newton_schulz_singular_values_near_one(shape):
+    torch.manual_seed(0)
+    G = torch.randn(shape) * 1e3  # scale must not matter: the iteration normalises first
+    s = torch.linalg.svdvals(zeropower_via_newtonschulz5(G).float())
+    assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())
+    # and it points where the exact orthogonal factor U V^T does
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    O, X = U @ Vh, zeropower_via_newtonschulz5(G).float()
+    assert (O * X).sum() / (O.norm() * X.norm()) > 0.97
+
+
+def test_newton_schulz_batched_equals_per_matrix():
+    G = torch.randn(3, 64, 32)
+    batched = zeropower_via_newtonschulz5(G)
+    for i in range(3):
+        assert torch.allclose(batched[i].float(), zeropower_via_newtonschulz5(G[i]).float(), atol=1e-2)
+
+
+def test_muon_step_formula():
+    """One step from zero momentum: W <- W(1 - lr wd) - lr * sqrt(max(1, rows/cols)) * NS(nesterov(g))."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(96, 32))
+    w0 = w.detach().clone()
+    w.grad = torch.randn(96, 32)
+    lr, wd, m = 0.02, 0.1, 0.95
+    Muon([dict(params=[w], use_muon=True, lr=lr, weight_decay=wd, momentum=m)]).step()
+    buf = (1 - m) * w.grad
+    direction = (1 - m) * w.grad + m * buf  # Nesterov: g.lerp(buf, m)
+    expected = w0 * (1 - lr * wd) - lr * (96 / 32) ** 0.5 * zeropower_via_newtonschulz5(direction).float()
+    assert torch.allclose(w.detach(), expected, atol=1e-6)
+
+
+def test_adamw_groups_match_torch_adamw():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(50, 8))
+    b = copy.deepcopy(a)
+    ours = Muon([dict(params=[a], use_muon=False, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)])
+    ref = torch.optim.AdamW([b], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+    for _ in range(5):
+        g = torch.randn(50, 8)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_muon_state_dict_round_trip():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, 16))
+    v = torch.nn.Parameter(torch.randn(16))
+    groups = lambda: [dict(params=[w], use_muon=True, lr=0.02), dict(params=[v], use_muon=False, lr=1e-3)]  # noqa
+    opt = Muon(groups())
+    w.grad, v.grad = torch.randn(16, 16), torch.randn(16)
+    opt.step()
+    restored = Muon(groups())
+    restored.load_state_dict(opt.state_dict())
+    assert torch.equal(restored.state[w]["momentum_buffer"], opt.state[w]["momentum_buffer"])
+    assert torch.equal(restored.state[v]["exp_avg_sq"], opt.state[v]["exp_avg_sq"])

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import stdlib_sample
+from shards import HEADER, ShardError, TokenWindows, open_shard, read_header, write_shard
+from tokenizer import SPECIAL_TOKENS, Tokenizer
+
+TRICKY = [
+    "",
+    "    def f(self):\n\treturn 1\r\n",
+    "  leading and trailing spaces  ",
+    "\n\n\n",
+    "a \u2581 b \u2581\u2581",  # SentencePiece's own space symbol, literally
+    "<|user|> is plain text here",
+    "emoji \U0001f600, CJK \u4e2d\u6587, NUL \x00, combining e\u0301",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_data):
+    return Tokenizer(str(tiny_data / "tokenizer.model"))
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_round_trip_tricky_text(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_round_trip_every_document(tok):
+    texts = [t for _, t in stdlib_sample()] + TRICKY
+    assert [tok.decode(ids) for ids in tok.encode_batch(texts)] == texts
+
+
+def test_special_tokens_have_fixed_ids_and_cannot_be_forged(tok):
+    assert [tok.special[s] for s in SPECIAL_TOKENS] == [1, 2, 3, 4, 5]
+    assert not set(tok.encode("<|endoftext|><|user|><|assistant|><|end|>")) & {1, 2, 3, 4, 5}
+    assert tok.decode([tok.bos_id] + tok.encode("x")) == "x"
+
+
+def test_prepared_shards_start_documents_with_boundary(tiny_data, tok):
+    tokens = open_shard(tiny_data / "train_000000.bin", tok.vocab_size)
+    assert tokens[0] == tok.bos_id
+    n_docs = int((np.asarray(tokens) == tok.bos_id).sum())
+    assert n_docs > 40  # 60 files, ~10% held out for validation
+    assert read_header(tiny_data / "val_000000.bin")["vocab_size"] == 512
+
+
+def test_shard_header_and_checks(tmp_path):
+    path = tmp_path / "train_000000.bin"
+    write_shard(path, np.arange(1000) % 300, vocab_size=300)
+    h = read_header(path)
+    assert (h["itemsize"], h["vocab_size"], h["n_tokens"]) == (2, 300, 1000)
+    assert path.stat().st_size == HEADER.size + 2000
+    assert list(open_shard(path, 300)[:3]) == [0, 1, 2]
+    with pytest.raises(ShardError, match="vocab_size=300"):
+        open_shard(path, 512)
+    big = tmp_path / "big.bin"
+    write_shard(big, [70000, 1], vocab_size=100_000)
+    assert read_header(big)["itemsize"] == 4 and list(open_shard(big)) == [70000, 1]
+    with open(path, "r+b") as f:
+        f.truncate(HEADER.size + 999)
+    with pytest.raises(ShardError, match="truncated"):
+        read_header(path)
+    with pytest.raises(ShardError, match="outside the vocabulary"):
+        write_shard(tmp_path / "x.bin", [5, 300], vocab_size=300)
+
+
+def test_windows_cover_all_shards_and_are_reproducible(tmp_path):
+    write_shard(tmp_path / "train_000000.bin", np.zeros(100), vocab_size=10)
+    write_shard(tmp_path / "train_000001.bin", np.ones(300), vocab_size=10)
+    a = TokenWindows(tmp_path, "train", 9, 10, seed=0)
+    starts = a.sample_starts(4000)
+    x, y = a.gather(starts)
+    assert x.shape == (4000, 9) and torch.equal(x[:, 1:], y[:, :-1])
+    # uniform over window starts: 90 of 380 starts lie in the first shard
+    share = (x[:, 0] == 0).float().mean().item()
+    assert abs(share - 90 / 380) < 0.03
+    b = TokenWindows(tmp_path, "train", 9, 10, seed=0)
+    assert np.array_equal(b.sample_starts(4000), starts)
+    with pytest.raises(ShardError, match="shorter than block_size"):
+        TokenWindows(tmp_path, "train", 400, 10, seed=0)

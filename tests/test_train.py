@@ -1,0 +1,118 @@
+"""train.py and sample.py run as a user would: resume, DDP, checkpoints and every bad input of the issue."""
+
+import hashlib
+import json
+import math
+import sys
+
+import torch
+
+from conftest import REPO, TINY, run
+
+
+def train(data, out, *extra, check=True):
+    return run("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra, check=check)
+
+
+def metrics(out, key="loss"):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith("error: ") and "\n" not in line, line
+    for fragment in fragments:
+        assert fragment in line, line
+
+
+def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
+    common = ["--lr_decay_iters=8", "--ckpt_interval=4", "--eval_interval=4"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(tiny_data, full, "--max_iters=8", *common)
+    train(tiny_data, split, "--max_iters=4", *common)  # stops after step 4 (schedule fixed by lr_decay_iters)
+    train(tiny_data, split, "--max_iters=8", "--init_from=resume", *common)
+    a, b = metrics(full), metrics(split)
+    assert list(a) == list(range(1, 9)) and a == b  # the same losses, to the last bit
+    assert metrics(full, "val_loss")[8] == metrics(split, "val_loss")[8]
+    assert a[8] < a[1]
+    # rotation keeps the last keep_last=3 step checkpoints plus the best
+    names = sorted(p.name for p in full.glob("ckpt_*.pt"))
+    assert names == ["ckpt_0000004.pt", "ckpt_0000008.pt", "ckpt_best.pt"]
+    assert (full / "tokenizer.model").is_file()
+
+
+def test_ddp_two_ranks_match_one_rank(tiny_data, tmp_path):
+    common = ["--max_iters=4", "--gradient_accumulation_steps=2", "--eval_interval=4", "--ckpt_interval=4"]
+    train(tiny_data, tmp_path / "one", *common)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(REPO / "train.py")]
+    run("torchrun", f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'two'}", *TINY, *common, cmd=torchrun)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert list(one) == [1, 2, 3, 4]
+    for step in one:
+        assert math.isclose(one[step], two[step], rel_tol=1e-4), (step, one[step], two[step])
+    w1 = torch.load(tmp_path / "one" / "ckpt_0000004.pt", weights_only=True)["model"]
+    w2 = torch.load(tmp_path / "two" / "ckpt_0000004.pt", weights_only=True)["model"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+
+
+def test_checkpoint_guards(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_data, out, "--max_iters=4", "--ckpt_interval=2", "--eval_interval=2")
+    ckpt = out / "ckpt_0000004.pt"
+    before = digest(ckpt)
+
+    # an existing run is not replaced unless asked
+    assert_one_line_error(train(tiny_data, out, "--max_iters=2", check=False), "already holds a run")
+    assert digest(ckpt) == before
+
+    # a diverging run stops with a clear message and leaves the last good checkpoint as it was
+    proc = train(tiny_data, out, "--max_iters=8", "--init_from=resume", "--learning_rate=1e30",
+                 "--muon_lr=1e30", "--ckpt_interval=2", check=False)
+    assert_one_line_error(proc, "loss is nan", "untouched")  # "loss" or "validation loss"
+    assert digest(ckpt) == before and not (out / "ckpt_0000006.pt").exists()
+
+    # resuming with another architecture is refused
+    assert_one_line_error(train(tiny_data, out, "--max_iters=8", "--init_from=resume", "--n_embd=32",
+                                check=False), "n_embd=64", "n_embd=32")
+
+    # sample.py: prompt longer than the context is cut from the left, and says so
+    long_prompt = tmp_path / "prompt.txt"
+    long_prompt.write_text("x = 1\n" * 200)
+    proc = run("sample.py", f"--out_dir={out}", f"--start=FILE:{long_prompt}", "--max_new_tokens=5",
+               "--num_samples=1")
+    assert "keeping its last 64 tokens" in proc.stderr and proc.stdout.strip()
+
+    # a truncated checkpoint: one line, for resume and for sampling, and the file is left for inspection
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    for proc in (train(tiny_data, out, "--max_iters=8", "--init_from=resume", check=False),
+                 run("sample.py", f"--out_dir={out}", "--ckpt=latest", check=False)):
+        assert_one_line_error(proc, "truncated or corrupted")
+    assert ckpt.stat().st_size == len(data) // 2
+
+    # a checkpoint of another architecture (nanoGPT-style model_args, or mismatched weights)
+    good = torch.load(out / "ckpt_0000002.pt", weights_only=True)
+    torch.save({"model": good["model"], "model_args": {**good["model_args"], "bias": False}}, out / "alien.pt")
+    assert_one_line_error(run("sample.py", f"--out_dir={out}", "--ckpt=alien.pt", check=False), "another architecture")
+    good["model"]["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 3)
+    torch.save(good, out / "reshaped.pt")
+    assert_one_line_error(run("sample.py", f"--out_dir={out}", "--ckpt=reshaped.pt", check=False),
+                          "another architecture", "c_fc")
+
+
+def test_data_guards(tiny_data, tmp_path):
+    proc = train(tmp_path / "nowhere", tmp_path / "a", check=False)
+    assert_one_line_error(proc, "does not exist", "prepare.py")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(train(tmp_path / "empty", tmp_path / "b", check=False), "no train_*.bin")
+    assert_one_line_error(train(tiny_data, tmp_path / "c", "--vocab_size=1000", check=False),
+                          "512-token vocabulary", "vocab_size=1000")
+    assert not (tmp_path / "c").exists()  # nothing was written
