@@ -145,11 +145,12 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # Residual projections start at zero (as in modded-nanogpt): each block begins as the identity,
-        # so the loss at init is ln(vocab_size) whatever the depth.
+        # Residual projections get GPT-2's 0.02/sqrt(2 * n_layer). Not zero (as in modded-nanogpt): with tied
+        # embeddings a zero-initialised stack maps each token straight back onto its own embedding, a logit of
+        # n_embd * 0.02 = 15 for "repeat this token", and the loss at init is ~15 instead of ln(32000) = 10.4.
         for block in self.transformer.h:
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
+            nn.init.normal_(block.attn.c_proj.weight, std=0.02 / math.sqrt(2 * config.n_layer))
+            nn.init.normal_(block.mlp.c_proj.weight, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

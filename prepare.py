@@ -23,7 +23,7 @@ import numpy as np
 
 import runtime
 from runtime import UserError
-from shards import token_dtype, write_shard
+from shards import read_header, token_dtype, write_shard
 from tokenizer import Tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -95,6 +95,16 @@ def is_val(name):
     return zlib.crc32(name.encode()) % 1000 < val_permille
 
 
+def is_complete(folder, settings):
+    """True if folder holds a finished prepare.py run with the same settings and every shard it lists."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        shards = [folder / name for split in meta["splits"].values() for name in split["shards"]]
+        return meta["settings"] == settings and all(read_header(p)["n_tokens"] > 0 for p in shards)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def write_split(split, token_lists, vocab):
     """Concatenate documents (each already led by the boundary token) into shards of shard_tokens."""
     flat = np.concatenate([np.asarray(t, dtype=token_dtype(vocab)) for t in token_lists])
@@ -110,8 +120,12 @@ def write_split(split, token_lists, vocab):
 t0 = time.time()
 data_dir = data_dir or ("data/stdlib" if not input else f"data/{Path(input).stem}")
 out = Path(data_dir)
+settings = {k: v for k, v in config.items() if k not in ("data_dir", "overwrite")}
 if any(out.glob("*.bin")) and not overwrite:
-    raise UserError(f"{out} already holds shards; pass --overwrite=true to replace them or pick --data_dir")
+    if is_complete(out, settings):  # the same command again: nothing to do
+        print(f"{out} is already prepared with these settings; nothing to do (--overwrite=true rebuilds it)")
+        sys.exit(0)
+    raise UserError(f"{out} already holds other shards; pass --overwrite=true to replace them or pick --data_dir")
 docs, skipped, source = stdlib_documents() if not input else input_documents(input, text_field)
 docs = [(name, text) for name, text in docs if text]
 if len(docs) < 2:
@@ -124,13 +138,13 @@ train = [d for d in docs if d[0] not in val_names]
 print(f"documents: {len(train)} train, {len(val)} val, {skipped} skipped (not UTF-8) from {source}")
 
 out.mkdir(parents=True, exist_ok=True)
-for stale in out.glob("*.bin"):  # only reached with --overwrite=true
-    stale.unlink()
+for stale in [*out.glob("*.bin"), out / "meta.json"]:  # only reached with --overwrite=true
+    stale.unlink(missing_ok=True)
 if tokenizer:
     tok = Tokenizer(tokenizer)
     print(f"tokenizer: reusing {tokenizer} ({tok.vocab_size} tokens)")
 else:
-    lines = (line for _, text in train for line in text.split("\n") if line.strip())
+    lines = [line for _, text in train for line in text.split("\n") if line.strip()]
     try:
         tok = Tokenizer(model_proto=train_tokenizer(lines, vocab_size))
     except RuntimeError as e:  # SentencePiece refuses e.g. a vocabulary larger than the text supports
@@ -140,7 +154,7 @@ tmp = out / "tokenizer.model.tmp"
 tmp.write_bytes(tok.sp.serialized_model_proto())
 tmp.replace(out / "tokenizer.model")
 
-meta = {"source": source, "vocab_size": tok.vocab_size, "skipped_files": skipped, "splits": {}}
+meta = {"settings": settings, "source": source, "vocab_size": tok.vocab_size, "skipped_files": skipped, "splits": {}}
 for split, split_docs in (("train", train), ("val", val)):
     texts = [text for _, text in split_docs]
     ids = tok.encode_batch(texts)
@@ -152,5 +166,6 @@ for split, split_docs in (("train", train), ("val", val)):
     meta["splits"][split] = {"documents": len(texts), "tokens": n_tokens, "characters": chars, "shards": paths}
     print(f"{split}: {len(texts)} documents, {n_tokens:,} tokens ({chars / n_tokens:.2f} chars/token), "
           f"round trip exact, {len(paths)} shard(s)")
-(out / "meta.json").write_text(json.dumps(meta, indent=2))
+(out / "meta.json.tmp").write_text(json.dumps(meta, indent=2))
+(out / "meta.json.tmp").replace(out / "meta.json")  # written last: its presence marks a finished folder
 print(f"wrote {out}/ in {time.time() - t0:.1f}s")

@@ -262,10 +262,11 @@ def find_checkpoint(out_dir, which="latest"):
     return out_dir / which
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint without unpickling code (weights_only=True); refuse anything that is not ours."""
+def load_checkpoint(path):
+    """Load a checkpoint to CPU memory without unpickling code (weights_only=True); refuse anything not ours.
+    (CPU first: RNG states must be CPU tensors, and load_state_dict copies weights to the model's device.)"""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(
             f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "

@@ -37,7 +37,7 @@ env = runtime.setup_device(device, dtype)
 
 # ----------------------------------------------------------------------------- model
 path = runtime.find_checkpoint(out_dir, ckpt)
-checkpoint = runtime.load_checkpoint(path, env["device"])
+checkpoint = runtime.load_checkpoint(path)
 model = runtime.build_model(checkpoint, path)
 model.eval().to(env["device"])
 if env["ptdtype"] != torch.float32:

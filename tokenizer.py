@@ -19,11 +19,17 @@ SPECIAL_TOKENS = [BOS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 META_SPACE = "\u2581"
 
 
-def train_tokenizer(lines, vocab_size, max_lines=300_000):
-    """Train a BPE model on an iterator of text lines; returns the serialized model (bytes)."""
+def train_tokenizer(lines, vocab_size, max_lines=1_000_000):
+    """Train a BPE model on a list of text lines; returns the serialized model (bytes).
+
+    Beyond max_lines we keep every k-th line ourselves: SentencePiece's own sampling is seeded differently in
+    every process, which made two identical prepare.py runs give different tokenizers.
+    """
+    if len(lines) > max_lines:
+        lines = lines[:: -(-len(lines) // max_lines)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines,
+        sentence_iterator=iter(lines),
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -39,8 +45,6 @@ def train_tokenizer(lines, vocab_size, max_lines=300_000):
         eos_id=-1,
         pad_id=-1,
         control_symbols=SPECIAL_TOKENS,
-        input_sentence_size=max_lines,  # a random sample of lines is plenty for a BPE merge table
-        shuffle_input_sentence=True,
         max_sentence_length=16384,
         num_threads=2,
         minloglevel=2,

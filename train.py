@@ -113,7 +113,7 @@ model_args = dict(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer,
 ckpt = None
 out = Path(out_dir)
 if init_from == "resume":
-    ckpt = runtime.load_checkpoint(runtime.find_checkpoint(out_dir, "latest"), env["device"])
+    ckpt = runtime.load_checkpoint(runtime.find_checkpoint(out_dir, "latest"))
     for k, v in model_args.items():
         if ckpt["model_args"].get(k) != v:
             raise UserError(f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "

@@ -19,13 +19,13 @@ def make_model(config=SMALL, seed=0, perturb=True):
 
 
 def test_loss_at_init_is_ln_vocab():
-    config = GPTConfig(block_size=128, vocab_size=4096, n_layer=4, n_head=4, n_embd=256, mlp_hidden=768)
-    model = make_model(config, perturb=False)
+    config = GPTConfig(block_size=128, vocab_size=32000, n_layer=4, n_head=12, n_embd=768, mlp_hidden=1536)
+    model = make_model(config, perturb=False)  # the real init
     idx = torch.randint(0, config.vocab_size, (4, 128))
     targets = torch.randint(0, config.vocab_size, (4, 128))  # not idx: tied embeddings favour copying at init
     _, loss = model(idx, targets)
-    # logits have std ~0.02*sqrt(n_embd)=0.32, which adds about 0.32^2/2 = 0.05 nats above ln(vocab)
-    assert abs(loss.item() - math.log(config.vocab_size)) < 0.15, loss.item()
+    # a few hundredths above ln(vocab) from the logits' spread; a zero-initialised residual stack gives ~15
+    assert abs(loss.item() - math.log(config.vocab_size)) < 0.3, loss.item()
 
 
 def test_reference_config_has_137_8m_parameters():

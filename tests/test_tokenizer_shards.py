@@ -80,3 +80,31 @@ def test_windows_cover_all_shards_and_are_reproducible(tmp_path):
     assert np.array_equal(b.sample_starts(4000), starts)
     with pytest.raises(ShardError, match="shorter than block_size"):
         TokenWindows(tmp_path, "train", 400, 10, seed=0)
+
+
+def test_prepare_is_reproducible_and_idempotent(tiny_data, tmp_path):
+    from conftest import run
+
+    src = tiny_data.parent / "src"
+    again = tmp_path / "again"
+    run("prepare.py", f"--input={src}", f"--data_dir={again}", "--vocab_size=512", "--val_permille=100")
+    for name in ("tokenizer.model", "train_000000.bin", "val_000000.bin"):
+        assert (again / name).read_bytes() == (tiny_data / name).read_bytes(), name
+    # the same command on a finished folder does nothing; other settings are refused, nothing overwritten
+    before = (again / "train_000000.bin").stat().st_mtime_ns
+    assert "nothing to do" in run("prepare.py", f"--input={src}", f"--data_dir={again}", "--vocab_size=512",
+                                  "--val_permille=100").stdout
+    proc = run("prepare.py", f"--input={src}", f"--data_dir={again}", "--vocab_size=600", check=False)
+    assert proc.returncode != 0 and proc.stderr.startswith("error: ") and "--overwrite=true" in proc.stderr
+    assert (again / "train_000000.bin").stat().st_mtime_ns == before
+
+
+def test_prepare_input_errors(tmp_path):
+    from conftest import run
+
+    (tmp_path / "a.jsonl").write_text('{"content": "hello"}\n{"content": "world"}\n')
+    proc = run("prepare.py", f"--input={tmp_path / 'a.jsonl'}", f"--data_dir={tmp_path / 'd'}", check=False)
+    assert proc.returncode != 0 and "no field 'text'" in proc.stderr and "content" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("prepare.py", f"--input={tmp_path / 'missing'}", check=False)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
