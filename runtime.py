@@ -137,10 +137,13 @@ def setup_device(device="auto", dtype="auto"):
     if ddp:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                                f"set --nproc_per_node to at most the GPU count, or --device=cpu")
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     device_type = device.split(":")[0]
     if device_type not in ("cuda", "mps", "cpu"):
         raise UserError(f"device={device}: expected auto, cuda, cuda:N, mps or cpu")

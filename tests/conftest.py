@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # Tiny model settings for subprocess runs: a few seconds per run on two CPU cores.
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--mlp_hidden=128", "--block_size=64", "--batch_size=4",
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=64", "--mlp_hidden=128", "--block_size=64", "--batch_size=4",
         "--compile=false", "--eval_iters=2", "--warmup_iters=2", "--log_interval=1"]
 
 
