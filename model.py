@@ -89,15 +89,18 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_head, hd).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.n_head, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None or cache.pos == 0:
-            if cache is not None:
-                cache.update(self.layer_idx, k, v)
+        past = cache.pos if cache is not None else 0
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # all keys/values so far: (B, n_head, past + T, hd)
+        if T == 1 and past > 0:
+            # decoding one token: it sees every cached position, so no mask. Two small matmuls; SDPA would pick
+            # cuDNN on Hopper, which plans anew for every new key length (~40 ms a token).
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, n_head, 1, past + 1)
+            y = att.float().softmax(dim=-1).to(v.dtype) @ v
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            k, v = cache.update(self.layer_idx, k, v)
-            # new query i sits at absolute position cache.pos + i and may see keys 0..cache.pos + i
-            past = cache.pos
-            mask = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]
+        else:  # a chunk after a prefill: query i sits at position past + i and sees keys 0..past + i
+            mask = torch.arange(past + T, device=x.device) <= past + torch.arange(T, device=x.device)[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
         return self.c_proj(y)
