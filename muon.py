@@ -78,7 +78,7 @@ class Muon(torch.optim.Optimizer):
             directions.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
         # 2) orthogonalise: rank r takes matrices r, r+world, ... of each same-shape bucket
         buckets = {}
-        for p, d in zip(params, directions):
+        for p, d in zip(params, directions, strict=True):
             buckets.setdefault(p.shape, []).append((p, d))
         pending = []
         for shape, items in buckets.items():
@@ -101,7 +101,7 @@ class Muon(torch.optim.Optimizer):
         """Decoupled weight decay, then the update scaled so that its RMS does not shrink for tall matrices
         (max(1, rows/cols)^0.5, as in Keller Jordan's reference implementation)."""
         lr, wd = group["lr"], group["weight_decay"]
-        for (p, _), u in zip(chunk, updates):
+        for (p, _), u in zip(chunk, updates, strict=False):  # updates: one per rank, chunk may be shorter
             scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
             p.mul_(1 - lr * wd)
             p.add_(u.to(p.dtype), alpha=-lr * scale)

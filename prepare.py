@@ -158,14 +158,16 @@ meta = {"settings": settings, "source": source, "vocab_size": tok.vocab_size, "s
 for split, split_docs in (("train", train), ("val", val)):
     texts = [text for _, text in split_docs]
     ids = tok.encode_batch(texts)
-    bad = [name for (name, text), i in zip(split_docs, ids) if tok.decode(i) != text]
+    bad = [name for (name, text), i in zip(split_docs, ids, strict=True) if tok.decode(i) != text]
     if bad:
         raise UserError(f"tokenizer does not round-trip {len(bad)} documents, e.g. {bad[0]}; please report it")
     n_tokens, paths = write_split(split, [[tok.bos_id] + i for i in ids], tok.vocab_size)
     chars = sum(len(t) for t in texts)
     meta["splits"][split] = {"documents": len(texts), "tokens": n_tokens, "characters": chars, "shards": paths}
-    print(f"{split}: {len(texts)} documents, {n_tokens:,} tokens ({chars / n_tokens:.2f} chars/token), "
-          f"round trip exact, {len(paths)} shard(s)")
+    print(
+        f"{split}: {len(texts)} documents, {n_tokens:,} tokens ({chars / n_tokens:.2f} chars/token), "
+        f"round trip exact, {len(paths)} shard(s)"
+    )
 (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2))
 (out / "meta.json.tmp").replace(out / "meta.json")  # written last: its presence marks a finished folder
 print(f"wrote {out}/ in {time.time() - t0:.1f}s")

@@ -10,7 +10,6 @@ import os
 import resource
 import shutil
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -139,8 +138,10 @@ def setup_device(device="auto", dtype="auto"):
         world_size = int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
             if local_rank >= torch.cuda.device_count():
-                raise UserError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                                f"set --nproc_per_node to at most the GPU count, or --device=cpu")
+                raise UserError(
+                    f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                    f"set --nproc_per_node to at most the GPU count, or --device=cpu"
+                )
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
@@ -287,8 +288,10 @@ def load_model_state(model, state, path):
     extra = [k for k in state if k not in ours]
     shapes = [k for k in ours if k in state and state[k].shape != ours[k].shape]
     if missing or extra or shapes:
-        detail = (missing and f"missing {missing[0]}") or (extra and f"unexpected {extra[0]}") or (
-            f"{shapes[0]} is {tuple(state[shapes[0]].shape)}, model has {tuple(ours[shapes[0]].shape)}"
+        detail = (
+            (missing and f"missing {missing[0]}")
+            or (extra and f"unexpected {extra[0]}")
+            or (f"{shapes[0]} is {tuple(state[shapes[0]].shape)}, model has {tuple(ours[shapes[0]].shape)}")
         )
         raise UserError(f"{path} holds another architecture ({detail}); load it with the config it was trained with")
     model.load_state_dict(state, strict=True)
@@ -298,8 +301,10 @@ def build_model(ckpt, path):
     """The GPT a checkpoint describes, with its weights; a UserError if it is not one of ours."""
     unknown = set(ckpt["model_args"]) - {f.name for f in dataclasses.fields(GPTConfig)}
     if unknown:
-        raise UserError(f"{path} holds another architecture (model_args has {sorted(unknown)[0]!r}); "
-                        f"it was not written by this project's train.py")
+        raise UserError(
+            f"{path} holds another architecture (model_args has {sorted(unknown)[0]!r}); "
+            f"it was not written by this project's train.py"
+        )
     model = GPT(GPTConfig(**ckpt["model_args"]))
     load_model_state(model, ckpt["model"], path)
     return model
@@ -347,15 +352,3 @@ def format_duration(seconds):
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-class Timer:
-    """Tokens/s and ETA over the steps since the last call to `lap`."""
-
-    def __init__(self):
-        self.t0 = time.time()
-
-    def lap(self):
-        t1 = time.time()
-        dt, self.t0 = t1 - self.t0, t1
-        return dt

@@ -47,8 +47,10 @@ if not tokenizer_path.is_file():
     raise UserError(f"{tokenizer_path} is missing; copy the data folder's tokenizer.model into the run folder")
 tok = Tokenizer(str(tokenizer_path))
 if tok.vocab_size != model.config.vocab_size:
-    raise UserError(f"{tokenizer_path} has {tok.vocab_size} tokens but the checkpoint expects "
-                    f"{model.config.vocab_size}; the run folder's tokenizer was replaced")
+    raise UserError(
+        f"{tokenizer_path} has {tok.vocab_size} tokens but the checkpoint expects "
+        f"{model.config.vocab_size}; the run folder's tokenizer was replaced"
+    )
 
 # ----------------------------------------------------------------------------- prompt
 if start.startswith("FILE:"):
@@ -59,8 +61,11 @@ if start.startswith("FILE:"):
 ids = [tok.bos_id] + tok.encode(start)  # training documents start with the boundary token too
 block_size = model.config.block_size
 if len(ids) > block_size:
-    print(f"note: the prompt is {len(ids)} tokens, longer than the context of {block_size}; "
-          f"keeping its last {block_size} tokens", file=sys.stderr)
+    print(
+        f"note: the prompt is {len(ids)} tokens, longer than the context of {block_size}; "
+        f"keeping its last {block_size} tokens",
+        file=sys.stderr,
+    )
     ids = ids[-block_size:]
 x = torch.tensor([ids] * num_samples, dtype=torch.long, device=env["device"])
 
@@ -75,5 +80,7 @@ for row in y.tolist():
         new = new[: new.index(tok.bos_id)]
     print(tok.decode(row[: len(ids)] + new))
     print("-" * 80)
-print(f"{num_samples} x {max_new_tokens} tokens in {dt:.2f}s ({num_samples * max_new_tokens / dt:.0f} tok/s) "
-      f"from {path}", file=sys.stderr)
+print(
+    f"{num_samples} x {max_new_tokens} tokens in {dt:.2f}s ({num_samples * max_new_tokens / dt:.0f} tok/s) from {path}",
+    file=sys.stderr,
+)

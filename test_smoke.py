@@ -19,8 +19,19 @@ def test_prepare_train_sample(tmp_path):
     meta = json.loads((data / "meta.json").read_text())
     assert meta["splits"]["train"]["tokens"] > 1_000_000 and meta["splits"]["val"]["documents"] > 10
 
-    run("train.py", "config/tiny_cpu.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, "--max_iters=60",
-        "--eval_interval=60", "--ckpt_interval=60", "--n_embd=128", "--mlp_hidden=384", "--learning_rate=0.01")
+    run(
+        "train.py",
+        "config/tiny_cpu.py",
+        f"--data_dir={data}",
+        f"--out_dir={out}",
+        *TINY,
+        "--max_iters=60",
+        "--eval_interval=60",
+        "--ckpt_interval=60",
+        "--n_embd=128",
+        "--mlp_hidden=384",
+        "--learning_rate=0.01",
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
     assert abs(val[0] - 6.93) < 0.3  # ln(1024) at init

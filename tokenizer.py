@@ -54,8 +54,8 @@ def train_tokenizer(lines, vocab_size, max_lines=1_000_000):
 
 class Tokenizer:
     def __init__(self, path=None, model_proto=None):
-        self.sp = spm.SentencePieceProcessor(model_file=path) if path else spm.SentencePieceProcessor(
-            model_proto=model_proto
+        self.sp = (
+            spm.SentencePieceProcessor(model_file=path) if path else spm.SentencePieceProcessor(model_proto=model_proto)
         )
         self.vocab_size = self.sp.vocab_size()
         self.special = {}

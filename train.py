@@ -11,7 +11,6 @@ Config: the globals below; a config file and --key=value override them (checked:
 """
 
 import math
-import os
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ import runtime
 from model import GPT, GPTConfig
 from muon import Muon
 from runtime import UserError
-from shards import TokenWindows, read_header, find_shards
+from shards import TokenWindows, find_shards, read_header
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -85,11 +84,10 @@ torch.manual_seed(seed)  # same init on every rank
 
 # ----------------------------------------------------------------------------- data
 tokenizer_path = Path(data_dir) / "tokenizer.model"
-find_shards(data_dir, "train")  # one clear error for a missing or empty data folder
+train_shards = find_shards(data_dir, "train")  # one clear error for a missing or empty data folder
 if not tokenizer_path.is_file():
     raise UserError(f"{tokenizer_path} is missing; re-run prepare.py for {data_dir}")
-shard_vocab = read_header(find_shards(data_dir, "train")[0])["vocab_size"]
-vocab_size = vocab_size or shard_vocab
+vocab_size = vocab_size or read_header(train_shards[0])["vocab_size"]
 config["vocab_size"] = vocab_size
 train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
 val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
@@ -102,22 +100,31 @@ def get_batches():
     mine = starts[rank * accum_steps * batch_size : (rank + 1) * accum_steps * batch_size]
     for j in range(accum_steps):
         x, y = train_data.gather(mine[j * batch_size : (j + 1) * batch_size])
-        if env["device_type"] == "cuda":
-            x, y = x.pin_memory().to(env["device"], non_blocking=True), y.pin_memory().to(env["device"], non_blocking=True)
-        yield x.to(env["device"]), y.to(env["device"])
+        if env["device_type"] == "cuda":  # pinned host memory lets the copy overlap the GPU's work
+            x, y = x.pin_memory(), y.pin_memory()
+        yield x.to(env["device"], non_blocking=True), y.to(env["device"], non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- model
-model_args = dict(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                  mlp_hidden=mlp_hidden, rope_theta=rope_theta)
+model_args = dict(
+    block_size=block_size,
+    vocab_size=vocab_size,
+    n_layer=n_layer,
+    n_head=n_head,
+    n_embd=n_embd,
+    mlp_hidden=mlp_hidden,
+    rope_theta=rope_theta,
+)
 ckpt = None
 out = Path(out_dir)
 if init_from == "resume":
     ckpt = runtime.load_checkpoint(runtime.find_checkpoint(out_dir, "latest"))
     for k, v in model_args.items():
         if ckpt["model_args"].get(k) != v:
-            raise UserError(f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
-                            f"says {k}={v}; resume with the run's own config")
+            raise UserError(
+                f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
+                f"says {k}={v}; resume with the run's own config"
+            )
 elif runtime.step_checkpoints(out) and not overwrite:
     raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
 if master:
@@ -135,13 +142,14 @@ raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module
 
 # ----------------------------------------------------------------------------- optimizer
 matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
-optimizer = Muon([
-    dict(params=matrices, use_muon=True, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
-    dict(params=[model.transformer.wte.weight], use_muon=False, lr=learning_rate, betas=(beta1, beta2),
-         weight_decay=weight_decay),
-    dict(params=[p for p in model.parameters() if p.ndim < 2], use_muon=False, lr=learning_rate,
-         betas=(beta1, beta2), weight_decay=0.0),
-])
+adamw = dict(use_muon=False, lr=learning_rate, betas=(beta1, beta2))
+optimizer = Muon(
+    [
+        dict(params=matrices, use_muon=True, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
+        dict(params=[model.transformer.wte.weight], weight_decay=weight_decay, **adamw),
+        dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0, **adamw),  # norm gains
+    ]
+)
 for group in optimizer.param_groups:
     group["peak_lr"] = group["lr"]
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
@@ -149,8 +157,8 @@ iter_num, best_val_loss = 0, float("inf")
 if ckpt is not None:
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
-    for group, h in zip(optimizer.param_groups, hyper):  # the config sets hyperparameters, even on resume
-        group.update(h)
+    for group, h in zip(optimizer.param_groups, hyper, strict=True):
+        group.update(h)  # the config sets the hyperparameters, also on resume; the checkpoint only the state
     scaler.load_state_dict(ckpt["scaler"])
     train_data.generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
@@ -195,8 +203,10 @@ def estimate_loss():
 def check_finite(loss, what):
     """Stop on a NaN/inf loss before anything is saved, so the last checkpoint stays a good one."""
     if not math.isfinite(loss):
-        raise UserError(f"{what} is {loss} at step {iter_num}; the last good checkpoint in {out_dir} is untouched. "
-                        f"Lower muon_lr/learning_rate or raise warmup_iters, then --init_from=resume")
+        raise UserError(
+            f"{what} is {loss} at step {iter_num}; the last good checkpoint in {out_dir} is untouched. "
+            f"Lower muon_lr/learning_rate or raise warmup_iters, then --init_from=resume"
+        )
 
 
 # ----------------------------------------------------------------------------- loop
@@ -205,8 +215,10 @@ flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 peak = runtime.peak_flops(env["device"])
 if master:
     print("config:", " ".join(f"{k}={v}" for k, v in config.items()))
-    print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {env['device']} {env['ptdtype']} | "
-          f"{world_size} rank(s) | {tokens_per_iter:,} tokens/step | {train_data.n_tokens:,} train tokens")
+    print(
+        f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {env['device']} {env['ptdtype']} | "
+        f"{world_size} rank(s) | {tokens_per_iter:,} tokens/step | {train_data.n_tokens:,} train tokens"
+    )
 val_loss, last_eval = float("nan"), -1
 if iter_num == 0:
     val_loss, last_eval = estimate_loss(), 0
@@ -244,17 +256,27 @@ while iter_num < max_iters:
         check_finite(train_loss, "loss")
         dt = time.time() - t_log
         tok_s = steps_since_log * tokens_per_iter / dt
-        record = {"step": iter_num, "loss": train_loss, "lr_mult": lr_mult, "muon_lr": muon_lr * lr_mult,
-                  "adamw_lr": learning_rate * lr_mult, "tok_per_s": tok_s, "mem_gib": runtime.memory_gib(env["device"]),
-                  "elapsed_s": time.time() - t_start}
+        record = {
+            "step": iter_num,
+            "loss": train_loss,
+            "lr_mult": lr_mult,
+            "muon_lr": muon_lr * lr_mult,
+            "adamw_lr": learning_rate * lr_mult,
+            "tok_per_s": tok_s,
+            "mem_gib": runtime.memory_gib(env["device"]),
+            "elapsed_s": time.time() - t_start,
+        }
         if peak:
             record["mfu"] = flops_per_iter * steps_since_log / dt / (peak * world_size)
         log.log(record)
         if master:
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
             mfu = f" | mfu {100 * record['mfu']:.1f}%" if peak else ""
-            print(f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | {tok_s:,.0f} tok/s"
-                  f"{mfu} | mem {record['mem_gib']:.2f}GiB | eta {runtime.format_duration(eta)}", flush=True)
+            print(
+                f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | {tok_s:,.0f} tok/s"
+                f"{mfu} | mem {record['mem_gib']:.2f}GiB | eta {runtime.format_duration(eta)}",
+                flush=True,
+            )
         loss_sum.zero_()
         steps_since_log, t_log = 0, time.time()
 
@@ -267,10 +289,18 @@ while iter_num < max_iters:
     if (iter_num % ckpt_interval == 0 or is_last) and master:
         is_best = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
-        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                     model_args=asdict(model_config), config=config, iter_num=iter_num, val_loss=val_loss,
-                     best_val_loss=best_val_loss, rng=runtime.get_rng_state(env["device"]),
-                     data=train_data.generator.get_state())
+        state = dict(
+            model=raw_model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+            model_args=asdict(model_config),
+            config=config,
+            iter_num=iter_num,
+            val_loss=val_loss,
+            best_val_loss=best_val_loss,
+            rng=runtime.get_rng_state(env["device"]),
+            data=train_data.generator.get_state(),
+        )
         path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
         print(f"saved {path}" + (" (best so far)" if is_best else ""))
 

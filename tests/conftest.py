@@ -12,16 +12,26 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # Tiny model settings for subprocess runs: a few seconds per run on two CPU cores.
-TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=64", "--mlp_hidden=128", "--block_size=64", "--batch_size=4",
-        "--compile=false", "--eval_iters=2", "--warmup_iters=2", "--log_interval=1"]
+TINY = [
+    "--device=cpu",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=64",
+    "--mlp_hidden=128",
+    "--block_size=64",
+    "--batch_size=4",
+    "--compile=false",
+    "--eval_iters=2",
+    "--warmup_iters=2",
+    "--log_interval=1",
+]
 
 
 def run(script, *args, check=True, timeout=300, cmd=None):
     """Run a repo script in a subprocess (cwd = repo) and return the CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     argv = cmd or [sys.executable, str(REPO / script)]
-    proc = subprocess.run([*argv, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    proc = subprocess.run([*argv, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import run
+
 from runtime import UserError, configure
 
 

@@ -111,4 +111,4 @@ def test_activation_checkpointing_gives_same_gradients():
     _, loss2 = model(idx, idx)
     loss2.backward()
     assert torch.allclose(loss, loss2)
-    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(plain, model.parameters()))
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(plain, model.parameters(), strict=True))

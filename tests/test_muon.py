@@ -14,8 +14,8 @@ def test_newton_schulz_singular_values_near_one(shape):
     assert s.min() > 0.6 and s.max() < 1.25, (s.min(), s.max())
     # and it points where the exact orthogonal factor U V^T does
     U, _, Vh = torch.linalg.svd(G, full_matrices=False)
-    O, X = U @ Vh, zeropower_via_newtonschulz5(G).float()
-    assert (O * X).sum() / (O.norm() * X.norm()) > 0.97
+    exact, X = U @ Vh, zeropower_via_newtonschulz5(G).float()
+    assert (exact * X).sum() / (exact.norm() * X.norm()) > 0.97
 
 
 def test_newton_schulz_batched_equals_per_matrix():

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import stdlib_sample
+
 from shards import HEADER, ShardError, TokenWindows, open_shard, read_header, write_shard
 from tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -92,8 +92,10 @@ def test_prepare_is_reproducible_and_idempotent(tiny_data, tmp_path):
         assert (again / name).read_bytes() == (tiny_data / name).read_bytes(), name
     # the same command on a finished folder does nothing; other settings are refused, nothing overwritten
     before = (again / "train_000000.bin").stat().st_mtime_ns
-    assert "nothing to do" in run("prepare.py", f"--input={src}", f"--data_dir={again}", "--vocab_size=512",
-                                  "--val_permille=100").stdout
+    assert (
+        "nothing to do"
+        in run("prepare.py", f"--input={src}", f"--data_dir={again}", "--vocab_size=512", "--val_permille=100").stdout
+    )
     proc = run("prepare.py", f"--input={src}", f"--data_dir={again}", "--vocab_size=600", check=False)
     assert proc.returncode != 0 and proc.stderr.startswith("error: ") and "--overwrite=true" in proc.stderr
     assert (again / "train_000000.bin").stat().st_mtime_ns == before

@@ -6,7 +6,6 @@ import math
 import sys
 
 import torch
-
 from conftest import REPO, TINY, run
 
 
@@ -51,8 +50,14 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
 def test_ddp_two_ranks_match_one_rank(tiny_data, tmp_path):
     common = ["--max_iters=4", "--gradient_accumulation_steps=2", "--eval_interval=4", "--ckpt_interval=4"]
     train(tiny_data, tmp_path / "one", *common)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(REPO / "train.py")]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "train.py"),
+    ]
     run("torchrun", f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'two'}", *TINY, *common, cmd=torchrun)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert list(one) == [1, 2, 3, 4]
@@ -74,27 +79,39 @@ def test_checkpoint_guards(tiny_data, tmp_path):
     assert digest(ckpt) == before
 
     # a diverging run stops with a clear message and leaves the last good checkpoint as it was
-    proc = train(tiny_data, out, "--max_iters=8", "--init_from=resume", "--learning_rate=1e30",
-                 "--muon_lr=1e30", "--ckpt_interval=2", check=False)
+    proc = train(
+        tiny_data,
+        out,
+        "--max_iters=8",
+        "--init_from=resume",
+        "--learning_rate=1e30",
+        "--muon_lr=1e30",
+        "--ckpt_interval=2",
+        check=False,
+    )
     assert_one_line_error(proc, "loss is nan", "untouched")  # "loss" or "validation loss"
     assert digest(ckpt) == before and not (out / "ckpt_0000006.pt").exists()
 
     # resuming with another architecture is refused
-    assert_one_line_error(train(tiny_data, out, "--max_iters=8", "--init_from=resume", "--n_embd=32",
-                                check=False), "n_embd=64", "n_embd=32")
+    assert_one_line_error(
+        train(tiny_data, out, "--max_iters=8", "--init_from=resume", "--n_embd=32", check=False),
+        "n_embd=64",
+        "n_embd=32",
+    )
 
     # sample.py: prompt longer than the context is cut from the left, and says so
     long_prompt = tmp_path / "prompt.txt"
     long_prompt.write_text("x = 1\n" * 200)
-    proc = run("sample.py", f"--out_dir={out}", f"--start=FILE:{long_prompt}", "--max_new_tokens=5",
-               "--num_samples=1")
+    proc = run("sample.py", f"--out_dir={out}", f"--start=FILE:{long_prompt}", "--max_new_tokens=5", "--num_samples=1")
     assert "keeping its last 64 tokens" in proc.stderr and proc.stdout.strip()
 
     # a truncated checkpoint: one line, for resume and for sampling, and the file is left for inspection
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
-    for proc in (train(tiny_data, out, "--max_iters=8", "--init_from=resume", check=False),
-                 run("sample.py", f"--out_dir={out}", "--ckpt=latest", check=False)):
+    for proc in (
+        train(tiny_data, out, "--max_iters=8", "--init_from=resume", check=False),
+        run("sample.py", f"--out_dir={out}", "--ckpt=latest", check=False),
+    ):
         assert_one_line_error(proc, "truncated or corrupted")
     assert ckpt.stat().st_size == len(data) // 2
 
@@ -104,8 +121,9 @@ def test_checkpoint_guards(tiny_data, tmp_path):
     assert_one_line_error(run("sample.py", f"--out_dir={out}", "--ckpt=alien.pt", check=False), "another architecture")
     good["model"]["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 3)
     torch.save(good, out / "reshaped.pt")
-    assert_one_line_error(run("sample.py", f"--out_dir={out}", "--ckpt=reshaped.pt", check=False),
-                          "another architecture", "c_fc")
+    assert_one_line_error(
+        run("sample.py", f"--out_dir={out}", "--ckpt=reshaped.pt", check=False), "another architecture", "c_fc"
+    )
 
 
 def test_data_guards(tiny_data, tmp_path):
@@ -113,6 +131,7 @@ def test_data_guards(tiny_data, tmp_path):
     assert_one_line_error(proc, "does not exist", "prepare.py")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(train(tmp_path / "empty", tmp_path / "b", check=False), "no train_*.bin")
-    assert_one_line_error(train(tiny_data, tmp_path / "c", "--vocab_size=1000", check=False),
-                          "512-token vocabulary", "vocab_size=1000")
+    assert_one_line_error(
+        train(tiny_data, tmp_path / "c", "--vocab_size=1000", check=False), "512-token vocabulary", "vocab_size=1000"
+    )
     assert not (tmp_path / "c").exists()  # nothing was written
