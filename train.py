@@ -106,15 +106,8 @@ def get_batches():
 
 
 # ----------------------------------------------------------------------------- model
-model_args = dict(
-    block_size=block_size,
-    vocab_size=vocab_size,
-    n_layer=n_layer,
-    n_head=n_head,
-    n_embd=n_embd,
-    mlp_hidden=mlp_hidden,
-    rope_theta=rope_theta,
-)
+arch_keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta")
+model_args = {k: config[k] for k in arch_keys}
 ckpt = None
 out = Path(out_dir)
 if init_from == "resume":
