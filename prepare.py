@@ -1,18 +1,26 @@
-"""Build a token dataset: documents -> SentencePiece BPE tokenizer -> memmap .bin shards.
+"""Build a token dataset: documents -> tokenizer -> memmap .bin shards, resumably, with a manifest.
 
-    python prepare.py                                   # default corpus: this Python's standard library
-    python prepare.py --input=notes/ --data_dir=data/notes --vocab_size=8192
-    python prepare.py --input=corpus.jsonl --text_field=text --vocab_size=32000
+    python prepare.py                                        # default corpus: this Python's standard library
+    python prepare.py --input=notes/ --data_dir=data/notes   # local .txt (a document per file), .jsonl, .parquet
+    python prepare.py --dataset=EliMC/Ultra-FineWeb --split=en --text_field=content --score_field=score \\
+        --score_min=0.8 --vocab_size=32000 --model_config=config/pretrain_137m.py --data_dir=data/pretrain
+    python prepare.py --model_config=config/pretrain_137m.py --plan_only=true    # the token budget, nothing else
 
-The default corpus needs no download: every .py file of the running Python's standard library, one document
-per file, in sorted path order. A file goes to validation when a hash of its path says so, so the split is
-stable from run to run. --input takes .txt files (one document each) and .jsonl files (one document per
-line, from --text_field), or folders of them.
+Hub datasets and local files go through one code path, datasets.load_dataset(..., streaming=True). The
+tokenizer is trained on the first --tokenizer_docs documents that pass the filter (or reused: --tokenizer=PATH
+or --tokenizer=gpt2). Documents go to validation when a hash of their name (file path, or position in the
+stream) says so, until the validation split holds --val_tokens. Shards hold --shard_tokens tokens each.
 
-Writes into data_dir: tokenizer.model, train_000000.bin, val_000000.bin (see shards.py) and meta.json.
+Stop it at any moment and run the same command again: it continues after the last finished shard, with no
+document lost or written twice. Each shard is written under a temporary name and renamed, and manifest.json
+(settings, document counts, each shard's token count and SHA-256, the resume point) is rewritten after it.
 """
 
+import glob
+import hashlib
+import itertools
 import json
+import math
 import sys
 import sysconfig
 import time
@@ -24,150 +32,338 @@ import numpy as np
 import runtime
 from runtime import UserError
 from shards import read_header, token_dtype, write_shard
-from tokenizer import Tokenizer, train_tokenizer
+from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
-input = ""  # file or folder of .txt/.jsonl documents; empty = the Python standard library
-data_dir = ""  # output folder; empty = data/stdlib, or data/<input name> when --input is given
-text_field = "text"  # field holding the document in .jsonl input
-vocab_size = 4096  # tokenizer size: 4096 suits the CPU demo, 32000 the reference run
-tokenizer = ""  # path of an existing tokenizer.model to reuse instead of training one
-val_permille = 50  # documents per 1000 held out for validation (chosen by a hash of the document's name)
-shard_tokens = 100_000_000  # tokens per .bin shard
-overwrite = False  # replace the shards of an existing data_dir
+input = ""  # local file, folder or glob of .txt/.jsonl/.parquet; empty (and no --dataset) = the standard library
+dataset = ""  # Hugging Face dataset name, streamed (e.g. EliMC/Ultra-FineWeb, HuggingFaceFW/fineweb, allenai/c4)
+dataset_config = ""  # the dataset's configuration, if it has several (e.g. "en" for allenai/c4)
+split = "train"  # split to stream (Ultra-FineWeb: en)
+text_field = "text"  # field holding the document (Ultra-FineWeb: content)
+score_field = ""  # numeric quality field to filter on (Ultra-FineWeb: score); empty = keep every document
+score_min = 0.0  # keep documents whose score_field >= this (the seed kept Ultra-FineWeb scores >= 0.8)
+data_dir = ""  # output folder; empty = data/stdlib, data/<input name> or data/<dataset name>
+vocab_size = 4096  # size of a trained tokenizer: 4096 suits the CPU demo, 32000 the reference run
+tokenizer = ""  # reuse a tokenizer: path of a tokenizer.model, or gpt2 (tiktoken's); empty = train one
+tokenizer_docs = 20000  # documents from the start of the stream to train the tokenizer on
+val_permille = 50  # documents per 1000 that go to validation (by a hash of their name) ...
+val_tokens = 10_000_000  # ... until the validation split holds this many tokens
+shard_tokens = 100_000_000  # tokens per .bin shard (200 MB as uint16)
+max_tokens = 0  # stop after this many training tokens; 0 = the whole stream, or the plan's target
+model_config = ""  # a train.py config file: target tokens_per_param x its parameter count
+tokens_per_param = 20.0  # Chinchilla's 20 tokens per parameter
+plan_only = False  # print the plan and exit
+max_shards = 0  # write at most this many shards in this run, then stop (run again to continue); 0 = no limit
+num_threads = 0  # tokenizer threads; 0 = all cores
+batch_docs = 1024  # documents tokenized per batch
+overwrite = False  # replace what data_dir holds
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
 config = runtime.configure(globals(), sys.argv[1:])
+SETTINGS = [
+    k for k in config if k not in ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "overwrite")
+]
 
 
-def read_text(path):
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n exactly as in the file
-        return f.read()
-
-
-def stdlib_documents():
-    """(name, text) for every .py file of the standard library; files that are not UTF-8 are skipped."""
+def stdlib_rows():
+    """One row per .py file of the standard library, in sorted path order; files not in UTF-8 are skipped."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    docs, skipped = [], 0
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
         if "site-packages" in rel.parts or "dist-packages" in rel.parts:
             continue
         try:
-            docs.append((rel.as_posix(), read_text(path)))
-        except (UnicodeDecodeError, OSError):
-            skipped += 1  # a few test fixtures are deliberately in latin-1 or koi8-r
-    return docs, skipped, f"python {sys.version.split()[0]} standard library ({root})"
+            with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as in the file
+                yield {"text": f.read(), "name": rel.as_posix()}
+        except UnicodeDecodeError:
+            yield {"text": None, "name": rel.as_posix()}  # a few test fixtures are latin-1 or koi8-r on purpose
 
 
-def input_documents(path, field):
-    """(name, text) from .txt files (one document each) and .jsonl files (one per line) under path."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"--input={path} does not exist")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-    if not files:
-        raise UserError(f"no .txt or .jsonl files under {path}")
-    docs, skipped = [], 0
-    for f in files:
-        if f.suffix == ".jsonl":
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{f}:{n + 1} is not valid JSON ({e.msg})") from None
-                if field not in record:
-                    raise UserError(f"{f}:{n + 1} has no field {field!r} (it has {sorted(record)}); set --text_field")
-                docs.append((f"{f}:{n + 1}", str(record[field])))
-        elif f.suffix == ".txt":
-            try:
-                docs.append((str(f), read_text(f)))
-            except UnicodeDecodeError:
-                skipped += 1
-        else:
-            raise UserError(f"--input={f}: expected a .txt or .jsonl file or a folder of them")
-    return docs, skipped, str(path)
+def open_stream():
+    """(rows, description, text field): an iterator of dicts from the standard library, local files or the hub."""
+    if not input and not dataset:
+        return stdlib_rows(), f"python {sys.version.split()[0]} standard library", "text"
+    import datasets  # imported here: the default corpus needs no pyarrow
+
+    if input:
+        path = Path(input)
+        files = (
+            sorted(str(p) for p in path.rglob("*") if p.is_file())
+            if path.is_dir()
+            else sorted(glob.glob(input, recursive=True))
+        )
+        kinds = {Path(f).suffix for f in files} & {".txt", ".jsonl", ".json", ".parquet"}
+        if not files or not kinds:
+            raise UserError(f"--input={input}: no .txt, .jsonl or .parquet files there")
+        if len(kinds) > 1:
+            raise UserError(f"--input={input} mixes {sorted(kinds)}; point it at one kind of file")
+        kind = kinds.pop()
+        files = [f for f in files if f.endswith(kind)]
+        builder, extra = {".txt": ("text", {"sample_by": "document"}), ".parquet": ("parquet", {})}.get(
+            kind, ("json", {})
+        )
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+        return ds, f"{len(files)} local {kind} file(s) under {input}", "text" if kind == ".txt" else text_field
+    try:
+        ds = datasets.load_dataset(dataset, dataset_config or None, split=split, streaming=True)
+    except (ConnectionError, OSError) as e:
+        raise UserError(
+            f"cannot reach the Hugging Face hub for {dataset!r} ({type(e).__name__}); check the network, or "
+            f"download the files and pass them with --input=PATH (.parquet/.jsonl/.txt)"
+        ) from None
+    except ValueError as e:  # e.g. an unknown split
+        raise UserError(f"{dataset}: {str(e).splitlines()[0]}") from None
+    return ds, f"{dataset} ({dataset_config or 'default'}, split {split})", text_field
+
+
+def check_fields(rows, field):
+    """Fail early, naming the fields the documents do have, when the text or score field is missing."""
+    first = next(iter(rows), None)
+    if first is None:
+        raise UserError("the source holds no documents")
+    for name, flag in [(field, "--text_field"), (score_field, "--score_field")]:
+        if name and name not in first:
+            raise UserError(f"the documents have no field {name!r} (they have {sorted(first)}); set {flag}")
+
+
+def documents(rows, field, first_row=0):
+    """(row index, name, text or None) for every row from first_row on; None when empty or filtered out.
+    A row's name (its file path, or its index in the stream) decides its split, so it must not shift on resume."""
+    for i, row in enumerate(rows, start=first_row):
+        text = row[field]
+        if score_field and (row[score_field] is None or row[score_field] < score_min):
+            text = None
+        yield i, row.get("name", str(i)), text if text else None
+
+
+def get_plan():
+    """Parameters of --model_config's model and the token budget they call for."""
+    from dataclasses import fields
+
+    import torch
+
+    from model import GPT, GPTConfig
+
+    values = {}
+    exec(compile(Path(model_config).read_text(), model_config, "exec"), {}, values)
+    args = {f.name: values[f.name] for f in fields(GPTConfig) if f.name in values}
+    args.setdefault("vocab_size", vocab_size)
+    with torch.device("meta"):
+        n_params = GPT(GPTConfig(**args)).num_params()
+    target = int(tokens_per_param * n_params)
+    itemsize = np.dtype(token_dtype(args["vocab_size"])).itemsize
+    return {
+        "model_config": model_config,
+        "parameters": n_params,
+        "tokens_per_param": tokens_per_param,
+        "target_tokens": target,
+        "shards": math.ceil(target / shard_tokens),
+        "disk_gb": target * itemsize / 1e9,
+    }
+
+
+def get_tokenizer(out, rows, field):
+    """The folder's tokenizer if it has one, a named/reused one, or one trained on the stream's first documents."""
+    existing = find_tokenizer(out)
+    if existing is not None:
+        return load_tokenizer(existing)
+    if tokenizer == "gpt2":
+        try:
+            return TiktokenTokenizer("gpt2")
+        except ValueError as e:  # its files are downloaded on first use
+            raise UserError(str(e)) from None
+    if tokenizer:
+        if not Path(tokenizer).is_file():
+            raise UserError(f"--tokenizer={tokenizer} not found (a tokenizer.model path, or gpt2)")
+        return Tokenizer(tokenizer)
+    t0 = time.time()
+    texts = [text for _, _, text in itertools.islice((d for d in documents(rows, field) if d[2]), tokenizer_docs)]
+    if not texts:
+        raise UserError(f"no document passed the filter ({score_field} >= {score_min}); lower --score_min")
+    lines = [line for text in texts for line in text.split("\n") if line.strip()]
+    try:
+        tok = Tokenizer(model_proto=train_tokenizer(lines, vocab_size))
+    except RuntimeError as e:  # SentencePiece refuses e.g. a vocabulary larger than the text supports
+        raise UserError(f"tokenizer training failed: {str(e).splitlines()[-1]}; lower --vocab_size") from None
+    bad = sum(tok.decode(ids) != text for text, ids in zip(texts, tok.encode_batch(texts), strict=True))
+    if bad:
+        raise UserError(f"the new tokenizer does not round-trip {bad} of its training documents; please report it")
+    print(
+        f"tokenizer: trained a {tok.vocab_size}-token BPE on {len(texts)} documents in {time.time() - t0:.1f}s "
+        f"(each decodes back exactly)"
+    )
+    return tok
 
 
 def is_val(name):
     return zlib.crc32(name.encode()) % 1000 < val_permille
 
 
-def is_complete(folder, settings):
-    """True if folder holds a finished prepare.py run with the same settings and every shard it lists."""
-    try:
-        meta = json.loads((folder / "meta.json").read_text())
-        shards = [folder / name for split in meta["splits"].values() for name in split["shards"]]
-        return meta["settings"] == settings and all(read_header(p)["n_tokens"] > 0 for p in shards)
-    except (OSError, ValueError, KeyError):
-        return False
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def write_split(split, token_lists, vocab):
-    """Concatenate documents (each already led by the boundary token) into shards of shard_tokens."""
-    flat = np.concatenate([np.asarray(t, dtype=token_dtype(vocab)) for t in token_lists])
-    paths = []
-    for i, start in enumerate(range(0, len(flat), shard_tokens)):
-        path = Path(data_dir) / f"{split}_{i:06d}.bin"
-        write_shard(path, flat[start : start + shard_tokens], vocab)
-        paths.append(path.name)
-    return len(flat), paths
+def save_manifest():
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / "manifest.json")
 
 
-# -----------------------------------------------------------------------------
+def cut_shard(split, n):
+    """Write the first n buffered tokens of split as its next shard, then record in the manifest where the
+    split's unwritten tokens start: (row, tokens of that row already written, document counts before it)."""
+    pieces, taken, rest = buffers[split], 0, []
+    tokens = np.concatenate([p[3] for p in pieces])[:n]
+    for i, (row, before, offset, ids) in enumerate(pieces):
+        take = min(len(ids), n - taken)
+        taken += take
+        if taken == n:
+            rest = [p for p in [(row, before, offset + take, ids[take:])] + pieces[i + 1 :] if len(p[3])]
+            break
+    path = out / f"{split}_{sum(sh['split'] == split for sh in manifest['shards']):06d}.bin"
+    write_shard(path, tokens, tok.vocab_size)
+    manifest["shards"].append({"name": path.name, "split": split, "tokens": n, "sha256": sha256(path)})
+    buffers[split] = rest
+    row, before, offset, _ = rest[0] if rest else last[split]  # empty buffer: resume after the last document
+    manifest["resume"][split] = {"row": row, "offset": offset, "counts": before}
+    save_manifest()
+
+
+# ----------------------------------------------------------------------------- plan
 t0 = time.time()
-data_dir = data_dir or ("data/stdlib" if not input else f"data/{Path(input).stem}")
+data_dir = data_dir or f"data/{Path(input or dataset or 'stdlib').stem.split('/')[-1]}"
 out = Path(data_dir)
-settings = {k: v for k, v in config.items() if k not in ("data_dir", "overwrite")}
-if any(out.glob("*.bin")) and not overwrite:
-    if is_complete(out, settings):  # the same command again: nothing to do
-        print(f"{out} is already prepared with these settings; nothing to do (--overwrite=true rebuilds it)")
-        sys.exit(0)
-    raise UserError(f"{out} already holds other shards; pass --overwrite=true to replace them or pick --data_dir")
-docs, skipped, source = stdlib_documents() if not input else input_documents(input, text_field)
-docs = [(name, text) for name, text in docs if text]
-if len(docs) < 2:
-    raise UserError(f"{source} has {len(docs)} non-empty documents; need at least 2 (train and validation)")
-val = [d for d in docs if is_val(d[0])]
-if not val:  # tiny inputs: hold out the one document with the smallest hash rather than none
-    val = [min(docs, key=lambda d: zlib.crc32(d[0].encode()))]
-val_names = {name for name, _ in val}
-train = [d for d in docs if d[0] not in val_names]
-print(f"documents: {len(train)} train, {len(val)} val, {skipped} skipped (not UTF-8) from {source}")
-
-out.mkdir(parents=True, exist_ok=True)
-for stale in [*out.glob("*.bin"), out / "meta.json"]:  # only reached with --overwrite=true
-    stale.unlink(missing_ok=True)
-if tokenizer:
-    tok = Tokenizer(tokenizer)
-    print(f"tokenizer: reusing {tokenizer} ({tok.vocab_size} tokens)")
-else:
-    lines = [line for _, text in train for line in text.split("\n") if line.strip()]
-    try:
-        tok = Tokenizer(model_proto=train_tokenizer(lines, vocab_size))
-    except RuntimeError as e:  # SentencePiece refuses e.g. a vocabulary larger than the text supports
-        raise UserError(f"tokenizer training failed: {str(e).splitlines()[-1]}; lower --vocab_size") from None
-    print(f"tokenizer: trained a {tok.vocab_size}-token BPE in {time.time() - t0:.1f}s")
-tmp = out / "tokenizer.model.tmp"
-tmp.write_bytes(tok.sp.serialized_model_proto())
-tmp.replace(out / "tokenizer.model")
-
-meta = {"settings": settings, "source": source, "vocab_size": tok.vocab_size, "skipped_files": skipped, "splits": {}}
-for split, split_docs in (("train", train), ("val", val)):
-    texts = [text for _, text in split_docs]
-    ids = tok.encode_batch(texts)
-    bad = [name for (name, text), i in zip(split_docs, ids, strict=True) if tok.decode(i) != text]
-    if bad:
-        raise UserError(f"tokenizer does not round-trip {len(bad)} documents, e.g. {bad[0]}; please report it")
-    n_tokens, paths = write_split(split, [[tok.bos_id] + i for i in ids], tok.vocab_size)
-    chars = sum(len(t) for t in texts)
-    meta["splits"][split] = {"documents": len(texts), "tokens": n_tokens, "characters": chars, "shards": paths}
+settings = {k: config[k] for k in SETTINGS}
+plan = get_plan() if model_config else None
+if plan:
     print(
-        f"{split}: {len(texts)} documents, {n_tokens:,} tokens ({chars / n_tokens:.2f} chars/token), "
-        f"round trip exact, {len(paths)} shard(s)"
+        f"plan: {plan['parameters'] / 1e6:.1f}M parameters x {tokens_per_param:g} tokens/parameter = "
+        f"{plan['target_tokens'] / 1e9:.2f}B tokens = {plan['shards']} shards of {shard_tokens / 1e6:g}M, "
+        f"{plan['disk_gb']:.1f} GB on disk"
     )
-(out / "meta.json.tmp").write_text(json.dumps(meta, indent=2))
-(out / "meta.json.tmp").replace(out / "meta.json")  # written last: its presence marks a finished folder
-print(f"wrote {out}/ in {time.time() - t0:.1f}s")
+target = max_tokens or (plan["target_tokens"] if plan else 0)
+if plan_only:
+    sys.exit(0)
+
+# ----------------------------------------------------------------------------- resume or start
+manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else None
+if manifest and not overwrite:
+    changed = [k for k in SETTINGS if manifest["settings"].get(k) != settings[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(
+            f"{out} holds shards made with {k}={manifest['settings'].get(k)!r}, not {settings[k]!r}; "
+            f"rerun with the same settings to continue it, or --overwrite=true / another --data_dir"
+        )
+    if find_tokenizer(out) is None or sha256(find_tokenizer(out)) != manifest["tokenizer"]["sha256"]:
+        raise UserError(f"the tokenizer in {out} is not the one its shards were made with; use --overwrite=true")
+elif (any(out.glob("*.bin")) or find_tokenizer(out)) and not overwrite:
+    raise UserError(f"{out} holds shards or a tokenizer that prepare.py did not record; --overwrite=true replaces them")
+if manifest and manifest["complete"] and not overwrite:
+    for shard in manifest["shards"]:
+        if read_header(out / shard["name"])["n_tokens"] != shard["tokens"]:
+            raise UserError(f"{out / shard['name']} does not match manifest.json; rebuild with --overwrite=true")
+    print(f"{out} is already prepared with these settings; nothing to do (--overwrite=true rebuilds it)")
+    sys.exit(0)
+out.mkdir(parents=True, exist_ok=True)
+stale = [*out.glob("*.tmp")] + (
+    [*out.glob("*.bin"), out / "manifest.json", *map(out.joinpath, TOKENIZER_FILES)]
+    if overwrite or not manifest
+    else []
+)
+for path in stale:  # temporary files of an interrupted run, or everything with --overwrite=true
+    path.unlink(missing_ok=True)
+if overwrite:
+    manifest = None
+
+rows, source, field = open_stream()
+check_fields(open_stream()[0], field)  # a fresh stream: peeking must not consume the first document
+tok = get_tokenizer(out, open_stream()[0], field)
+if find_tokenizer(out) is None:
+    (out / f"{tok.file_name}.tmp").write_bytes(tok.serialize())
+    (out / f"{tok.file_name}.tmp").replace(out / tok.file_name)
+if manifest is None:
+    zero = {"rows": 0, "kept": 0, "empty": 0, "filtered": 0, "val_assigned": 0, "train_assigned": 0}
+    manifest = {
+        "settings": settings,
+        "source": source,
+        "plan": plan,
+        "docs": zero,
+        "shards": [],
+        "complete": False,
+        "tokenizer": {"file": tok.file_name, "vocab_size": tok.vocab_size, "sha256": sha256(out / tok.file_name)},
+        "resume": {s: {"row": 0, "offset": 0, "counts": zero} for s in ("train", "val")},
+    }
+    save_manifest()
+print(
+    f"source: {source} | tokenizer {tok.file_name} ({tok.vocab_size} tokens) | target "
+    f"{f'{target:,} train tokens' if target else 'the whole stream'} | {out}/"
+)
+
+# ----------------------------------------------------------------------------- stream -> shards
+resume = manifest["resume"]
+start = min(resume.values(), key=lambda r: r["row"])
+counts = dict(start["counts"])
+rows = rows.skip(start["row"]) if hasattr(rows, "skip") else itertools.islice(rows, start["row"], None)
+docs = documents(rows, field, first_row=start["row"])
+buffers, last = {"train": [], "val": []}, {s: (r["row"], r["counts"], r["offset"], None) for s, r in resume.items()}
+new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()
+stopped = reached = False  # --max_shards written in this run / the token target assigned
+while not (stopped or reached):
+    batch = list(itertools.islice(docs, batch_docs))
+    if not batch:
+        break
+    kept = [text for _, _, text in batch if text]
+    encoded = iter(tok.encode_batch(kept, num_threads=num_threads))
+    for row, name, text in batch:
+        before = dict(counts)
+        counts["rows"] += 1
+        if text is None:
+            counts["empty" if not score_field else "filtered"] += 1
+            continue
+        ids = np.asarray([tok.bos_id] + next(encoded), dtype=token_dtype(tok.vocab_size))
+        counts["kept"] += 1
+        s = "val" if is_val(name) and counts["val_assigned"] < val_tokens else "train"
+        counts[f"{s}_assigned"] += len(ids)
+        skip = len(ids) if row < resume[s]["row"] else resume[s]["offset"] if row == resume[s]["row"] else 0
+        last[s] = (row, before, len(ids), None)  # the resume point if this split's buffer empties here
+        if skip < len(ids):
+            buffers[s].append((row, before, skip, ids[skip:]))
+            new_tokens += len(ids) - skip
+        while sum(len(p[3]) for p in buffers[s]) >= shard_tokens and not stopped:
+            cut_shard(s, shard_tokens)
+            new_shards += 1
+            stopped = new_shards == max_shards
+        reached = bool(target) and counts["train_assigned"] >= target
+        if stopped or reached:
+            break
+    if time.time() - t_print > 10:
+        t_print, rate = time.time(), new_tokens / (time.time() - t_stream)
+        eta = f" | eta {runtime.format_duration((target - counts['train_assigned']) / rate)}" if target else ""
+        print(
+            f"{counts['rows']:,} documents read, {counts['kept']:,} kept | {counts['train_assigned']:,} train "
+            f"tokens | {rate:,.0f} tok/s{eta}",
+            flush=True,
+        )
+
+if stopped:  # the manifest already records where to continue
+    print(f"stopped after {new_shards} shards (--max_shards); run the same command to continue")
+    sys.exit(0)
+if counts["kept"] == 0:
+    raise UserError(f"no document passed the filter ({score_field} >= {score_min}); lower --score_min")
+for s in ("val", "train"):  # the stream or the target ended: the rest of each buffer is the last shard
+    if buffers[s]:
+        cut_shard(s, sum(len(p[3]) for p in buffers[s]))
+manifest["docs"], manifest["complete"] = counts, True
+save_manifest()
+totals = {s: sum(sh["tokens"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}
+dt = time.time() - t_stream
+print(
+    f"done: {counts['rows']:,} documents read, {counts['kept']:,} kept, {counts['empty']:,} empty, "
+    f"{counts['filtered']:,} filtered | train {totals['train']:,} tokens, val {totals['val']:,} tokens in "
+    f"{len(manifest['shards'])} shards | {new_tokens / dt:,.0f} tok/s over {dt:.1f}s"
+)

@@ -16,7 +16,7 @@ import torch
 
 import runtime
 from runtime import UserError
-from tokenizer import Tokenizer
+from tokenizer import find_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = "out/run"  # run folder written by train.py
@@ -42,10 +42,10 @@ model = runtime.build_model(checkpoint, path)
 model.eval().to(env["device"])
 if env["ptdtype"] != torch.float32:
     model.to(env["ptdtype"])  # inference only: keep the weights in the compute precision
-tokenizer_path = Path(out_dir) / "tokenizer.model"
-if not tokenizer_path.is_file():
-    raise UserError(f"{tokenizer_path} is missing; copy the data folder's tokenizer.model into the run folder")
-tok = Tokenizer(str(tokenizer_path))
+tokenizer_path = find_tokenizer(out_dir)
+if tokenizer_path is None:
+    raise UserError(f"{out_dir} has no tokenizer.model; copy the data folder's tokenizer into the run folder")
+tok = load_tokenizer(tokenizer_path)
 if tok.vocab_size != model.config.vocab_size:
     raise UserError(
         f"{tokenizer_path} has {tok.vocab_size} tokens but the checkpoint expects "

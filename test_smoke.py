@@ -15,9 +15,10 @@ from conftest import TINY, run  # noqa: E402
 def test_prepare_train_sample(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     proc = run("prepare.py", f"--data_dir={data}", "--vocab_size=1024")
-    assert "standard library" in proc.stdout and "round trip exact" in proc.stdout
-    meta = json.loads((data / "meta.json").read_text())
-    assert meta["splits"]["train"]["tokens"] > 1_000_000 and meta["splits"]["val"]["documents"] > 10
+    assert "standard library" in proc.stdout and "done:" in proc.stdout
+    manifest = json.loads((data / "manifest.json").read_text())
+    tokens = {s: sum(sh["tokens"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}
+    assert manifest["complete"] and tokens["train"] > 1_000_000 and tokens["val"] > 100_000
 
     run(
         "train.py",

@@ -7,6 +7,8 @@ happens to contain "<|user|>" cannot forge a chat turn.
 """
 
 import io
+import os
+from pathlib import Path
 
 import sentencepiece as spm
 
@@ -52,7 +54,29 @@ def train_tokenizer(lines, vocab_size, max_lines=1_000_000):
     return model.getvalue()
 
 
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.tiktoken")  # what a data or run folder may hold
+
+
+def find_tokenizer(folder):
+    """The tokenizer file in a data or run folder, or None."""
+    return next((Path(folder) / n for n in TOKENIZER_FILES if (Path(folder) / n).is_file()), None)
+
+
+def load_tokenizer(path):
+    """A SentencePiece model (tokenizer.model) or a tiktoken encoding named in a tokenizer.tiktoken file."""
+    path = Path(path)
+    if path.suffix == ".tiktoken":
+        return TiktokenTokenizer(path.read_text().strip())
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} not found")
+    return Tokenizer(str(path))
+
+
 class Tokenizer:
+    """SentencePiece BPE with exact round trip; ids 1-5 are the reserved special tokens."""
+
+    file_name = "tokenizer.model"
+
     def __init__(self, path=None, model_proto=None):
         self.sp = (
             spm.SentencePieceProcessor(model_file=path) if path else spm.SentencePieceProcessor(model_proto=model_proto)
@@ -67,6 +91,9 @@ class Tokenizer:
         self.bos_id = self.special[BOS]
         self._meta_space_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]
 
+    def serialize(self):
+        return self.sp.serialized_model_proto()
+
     def encode(self, text):
         ids = []
         for i, part in enumerate(text.split(META_SPACE)):
@@ -78,8 +105,42 @@ class Tokenizer:
     def encode_batch(self, texts, num_threads=0):
         """Encode many texts with SentencePiece's own threads (0 = all cores)."""
         plain = [t for t in texts if META_SPACE not in t]
-        fast = iter(self.sp.encode(plain, num_threads=num_threads))
+        fast = iter(self.sp.encode(plain, num_threads=num_threads or os.cpu_count()))
         return [next(fast) if META_SPACE not in t else self.encode(t) for t in texts]
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids])
+
+
+class TiktokenTokenizer:
+    """A tiktoken encoding (e.g. GPT-2's), with its <|endoftext|> as the document boundary. It has no chat
+    tokens, so it serves pretraining only."""
+
+    file_name = "tokenizer.tiktoken"
+
+    def __init__(self, name):
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding(name)
+        except Exception as e:  # tiktoken downloads its files on first use and raises whatever the network does
+            raise ValueError(
+                f"tiktoken's {name!r} encoding is not available locally ({type(e).__name__}); run once with network "
+                f"access or copy its files into TIKTOKEN_CACHE_DIR, or train a SentencePiece tokenizer instead"
+            ) from None
+        self.name = name
+        self.vocab_size = self.enc.n_vocab
+        self.bos_id = self.enc.eot_token
+        self.special = {BOS: self.bos_id}
+
+    def serialize(self):
+        return self.name.encode() + b"\n"
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)  # ordinary: "<|endoftext|>" in text stays text
+
+    def encode_batch(self, texts, num_threads=0):
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads or os.cpu_count())
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids if i != self.bos_id])

@@ -26,6 +26,7 @@ from model import GPT, GPTConfig
 from muon import Muon
 from runtime import UserError
 from shards import TokenWindows, find_shards, read_header
+from tokenizer import find_tokenizer
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -83,10 +84,10 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 torch.manual_seed(seed)  # same init on every rank
 
 # ----------------------------------------------------------------------------- data
-tokenizer_path = Path(data_dir) / "tokenizer.model"
 train_shards = find_shards(data_dir, "train")  # one clear error for a missing or empty data folder
-if not tokenizer_path.is_file():
-    raise UserError(f"{tokenizer_path} is missing; re-run prepare.py for {data_dir}")
+tokenizer_path = find_tokenizer(data_dir)
+if tokenizer_path is None:
+    raise UserError(f"{data_dir} has no tokenizer.model; re-run prepare.py for it")
 vocab_size = vocab_size or read_header(train_shards[0])["vocab_size"]
 config["vocab_size"] = vocab_size
 train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
@@ -126,7 +127,7 @@ if master:
             old.unlink(missing_ok=True)
         shutil.rmtree(out / "tb", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    shutil.copyfile(tokenizer_path, out / tokenizer_path.name)  # sample.py reads it from the run folder
 model_config = GPTConfig(**model_args, activation_checkpointing=activation_checkpointing)
 model = GPT(model_config).to(env["device"])
 if ckpt is not None:

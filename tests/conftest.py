@@ -27,9 +27,9 @@ TINY = [
 ]
 
 
-def run(script, *args, check=True, timeout=300, cmd=None):
+def run(script, *args, check=True, timeout=300, cmd=None, env=None):
     """Run a repo script in a subprocess (cwd = repo) and return the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     argv = cmd or [sys.executable, str(REPO / script)]
     proc = subprocess.run([*argv, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:

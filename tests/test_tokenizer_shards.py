@@ -109,4 +109,4 @@ def test_prepare_input_errors(tmp_path):
     assert proc.returncode != 0 and "no field 'text'" in proc.stderr and "content" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = run("prepare.py", f"--input={tmp_path / 'missing'}", check=False)
-    assert proc.returncode != 0 and "does not exist" in proc.stderr
+    assert proc.returncode != 0 and "no .txt, .jsonl or .parquet files" in proc.stderr
