@@ -235,7 +235,8 @@ def cut_shard(split, n):
 
 # ----------------------------------------------------------------------------- plan
 t0 = time.time()
-data_dir = data_dir or f"data/{Path(input or dataset or 'stdlib').stem.split('/')[-1]}"
+source_path = Path(input or dataset or "stdlib")
+data_dir = data_dir or f"data/{source_path.parent.name if '*' in input else source_path.stem}"
 out = Path(data_dir)
 settings = {k: config[k] for k in SETTINGS}
 plan = get_plan() if model_config else None
