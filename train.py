@@ -274,6 +274,7 @@ while iter_num < max_iters:
         loss_sum.zero_()
         steps_since_log, t_log = 0, time.time()
 
+    t_pause = time.time()  # evaluation and saving are left out of the next line's tokens/s
     if iter_num % eval_interval == 0 or is_last or (iter_num % ckpt_interval == 0 and last_eval != iter_num):
         val_loss, last_eval = estimate_loss(), iter_num
         check_finite(val_loss, "validation loss")  # the weights about to be saved must be sound
@@ -297,6 +298,7 @@ while iter_num < max_iters:
         )
         path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
         print(f"saved {path}" + (" (best so far)" if is_best else ""))
+    t_log += time.time() - t_pause
 
 # ----------------------------------------------------------------------------- cleanup
 log.close()
