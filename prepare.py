@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+import chat
 import runtime
 from runtime import UserError
 from shards import read_header, token_dtype, write_shard
@@ -57,6 +58,11 @@ max_shards = 0  # write at most this many shards in this run, then stop (run aga
 num_threads = 0  # tokenizer threads; 0 = all cores
 batch_docs = 1024  # documents tokenized per batch
 overwrite = False  # replace what data_dir holds
+# SFT data (--mode=sft): conversations with a loss mask; see chat.py
+mode = "pretrain"  # pretrain (documents) or sft (conversations: `messages` lists, oasst1 trees, or the demo set)
+messages_field = "messages"  # field holding a [{role, content}] list (HuggingFaceH4/ultrachat_200k: messages)
+lang = ""  # oasst1: keep only messages in this language (e.g. en); empty = all
+block_size = 1024  # sft: conversations longer than this many tokens are dropped (and counted)
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
 config = runtime.configure(globals(), sys.argv[1:])
@@ -233,10 +239,79 @@ def cut_shard(split, n):
     save_manifest()
 
 
+def prepare_sft():
+    """Conversations -> {split}_*.bin tokens and {split}_*.mask loss masks (1 on what the assistant says)."""
+    if not tokenizer or not Path(tokenizer).is_file():
+        raise UserError("--mode=sft needs the base model's tokenizer: --tokenizer=out/RUN/tokenizer.model")
+    tok = load_tokenizer(tokenizer)
+    if not set(chat.ROLES.values()) | {chat.END} <= set(tok.special):
+        raise UserError(
+            f"{tokenizer} has no chat tokens (<|user|>, <|assistant|>, ...); SFT needs a SentencePiece "
+            f"tokenizer made by prepare.py"
+        )
+    if input or dataset:
+        rows, source, _ = open_stream()
+        first = next(iter(rows), None) or {}
+        if {"message_id", "parent_id", "role", "text"} <= set(first):
+            conversations = chat.oasst_conversations(list(rows), lang)
+        elif messages_field in first:
+            conversations = [row[messages_field] for row in rows]
+        else:
+            raise UserError(
+                f"the rows have no {messages_field!r} list and are not oasst1 messages "
+                f"(they have {sorted(first)}); set --messages_field"
+            )
+    else:
+        conversations, source = chat.stdlib_conversations(), "standard-library docstrings (demo)"
+    counts = {"conversations": len(conversations), "kept": 0, "no_assistant": 0, "too_long": 0}
+    data = {"train": ([], []), "val": ([], [])}
+    for i, messages in enumerate(conversations):
+        try:
+            ids, mask = chat.render(tok, messages)
+        except chat.ConversationError as e:
+            raise UserError(f"conversation {i}: {e}") from None
+        if not any(mask):
+            counts["no_assistant"] += 1
+        elif len(ids) > block_size:
+            counts["too_long"] += 1
+        else:
+            counts["kept"] += 1
+            split_ = "val" if is_val(str(i)) else "train"
+            data[split_][0].extend(ids)
+            data[split_][1].extend(mask)
+    if not data["train"][0] or not data["val"][0]:
+        raise UserError(f"{counts['kept']} usable conversations of {len(conversations)} ({counts}); need more")
+    shards = []
+    for split_, (ids, mask) in data.items():
+        for j, a in enumerate(range(0, len(ids), shard_tokens)):
+            write_shard(out / f"{split_}_{j:06d}.mask", mask[a : a + shard_tokens], 2)
+            write_shard(out / f"{split_}_{j:06d}.bin", ids[a : a + shard_tokens], tok.vocab_size)
+            shards.append({"name": f"{split_}_{j:06d}.bin", "split": split_, "tokens": len(ids[a : a + shard_tokens])})
+    (out / tok.file_name).write_bytes(tok.serialize())
+    global manifest
+    manifest = {
+        "settings": settings,
+        "source": source,
+        "mode": "sft",
+        "docs": counts,
+        "shards": shards,
+        "complete": True,
+        "tokenizer": {"file": tok.file_name, "vocab_size": tok.vocab_size, "sha256": sha256(out / tok.file_name)},
+    }
+    save_manifest()
+    print(
+        f"sft: {counts['kept']} conversations kept of {len(conversations)} from {source}; skipped "
+        f"{counts['no_assistant']} with no assistant turn, dropped {counts['too_long']} longer than "
+        f"block_size={block_size} | train {len(data['train'][0]):,} tokens ({sum(data['train'][1]):,} trained on), "
+        f"val {len(data['val'][0]):,} | {out}/"
+    )
+
+
 # ----------------------------------------------------------------------------- plan
 t0 = time.time()
 source_path = Path(input or dataset or "stdlib")
-data_dir = data_dir or f"data/{source_path.parent.name if '*' in input else source_path.stem}"
+source_name = source_path.parent.name if "*" in input else source_path.stem
+data_dir = data_dir or f"data/{'sft_' if mode == 'sft' else ''}{source_name}"
 out = Path(data_dir)
 settings = {k: config[k] for k in SETTINGS}
 plan = get_plan() if model_config else None
@@ -280,6 +355,11 @@ for path in stale:  # temporary files of an interrupted run, or everything with 
     path.unlink(missing_ok=True)
 if overwrite:
     manifest = None
+if mode == "sft":
+    prepare_sft()
+    sys.exit(0)
+if mode != "pretrain":
+    raise UserError(f"--mode={mode}: expected pretrain or sft")
 
 rows, source, field = open_stream()
 check_fields(open_stream()[0], field)  # a fresh stream: peeking must not consume the first document

@@ -111,11 +111,11 @@ def configure(namespace, argv):
                 config[k] = check_value(k, v, defaults[k])
         else:
             key, eq, text = arg[2:].partition("=")
-            if not eq:
-                raise UserError(f"{arg}: overrides are written --key=value")
             if key not in defaults:
                 raise unknown_key(key, keys, "the command line")
-            config[key] = parse_value(key, text, defaults[key])
+            if not eq and not isinstance(defaults[key], bool):
+                raise UserError(f"{arg}: overrides are written --key=value (a bare --flag sets a bool to true)")
+            config[key] = parse_value(key, text, defaults[key]) if eq else True
     namespace.update(config)
     return config
 

@@ -3,6 +3,9 @@
     python sample.py --out_dir=out/tiny
     python sample.py --out_dir=out/tiny --start="def fibonacci(n):" --num_samples=3 --max_new_tokens=200
     python sample.py --out_dir=out/tiny --start=FILE:prompt.txt --temperature=0   # greedy
+    python sample.py --out_dir=out/tiny_sft --chat                                 # multi-turn chat in the terminal
+    python sample.py --out_dir=out/tiny_sft --chat --start="What does json.dumps do?"   # one answer to stdout
+    echo "What does os.getcwd do?" | python sample.py --out_dir=out/tiny_sft --chat     # a turn per stdin line
 
 Loads the checkpoint (ckpt_best.pt, else the latest step) and the tokenizer from the run folder, and decodes
 with the KV cache.
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 
 import runtime
+from chat import END, render_prompt
 from runtime import UserError
 from tokenizer import find_tokenizer, load_tokenizer
 
@@ -28,6 +32,7 @@ temperature = 0.8  # 0 = greedy; below 1 is more conservative, above 1 more rand
 top_k = 200  # keep only the k most likely tokens (0 = off)
 top_p = 0.95  # keep the smallest set of tokens whose probability reaches p (1.0 = off)
 seed = 1337  # sampling seed
+chat = False  # chat with an SFT run: answer --start, or each stdin line, or talk in the terminal
 device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
 dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
 # -----------------------------------------------------------------------------
@@ -52,6 +57,48 @@ if tok.vocab_size != model.config.vocab_size:
         f"{model.config.vocab_size}; the run folder's tokenizer was replaced"
     )
 
+# ----------------------------------------------------------------------------- chat
+generator = torch.Generator(env["device"]).manual_seed(seed)
+block_size = model.config.block_size
+
+
+def reply(history):
+    """The assistant's next answer to a [{role, content}] history, trimmed from the oldest turn to fit."""
+    end = tok.special[END]
+    while True:
+        ids = render_prompt(tok, history)
+        if len(ids) + max_new_tokens <= block_size or len(history) == 1:
+            break
+        history[:] = history[2:] if history[0]["role"] != "system" else history[:1] + history[3:]
+    ids = ids[-(block_size - 1) :]
+    x = torch.tensor([ids], dtype=torch.long, device=env["device"])
+    y = model.generate(x, max_new_tokens, temperature, top_k, top_p, stop_token=end, generator=generator)
+    text = tok.decode([i for i in y[0, len(ids) :].tolist() if i != end])
+    history.append({"role": "assistant", "content": text})
+    return text
+
+
+if chat:
+    if END not in tok.special:
+        raise UserError(f"{out_dir} has no chat tokens in its tokenizer; --chat needs a run made by sft.py")
+    history = []
+    if start:  # scriptable: one answer, nothing else on stdout
+        print(reply([{"role": "user", "content": start}]))
+    elif not sys.stdin.isatty():  # a pipe: each line is the next user turn of one conversation
+        for line in sys.stdin:
+            if line.strip():
+                history.append({"role": "user", "content": line.rstrip("\n")})
+                print(reply(history), flush=True)
+    else:
+        print(f"chatting with {path} (empty line or Ctrl-D to quit)", file=sys.stderr)
+        try:
+            while line := input("you> ").strip():
+                history.append({"role": "user", "content": line})
+                print(f"bot> {reply(history)}")
+        except EOFError:
+            pass
+    sys.exit(0)
+
 # ----------------------------------------------------------------------------- prompt
 if start.startswith("FILE:"):
     prompt_file = Path(start[5:])
@@ -59,7 +106,6 @@ if start.startswith("FILE:"):
         raise UserError(f"prompt file {prompt_file} not found")
     start = prompt_file.read_text(encoding="utf-8")
 ids = [tok.bos_id] + tok.encode(start)  # training documents start with the boundary token too
-block_size = model.config.block_size
 if len(ids) > block_size:
     print(
         f"note: the prompt is {len(ids)} tokens, longer than the context of {block_size}; "
@@ -70,7 +116,6 @@ if len(ids) > block_size:
 x = torch.tensor([ids] * num_samples, dtype=torch.long, device=env["device"])
 
 # ----------------------------------------------------------------------------- sample
-generator = torch.Generator(env["device"]).manual_seed(seed)
 t0 = time.time()
 y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 dt = time.time() - t0

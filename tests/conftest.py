@@ -27,11 +27,13 @@ TINY = [
 ]
 
 
-def run(script, *args, check=True, timeout=300, cmd=None, env=None):
+def run(script, *args, check=True, timeout=300, cmd=None, env=None, stdin=None):
     """Run a repo script in a subprocess (cwd = repo) and return the CompletedProcess."""
     env = dict(env or os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     argv = cmd or [sys.executable, str(REPO / script)]
-    proc = subprocess.run([*argv, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [*argv, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, input=stdin
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -14,6 +14,7 @@ def test_file_then_command_line(tmp_path):
     ns = defaults()
     config = configure(ns, [str(cfg), "--compile=false", "--out_dir=out/x"])
     assert config == {"n_layer": 4, "muon_lr": 1.0, "compile": False, "out_dir": "out/x"}
+    assert configure(defaults(), ["--compile=false", "--compile"])["compile"] is True  # a bare flag is true
     assert ns["n_layer"] == 4 and isinstance(ns["muon_lr"], float)
 
 
@@ -23,7 +24,7 @@ def test_file_then_command_line(tmp_path):
         (["--n_layers=4"], "did you mean n_layer"),
         (["--n_layer=four"], "expected a int"),
         (["--compile=yes"], "expected a bool"),
-        (["--compile"], "--key=value"),
+        (["--n_layer"], "--key=value"),
         (["missing.py"], "not found"),
     ],
 )

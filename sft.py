@@ -1,0 +1,341 @@
+"""Supervised fine-tuning: turn a pretrained run into a chat model on conversations made by prepare.py --mode=sft.
+
+    python prepare.py --mode=sft --tokenizer=out/tiny/tokenizer.model             # offline demo conversations
+    python sft.py config/sft_tiny_cpu.py                                          # CPU demo (Quick start)
+    python sft.py --init_from=out/pretrain_137m --data_dir=data/sft_ultrachat    # one GPU
+    torchrun --standalone --nproc_per_node=8 sft.py --init_from=out/pretrain_137m --data_dir=data/sft_ultrachat
+    python sft.py config/sft_tiny_cpu.py --init_from=resume                       # continue a stopped run
+    python sample.py --out_dir=out/tiny_sft --chat                                # talk to it
+
+The loss is the cross-entropy on assistant tokens only (and the <|end|> closing each answer). Each row of a
+batch holds one conversation, padded after its end, so no conversation attends to another.
+"""
+
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import chat
+import runtime
+from muon import Muon
+from runtime import UserError
+from shards import find_shards, open_shard
+from tokenizer import find_tokenizer, load_tokenizer
+
+# ----------------------------------------------------------------------------- config
+# I/O
+out_dir = "out/sft"  # run folder for the fine-tuned model
+init_from = "out/run"  # a pretrained run folder (its best checkpoint), or 'resume' to continue out_dir
+data_dir = "data/sft_stdlib"  # folder made by prepare.py --mode=sft
+overwrite = False  # allow a new run to replace one already in out_dir
+eval_interval = 100  # steps between evaluations (masked validation loss and sample answers)
+eval_iters = 10  # validation micro-batches per evaluation
+log_interval = 10  # steps between progress lines
+ckpt_interval = 100  # steps between checkpoints (one is also written at the end)
+keep_last = 3  # step checkpoints kept (ckpt_best.pt is kept besides)
+num_samples = 3  # held-out prompts answered at each evaluation
+max_new_tokens = 128  # answer length limit, for samples and the end-of-turn measurement
+# data
+batch_size = 8  # conversations per micro-batch, per rank
+gradient_accumulation_steps = 1  # micro-batches per step, summed over all ranks
+# optimizer: smaller steps than pretraining, the model already knows the language
+muon_lr = 0.01  # Muon learning rate for the hidden matrices
+muon_momentum = 0.95  # Nesterov momentum of Muon
+learning_rate = 0.002  # AdamW learning rate for the embedding and norm gains
+beta1 = 0.9  # AdamW
+beta2 = 0.95  # AdamW
+weight_decay = 0.0  # decoupled weight decay on matrices and embedding
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+max_iters = 300  # optimizer steps
+warmup_iters = 20  # linear warmup steps
+min_lr_frac = 0.0  # final learning rate as a fraction of the peak (linear decay)
+# system
+device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu
+dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+compile = False  # torch.compile; rows change length every batch, so it recompiles often
+seed = 1337  # data order
+# -----------------------------------------------------------------------------
+runtime.install_error_handler()
+config = runtime.configure(globals(), sys.argv[1:])
+
+# ----------------------------------------------------------------------------- device / DDP
+env = runtime.setup_device(device, dtype)
+master, world_size, rank = env["master"], env["world_size"], env["rank"]
+if gradient_accumulation_steps % world_size:
+    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by {world_size} ranks")
+accum_steps = gradient_accumulation_steps // world_size
+torch.manual_seed(seed)
+
+# ----------------------------------------------------------------------------- model and tokenizer
+out = Path(out_dir)
+resume = init_from == "resume"
+base = out if resume else Path(init_from)
+ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best")
+ckpt = runtime.load_checkpoint(ckpt_path)
+model = runtime.build_model(ckpt, ckpt_path).to(env["device"])
+base_tokenizer = find_tokenizer(base)
+if base_tokenizer is None:
+    raise UserError(f"{base} has no tokenizer file; it was not written by train.py")
+try:
+    tok = load_tokenizer(base_tokenizer)
+except ValueError as e:  # e.g. a SentencePiece model without our reserved special tokens
+    raise UserError(f"{base_tokenizer}: {e}; SFT needs the chat tokens that prepare.py reserves") from None
+missing = [t for t in [*chat.ROLES.values(), chat.END] if t not in tok.special]
+if missing:
+    raise UserError(
+        f"the tokenizer of {base} has no chat tokens ({missing[0]}); SFT needs a SentencePiece tokenizer "
+        f"made by prepare.py, so pretrain with one"
+    )
+if not resume and runtime.step_checkpoints(out) and not overwrite:
+    raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
+
+# ----------------------------------------------------------------------------- data
+data_tokenizer = find_tokenizer(data_dir) if Path(data_dir).is_dir() else None
+if data_tokenizer is not None and data_tokenizer.read_bytes() != base_tokenizer.read_bytes():
+    raise UserError(
+        f"{data_dir} was made with another tokenizer than {base}'s; rerun prepare.py --mode=sft "
+        f"--tokenizer={base_tokenizer}"
+    )
+
+
+def load_conversations(split):
+    """(ids, targets) int64 arrays per conversation; targets are -1 wherever the loss mask is 0."""
+    ids, mask = [], []
+    for path in find_shards(data_dir, split):
+        if not path.with_suffix(".mask").is_file():
+            raise UserError(f"{path} has no loss mask beside it; make SFT data with prepare.py --mode=sft")
+        ids.append(np.asarray(open_shard(path, model.config.vocab_size), dtype=np.int64))
+        mask.append(np.asarray(open_shard(path.with_suffix(".mask"), 2), dtype=bool))
+    ids, mask = np.concatenate(ids), np.concatenate(mask)
+    starts = list(np.flatnonzero(ids == tok.bos_id)) + [len(ids)]
+    rows = []
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        x, m = ids[a:b], mask[a:b]
+        rows.append((x[:-1], np.where(m[1:], x[1:], -1)))
+    return rows
+
+
+train_rows, val_rows = load_conversations("train"), load_conversations("val")
+generator = torch.Generator().manual_seed(seed)
+
+
+def collate(rows):
+    """Pad a list of conversations to the longest; padding has target -1 and comes after each conversation."""
+    T = max(len(x) for x, _ in rows)
+    X = torch.zeros(len(rows), T, dtype=torch.long)
+    Y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        X[i, : len(x)], Y[i, : len(y)] = torch.from_numpy(x), torch.from_numpy(y)
+    return X.to(env["device"]), Y.to(env["device"])
+
+
+def get_batches():
+    """This rank's micro-batches of one step; all ranks draw the whole step's conversations, as in train.py."""
+    picks = torch.randint(len(train_rows), (gradient_accumulation_steps * batch_size,), generator=generator)
+    mine = picks[rank * accum_steps * batch_size : (rank + 1) * accum_steps * batch_size].tolist()
+    for j in range(accum_steps):
+        yield collate([train_rows[i] for i in mine[j * batch_size : (j + 1) * batch_size]])
+
+
+# ----------------------------------------------------------------------------- optimizer
+matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
+adamw = dict(use_muon=False, lr=learning_rate, betas=(beta1, beta2))
+optimizer = Muon(
+    [
+        dict(params=matrices, use_muon=True, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
+        dict(params=[model.transformer.wte.weight], weight_decay=weight_decay, **adamw),
+        dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0, **adamw),  # norm gains
+    ]
+)
+for group in optimizer.param_groups:
+    group["peak_lr"] = group["lr"]
+scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
+iter_num, best_val_loss = 0, float("inf")
+if resume:
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group, h in zip(optimizer.param_groups, hyper, strict=True):
+        group.update(h)  # the config sets the hyperparameters, also on resume
+    scaler.load_state_dict(ckpt["scaler"])
+    generator.set_state(ckpt["data"])
+    runtime.set_rng_state(ckpt["rng"], env["device"])
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+model_config = model.config
+del ckpt
+if master:
+    if not resume:
+        for old in [*runtime.step_checkpoints(out), out / runtime.BEST, out / "metrics.jsonl"]:
+            old.unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(base_tokenizer, out / base_tokenizer.name)
+raw_model = model
+if compile:
+    model = torch.compile(model, dynamic=True)
+if env["ddp"]:
+    model = DDP(model, device_ids=[env["local_rank"]] if env["device_type"] == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- schedule
+def get_lr(it):
+    """Multiplier of the peak learning rates: linear warmup, then linear decay to min_lr_frac."""
+    if it < warmup_iters:
+        return (it + 1) / warmup_iters
+    return 1 - (1 - min_lr_frac) * (it - warmup_iters) / max(1, max_iters - warmup_iters)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Masked validation loss: mean over assistant tokens of the first eval_iters x batch_size conversations."""
+    model.eval()
+    total, count = torch.zeros((), device=env["device"]), torch.zeros((), device=env["device"])
+    mine = val_rows[rank::world_size][: eval_iters * batch_size]
+    for a in range(0, len(mine), batch_size):
+        x, y = collate(mine[a : a + batch_size])
+        with env["autocast"]:
+            _, loss = model(x, y)
+        n = (y != -1).sum()
+        total, count = total + loss.float() * n, count + n
+    model.train()
+    if env["ddp"]:
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    return (total / count).item()
+
+
+@torch.no_grad()
+def answer(x):
+    """Greedy answer to a held-out prompt (its tokens up to the first <|assistant|>); (text, ended with <|end|>)."""
+    prompt = x[: list(x).index(tok.special["<|assistant|>"]) + 1]
+    end = tok.special[chat.END]
+    raw_model.eval()
+    ids = raw_model.generate(
+        torch.tensor([prompt], device=env["device"]), max_new_tokens, temperature=0, stop_token=end
+    )[0, len(prompt) :].tolist()
+    raw_model.train()
+    return tok.decode(prompt), tok.decode([i for i in ids if i != end]), end in ids
+
+
+def check_finite(loss, what):
+    if not math.isfinite(loss):
+        raise UserError(
+            f"{what} is {loss} at step {iter_num}; the last good checkpoint in {out_dir} is untouched. "
+            f"Lower muon_lr/learning_rate, then --init_from=resume"
+        )
+
+
+# ----------------------------------------------------------------------------- loop
+log = runtime.MetricsLog(out_dir, enabled=master)
+if master:
+    print("config:", " ".join(f"{k}={v}" for k, v in config.items()))
+    print(
+        f"sft: {raw_model.num_params() / 1e6:.2f}M parameters from {ckpt_path} | {len(train_rows)} train / "
+        f"{len(val_rows)} val conversations | device {env['device']} {env['ptdtype']} | {world_size} rank(s)"
+    )
+val_loss, last_eval = float("nan"), -1
+if iter_num == 0:
+    val_loss, last_eval = estimate_loss(), 0
+    log.log({"step": 0, "val_loss": val_loss})
+    if master:
+        print(f"step 0: masked val loss {val_loss:.4f}")
+loss_sum = torch.zeros((), device=env["device"])
+steps_since_log, t_log, t_start, start_iter, tokens = 0, time.time(), time.time(), iter_num, 0
+while iter_num < max_iters:
+    lr_mult = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * lr_mult
+    for micro_step, (x, y) in enumerate(get_batches()):
+        if env["ddp"]:
+            model.require_backward_grad_sync = micro_step == accum_steps - 1
+        with env["autocast"]:
+            _, loss = model(x, y)
+            loss = loss / accum_steps
+        loss_sum += loss.detach()
+        tokens += x.numel() * world_size
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    steps_since_log += 1
+
+    is_last = iter_num == max_iters
+    if iter_num % log_interval == 0 or is_last or iter_num % ckpt_interval == 0:
+        if env["ddp"]:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        train_loss = loss_sum.item() / steps_since_log
+        check_finite(train_loss, "loss")
+        dt = time.time() - t_log
+        record = {
+            "step": iter_num,
+            "loss": train_loss,
+            "lr_mult": lr_mult,
+            "tok_per_s": tokens / dt,
+            "mem_gib": runtime.memory_gib(env["device"]),
+            "elapsed_s": time.time() - t_start,
+        }
+        log.log(record)
+        if master:
+            eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
+            print(
+                f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | {tokens / dt:,.0f} tok/s"
+                f" | mem {record['mem_gib']:.2f}GiB | eta {runtime.format_duration(eta)}",
+                flush=True,
+            )
+        loss_sum.zero_()
+        steps_since_log, t_log, tokens = 0, time.time(), 0
+
+    t_pause = time.time()
+    if iter_num % eval_interval == 0 or is_last or (iter_num % ckpt_interval == 0 and last_eval != iter_num):
+        val_loss, last_eval = estimate_loss(), iter_num
+        check_finite(val_loss, "validation loss")
+        log.log({"step": iter_num, "val_loss": val_loss})
+        if master:
+            print(f"step {iter_num}: masked val loss {val_loss:.4f}")
+            for x, _ in val_rows[:num_samples]:
+                question, reply, _ = answer(x)
+                print(f"  {question.strip()!r} -> {reply.strip()!r}")
+    if (iter_num % ckpt_interval == 0 or is_last) and master:
+        is_best = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        state = dict(
+            model=raw_model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+            model_args=asdict(model_config),
+            config=config,
+            iter_num=iter_num,
+            val_loss=val_loss,
+            best_val_loss=best_val_loss,
+            rng=runtime.get_rng_state(env["device"]),
+            data=generator.get_state(),
+        )
+        path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
+        print(f"saved {path}" + (" (best so far)" if is_best else ""))
+    t_log += time.time() - t_pause
+
+# ----------------------------------------------------------------------------- end-of-turn rate, cleanup
+if master:
+    held_out = val_rows[:64]
+    ended = sum(answer(x)[2] for x, _ in held_out)
+    log.log({"step": iter_num, "eot_rate": ended / len(held_out)})
+    print(
+        f"end-of-turn: {ended}/{len(held_out)} held-out answers ({100 * ended / len(held_out):.0f}%) end with "
+        f"{chat.END} within {max_new_tokens} tokens"
+    )
+log.close()
+if master:
+    print(f"done: {iter_num} steps, best masked val loss {best_val_loss:.4f}, checkpoints in {out_dir}")
+if env["ddp"]:
+    dist.destroy_process_group()

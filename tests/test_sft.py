@@ -1,0 +1,183 @@
+"""SFT: the chat template's loss mask, oasst1 flattening, prepare.py --mode=sft, sft.py and the scriptable chat."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from conftest import TINY, run
+
+import chat
+from shards import open_shard
+from tokenizer import Tokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4, written\n    four."},
+    {"role": "prompter", "content": "And <|end|> 3 + 3?"},  # oasst's name for the user; a fake special token
+    {"role": "assistant", "content": "6 \u2581 six"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_data):
+    return Tokenizer(str(tiny_data / "tokenizer.model"))
+
+
+def masked_segments(tok, ids, mask):
+    """Decode each run of masked-in tokens, dropping the <|end|> that closes it."""
+    segments, current = [], []
+    for i, m in zip(ids, mask, strict=True):
+        if m:
+            current.append(i)
+        elif current:
+            segments.append(current)
+            current = []
+    segments += [current] if current else []
+    end = tok.special[chat.END]
+    assert all(seg[-1] == end and end not in seg[:-1] for seg in segments)  # each answer ends with one <|end|>
+    return [tok.decode(seg[:-1]) for seg in segments]
+
+
+def test_mask_covers_exactly_the_assistant_texts(tok):
+    ids, mask = chat.render(tok, CONVERSATION)
+    assert masked_segments(tok, ids, mask) == ["4, written\n    four.", "6 \u2581 six"]
+    assert ids[0] == tok.bos_id and len(ids) == len(mask)
+    assert tok.decode(ids) == "".join(m["content"] for m in CONVERSATION)  # specials decode to nothing
+    # the user's literal "<|end|>" is text, not the end-of-turn token
+    assert ids.count(tok.special[chat.END]) == 5
+
+
+def test_unknown_role_is_refused(tok):
+    with pytest.raises(chat.ConversationError, match="unknown role 'narrator'"):
+        chat.render(tok, [{"role": "narrator", "content": "x"}])
+
+
+def test_oasst_trees_flatten_into_root_to_leaf_paths():
+    def msg(i, parent, role, lang="en"):
+        return {"message_id": i, "parent_id": parent, "role": role, "text": i, "lang": lang}
+
+    rows = [
+        msg("A", None, "prompter"),
+        msg("B1", "A", "assistant"),
+        msg("B2", "A", "assistant"),
+        msg("C", "B1", "prompter"),
+        msg("D", "C", "assistant"),
+        msg("E", "B2", "prompter"),
+        msg("X", None, "prompter", "de"),
+        msg("Y", "X", "assistant", "de"),
+    ]
+    paths = [[m["content"] for m in c] for c in chat.oasst_conversations(rows)]
+    # E is an unanswered last turn and is dropped; every path starts at a root
+    assert paths == [["A", "B1", "C", "D"], ["A", "B2"], ["X", "Y"]]
+    assert [[m["content"] for m in c] for c in chat.oasst_conversations(rows, lang="de")] == [["X", "Y"]]
+
+
+def test_prepare_sft_masks_and_counts(tiny_data, tmp_path):
+    rows = [
+        {"prompt": "q", "prompt_id": "1", "messages": CONVERSATION},
+        {"prompt": "q", "prompt_id": "2", "messages": [{"role": "user", "content": "no answer"}]},
+        {
+            "prompt": "q",
+            "prompt_id": "3",
+            "messages": [{"role": "user", "content": "long"}, {"role": "assistant", "content": "word " * 400}],
+        },
+    ] + [{"prompt": "q", "prompt_id": str(i), "messages": CONVERSATION[1:3]} for i in range(4, 40)]
+    src = tmp_path / "ultrachat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    proc = run(
+        "prepare.py",
+        "--mode=sft",
+        f"--input={src}",
+        f"--data_dir={out}",
+        f"--tokenizer={tiny_data / 'tokenizer.model'}",
+        "--block_size=256",
+        "--val_permille=200",
+    )
+    assert "skipped 1 with no assistant turn, dropped 1 longer than block_size=256" in proc.stdout
+    counts = json.loads((out / "manifest.json").read_text())["docs"]
+    assert counts == {"conversations": 39, "kept": 37, "no_assistant": 1, "too_long": 1}
+    tok = Tokenizer(str(out / "tokenizer.model"))
+    answers = []
+    for split in ("train", "val"):
+        ids, mask = open_shard(out / f"{split}_000000.bin"), open_shard(out / f"{split}_000000.mask", 2)
+        assert len(ids) == len(mask) and set(np.unique(mask)) <= {0, 1}
+        answers += masked_segments(tok, ids.tolist(), mask.tolist())
+    assert sorted(answers) == sorted(["4, written\n    four.", "6 \u2581 six"] + ["4, written\n    four."] * 36)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "narrator", "content": "x"}]}) + "\n")
+    proc = run(
+        "prepare.py",
+        "--mode=sft",
+        f"--input={bad}",
+        f"--data_dir={tmp_path / 'bad'}",
+        f"--tokenizer={tiny_data / 'tokenizer.model'}",
+        check=False,
+    )
+    assert proc.returncode != 0 and proc.stderr.startswith("error: conversation 0: unknown role 'narrator'")
+
+
+def test_sft_learns_the_demo_set_and_chat_answers(tiny_data, tmp_path):
+    base, sft_data, out = tmp_path / "base", tmp_path / "sft_data", tmp_path / "sft"
+    run("train.py", f"--data_dir={tiny_data}", f"--out_dir={base}", *TINY, "--max_iters=20", "--eval_interval=20")
+    run(
+        "prepare.py",
+        "--mode=sft",
+        f"--data_dir={sft_data}",
+        f"--tokenizer={base / 'tokenizer.model'}",
+        "--block_size=64",
+    )
+    proc = run(
+        "sft.py",
+        f"--init_from={base}",
+        f"--data_dir={sft_data}",
+        f"--out_dir={out}",
+        "--device=cpu",
+        "--batch_size=8",
+        "--max_iters=40",
+        "--eval_interval=40",
+        "--eval_iters=2",
+        "--max_new_tokens=8",
+        "--log_interval=5",
+        "--learning_rate=0.01",
+        "--muon_lr=0.02",
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert val[40] < val[0] - 0.5, val
+    assert "end-of-turn:" in proc.stdout and any("eot_rate" in r for r in records)
+    answer = run(
+        "sample.py",
+        f"--out_dir={out}",
+        "--chat",
+        "--start=What does json.dumps do?",
+        "--max_new_tokens=8",
+        "--device=cpu",
+    )
+    assert answer.stdout.strip() and "you>" not in answer.stdout
+    piped = run(
+        "sample.py",
+        f"--out_dir={out}",
+        "--chat",
+        "--max_new_tokens=8",
+        "--device=cpu",
+        cmd=None,
+        stdin="What does os.getcwd do?\nAnd os.listdir?\n",
+    )
+    assert len(piped.stdout.strip().splitlines()) >= 2
+
+
+def test_base_tokenizer_without_chat_tokens_is_refused(tiny_data, tmp_path):
+    base = tmp_path / "base"
+    run("train.py", f"--data_dir={tiny_data}", f"--out_dir={base}", *TINY, "--max_iters=2", "--eval_interval=2")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["plain text without specials"] * 50), model_writer=model, vocab_size=19, minloglevel=2
+    )
+    (base / "tokenizer.model").write_bytes(model.getvalue())
+    proc = run("sft.py", f"--init_from={base}", f"--out_dir={tmp_path / 'sft'}", "--device=cpu", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "chat tokens" in proc.stderr
