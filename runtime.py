@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
+from muon import Muon
 from shards import ShardError
 
 
@@ -213,6 +214,43 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and str(device).startswith("cuda"):
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(model, muon_lr, muon_momentum, learning_rate, betas, weight_decay):
+    """Muon for the attention and MLP matrices; AdamW for the embedding (= output head) and the norm gains,
+    which never decay. Each group remembers its peak learning rate for the schedule."""
+    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
+    adamw = dict(use_muon=False, lr=learning_rate, betas=betas)
+    optimizer = Muon(
+        [
+            dict(params=matrices, use_muon=True, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
+            dict(params=[model.transformer.wte.weight], weight_decay=weight_decay, **adamw),
+            dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0, **adamw),
+        ]
+    )
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]
+    return optimizer
+
+
+def load_optimizer_state(optimizer, state):
+    """Restore the optimizer's state but keep the hyperparameters the config gave it (a resume may change them)."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, h in zip(optimizer.param_groups, hyper, strict=True):
+        group.update(h)
+
+
+def check_finite(loss, what, step, out_dir):
+    """Stop on a NaN/inf loss before anything is saved, so the last checkpoint stays a good one."""
+    if not math.isfinite(loss):
+        raise UserError(
+            f"{what} is {loss} at step {step}; the last good checkpoint in {out_dir} is untouched. "
+            f"Lower muon_lr/learning_rate or raise warmup_iters, then --init_from=resume"
+        )
 
 
 # ----------------------------------------------------------------------------- checkpoints

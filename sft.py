@@ -11,7 +11,6 @@ The loss is the cross-entropy on assistant tokens only (and the <|end|> closing 
 batch holds one conversation, padded after its end, so no conversation attends to another.
 """
 
-import math
 import shutil
 import sys
 import time
@@ -25,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import chat
 import runtime
-from muon import Muon
 from runtime import UserError
 from shards import find_shards, open_shard
 from tokenizer import find_tokenizer, load_tokenizer
@@ -146,24 +144,11 @@ def get_batches():
 
 
 # ----------------------------------------------------------------------------- optimizer
-matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
-adamw = dict(use_muon=False, lr=learning_rate, betas=(beta1, beta2))
-optimizer = Muon(
-    [
-        dict(params=matrices, use_muon=True, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
-        dict(params=[model.transformer.wte.weight], weight_decay=weight_decay, **adamw),
-        dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0, **adamw),  # norm gains
-    ]
-)
-for group in optimizer.param_groups:
-    group["peak_lr"] = group["lr"]
+optimizer = runtime.make_optimizer(model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
 iter_num, best_val_loss = 0, float("inf")
 if resume:
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for group, h in zip(optimizer.param_groups, hyper, strict=True):
-        group.update(h)  # the config sets the hyperparameters, also on resume
+    runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
@@ -224,14 +209,6 @@ def answer(x):
     return tok.decode(prompt), tok.decode([i for i in ids if i != end]), end in ids
 
 
-def check_finite(loss, what):
-    if not math.isfinite(loss):
-        raise UserError(
-            f"{what} is {loss} at step {iter_num}; the last good checkpoint in {out_dir} is untouched. "
-            f"Lower muon_lr/learning_rate, then --init_from=resume"
-        )
-
-
 # ----------------------------------------------------------------------------- loop
 log = runtime.MetricsLog(out_dir, enabled=master)
 if master:
@@ -275,7 +252,7 @@ while iter_num < max_iters:
         if env["ddp"]:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         train_loss = loss_sum.item() / steps_since_log
-        check_finite(train_loss, "loss")
+        runtime.check_finite(train_loss, "loss", iter_num, out_dir)
         dt = time.time() - t_log
         record = {
             "step": iter_num,
@@ -299,7 +276,7 @@ while iter_num < max_iters:
     t_pause = time.time()
     if iter_num % eval_interval == 0 or is_last or (iter_num % ckpt_interval == 0 and last_eval != iter_num):
         val_loss, last_eval = estimate_loss(), iter_num
-        check_finite(val_loss, "validation loss")
+        runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
         log.log({"step": iter_num, "val_loss": val_loss})
         if master:
             print(f"step {iter_num}: masked val loss {val_loss:.4f}")

@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
 from model import GPT, GPTConfig
-from muon import Muon
 from runtime import UserError
 from shards import TokenWindows, find_shards, read_header
 from tokenizer import find_tokenizer
@@ -135,24 +134,11 @@ if ckpt is not None:
 raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module
 
 # ----------------------------------------------------------------------------- optimizer
-matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
-adamw = dict(use_muon=False, lr=learning_rate, betas=(beta1, beta2))
-optimizer = Muon(
-    [
-        dict(params=matrices, use_muon=True, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
-        dict(params=[model.transformer.wte.weight], weight_decay=weight_decay, **adamw),
-        dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0, **adamw),  # norm gains
-    ]
-)
-for group in optimizer.param_groups:
-    group["peak_lr"] = group["lr"]
+optimizer = runtime.make_optimizer(model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay)
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
 iter_num, best_val_loss = 0, float("inf")
 if ckpt is not None:
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for group, h in zip(optimizer.param_groups, hyper, strict=True):
-        group.update(h)  # the config sets the hyperparameters, also on resume; the checkpoint only the state
+    runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     train_data.generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
@@ -192,15 +178,6 @@ def estimate_loss():
     if env["ddp"]:
         dist.all_reduce(mean, op=dist.ReduceOp.AVG)
     return mean.item()
-
-
-def check_finite(loss, what):
-    """Stop on a NaN/inf loss before anything is saved, so the last checkpoint stays a good one."""
-    if not math.isfinite(loss):
-        raise UserError(
-            f"{what} is {loss} at step {iter_num}; the last good checkpoint in {out_dir} is untouched. "
-            f"Lower muon_lr/learning_rate or raise warmup_iters, then --init_from=resume"
-        )
 
 
 # ----------------------------------------------------------------------------- loop
@@ -247,7 +224,7 @@ while iter_num < max_iters:
         if env["ddp"]:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         train_loss = loss_sum.item() / steps_since_log
-        check_finite(train_loss, "loss")
+        runtime.check_finite(train_loss, "loss", iter_num, out_dir)
         dt = time.time() - t_log
         tok_s = steps_since_log * tokens_per_iter / dt
         record = {
@@ -277,7 +254,8 @@ while iter_num < max_iters:
     t_pause = time.time()  # evaluation and saving are left out of the next line's tokens/s
     if iter_num % eval_interval == 0 or is_last or (iter_num % ckpt_interval == 0 and last_eval != iter_num):
         val_loss, last_eval = estimate_loss(), iter_num
-        check_finite(val_loss, "validation loss")  # the weights about to be saved must be sound
+        # the weights about to be saved must be sound
+        runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
         log.log({"step": iter_num, "val_loss": val_loss})
         if master:
             print(f"step {iter_num}: val loss {val_loss:.4f}")
