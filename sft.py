@@ -54,6 +54,7 @@ weight_decay = 0.0  # decoupled weight decay on matrices and embedding
 grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
 max_iters = 300  # optimizer steps
 warmup_iters = 20  # linear warmup steps
+lr_decay_iters = 0  # the linear decay ends here (0 = max_iters)
 min_lr_frac = 0.0  # final learning rate as a fraction of the peak (linear decay)
 # system
 device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu
@@ -174,7 +175,8 @@ def get_lr(it):
     """Multiplier of the peak learning rates: linear warmup, then linear decay to min_lr_frac."""
     if it < warmup_iters:
         return (it + 1) / warmup_iters
-    return 1 - (1 - min_lr_frac) * (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    decay_end = lr_decay_iters or max_iters
+    return 1 - (1 - min_lr_frac) * min(1, (it - warmup_iters) / max(1, decay_end - warmup_iters))
 
 
 @torch.no_grad()

@@ -181,3 +181,38 @@ def test_base_tokenizer_without_chat_tokens_is_refused(tiny_data, tmp_path):
     proc = run("sft.py", f"--init_from={base}", f"--out_dir={tmp_path / 'sft'}", "--device=cpu", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "chat tokens" in proc.stderr
+
+
+def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
+    base, sft_data = tmp_path / "base", tmp_path / "sft_data"
+    run("train.py", f"--data_dir={tiny_data}", f"--out_dir={base}", *TINY, "--max_iters=4", "--eval_interval=4")
+    run("prepare.py", "--mode=sft", f"--data_dir={sft_data}", f"--tokenizer={base / 'tokenizer.model'}")
+    common = [
+        f"--init_from={base}",
+        f"--data_dir={sft_data}",
+        "--device=cpu",
+        "--batch_size=4",
+        "--eval_iters=1",
+        "--max_new_tokens=4",
+        "--log_interval=1",
+        "--lr_decay_iters=6",
+        "--ckpt_interval=3",
+        "--eval_interval=3",
+        "--num_samples=1",
+    ]
+    run("sft.py", *common, f"--out_dir={tmp_path / 'full'}", "--max_iters=6")
+    run("sft.py", *common, f"--out_dir={tmp_path / 'split'}", "--max_iters=3")
+    run(
+        "sft.py",
+        *[a for a in common if not a.startswith("--init_from")],
+        "--init_from=resume",
+        f"--out_dir={tmp_path / 'split'}",
+        "--max_iters=6",
+    )
+
+    def losses(out):
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    assert list(losses(tmp_path / "full")) == [1, 2, 3, 4, 5, 6]
+    assert losses(tmp_path / "full") == losses(tmp_path / "split")
