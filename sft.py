@@ -115,10 +115,21 @@ def load_conversations(split):
         mask.append(np.asarray(open_shard(path.with_suffix(".mask"), 2), dtype=bool))
     ids, mask = np.concatenate(ids), np.concatenate(mask)
     starts = list(np.flatnonzero(ids == tok.bos_id)) + [len(ids)]
-    rows = []
+    rows, too_long = [], 0
     for a, b in zip(starts[:-1], starts[1:], strict=True):
         x, m = ids[a:b], mask[a:b]
+        if len(x) - 1 > model.config.block_size:  # prepare.py's --block_size may exceed the model's context
+            too_long += 1
+            continue
         rows.append((x[:-1], np.where(m[1:], x[1:], -1)))
+    if too_long and master:
+        print(
+            f"{split}: dropped {too_long} of {len(starts) - 1} conversations longer than the model's context "
+            f"of {model.config.block_size} tokens (prepare.py --mode=sft --block_size={model.config.block_size} "
+            f"drops them up front)"
+        )
+    if not rows:
+        raise UserError(f"no {split} conversation in {data_dir} fits the model's context of {model.config.block_size}")
     return rows
 
 
@@ -162,7 +173,8 @@ if master:
             old.unlink(missing_ok=True)
         shutil.rmtree(out / "tb", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(base_tokenizer, out / base_tokenizer.name)
+    if not resume:  # on resume out_dir is the base and already holds it
+        shutil.copyfile(base_tokenizer, out / base_tokenizer.name)
 raw_model = model
 if compile:
     model = torch.compile(model, dynamic=True)
