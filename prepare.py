@@ -86,9 +86,10 @@ def stdlib_rows():
 
 
 def open_stream():
-    """(rows, description, text field): an iterator of dicts from the standard library, local files or the hub."""
+    """(rows, description, text field). rows can be iterated more than once (a peek, the tokenizer's sample, the
+    main pass): a list for the standard library (~30 MB), a streaming IterableDataset for files and the hub."""
     if not input and not dataset:
-        return stdlib_rows(), f"python {sys.version.split()[0]} standard library", "text"
+        return list(stdlib_rows()), f"python {sys.version.split()[0]} standard library", "text"
     import datasets  # imported here: the default corpus needs no pyarrow
 
     if input:
@@ -362,8 +363,8 @@ if mode != "pretrain":
     raise UserError(f"--mode={mode}: expected pretrain or sft")
 
 rows, source, field = open_stream()
-check_fields(open_stream()[0], field)  # a fresh stream: peeking must not consume the first document
-tok = get_tokenizer(out, open_stream()[0], field)
+check_fields(rows, field)
+tok = get_tokenizer(out, rows, field)
 if find_tokenizer(out) is None:
     (out / f"{tok.file_name}.tmp").write_bytes(tok.serialize())
     (out / f"{tok.file_name}.tmp").replace(out / tok.file_name)
@@ -389,7 +390,7 @@ print(
 resume = manifest["resume"]
 start = min(resume.values(), key=lambda r: r["row"])
 counts = dict(start["counts"])
-rows = rows.skip(start["row"]) if hasattr(rows, "skip") else itertools.islice(rows, start["row"], None)
+rows = rows.skip(start["row"]) if hasattr(rows, "skip") else rows[start["row"] :]
 docs = documents(rows, field, first_row=start["row"])
 buffers, last = {"train": [], "val": []}, {s: (r["row"], r["counts"], r["offset"], None) for s, r in resume.items()}
 new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()

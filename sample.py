@@ -67,7 +67,8 @@ def reply(history):
     end = tok.special[END]
     while True:
         ids = render_prompt(tok, history)
-        if len(ids) + max_new_tokens <= block_size or len(history) == 1:
+        keep = 2 if history[0]["role"] == "system" else 1  # never drop the system message or the new question
+        if len(ids) + max_new_tokens <= block_size or len(history) <= keep:
             break
         history[:] = history[2:] if history[0]["role"] != "system" else history[:1] + history[3:]
     ids = ids[-(block_size - 1) :]
