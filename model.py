@@ -167,7 +167,8 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
-    def forward(self, idx, targets=None, cache=None):
+    def hidden(self, idx, cache=None):
+        """Final normed hidden states (B, T, C) of idx, continuing from the cache's position when given."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -182,13 +183,31 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
-        x = self.transformer.ln_f(x)
+        return self.transformer.ln_f(x)
+
+    def logits(self, idx, cache=None):
+        """fp32 logits (B, T, vocab_size) at every position: for tests and analysis, not for training."""
+        return self.lm_head(self.hidden(idx, cache)).float()
+
+    def forward(self, idx, targets=None, cache=None, reduction="mean"):
+        """With targets: (None, loss), the mean cross-entropy over targets != -1 (reduction="mean"), or the
+        per-token loss (B, T), 0 where the target is -1 (reduction="none", for DPO's sequence log-probs).
+        The logits are never held for the whole batch (see chunked_cross_entropy).
+        Without targets: (logits of the last position (B, 1, vocab_size), None), what generation needs."""
+        x = self.hidden(idx, cache)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]).float(), None  # generation needs only the last position
-        logits = self.lm_head(x).float()  # (B, T, vocab_size)
-        # targets of -1 are ignored: SFT masks non-assistant tokens this way
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            return self.lm_head(x[:, [-1], :]).float(), None
+        B, T, C = x.size()
+        x, targets = x.reshape(B * T, C), targets.reshape(B * T)  # (B*T, C), (B*T,)
+        if reduction == "mean":
+            # gradients are computed in the forward pass only when a backward pass can follow
+            need_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
+            return None, ChunkedCrossEntropy.apply(x, self.lm_head.weight, targets, need_grad)
+        losses = [
+            checkpoint(token_losses, xc, self.lm_head.weight, tc, use_reentrant=False)
+            for xc, tc in zip(x.split(CE_CHUNK), targets.split(CE_CHUNK), strict=True)
+        ]
+        return None, torch.cat(losses).view(B, T)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, stop_token=None, generator=None):
@@ -215,6 +234,53 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(next_id, cache=cache)
         return torch.cat(out, dim=1)
+
+
+# ----------------------------------------------------------------------------- loss
+CE_CHUNK = 8192  # rows of logits alive at once: 8192 x 32000 fp32 = 1 GiB instead of 4 GiB for 32K tokens
+
+
+def token_losses(x, weight, targets):
+    """Cross-entropy of each row of x (N, C) against targets (N,) through the output matrix (V, C), in fp32;
+    0 where the target is -1."""
+    logits = F.linear(x, weight).float()  # (N, V)
+    return F.cross_entropy(logits, targets, ignore_index=-1, reduction="none")
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x @ weight.T over targets != -1, a chunk of rows at a time.
+
+    The gradient of a mean cross-entropy is known in the forward pass: (softmax - onehot) / n_valid. So each
+    chunk's logits are used for the loss and both gradients at once and then freed: the fp32 logits of the
+    whole batch (4 GiB for 32K tokens x 32K vocabulary) never exist, and backward only scales stored grads.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, need_grad):
+        n_valid = (targets >= 0).sum().clamp(min=1)
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for i in range(0, x.size(0), CE_CHUNK):
+            xc, tc = x[i : i + CE_CHUNK], targets[i : i + CE_CHUNK]
+            logits = F.linear(xc, weight).float()  # (n, V)
+            lse = logits.logsumexp(dim=-1, keepdim=True)  # (n, 1)
+            valid = (tc >= 0).unsqueeze(1)  # (n, 1)
+            target_logit = logits.gather(1, tc.clamp(min=0).unsqueeze(1))  # (n, 1)
+            loss += ((lse - target_logit) * valid).sum()
+            if need_grad:
+                g = (logits - lse).exp_()  # softmax, in place of the logits
+                g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -valid.float())  # minus one-hot at the target
+                g = (g * valid / n_valid).to(xc.dtype)
+                grad_x[i : i + CE_CHUNK] = g @ weight.to(g.dtype)
+                grad_w += (g.t() @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):
