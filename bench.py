@@ -29,7 +29,7 @@ from shards import TokenWindows, write_shard
 # model (a train.py config file sets these)
 vocab_size = 32000  # tokens in the vocabulary
 n_layer = 12  # transformer blocks
-n_head = 12  # attention heads
+n_head = 6  # attention heads (head size 128)
 n_embd = 768  # residual width
 mlp_hidden = 3072  # SwiGLU hidden width
 block_size = 4096  # longest sequence, and the model's context
@@ -203,7 +203,7 @@ n_params = GPT(model_config).num_params()
 print(f"bench: {n_params / 1e6:.1f}M parameters | {dev} {env['ptdtype']} | peak {peak and peak / 1e12} TFLOP/s")
 results = {"config": config, "device": torch.cuda.get_device_name(dev) if cuda else dev, "params": n_params}
 results["training"] = []
-for mode in compile_modes.split(","):
+for mode in [m for m in compile_modes.split(",") if m]:
     for T in lengths:
         row = bench_training(T, mode == "on")
         torch._dynamo.reset()  # compiled graphs hold on to their model: free it before the next row
@@ -213,10 +213,10 @@ results["optimizer"] = bench_optimizer()
 best_step = min(r["step_s"] for r in results["training"] if r["seq_len"] == lengths[-1])
 results["optimizer"]["muon_share_of_step"] = results["optimizer"]["muon_step_s"] / best_step
 results["generation"] = []
-for mode in graph_modes.split(","):
+for mode in [m for m in graph_modes.split(",") if m]:
     if mode == "on" and not cuda:
         continue
-    for B in [int(b) for b in decode_batches.split(",")]:
+    for B in [int(b) for b in decode_batches.split(",") if b]:
         row = bench_generation(B, mode == "on")
         results["generation"].append(row)
         print(f"generate B={B} graph={mode}: decode {row['decode_tok_per_s']:,.0f} tok/s", flush=True)

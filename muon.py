@@ -7,8 +7,8 @@ lets it train hidden layers faster than AdamW. Embeddings, the (tied) output hea
 not hidden matrices and keep AdamW.
 
 Param groups carry `use_muon`. Under DDP (torch.distributed initialised) the gradients are already averaged;
-each rank orthogonalises every world_size-th matrix of a same-shape bucket and the updates are all-gathered,
-so no two ranks do the same Newton-Schulz work. Momentum is updated on every rank for every matrix (it is
+each rank orthogonalises its slice of every same-shape bucket (one batched Newton-Schulz) and the updates are
+all-gathered, so no two ranks do the same Newton-Schulz work. Momentum is updated on every rank for every matrix (it is
 elementwise and cheap), which keeps the optimizer state identical everywhere, so rank 0's state_dict is the
 whole state.
 """
@@ -67,44 +67,50 @@ class Muon(torch.optim.Optimizer):
     def _muon_step(self, group):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
         # 1) momentum on every rank for every matrix (cheap, and keeps the state identical across ranks)
-        directions = []
         for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - group["momentum"])  # buf = m*buf + (1-m)*g
-            directions.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
-        # 2) orthogonalise: rank r takes matrices r, r+world, ... of each same-shape bucket
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = m*buf + (1-m)*g
+        directions = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+        # 2) orthogonalise each same-shape bucket as one batched Newton-Schulz (a few large matmuls instead of
+        # one small one per matrix). Under DDP rank r takes the r-th slice of the bucket; slices are padded to
+        # equal size and all-gathered asynchronously, overlapping the next bucket's Newton-Schulz.
         buckets = {}
         for p, d in zip(params, directions, strict=True):
             buckets.setdefault(p.shape, []).append((p, d))
         pending = []
-        for shape, items in buckets.items():
-            for base in range(0, len(items), world):
-                chunk = items[base : base + world]
-                mine = chunk[rank][1] if rank < len(chunk) else torch.zeros(shape, device=chunk[0][1].device)
-                update = zeropower_via_newtonschulz5(mine, group["ns_steps"])
-                if world == 1:
-                    self._apply(group, chunk, [update])
-                    continue
-                gathered = [torch.empty_like(update) for _ in range(world)]
-                work = dist.all_gather(gathered, update.contiguous(), async_op=True)  # overlaps the next NS
-                pending.append((chunk, gathered, work))
-        for chunk, updates, work in pending:
+        for items in buckets.values():
+            per_rank = -(-len(items) // world)  # ceil
+            mine = [d for _, d in items[rank * per_rank : (rank + 1) * per_rank]]
+            # a slice that runs past the bucket's end is padded with zeros (their updates are dropped)
+            mine += [torch.zeros_like(items[0][1])] * (per_rank - len(mine))
+            stack = torch.stack(mine)
+            update = zeropower_via_newtonschulz5(stack, group["ns_steps"])  # (per_rank, rows, cols) bf16
+            if world == 1:
+                self._apply(group, items, update)
+                continue
+            gathered = update.new_empty(world * per_rank, *update.shape[1:])
+            pending.append((items, gathered, dist.all_gather_into_tensor(gathered, update, async_op=True)))
+        for items, gathered, work in pending:
             work.wait()
-            self._apply(group, chunk, updates)
+            self._apply(group, items, gathered)
 
     @staticmethod
-    def _apply(group, chunk, updates):
+    def _apply(group, items, updates):
         """Decoupled weight decay, then the update scaled so that its RMS does not shrink for tall matrices
-        (max(1, rows/cols)^0.5, as in Keller Jordan's reference implementation)."""
+        (max(1, rows/cols)^0.5, as in Keller Jordan's reference implementation). updates: (>= len(items), r, c)."""
+        params = [p for p, _ in items]
         lr, wd = group["lr"], group["weight_decay"]
-        for (p, _), u in zip(chunk, updates, strict=False):  # updates: one per rank, chunk may be shorter
-            scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-            p.mul_(1 - lr * wd)
-            p.add_(u.to(p.dtype), alpha=-lr * scale)
+        scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        updates = updates[: len(params)].to(params[0].dtype)
+        torch._foreach_add_(params, list(updates.unbind(0)), alpha=-lr * scale)
 
     def _adamw_step(self, group):
         beta1, beta2 = group["betas"]

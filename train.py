@@ -45,7 +45,7 @@ gradient_accumulation_steps = 8  # micro-batches per step, summed over all ranks
 # model
 vocab_size = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
 n_layer = 12  # transformer blocks
-n_head = 12  # attention heads (n_embd / n_head is the head size)
+n_head = 6  # attention heads (n_embd / n_head is the head size: 128 runs attention ~3% faster than 64)
 n_embd = 768  # residual width
 mlp_hidden = 3072  # SwiGLU hidden width
 rope_theta = 10000.0  # RoPE base

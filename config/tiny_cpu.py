@@ -3,7 +3,7 @@
 out_dir = "out/tiny"  # samples: python sample.py --out_dir=out/tiny
 data_dir = "data/stdlib"  # made by `python prepare.py`
 n_layer = 4  # small enough for ~1 s/step on two cores
-n_head = 4  # head size 64, as in the reference model
+n_head = 4  # head size 64 (the reference has 128; at this width 2 heads would be too few)
 n_embd = 256  # residual width
 mlp_hidden = 768  # 3x n_embd: SwiGLU's three matrices cost about what a 4x GELU MLP does
 block_size = 256  # tokens of context: a screenful of code

@@ -1,0 +1,54 @@
+"""bench.py on the CPU with a tiny config: every section runs, the JSON holds consistent figures."""
+
+import json
+
+from conftest import run
+
+TINY_BENCH = [
+    "--device=cpu",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=64",
+    "--mlp_hidden=128",
+    "--vocab_size=256",
+    "--block_size=64",
+    "--batch_size=4",
+    "--gradient_accumulation_steps=2",
+    "--compile_modes=off",
+    "--train_steps=2",
+    "--optimizer_steps=2",
+    "--prompt_len=16",
+    "--new_tokens=8",
+    "--data_batches=20",
+]
+
+
+def test_bench_runs_on_cpu_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run("bench.py", *TINY_BENCH, f"--out={out}")
+    r = json.loads(out.read_text())
+    # the default sequence lengths are block_size/4, /2 and block_size, at a constant tokens per micro-batch
+    assert [(t["seq_len"], t["batch_size"]) for t in r["training"]] == [(16, 16), (32, 8), (64, 4)]
+    for t in r["training"]:
+        assert t["tok_per_s"] > 0 and t["mfu"] is None  # no MFU without a known peak (CPU)
+        assert abs(t["tok_per_s"] * t["step_s"] - t["batch_size"] * t["seq_len"] * 2) < 1e-6 * t["tok_per_s"]
+    o = r["optimizer"]
+    assert o["muon_step_s"] > 0 and o["adamw_step_s"] > 0 and 0 < o["muon_share_of_step"]
+    assert [(g["batch_size"], g["graph"]) for g in r["generation"]] == [(1, False), (8, False)]  # no CUDA graphs on CPU
+    assert all(g["decode_tok_per_s"] > 0 and g["prefill_tok_per_s"] > 0 for g in r["generation"])
+    assert r["data"]["batches_per_s"] > 0
+    assert "| T=64 | off | 4 x 64 |" in proc.stdout  # the table comes last
+    assert proc.stdout.strip().splitlines()[-1].startswith("data:")
+
+
+def test_bench_takes_a_train_config_and_checks_the_command_line(tmp_path):
+    """A train.py config's run keys (out_dir, max_iters) are skipped; an unknown --key is still an error."""
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("out_dir = 'out/x'\nmax_iters = 5\nrope_theta = 500.0\n")
+    proc = run("bench.py", str(cfg), *TINY_BENCH, "--n_layr=3", check=False)
+    assert proc.returncode == 2 and "n_layer" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("bench.py", str(cfg), *TINY_BENCH, "--seq_lens=32", "--graph_modes=", f"--out={tmp_path / 'b.json'}")
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert (
+        r["config"]["rope_theta"] == 500.0 and [t["seq_len"] for t in r["training"]] == [32] and r["generation"] == []
+    )
