@@ -81,10 +81,12 @@ def unknown_key(key, known, source):
     return UserError(f"unknown config key {key!r} in {source}{hint}")
 
 
-def configure(namespace, argv):
+def configure(namespace, argv, skip_foreign=False):
     """Apply config files (`path.py`, plain assignments) then `--key=value` overrides to a script's globals.
 
     Every key must already exist in the script and keep its type. Returns the final config as a dict.
+    skip_foreign=True (bench.py) skips a config file's keys the script does not have: a train.py config holds
+    run settings (out_dir, max_iters, ...) a benchmark has no use for. The command line stays strict.
     """
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
@@ -106,6 +108,8 @@ def configure(namespace, argv):
                 raise UserError(f"config file {arg} failed to run: {type(e).__name__}: {e}") from None
             for k, v in values.items():
                 if k.startswith("_") or type(v).__name__ == "module":
+                    continue
+                if k not in defaults and skip_foreign:
                     continue
                 if k not in defaults:
                     raise unknown_key(k, keys, arg)

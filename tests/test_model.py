@@ -2,6 +2,7 @@ import math
 
 import torch
 
+import model as model_module
 from model import GPT, GPTConfig, KVCache, sample_next
 
 SMALL = GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=64, mlp_hidden=128)
@@ -42,15 +43,14 @@ def test_causality_later_tokens_do_not_change_earlier_logits():
     idx = torch.randint(0, SMALL.vocab_size, (1, 32))
     changed = idx.clone()
     changed[0, 20:] = (changed[0, 20:] + 7) % SMALL.vocab_size
-    a, _ = model(idx, idx)
-    b, _ = model(changed, changed)
+    a, b = model.logits(idx), model.logits(changed)
     assert torch.allclose(a[0, :20], b[0, :20], atol=1e-5)
     assert not torch.allclose(a[0, 20:], b[0, 20:], atol=1e-3)
 
 
 def greedy_without_cache(model, idx, n):
     for _ in range(n):
-        logits, _ = model(idx[:, -model.config.block_size :], idx[:, -model.config.block_size :])
+        logits = model.logits(idx[:, -model.config.block_size :])
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return idx
 
@@ -69,7 +69,7 @@ def test_cached_chunk_logits_match_full_forward():
     model = make_model()
     idx = torch.randint(0, SMALL.vocab_size, (1, 15))
     with torch.no_grad():
-        full, _ = model(idx, idx)
+        full = model.logits(idx)
         cache = KVCache(SMALL, 1, SMALL.block_size, "cpu", torch.float32)
         model(idx[:, :10], cache=cache)
         x = model.transformer.wte(idx[:, 10:])
@@ -112,3 +112,52 @@ def test_activation_checkpointing_gives_same_gradients():
     loss2.backward()
     assert torch.allclose(loss, loss2)
     assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(plain, model.parameters(), strict=True))
+
+
+def reference_losses(model, idx, targets):
+    """Per-token cross-entropy from the full fp32 logits, the textbook way."""
+    logits = model.logits(idx)
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1, reduction="none")
+
+
+def test_chunked_cross_entropy_equals_full_logits(monkeypatch):
+    """Loss and every gradient of the chunked loss equal those of the plain full-logits loss, with ignored
+    targets and a chunk size that splits the rows unevenly."""
+    monkeypatch.setattr(model_module, "CE_CHUNK", 7)
+    model = make_model().train()
+    idx = torch.randint(0, SMALL.vocab_size, (3, 20))
+    targets = torch.randint(0, SMALL.vocab_size, (3, 20))
+    targets[0, :5] = -1
+    targets[2, 11:] = -1
+    ref = reference_losses(model, idx, targets)
+    ref_mean = ref.sum() / (targets >= 0).sum()
+    ref_mean.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    _, loss = model(idx, targets)
+    loss.backward()
+    assert abs(loss.item() - ref_mean.item()) < 1e-5
+    for (name, p), g in zip(model.named_parameters(), ref_grads, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4), name
+    # per-token losses (DPO's path): same values, 0 at ignored targets, and the same gradients of any weighting
+    model.zero_grad()
+    _, per_token = model(idx, targets, reduction="none")
+    assert per_token.shape == (3, 20) and torch.all(per_token[targets < 0] == 0)
+    assert torch.allclose(per_token, ref.detach(), atol=1e-5)
+    weights = torch.randn(3, 20)
+    (per_token * weights).sum().backward()
+    chunked_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (reference_losses(model, idx, targets) * weights).sum().backward()
+    for p, g in zip(model.parameters(), chunked_grads, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_loss_without_grad_is_the_same():
+    model = make_model()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 16))
+    _, with_grad = model(idx, idx)
+    with torch.no_grad():
+        _, without = model(idx, idx)
+    assert with_grad.requires_grad and not without.requires_grad
+    assert abs(with_grad.item() - without.item()) < 1e-6

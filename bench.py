@@ -1,0 +1,248 @@
+"""Measure a config on whatever device this runs on: training, the optimizer step, generation, the data path.
+
+    python bench.py                                               # the 137M reference (GPU)
+    python bench.py config/tiny_cpu.py --compile_modes=off        # a small config on the CPU
+    python bench.py config/pretrain_137m.py --seq_lens=4096 --batch_size=1 --activation_checkpointing=true \\
+        --gradient_accumulation_steps=128                         # low memory at 4K context
+
+Training rows time whole optimizer steps (gradient_accumulation_steps micro-batches + the optimizer) on random
+tokens, with the tokens of a micro-batch held at batch_size x block_size for every sequence length. MFU =
+flops_per_token (6N + 12 L d T) x tokens/s over the device's dense bf16 peak (runtime.PEAK_FLOPS). The full
+figures go to a JSON file; a short table is printed last. A train.py config file works as it is: the keys
+bench.py has no use for (out_dir, max_iters, ...) are skipped.
+"""
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import runtime
+from model import GPT, GPTConfig, KVCache
+from shards import TokenWindows, write_shard
+
+# ----------------------------------------------------------------------------- config
+# model (a train.py config file sets these)
+vocab_size = 32000  # tokens in the vocabulary
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads
+n_embd = 768  # residual width
+mlp_hidden = 3072  # SwiGLU hidden width
+block_size = 4096  # longest sequence, and the model's context
+rope_theta = 10000.0  # RoPE base
+activation_checkpointing = False  # recompute blocks in backward
+batch_size = 8  # sequences of block_size per micro-batch; shorter sequences get as many tokens per micro-batch
+gradient_accumulation_steps = 16  # micro-batches per optimizer step (the config's own = its reference batch)
+muon_lr = 0.02  # optimizer settings, as train.py (they do not change the speed)
+muon_momentum = 0.95  # Nesterov momentum of Muon
+learning_rate = 0.006  # AdamW learning rate
+weight_decay = 0.0  # decoupled weight decay
+# what to measure
+seq_lens = ""  # comma-separated training sequence lengths; "" = block_size/4, block_size/2, block_size
+compile_modes = "off,on"  # torch.compile settings timed for training: off, on, or both
+train_steps = 3  # timed optimizer steps per training row (after one warm-up step)
+optimizer_steps = 10  # timed steps of Muon alone and of AdamW alone
+prompt_len = 512  # prefill length for the generation rows
+new_tokens = 256  # tokens decoded per generation row
+decode_batches = "1,8"  # batch sizes for generation
+graph_modes = "off,on"  # decoding: eager steps (off) and the compiled step replayed as a CUDA graph (on, CUDA only)
+data_batches = 200  # batches drawn from the shard reader
+out = "bench.json"  # full results
+device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
+dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+seed = 0  # weights and random tokens
+# -----------------------------------------------------------------------------
+runtime.install_error_handler()
+config = runtime.configure(globals(), sys.argv[1:], skip_foreign=True)
+env = runtime.setup_device(device, dtype)
+dev, cuda = env["device"], env["device_type"] == "cuda"
+torch.manual_seed(seed)
+lengths = [int(t) for t in seq_lens.split(",")] if seq_lens else [block_size // 4, block_size // 2, block_size]
+if max(lengths) > block_size:
+    raise runtime.UserError(f"seq_lens={seq_lens} has a length over block_size={block_size}")
+peak = runtime.peak_flops(dev)
+model_config = GPTConfig(
+    block_size=block_size,
+    vocab_size=vocab_size,
+    n_layer=n_layer,
+    n_head=n_head,
+    n_embd=n_embd,
+    mlp_hidden=mlp_hidden,
+    rope_theta=rope_theta,
+    activation_checkpointing=activation_checkpointing,
+)
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+    elif env["device_type"] == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, n):
+    """Seconds per call of fn, over n calls after the device has caught up."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def reset_memory():
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def bench_training(T, compiled):
+    """tokens/s, MFU and peak memory of whole optimizer steps at sequence length T."""
+    reset_memory()
+    raw = GPT(model_config).to(dev)
+    model = torch.compile(raw, dynamic=False) if compiled else raw
+    optimizer = runtime.make_optimizer(raw, muon_lr, muon_momentum, learning_rate, (0.9, 0.95), weight_decay)
+    B = max(1, batch_size * block_size // T)
+    batches = [torch.randint(0, vocab_size, (B, T + 1), device=dev) for _ in range(2)]
+
+    def step():
+        for k in range(gradient_accumulation_steps):
+            xy = batches[k % 2]
+            with env["autocast"]:
+                _, loss = model(xy[:, :-1], xy[:, 1:])
+            (loss / gradient_accumulation_steps).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    t_compile = timed(step, 1)  # the first step compiles and allocates the optimizer state
+    dt = timed(step, train_steps)
+    tok_s = B * T * gradient_accumulation_steps / dt
+    return {
+        "seq_len": T,
+        "batch_size": B,
+        "compile": compiled,
+        "tok_per_s": tok_s,
+        "mfu": raw.flops_per_token(T) * tok_s / peak if peak else None,
+        "peak_mem_gib": runtime.memory_gib(dev),
+        "step_s": dt,
+        "first_step_s": t_compile,
+    }
+
+
+def bench_optimizer():
+    """Muon (hidden matrices) + AdamW (embedding, gains), against AdamW on every parameter: one step each."""
+    model = GPT(model_config).to(dev)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    muon = runtime.make_optimizer(model, muon_lr, muon_momentum, learning_rate, (0.9, 0.95), weight_decay)
+    adamw = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=cuda)
+    result = {}
+    for name, opt in (("muon", muon), ("adamw", adamw)):
+        opt.step()  # state allocation stays out of the timing
+        result[f"{name}_step_s"] = timed(opt.step, optimizer_steps)
+    return result
+
+
+@torch.no_grad()
+def bench_generation(B, graph):
+    """Prefill tokens/s of a prompt_len prompt and greedy decode tokens/s over new_tokens, at batch B: the
+    loop of GPT.generate, with the cache and (graph=True) the captured step set up once, outside the timing."""
+    model = GPT(model_config).to(dev).eval()
+    if env["ptdtype"] != torch.float32:
+        model.to(env["ptdtype"])  # as sample.py: weights in the compute precision
+    prompt = torch.randint(0, vocab_size, (B, prompt_len), device=dev)
+    cache = KVCache(model_config, B, prompt_len + new_tokens, dev, env["ptdtype"])
+    step = model.capture_decode(cache) if graph else None
+
+    def prefill():
+        cache.pos = 0
+        return model(prompt, cache=cache)[0][:, -1]
+
+    def decode():
+        next_id = prefill().argmax(-1, keepdim=True)
+        for position in range(prompt_len, prompt_len + new_tokens):
+            if graph:
+                logits = step(next_id, position)
+            else:
+                logits = model.decode(next_id, cache, torch.tensor(position, device=dev))
+            next_id = logits.argmax(-1, keepdim=True)
+
+    decode()  # warm up
+    t_prefill, t_total = timed(prefill, 3), timed(decode, 2)
+    return {
+        "batch_size": B,
+        "graph": graph,
+        "prefill_tok_per_s": B * prompt_len / t_prefill,
+        "decode_tok_per_s": B * new_tokens / (t_total - t_prefill),
+    }
+
+
+def bench_data(B, T):
+    """Batches/s of (B, T) windows from the shard reader, pinned and copied to the device as train.py does."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = np.random.default_rng(seed).integers(0, vocab_size, 50 * 2**20, dtype=np.int64)
+        write_shard(Path(tmp) / "train_000000.bin", tokens, vocab_size)
+        data = TokenWindows(tmp, "train", T, vocab_size, seed)
+
+        def get_batch():
+            x, y = data.gather(data.sample_starts(B))
+            if cuda:
+                x, y = x.pin_memory(), y.pin_memory()
+            return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+        dt = timed(get_batch, data_batches)
+    return {"batch_size": B, "seq_len": T, "batches_per_s": 1 / dt, "tok_per_s": B * T / dt}
+
+
+# ----------------------------------------------------------------------------- run
+n_params = GPT(model_config).num_params()
+print(f"bench: {n_params / 1e6:.1f}M parameters | {dev} {env['ptdtype']} | peak {peak and peak / 1e12} TFLOP/s")
+results = {"config": config, "device": torch.cuda.get_device_name(dev) if cuda else dev, "params": n_params}
+results["training"] = []
+for mode in compile_modes.split(","):
+    for T in lengths:
+        row = bench_training(T, mode == "on")
+        torch._dynamo.reset()  # compiled graphs hold on to their model: free it before the next row
+        results["training"].append(row)
+        print(f"train T={T} compile={mode}: {row['tok_per_s']:,.0f} tok/s, {row['peak_mem_gib']:.2f} GiB", flush=True)
+results["optimizer"] = bench_optimizer()
+best_step = min(r["step_s"] for r in results["training"] if r["seq_len"] == lengths[-1])
+results["optimizer"]["muon_share_of_step"] = results["optimizer"]["muon_step_s"] / best_step
+results["generation"] = []
+for mode in graph_modes.split(","):
+    if mode == "on" and not cuda:
+        continue
+    for B in [int(b) for b in decode_batches.split(",")]:
+        row = bench_generation(B, mode == "on")
+        results["generation"].append(row)
+        print(f"generate B={B} graph={mode}: decode {row['decode_tok_per_s']:,.0f} tok/s", flush=True)
+B_data = max(1, batch_size * block_size // lengths[-1])
+results["data"] = bench_data(B_data, lengths[-1])
+Path(out).write_text(json.dumps(results, indent=1))
+
+# ----------------------------------------------------------------------------- table
+print(f"\n{results['device']} | {n_params / 1e6:.1f}M params | {env['ptdtype']} | full results in {out}")
+print("| training | compile | batch x T | tok/s | MFU | peak mem |")
+print("|---|---|---|---|---|---|")
+for r in results["training"]:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+    print(
+        f"| T={r['seq_len']} | {'on' if r['compile'] else 'off'} | {r['batch_size']} x {r['seq_len']} "
+        f"| {r['tok_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} GiB |"
+    )
+o = results["optimizer"]
+print(
+    f"optimizer step: Muon+AdamW {1e3 * o['muon_step_s']:.1f} ms, AdamW alone {1e3 * o['adamw_step_s']:.1f} ms; "
+    f"Muon = {100 * o['muon_share_of_step']:.1f}% of a training step at T={lengths[-1]}"
+)
+for r in results["generation"]:
+    print(
+        f"generation B={r['batch_size']} graph={'on' if r['graph'] else 'off'}: prefill "
+        f"{r['prefill_tok_per_s']:,.0f} tok/s, decode {r['decode_tok_per_s']:,.0f} tok/s"
+    )
+d = results["data"]
+print(f"data: {d['batches_per_s']:,.0f} batches/s of {d['batch_size']} x {d['seq_len']} = {d['tok_per_s']:,.0f} tok/s")
