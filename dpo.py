@@ -165,8 +165,8 @@ def get_batches():
 
 def sequence_logps(model, x, y):
     """Summed log-probability of each row's targets, targets of -1 left out: (B,) float32."""
-    logits, _ = model(x, y)
-    return -F.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="none").sum(1)
+    _, token_losses = model(x, y, reduction="none")  # (B, T), 0 where the target is -1
+    return -token_losses.sum(1)
 
 
 @torch.no_grad()

@@ -157,19 +157,12 @@ def test_prepare_dpo_reads_both_schemas_cuts_and_counts(tiny_data, tmp_path):
     assert {f.name: f.read_bytes() for f in a.iterdir()} == before
 
 
-def full_logits(model, x):
-    """Logits at every position."""
-    if hasattr(model, "logits"):
-        return model.logits(x)
-    return model(x, torch.zeros_like(x))[0]  # the model before the chunked cross-entropy returned them
-
-
 def reference_loss(policy, reference, pairs, beta):
     """The DPO loss and mean rewards, computed pair by pair in float64 from full logits: no padding, no batching."""
 
     def logp(model, prompt, completion):
         seq = torch.tensor([prompt + completion])
-        logits = full_logits(model, seq[:, :-1]).double()  # (1, T, V)
+        logits = model.logits(seq[:, :-1]).double()  # (1, T, V)
         logprobs = F.log_softmax(logits, dim=-1)[0, len(prompt) - 1 :]  # the positions that predict the completion
         return logprobs.gather(1, torch.tensor(completion)[:, None]).sum().item()
 
