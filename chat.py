@@ -15,8 +15,10 @@ import importlib
 import inspect
 import re
 import zlib
+from pathlib import Path
 
-from tokenizer import BOS
+from runtime import UserError
+from tokenizer import BOS, find_tokenizer, load_tokenizer
 
 ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 ROLE_ALIASES = {"prompter": "user", "human": "user", "gpt": "assistant", "bot": "assistant"}  # oasst1, ShareGPT
@@ -54,6 +56,31 @@ def render_prompt(tok, messages):
     """Token ids of a conversation so far, followed by <|assistant|>: what the model continues to answer."""
     ids, _ = render(tok, messages)
     return ids + [tok.special["<|assistant|>"]]
+
+
+def load_run_tokenizer(run, data_dir, mode):
+    """(tokenizer, its file) of the run folder that SFT or DPO starts from, checked: it has the chat tokens, and
+    data_dir, where it exists, was made with it (by prepare.py --mode=sft or dpo)."""
+    path = find_tokenizer(run)
+    if path is None:
+        raise UserError(f"{run} has no tokenizer file; it was not written by train.py")
+    try:
+        tok = load_tokenizer(path)
+    except ValueError as e:  # e.g. a SentencePiece model without our reserved special tokens
+        raise UserError(f"{path}: {e}; {mode.upper()} needs the chat tokens that prepare.py reserves") from None
+    missing = [t for t in [*ROLES.values(), END] if t not in tok.special]
+    if missing:
+        raise UserError(
+            f"the tokenizer of {run} has no chat tokens ({missing[0]}); {mode.upper()} needs a SentencePiece "
+            f"tokenizer made by prepare.py, so pretrain with one"
+        )
+    data_tokenizer = find_tokenizer(data_dir) if Path(data_dir).is_dir() else None
+    if data_tokenizer is not None and data_tokenizer.read_bytes() != path.read_bytes():
+        raise UserError(
+            f"{data_dir} was made with another tokenizer ({data_tokenizer}) than {run}'s ({path}); rerun "
+            f"prepare.py --mode={mode} --tokenizer={path}"
+        )
+    return tok, path
 
 
 def oasst_conversations(rows, lang=""):

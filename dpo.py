@@ -29,7 +29,6 @@ import chat
 import runtime
 from runtime import UserError
 from shards import open_pairs
-from tokenizer import find_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -90,31 +89,12 @@ if resume and not (out / REF).is_file():
 ref_path = out / REF if resume else ckpt_path
 ref_model = runtime.build_model(runtime.load_checkpoint(ref_path) if resume else ckpt, ref_path)
 ref_model = ref_model.to(env["device"]).eval().requires_grad_(False)
-base_tokenizer = find_tokenizer(base)
-if base_tokenizer is None:
-    raise UserError(f"{base} has no tokenizer file; it was not written by train.py")
-try:
-    tok = load_tokenizer(base_tokenizer)
-except ValueError as e:  # e.g. a SentencePiece model without our reserved special tokens
-    raise UserError(f"{base_tokenizer}: {e}; DPO needs the chat tokens that prepare.py reserves") from None
-missing = [t for t in [*chat.ROLES.values(), chat.END] if t not in tok.special]
-if missing:
-    raise UserError(
-        f"the tokenizer of {base} has no chat tokens ({missing[0]}); DPO starts from an SFT run, whose "
-        f"tokenizer has them"
-    )
+tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "dpo")
 if not resume and runtime.step_checkpoints(out) and not overwrite:
     raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
 
+
 # ----------------------------------------------------------------------------- data
-data_tokenizer = find_tokenizer(data_dir) if Path(data_dir).is_dir() else None
-if data_tokenizer is not None and data_tokenizer.read_bytes() != base_tokenizer.read_bytes():
-    raise UserError(
-        f"{data_dir} was made with another tokenizer ({data_tokenizer}) than {base}'s ({base_tokenizer}); rerun "
-        f"prepare.py --mode=dpo --tokenizer={base_tokenizer}"
-    )
-
-
 def load_pairs(split):
     """(prompt, chosen, rejected) int64 token arrays per pair; pairs longer than the model's context are dropped."""
     tokens, lengths = open_pairs(data_dir, split, model.config.vocab_size)
