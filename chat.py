@@ -1,4 +1,5 @@
-"""Conversations: the chat template, its loss mask, and the conversation sources that prepare.py --mode=sft reads.
+"""Conversations: the chat template, its loss mask, the conversations and preference pairs that prepare.py
+--mode=sft and --mode=dpo render, and the offline demo sets for both.
 
 A conversation renders as
 
@@ -6,15 +7,18 @@ A conversation renders as
 
 with the special tokens reserved by the tokenizer (ids 1-5). The loss mask is 1 exactly on the tokens of
 assistant texts and the <|end|> that closes each of them: the model learns to answer and to stop, never to
-write the user's part.
+write the user's part. A preference pair renders as one prompt (the conversation so far, then <|assistant|>)
+and two completions, each an answer followed by <|end|>.
 """
 
 import importlib
 import inspect
 import re
 import zlib
+from pathlib import Path
 
-from tokenizer import BOS
+from runtime import UserError
+from tokenizer import BOS, find_tokenizer, load_tokenizer
 
 ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 ROLE_ALIASES = {"prompter": "user", "human": "user", "gpt": "assistant", "bot": "assistant"}  # oasst1, ShareGPT
@@ -54,6 +58,31 @@ def render_prompt(tok, messages):
     return ids + [tok.special["<|assistant|>"]]
 
 
+def load_run_tokenizer(run, data_dir, mode):
+    """(tokenizer, its file) of the run folder that SFT or DPO starts from, checked: it has the chat tokens, and
+    data_dir, where it exists, was made with it (by prepare.py --mode=sft or dpo)."""
+    path = find_tokenizer(run)
+    if path is None:
+        raise UserError(f"{run} has no tokenizer file; it was not written by train.py")
+    try:
+        tok = load_tokenizer(path)
+    except ValueError as e:  # e.g. a SentencePiece model without our reserved special tokens
+        raise UserError(f"{path}: {e}; {mode.upper()} needs the chat tokens that prepare.py reserves") from None
+    missing = [t for t in [*ROLES.values(), END] if t not in tok.special]
+    if missing:
+        raise UserError(
+            f"the tokenizer of {run} has no chat tokens ({missing[0]}); {mode.upper()} needs a SentencePiece "
+            f"tokenizer made by prepare.py, so pretrain with one"
+        )
+    data_tokenizer = find_tokenizer(data_dir) if Path(data_dir).is_dir() else None
+    if data_tokenizer is not None and data_tokenizer.read_bytes() != path.read_bytes():
+        raise UserError(
+            f"{data_dir} was made with another tokenizer ({data_tokenizer}) than {run}'s ({path}); rerun "
+            f"prepare.py --mode={mode} --tokenizer={path}"
+        )
+    return tok, path
+
+
 def oasst_conversations(rows, lang=""):
     """Flatten OpenAssistant message trees (message_id, parent_id, role, text, lang) into one conversation per
     path from a root to a leaf; a path that ends on a prompter message drops that last, unanswered turn."""
@@ -76,6 +105,125 @@ def oasst_conversations(rows, lang=""):
                 conversations.append(path)
         stack.extend((kid, path) for kid in reversed(kids))
     return conversations
+
+
+def row_conversations(rows, messages_field, lang):
+    """Conversations from dataset rows: oasst1 message trees, or a [{role, content}] list in each row."""
+    first = next(iter(rows), None) or {}
+    if {"message_id", "parent_id", "role", "text"} <= set(first):
+        return oasst_conversations(list(rows), lang)
+    if messages_field in first:
+        return [row[messages_field] for row in rows]
+    raise ConversationError(
+        f"the rows have no {messages_field!r} list and are not oasst1 messages (they have {sorted(first)}); "
+        f"set --messages_field"
+    )
+
+
+def render_sft(tok, conversations, block_size, split_of):
+    """({split: {tokens, mask}}, counts, summary) for SFT; conversations with no assistant turn are skipped and
+    those longer than block_size dropped, both counted. split_of(i) names conversation i's split."""
+    counts = {"conversations": len(conversations), "kept": 0, "no_assistant": 0, "too_long": 0}
+    data = {s: {"tokens": [], "mask": []} for s in ("train", "val")}
+    for i, messages in enumerate(conversations):
+        try:
+            ids, mask = render(tok, messages)
+        except ConversationError as e:
+            raise ConversationError(f"conversation {i}: {e}") from None
+        if not any(mask):
+            counts["no_assistant"] += 1
+        elif len(ids) > block_size:
+            counts["too_long"] += 1
+        else:
+            counts["kept"] += 1
+            data[split_of(i)]["tokens"].extend(ids)
+            data[split_of(i)]["mask"].extend(mask)
+    train, val = data["train"], data["val"]
+    return (
+        data,
+        counts,
+        f"{counts['kept']} conversations kept of {len(conversations)}; skipped {counts['no_assistant']} with no "
+        f"assistant turn, dropped {counts['too_long']} longer than block_size={block_size} | train "
+        f"{len(train['tokens']):,} tokens ({sum(train['mask']):,} trained on), val {len(val['tokens']):,}",
+    )
+
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def pair_messages(row):
+    """(conversation so far, chosen answer, rejected answer) of a preference record: prompt, chosen and rejected
+    as plain strings, or (HuggingFaceH4/ultrafeedback_binarized) chosen and rejected as [{role, content}]
+    conversations ending with the assistant's answer, whose earlier turns must agree with each other and prompt."""
+    missing = [f for f in PAIR_FIELDS if row.get(f) is None]
+    if missing:
+        has = sorted(k for k, v in row.items() if v is not None)
+        raise ConversationError(f"no {missing[0]!r} field (the record has {has})")
+    prompt, chosen, rejected = (row[f] for f in PAIR_FIELDS)
+    context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise ConversationError("chosen and rejected must both be strings or both message lists")
+    if isinstance(chosen, str):
+        return context, chosen, rejected
+    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if not conversation or normalize(conversation[-1:])[0]["role"] != "assistant":
+            raise ConversationError(f"{name} does not end with an assistant message")
+    if len(chosen) > 1:  # full conversations: the turns before the answer are the prompt
+        turns = [(m["role"], m["content"]) for m in chosen[:-1]]
+        if turns != [(m["role"], m["content"]) for m in rejected[:-1]]:
+            raise ConversationError("chosen and rejected answer different conversations")
+        if isinstance(prompt, str) and turns[-1][1].strip() != prompt.strip():
+            raise ConversationError("the prompt field is not the last turn before chosen's answer")
+        if not isinstance(prompt, str) and turns != [(m["role"], m["content"]) for m in prompt]:
+            raise ConversationError("the prompt messages are not the turns before chosen's answer")
+        context = chosen[:-1]
+    return context, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def fit_pair(prompt, chosen, rejected, block_size):
+    """Fit the prompt and the longer completion into block_size tokens. The prompt gives way first, down to half
+    the block: it keeps its first token (<|endoftext|>) and its last ones (the question and <|assistant|>); then
+    each completion keeps its first tokens. Returns the three token lists and whether anything was cut."""
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= block_size:
+        return prompt, chosen, rejected, False
+    keep = min(len(prompt), max(block_size - longest, block_size // 2))
+    prompt = prompt[:1] + prompt[len(prompt) - keep + 1 :]
+    room = block_size - len(prompt)
+    return prompt, chosen[:room], rejected[:room], True
+
+
+def render_dpo(tok, rows, block_size, split_of):
+    """({split: {tokens, lengths}}, counts, summary) for DPO: tokens holds each pair's prompt, chosen and rejected
+    completion in turn (a completion is the answer and <|end|>), lengths their three lengths. Over-long pairs are
+    cut by fit_pair and counted; pairs whose completions are then identical are skipped and counted."""
+    counts = {"pairs": 0, "kept": 0, "identical": 0, "truncated": 0}
+    data = {s: {"tokens": [], "lengths": []} for s in ("train", "val")}
+    end = tok.special[END]
+    for i, row in enumerate(rows):
+        counts["pairs"] += 1
+        try:
+            context, chosen, rejected = pair_messages(row)
+            prompt = render_prompt(tok, context)
+        except ConversationError as e:
+            raise ConversationError(f"pair {i}: {e}") from None
+        prompt, chosen, rejected, cut = fit_pair(
+            prompt, tok.encode(chosen) + [end], tok.encode(rejected) + [end], block_size
+        )
+        if chosen == rejected:
+            counts["identical"] += 1
+            continue
+        counts["kept"] += 1
+        counts["truncated"] += cut
+        data[split_of(i)]["tokens"].extend(prompt + chosen + rejected)
+        data[split_of(i)]["lengths"].extend([len(prompt), len(chosen), len(rejected)])
+    return (
+        data,
+        counts,
+        f"{counts['kept']} pairs kept of {counts['pairs']}; skipped {counts['identical']} with identical "
+        f"completions, truncated {counts['truncated']} longer than block_size={block_size} | train "
+        f"{len(data['train']['lengths']) // 3} pairs, val {len(data['val']['lengths']) // 3}",
+    )
 
 
 DEMO_MODULES = [
@@ -132,3 +280,17 @@ def stdlib_conversations():
             question = QUESTIONS[zlib.crc32(name.encode()) % len(QUESTIONS)].format(name=name)
             conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": prose[0]}])
     return conversations
+
+
+def stdlib_pairs():
+    """The offline DPO demo set, on the SFT demo's questions in the same order (so the same held-out split):
+    chosen is the right answer; rejected is the answer about another function for odd questions, and for even
+    ones the right answer cut off halfway, a fluent start that stops too early, which likelihood favours."""
+    conversations = stdlib_conversations()
+    pairs = []
+    for i, (question, answer) in enumerate(conversations):
+        words = answer["content"].split(" ")
+        other = conversations[(i + len(conversations) // 2) % len(conversations)][1]["content"]
+        rejected = other if i % 2 else " ".join(words[: len(words) // 2])
+        pairs.append({"prompt": question["content"], "chosen": answer["content"], "rejected": rejected})
+    return pairs

@@ -32,7 +32,7 @@ import numpy as np
 import chat
 import runtime
 from runtime import UserError
-from shards import read_header, token_dtype, write_shard
+from shards import read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -58,11 +58,11 @@ max_shards = 0  # write at most this many shards in this run, then stop (run aga
 num_threads = 0  # tokenizer threads; 0 = all cores
 batch_docs = 1024  # documents tokenized per batch
 overwrite = False  # replace what data_dir holds
-# SFT data (--mode=sft): conversations with a loss mask; see chat.py
-mode = "pretrain"  # pretrain (documents) or sft (conversations: `messages` lists, oasst1 trees, or the demo set)
+# SFT and DPO data (--mode=sft, --mode=dpo): conversations with a loss mask, or preference pairs; see chat.py
+mode = "pretrain"  # pretrain (documents), sft (`messages` lists, oasst1 trees) or dpo (prompt/chosen/rejected)
 messages_field = "messages"  # field holding a [{role, content}] list (HuggingFaceH4/ultrachat_200k: messages)
 lang = ""  # oasst1: keep only messages in this language (e.g. en); empty = all
-block_size = 1024  # sft: conversations longer than this many tokens are dropped (and counted)
+block_size = 1024  # sft: longer conversations are dropped; dpo: longer pairs are cut (chat.fit_pair); both counted
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
 config = runtime.configure(globals(), sys.argv[1:])
@@ -206,6 +206,11 @@ def is_val(name):
     return zlib.crc32(name.encode()) % 1000 < val_permille
 
 
+def split_of(i):
+    """The split of the i-th conversation or pair of --mode=sft/dpo."""
+    return "val" if is_val(str(i)) else "train"
+
+
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -240,79 +245,65 @@ def cut_shard(split, n):
     save_manifest()
 
 
-def prepare_sft():
-    """Conversations -> {split}_*.bin tokens and {split}_*.mask loss masks (1 on what the assistant says)."""
+def build_chat_data():
+    """--mode=sft or dpo: conversations or preference pairs rendered with the chat template (chat.py), as
+    (tokenizer, {split: {tokens, mask or lengths}}, counts, summary, source). Nothing is written yet, so a bad
+    record loses nothing."""
     if not tokenizer or not Path(tokenizer).is_file():
-        raise UserError("--mode=sft needs the base model's tokenizer: --tokenizer=out/RUN/tokenizer.model")
+        raise UserError(f"--mode={mode} needs the base model's tokenizer: --tokenizer=out/RUN/tokenizer.model")
     tok = load_tokenizer(tokenizer)
     if not set(chat.ROLES.values()) | {chat.END} <= set(tok.special):
         raise UserError(
-            f"{tokenizer} has no chat tokens (<|user|>, <|assistant|>, ...); SFT needs a SentencePiece "
+            f"{tokenizer} has no chat tokens (<|user|>, <|assistant|>, ...); {mode.upper()} needs a SentencePiece "
             f"tokenizer made by prepare.py"
         )
-    if input or dataset:
-        rows, source, _ = open_stream()
-        first = next(iter(rows), None) or {}
-        if {"message_id", "parent_id", "role", "text"} <= set(first):
-            conversations = chat.oasst_conversations(list(rows), lang)
-        elif messages_field in first:
-            conversations = [row[messages_field] for row in rows]
-        else:
-            raise UserError(
-                f"the rows have no {messages_field!r} list and are not oasst1 messages "
-                f"(they have {sorted(first)}); set --messages_field"
+    rows, source = open_stream()[:2] if input or dataset else (None, "standard-library docstrings (demo)")
+    try:
+        if mode == "sft":
+            conversations = (
+                chat.row_conversations(rows, messages_field, lang) if rows is not None else chat.stdlib_conversations()
             )
-    else:
-        conversations, source = chat.stdlib_conversations(), "standard-library docstrings (demo)"
-    counts = {"conversations": len(conversations), "kept": 0, "no_assistant": 0, "too_long": 0}
-    data = {"train": ([], []), "val": ([], [])}
-    for i, messages in enumerate(conversations):
-        try:
-            ids, mask = chat.render(tok, messages)
-        except chat.ConversationError as e:
-            raise UserError(f"conversation {i}: {e}") from None
-        if not any(mask):
-            counts["no_assistant"] += 1
-        elif len(ids) > block_size:
-            counts["too_long"] += 1
+            data, counts, note = chat.render_sft(tok, conversations, block_size, split_of)
         else:
-            counts["kept"] += 1
-            split_ = "val" if is_val(str(i)) else "train"
-            data[split_][0].extend(ids)
-            data[split_][1].extend(mask)
-    if not data["train"][0] or not data["val"][0]:
-        raise UserError(f"{counts['kept']} usable conversations of {len(conversations)} ({counts}); need more")
-    shards = []
-    for split_, (ids, mask) in data.items():
-        for j, a in enumerate(range(0, len(ids), shard_tokens)):
-            write_shard(out / f"{split_}_{j:06d}.mask", mask[a : a + shard_tokens], 2)
-            write_shard(out / f"{split_}_{j:06d}.bin", ids[a : a + shard_tokens], tok.vocab_size)
-            shards.append({"name": f"{split_}_{j:06d}.bin", "split": split_, "tokens": len(ids[a : a + shard_tokens])})
+            data, counts, note = chat.render_dpo(
+                tok, chat.stdlib_pairs() if rows is None else rows, block_size, split_of
+            )
+    except chat.ConversationError as e:
+        raise UserError(str(e)) from None
+    if not data["train"]["tokens"] or not data["val"]["tokens"]:
+        raise UserError(f"{counts['kept']} usable records ({counts}); need some for both train and val")
+    return tok, data, counts, note, source
+
+
+def write_chat_data(tok, data, counts, note, source):
+    """SFT's tokens and loss masks, or DPO's tokens and pair lengths, per split (shards.write_split)."""
+    shards = [
+        entry
+        for split_, parts in data.items()
+        for entry in write_split(out, split_, tok.vocab_size, shard_tokens, **parts)
+    ]
     (out / tok.file_name).write_bytes(tok.serialize())
     global manifest
     manifest = {
         "settings": settings,
         "source": source,
-        "mode": "sft",
+        "mode": mode,
         "docs": counts,
         "shards": shards,
         "complete": True,
         "tokenizer": {"file": tok.file_name, "vocab_size": tok.vocab_size, "sha256": sha256(out / tok.file_name)},
     }
     save_manifest()
-    print(
-        f"sft: {counts['kept']} conversations kept of {len(conversations)} from {source}; skipped "
-        f"{counts['no_assistant']} with no assistant turn, dropped {counts['too_long']} longer than "
-        f"block_size={block_size} | train {len(data['train'][0]):,} tokens ({sum(data['train'][1]):,} trained on), "
-        f"val {len(data['val'][0]):,} | {out}/"
-    )
+    print(f"{mode}: {note} | from {source} -> {out}/")
 
 
 # ----------------------------------------------------------------------------- plan
 t0 = time.time()
 source_path = Path(input or dataset or "stdlib")
 source_name = source_path.parent.name if "*" in input else source_path.stem
-data_dir = data_dir or f"data/{'sft_' if mode == 'sft' else ''}{source_name}"
+if mode not in ("pretrain", "sft", "dpo"):
+    raise UserError(f"--mode={mode}: expected pretrain, sft or dpo")
+data_dir = data_dir or f"data/{'' if mode == 'pretrain' else mode + '_'}{source_name}"
 out = Path(data_dir)
 settings = {k: config[k] for k in SETTINGS}
 plan = get_plan() if model_config else None
@@ -346,9 +337,11 @@ if manifest and manifest["complete"] and not overwrite:
             raise UserError(f"{out / shard['name']} does not match manifest.json; rebuild with --overwrite=true")
     print(f"{out} is already prepared with these settings; nothing to do (--overwrite=true rebuilds it)")
     sys.exit(0)
+chat_data = build_chat_data() if mode != "pretrain" else None
 out.mkdir(parents=True, exist_ok=True)
 stale = [*out.glob("*.tmp")] + (
-    [*out.glob("*.bin"), out / "manifest.json", *map(out.joinpath, TOKENIZER_FILES)]
+    [*out.glob("*.bin"), *out.glob("*.mask"), *out.glob("*.pairs"), out / "manifest.json"]
+    + [*map(out.joinpath, TOKENIZER_FILES)]
     if overwrite or not manifest
     else []
 )
@@ -356,11 +349,9 @@ for path in stale:  # temporary files of an interrupted run, or everything with 
     path.unlink(missing_ok=True)
 if overwrite:
     manifest = None
-if mode == "sft":
-    prepare_sft()
+if chat_data:
+    write_chat_data(*chat_data)
     sys.exit(0)
-if mode != "pretrain":
-    raise UserError(f"--mode={mode}: expected pretrain or sft")
 
 rows, source, field = open_stream()
 check_fields(rows, field)

@@ -26,7 +26,6 @@ import chat
 import runtime
 from runtime import UserError
 from shards import find_shards, open_shard
-from tokenizer import find_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -80,31 +79,12 @@ base = out if resume else Path(init_from)
 ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best")
 ckpt = runtime.load_checkpoint(ckpt_path)
 model = runtime.build_model(ckpt, ckpt_path).to(env["device"])
-base_tokenizer = find_tokenizer(base)
-if base_tokenizer is None:
-    raise UserError(f"{base} has no tokenizer file; it was not written by train.py")
-try:
-    tok = load_tokenizer(base_tokenizer)
-except ValueError as e:  # e.g. a SentencePiece model without our reserved special tokens
-    raise UserError(f"{base_tokenizer}: {e}; SFT needs the chat tokens that prepare.py reserves") from None
-missing = [t for t in [*chat.ROLES.values(), chat.END] if t not in tok.special]
-if missing:
-    raise UserError(
-        f"the tokenizer of {base} has no chat tokens ({missing[0]}); SFT needs a SentencePiece tokenizer "
-        f"made by prepare.py, so pretrain with one"
-    )
+tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "sft")
 if not resume and runtime.step_checkpoints(out) and not overwrite:
     raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
 
+
 # ----------------------------------------------------------------------------- data
-data_tokenizer = find_tokenizer(data_dir) if Path(data_dir).is_dir() else None
-if data_tokenizer is not None and data_tokenizer.read_bytes() != base_tokenizer.read_bytes():
-    raise UserError(
-        f"{data_dir} was made with another tokenizer than {base}'s; rerun prepare.py --mode=sft "
-        f"--tokenizer={base_tokenizer}"
-    )
-
-
 def load_conversations(split):
     """(ids, targets) int64 arrays per conversation; targets are -1 wherever the loss mask is 0."""
     ids, mask = [], []

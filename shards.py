@@ -9,7 +9,10 @@ A shard is a 32-byte header followed by the tokens, so np.memmap reads it with n
     16      8     vocabulary size of the tokenizer that wrote it (uint64)
     24      8     number of tokens (uint64)
 
-A data folder holds tokenizer.model, train_*.bin and val_*.bin.
+A data folder holds tokenizer.model, train_*.bin and val_*.bin. SFT data adds a loss mask beside each token
+shard ({split}_*.mask, same format, vocabulary 2). DPO data holds each pair's prompt, chosen completion and
+rejected completion in turn in the token shards, and their three lengths per pair in {split}.pairs (same
+format, "vocabulary" = the longest length + 1).
 """
 
 import os
@@ -45,6 +48,21 @@ def write_shard(path, tokens, vocab_size):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_split(out, split, vocab_size, shard_tokens, tokens, mask=None, lengths=None):
+    """Write one split of SFT or DPO data: tokens in shards of shard_tokens, SFT's loss mask beside each,
+    DPO's pair lengths in one file. Returns the token shards' manifest entries."""
+    entries = []
+    for j, a in enumerate(range(0, len(tokens), shard_tokens)):
+        name = f"{split}_{j:06d}"
+        if mask is not None:
+            write_shard(Path(out) / f"{name}.mask", mask[a : a + shard_tokens], 2)
+        write_shard(Path(out) / f"{name}.bin", tokens[a : a + shard_tokens], vocab_size)
+        entries.append({"name": f"{name}.bin", "split": split, "tokens": len(tokens[a : a + shard_tokens])})
+    if lengths is not None:
+        write_shard(Path(out) / f"{split}.pairs", lengths, max(lengths) + 1)
+    return entries
 
 
 def read_header(path):
@@ -121,3 +139,17 @@ class TokenWindows:
             rows.append(torch.from_numpy(self.shards[i][off : off + T + 1].astype(np.int64)))
         xy = torch.stack(rows)  # (B, T+1)
         return xy[:, :-1], xy[:, 1:]
+
+
+def open_pairs(data_dir, split, vocab_size):
+    """DPO data: (tokens of all the split's shards, int64; (n_pairs, 3) prompt/chosen/rejected lengths)."""
+    path = Path(data_dir) / f"{split}.pairs"
+    if not path.is_file():
+        raise ShardError(f"{path} not found; make DPO data with prepare.py --mode=dpo")
+    tokens = np.concatenate(
+        [np.asarray(open_shard(p, vocab_size), dtype=np.int64) for p in find_shards(data_dir, split)]
+    )
+    lengths = np.asarray(open_shard(path), dtype=np.int64)
+    if len(lengths) % 3 or lengths.sum() != len(tokens):
+        raise ShardError(f"{path} does not match the {split} token shards beside it; re-run prepare.py --mode=dpo")
+    return tokens, lengths.reshape(-1, 3)

@@ -1,10 +1,12 @@
-"""The whole pipeline in tiny form, run as a user runs it: prepare -> train -> sample, as subprocesses.
+"""The whole pipeline in tiny form, run as a user runs it: prepare -> train -> sample -> SFT -> DPO -> chat, as
+subprocesses.
 
 prepare.py builds the default corpus (this Python's standard library, no download) into a temporary folder.
 """
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 from conftest import TINY, run  # noqa: E402
 
 
-def test_prepare_train_sample(tmp_path):
+def test_prepare_train_sample_sft_dpo_chat(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     proc = run("prepare.py", f"--data_dir={data}", "--vocab_size=1024")
     assert "standard library" in proc.stdout and "done:" in proc.stdout
@@ -45,3 +47,42 @@ def test_prepare_train_sample(tmp_path):
     samples = proc.stdout.split("-" * 80)
     assert len(samples) == 3 and all(s.strip().startswith("def") for s in samples[:2])
     assert len(samples[0].strip()) > 30  # text came out after the prompt
+
+    # SFT on the demo conversations, DPO on the demo pairs, then a chat answer from the DPO model
+    sft_data, dpo_data, sft, dpo = tmp_path / "sft_data", tmp_path / "dpo_data", tmp_path / "sft", tmp_path / "dpo"
+    tokenizer = f"--tokenizer={out / 'tokenizer.model'}"
+    run("prepare.py", "--mode=sft", f"--data_dir={sft_data}", tokenizer, "--block_size=64")
+    common = ["--device=cpu", "--batch_size=8", "--eval_iters=1", "--log_interval=5", "--warmup_iters=2"]
+    run(
+        "sft.py",
+        f"--init_from={out}",
+        f"--data_dir={sft_data}",
+        f"--out_dir={sft}",
+        *common,
+        "--max_iters=20",
+        "--eval_interval=20",
+        "--max_new_tokens=4",
+        "--num_samples=1",
+    )
+    proc = run("prepare.py", "--mode=dpo", f"--data_dir={dpo_data}", tokenizer, "--block_size=64")
+    assert "pairs kept of" in proc.stdout
+    proc = run(
+        "dpo.py",
+        f"--init_from={sft}",
+        f"--data_dir={dpo_data}",
+        f"--out_dir={dpo}",
+        *common,
+        "--max_iters=10",
+        "--eval_interval=10",
+        "--precompute_ref=true",
+    )
+    assert "held-out preference accuracy" in proc.stdout
+    records = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
+    assert abs(records[0]["val_loss"] - math.log(2)) < 1e-5
+    assert all(
+        {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(r)
+        for r in records
+        if "loss" in r
+    )
+    answer = run("sample.py", f"--out_dir={dpo}", "--chat", "--start=What does json.dumps do?", "--max_new_tokens=8")
+    assert answer.stdout.strip()

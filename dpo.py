@@ -1,0 +1,372 @@
+"""Preference tuning (DPO): tune an SFT run on (prompt, chosen, rejected) pairs made by prepare.py --mode=dpo.
+
+    python prepare.py --mode=dpo --tokenizer=out/tiny/tokenizer.model             # offline demo pairs
+    python dpo.py config/dpo_tiny_cpu.py                                          # CPU demo (Quick start)
+    python dpo.py --init_from=out/sft_137m --data_dir=data/dpo_ultrafeedback      # one GPU
+    torchrun --standalone --nproc_per_node=8 dpo.py --init_from=out/sft_137m --data_dir=data/dpo_ultrafeedback
+    python dpo.py config/dpo_tiny_cpu.py --init_from=resume                       # continue a stopped run
+    python sample.py --out_dir=out/tiny_dpo --chat                                # talk to it
+
+The loss is DPO's (Rafailov et al. 2023), -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) -
+log ref(y_l|x))]), with log-probabilities summed over completion tokens only. The reference is the SFT model,
+frozen: no gradients, no optimizer state. Each row of a batch holds one prompt + completion, padded after its
+end; a pair's chosen and rejected rows go through the same forward pass.
+"""
+
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import chat
+import runtime
+from runtime import UserError
+from shards import open_pairs
+
+# ----------------------------------------------------------------------------- config
+# I/O
+out_dir = "out/dpo"  # run folder for the preference-tuned model
+init_from = "out/sft"  # an SFT run folder (its best checkpoint), or 'resume' to continue out_dir
+data_dir = "data/dpo_stdlib"  # folder made by prepare.py --mode=dpo
+overwrite = False  # allow a new run to replace one already in out_dir
+eval_interval = 100  # steps between evaluations (held-out loss, rewards and preference accuracy)
+eval_iters = 10  # validation micro-batches per evaluation
+log_interval = 10  # steps between progress lines
+ckpt_interval = 100  # steps between checkpoints (one is also written at the end)
+keep_last = 3  # step checkpoints kept (ckpt_best.pt, lowest held-out loss, is kept besides)
+# DPO
+beta = 0.1  # inverse temperature of the preference model: rewards are beta x log(policy / reference)
+precompute_ref = False  # compute the reference's log-probabilities once up front, then free the reference model
+# data
+batch_size = 8  # preference pairs per micro-batch, per rank (2 x batch_size rows)
+gradient_accumulation_steps = 1  # micro-batches per step, summed over all ranks
+# optimizer: smaller steps than SFT, DPO only nudges a model that already answers
+muon_lr = 0.002  # Muon learning rate for the hidden matrices
+muon_momentum = 0.95  # Nesterov momentum of Muon
+learning_rate = 0.0005  # AdamW learning rate for the embedding and norm gains
+beta1 = 0.9  # AdamW
+beta2 = 0.95  # AdamW
+weight_decay = 0.0  # decoupled weight decay on matrices and embedding
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+max_iters = 200  # optimizer steps
+warmup_iters = 10  # linear warmup steps
+lr_decay_iters = 0  # the linear decay ends here (0 = max_iters)
+min_lr_frac = 0.0  # final learning rate as a fraction of the peak (linear decay)
+# system
+device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu
+dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+compile = False  # torch.compile of the policy; rows change length every batch, so it recompiles often
+seed = 1337  # data order
+# -----------------------------------------------------------------------------
+runtime.install_error_handler()
+config = runtime.configure(globals(), sys.argv[1:])
+
+# ----------------------------------------------------------------------------- device / DDP
+env = runtime.setup_device(device, dtype)
+master, world_size, rank = env["master"], env["world_size"], env["rank"]
+if gradient_accumulation_steps % world_size:
+    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by {world_size} ranks")
+accum_steps = gradient_accumulation_steps // world_size
+torch.manual_seed(seed)
+
+# ----------------------------------------------------------------------------- policy, reference and tokenizer
+REF = "ref.pt"  # the frozen reference's weights, kept in out_dir so that a resumed run finds the same ones
+out = Path(out_dir)
+resume = init_from == "resume"
+base = out if resume else Path(init_from)
+ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best")
+ckpt = runtime.load_checkpoint(ckpt_path)
+model = runtime.build_model(ckpt, ckpt_path).to(env["device"])
+if resume and not (out / REF).is_file():
+    raise UserError(f"{out} has no {REF} (the frozen reference); it was not written by dpo.py")
+ref_path = out / REF if resume else ckpt_path
+ref_model = runtime.build_model(runtime.load_checkpoint(ref_path) if resume else ckpt, ref_path)
+ref_model = ref_model.to(env["device"]).eval().requires_grad_(False)
+tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "dpo")
+if not resume and runtime.step_checkpoints(out) and not overwrite:
+    raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
+
+
+# ----------------------------------------------------------------------------- data
+def load_pairs(split):
+    """(prompt, chosen, rejected) int64 token arrays per pair; pairs longer than the model's context are dropped."""
+    tokens, lengths = open_pairs(data_dir, split, model.config.vocab_size)
+    starts = np.cumsum(lengths.sum(1)) - lengths.sum(1)
+    rows, too_long = [], 0
+    for a, (p, c, r) in zip(starts, lengths, strict=True):
+        if p + max(c, r) - 1 > model.config.block_size:  # prepare.py's --block_size may exceed the model's context
+            too_long += 1
+            continue
+        rows.append((tokens[a : a + p], tokens[a + p : a + p + c], tokens[a + p + c : a + p + c + r]))
+    if too_long and master:
+        print(
+            f"{split}: dropped {too_long} of {len(lengths)} pairs longer than the model's context of "
+            f"{model.config.block_size} tokens (prepare.py --mode=dpo --block_size={model.config.block_size} "
+            f"truncates them instead)"
+        )
+    if not rows:
+        raise UserError(f"no {split} pair in {data_dir} fits the model's context of {model.config.block_size}")
+    return rows
+
+
+train_rows, val_rows = load_pairs("train"), load_pairs("val")
+generator = torch.Generator().manual_seed(seed)
+
+
+def collate(pairs):
+    """2 x len(pairs) rows: prompt + chosen of each pair, then prompt + rejected, padded to the longest. Targets
+    are -1 except on the completion, so a row's summed log-probability is its completion's."""
+    seqs = [np.concatenate([p, c]) for p, c, _ in pairs] + [np.concatenate([p, r]) for p, _, r in pairs]
+    prompts = [len(p) for p, _, _ in pairs] * 2
+    T = max(len(s) for s in seqs) - 1
+    X = torch.zeros(len(seqs), T, dtype=torch.long)
+    Y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(seqs, prompts, strict=True)):
+        X[i, : len(s) - 1] = torch.from_numpy(s[:-1])
+        Y[i, n - 1 : len(s) - 1] = torch.from_numpy(s[n:])
+    return X.to(env["device"]), Y.to(env["device"])
+
+
+def get_batches():
+    """This rank's micro-batches of one step, as (pair indices, x, y); all ranks draw the whole step's pairs."""
+    picks = torch.randint(len(train_rows), (gradient_accumulation_steps * batch_size,), generator=generator)
+    mine = picks[rank * accum_steps * batch_size : (rank + 1) * accum_steps * batch_size].tolist()
+    for j in range(accum_steps):
+        batch = mine[j * batch_size : (j + 1) * batch_size]
+        yield (batch, *collate([train_rows[i] for i in batch]))
+
+
+def sequence_logps(model, x, y):
+    """Summed log-probability of each row's targets, targets of -1 left out: (B,) float32."""
+    _, token_losses = model(x, y, reduction="none")  # (B, T), 0 where the target is -1
+    return -token_losses.sum(1)
+
+
+@torch.no_grad()
+def reference_logps(x, y, table=None, picks=None):
+    """The reference's summed log-probabilities of the rows of collate(pairs[picks]): looked up in table (the
+    (n_pairs, 2) precomputed chosen/rejected values) when there is one, else computed by the reference model."""
+    if table is not None:
+        return table[picks].T.reshape(-1)
+    with env["autocast"]:
+        return sequence_logps(ref_model, x, y).float()
+
+
+def precompute(rows):
+    """(n_pairs, 2) reference log-probabilities of every pair's chosen and rejected completion."""
+    out = [reference_logps(*collate(rows[a : a + batch_size])) for a in range(0, len(rows), batch_size)]
+    return torch.cat([logps.view(2, -1).T for logps in out])
+
+
+def dpo_loss(policy, reference):
+    """Mean DPO loss of a batch and TRL's statistics (loss, rewards/chosen, rewards/rejected, rewards/accuracies,
+    rewards/margins), from (2B,) summed log-probabilities with the chosen rows first. Rewards = beta x log-ratio."""
+    chosen, rejected = (beta * (policy.float() - reference)).chunk(2)
+    margins = chosen - rejected
+    loss = -F.logsigmoid(margins).mean()
+    stats = torch.stack([loss, chosen.mean(), rejected.mean(), (margins > 0).float().mean(), margins.mean()])
+    return loss, stats.detach()
+
+
+STATS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
+ref_train = ref_val = None
+if precompute_ref:  # every rank computes all of them: any rank may draw any pair
+    t0 = time.time()
+    ref_train, ref_val = precompute(train_rows), precompute(val_rows)
+    del ref_model  # its memory goes back; from here on reference_logps looks the values up
+    if master:
+        print(f"reference log-probabilities of {len(train_rows) + len(val_rows)} pairs in {time.time() - t0:.1f}s")
+
+
+# ----------------------------------------------------------------------------- optimizer
+optimizer = runtime.make_optimizer(model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay)
+scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
+iter_num, best_val_loss = 0, float("inf")
+if resume:
+    runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    generator.set_state(ckpt["data"])
+    runtime.set_rng_state(ckpt["rng"], env["device"])
+    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+model_config = model.config
+if master:
+    if not resume:
+        for old in [*runtime.step_checkpoints(out), out / runtime.BEST, out / "metrics.jsonl", out / REF]:
+            old.unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:  # on resume out_dir is the base and already holds them
+        shutil.copyfile(base_tokenizer, out / base_tokenizer.name)
+        runtime.atomic_save({"model": ckpt["model"], "model_args": ckpt["model_args"]}, out / REF)
+del ckpt
+raw_model = model
+if compile:
+    model = torch.compile(model, dynamic=True)
+if env["ddp"]:
+    model = DDP(model, device_ids=[env["local_rank"]] if env["device_type"] == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- schedule
+def get_lr(it):
+    """Multiplier of the peak learning rates: linear warmup, then linear decay to min_lr_frac."""
+    if it < warmup_iters:
+        return (it + 1) / warmup_iters
+    decay_end = lr_decay_iters or max_iters
+    return 1 - (1 - min_lr_frac) * min(1, (it - warmup_iters) / max(1, decay_end - warmup_iters))
+
+
+@torch.no_grad()
+def evaluate(rows, table):
+    """Held-out DPO loss and rewards (val_ + STATS), and how often the policy and the reference give the chosen
+    completion the higher likelihood (val_prefers_chosen, ref_prefers_chosen): the models' own preferences,
+    which TRL's rewards/accuracies (0 at the start, when the policy is the reference) is not."""
+    model.eval()
+    sums = torch.zeros(len(STATS) + 3, device=env["device"])
+    mine = list(range(len(rows)))[rank::world_size]
+    for a in range(0, len(mine), batch_size):
+        picks = mine[a : a + batch_size]
+        x, y = collate([rows[i] for i in picks])
+        with env["autocast"]:
+            policy = sequence_logps(model, x, y).float()
+        reference = reference_logps(x, y, table, picks)
+        _, stats = dpo_loss(policy, reference)
+        prefers = [(logps[: len(picks)] > logps[len(picks) :]).sum() for logps in (policy, reference)]
+        sums += torch.cat([stats * len(picks), torch.stack(prefers), sums.new_tensor([len(picks)])])
+    model.train()
+    if env["ddp"]:
+        dist.all_reduce(sums)
+    values = (sums[:-1] / sums[-1]).tolist()
+    return dict(zip([f"val_{k}" for k in STATS] + ["val_prefers_chosen", "ref_prefers_chosen"], values, strict=True))
+
+
+def report(step, r):
+    print(
+        f"step {step}: held-out loss {r['val_loss']:.4f} | margins {r['val_rewards/margins']:+.3f} | "
+        f"rewards/accuracies {r['val_rewards/accuracies']:.2f} | prefers chosen: policy "
+        f"{r['val_prefers_chosen']:.2f}, SFT reference {r['ref_prefers_chosen']:.2f}"
+    )
+
+
+# ----------------------------------------------------------------------------- loop
+log = runtime.MetricsLog(out_dir, enabled=master)
+if master:
+    print("config:", " ".join(f"{k}={v}" for k, v in config.items()))
+    print(
+        f"dpo: {raw_model.num_params() / 1e6:.2f}M parameters from {ckpt_path}, reference {ref_path} (frozen) | "
+        f"beta {beta} | {len(train_rows)} train / {len(val_rows)} val pairs | device {env['device']} "
+        f"{env['ptdtype']} | {world_size} rank(s)"
+    )
+val_loss, last_eval = float("nan"), -1
+held_out = val_rows[: eval_iters * batch_size]
+if iter_num == 0:
+    result = evaluate(held_out, ref_val)
+    val_loss, last_eval = result["val_loss"], 0
+    log.log({"step": 0, **result})
+    if master:
+        report(0, result)
+stats_sum = torch.zeros(len(STATS), device=env["device"])
+steps_since_log, t_log, t_start, start_iter, tokens = 0, time.time(), time.time(), iter_num, 0
+while iter_num < max_iters:
+    lr_mult = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * lr_mult
+    for micro_step, (picks, x, y) in enumerate(get_batches()):
+        if env["ddp"]:
+            model.require_backward_grad_sync = micro_step == accum_steps - 1
+        with env["autocast"]:
+            policy = sequence_logps(model, x, y)
+        loss, stats = dpo_loss(policy, reference_logps(x, y, ref_train, picks))
+        loss = loss / accum_steps
+        stats_sum += stats / accum_steps
+        tokens += x.numel() * world_size
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    steps_since_log += 1
+
+    is_last = iter_num == max_iters
+    if iter_num % log_interval == 0 or is_last or iter_num % ckpt_interval == 0:
+        if env["ddp"]:
+            dist.all_reduce(stats_sum, op=dist.ReduceOp.AVG)
+        train = dict(zip(STATS, (stats_sum / steps_since_log).tolist(), strict=True))
+        runtime.check_finite(train["loss"], "loss", iter_num, out_dir)
+        dt = time.time() - t_log
+        record = {
+            "step": iter_num,
+            **train,
+            "lr_mult": lr_mult,
+            "tok_per_s": tokens / dt,
+            "mem_gib": runtime.memory_gib(env["device"]),
+            "elapsed_s": time.time() - t_start,
+        }
+        log.log(record)
+        if master:
+            eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
+            print(
+                f"step {iter_num}/{max_iters} | loss {train['loss']:.4f} | rewards chosen "
+                f"{train['rewards/chosen']:+.3f} rejected {train['rewards/rejected']:+.3f} accuracies "
+                f"{train['rewards/accuracies']:.2f} margins {train['rewards/margins']:+.3f} | lr x{lr_mult:.3f} | "
+                f"{tokens / dt:,.0f} tok/s | mem {record['mem_gib']:.2f}GiB | eta {runtime.format_duration(eta)}",
+                flush=True,
+            )
+        stats_sum.zero_()
+        steps_since_log, t_log, tokens = 0, time.time(), 0
+
+    t_pause = time.time()
+    if iter_num % eval_interval == 0 or is_last or (iter_num % ckpt_interval == 0 and last_eval != iter_num):
+        result = evaluate(held_out, ref_val)
+        val_loss, last_eval = result["val_loss"], iter_num
+        runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
+        log.log({"step": iter_num, **result})
+        if master:
+            report(iter_num, result)
+    if (iter_num % ckpt_interval == 0 or is_last) and master:
+        is_best = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        state = dict(
+            model=raw_model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict(),
+            model_args=asdict(model_config),
+            config=config,
+            iter_num=iter_num,
+            val_loss=val_loss,
+            best_val_loss=best_val_loss,
+            rng=runtime.get_rng_state(env["device"]),
+            data=generator.get_state(),
+        )
+        path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
+        print(f"saved {path}" + (" (best so far)" if is_best else ""))
+    t_log += time.time() - t_pause
+
+# ----------------------------------------------------------------------------- held-out preference accuracy, cleanup
+result = evaluate(val_rows, ref_val)
+log.log(
+    {
+        "step": iter_num,
+        "all_val_prefers_chosen": result["val_prefers_chosen"],
+        "all_ref_prefers_chosen": result["ref_prefers_chosen"],
+    }
+)
+if master:
+    print(
+        f"held-out preference accuracy ({len(val_rows)} pairs, chosen more likely than rejected): SFT "
+        f"{result['ref_prefers_chosen']:.1%} -> DPO {result['val_prefers_chosen']:.1%}"
+    )
+log.close()
+if master:
+    print(f"done: {iter_num} steps, best held-out loss {best_val_loss:.4f}, checkpoints in {out_dir}")
+if env["ddp"]:
+    dist.destroy_process_group()
