@@ -342,6 +342,11 @@ def find_checkpoint(out_dir, which="latest"):
         return out_dir / BEST
     if which in ("best", "latest"):
         steps = step_checkpoints(out_dir)
+        if not steps and list(out_dir.glob("ckpt_[0-9]*.pt")):  # written by torch.save before safetensors
+            raise UserError(
+                f'{out_dir} holds only ckpt_*.pt files of the old format; convert one with python -c "import '
+                f"runtime, torch; runtime.atomic_save(torch.load('OLD.pt', weights_only=True), 'NEW.safetensors')\""
+            )
         if not steps:
             raise UserError(f"no checkpoint (ckpt_*.safetensors) in {out_dir}; train one with train.py first")
         return steps[-1]
