@@ -40,7 +40,7 @@ eval_interval = 100  # steps between evaluations (held-out loss, rewards and pre
 eval_iters = 10  # validation micro-batches per evaluation
 log_interval = 10  # steps between progress lines
 ckpt_interval = 100  # steps between checkpoints (one is also written at the end)
-keep_last = 3  # step checkpoints kept (ckpt_best.pt, lowest held-out loss, is kept besides)
+keep_last = 3  # step checkpoints kept (ckpt_best.safetensors, lowest held-out loss, is kept besides)
 # DPO
 beta = 0.1  # inverse temperature of the preference model: rewards are beta x log(policy / reference)
 precompute_ref = False  # compute the reference's log-probabilities once up front, then free the reference model
@@ -77,7 +77,7 @@ accum_steps = gradient_accumulation_steps // world_size
 torch.manual_seed(seed)
 
 # ----------------------------------------------------------------------------- policy, reference and tokenizer
-REF = "ref.pt"  # the frozen reference's weights, kept in out_dir so that a resumed run finds the same ones
+REF = "ref.safetensors"  # the frozen reference's weights, kept in out_dir so that a resumed run finds the same ones
 out = Path(out_dir)
 resume = init_from == "resume"
 base = out if resume else Path(init_from)

@@ -13,8 +13,10 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 
 from model import GPT, GPTConfig
 from muon import Muon
@@ -258,9 +260,14 @@ def check_finite(loss, what, step, out_dir):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+# A checkpoint is one safetensors file: every tensor of the nested state dict (weights, optimizer moments, RNG
+# and data-generator states) under its path ("model/transformer.wte.weight", "optimizer/state/0/exp_avg"), and
+# the rest of the dict (numbers, strings, the config) as JSON in the file's metadata, each tensor replaced by
+# its name. Loading runs no pickled code, and MLX or any safetensors reader sees the weights by name.
 
-CKPT_GLOB = "ckpt_[0-9]*.pt"
-BEST = "ckpt_best.pt"
+CKPT_GLOB = "ckpt_[0-9]*.safetensors"
+BEST = "ckpt_best.safetensors"
+FORMAT = "anarchobot-checkpoint-1"  # metadata["format"]: what load_checkpoint accepts
 
 
 def step_checkpoints(out_dir):
@@ -268,19 +275,58 @@ def step_checkpoints(out_dir):
     return sorted(Path(out_dir).glob(CKPT_GLOB))
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a crash leaves the old file or the new one."""
+def flatten_state(obj, prefix, tensors, seen):
+    """obj with every tensor replaced by {"tensor": name}, the tensors collected in `tensors`. A tensor met
+    twice (the tied wte/lm_head weight) is stored once and named twice: safetensors refuses shared memory."""
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
+        if key not in seen or obj.numel() == 0:
+            seen[key] = prefix.rstrip("/")
+            tensors[seen[key]] = obj.detach().cpu().contiguous()
+        return {"tensor": seen[key]}
+    if isinstance(obj, dict):  # JSON keys are strings: keep each key's type (optimizer state uses int keys)
+        items = [[k, flatten_state(v, f"{prefix}{k}/", tensors, seen)] for k, v in obj.items()]
+        if all(isinstance(k, str) for k in obj):
+            return {"dict": dict(items)}
+        return {"items": items}
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__: [flatten_state(v, f"{prefix}{i}/", tensors, seen) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    raise TypeError(f"cannot store a {type(obj).__name__} at {prefix} in a checkpoint")
+
+
+def unflatten_state(node, tensors):
+    """The inverse of flatten_state."""
+    ((kind, body),) = node.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "dict":
+        return {k: unflatten_state(v, tensors) for k, v in body.items()}
+    if kind == "items":
+        return {k: unflatten_state(v, tensors) for k, v in body}
+    if kind in ("list", "tuple"):
+        values = [unflatten_state(v, tensors) for v in body]
+        return values if kind == "list" else tuple(values)
+    return body
+
+
+def atomic_save(state, path):
+    """Write a checkpoint to a temporary file, fsync, then rename: a crash leaves the old file or the new one."""
+    tensors = {}
+    structure = flatten_state(state, "", tensors, {})
+    data = safetensors.torch.save(tensors, metadata={"format": FORMAT, "structure": json.dumps(structure)})
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir, step, state, keep_last, is_best):
-    """Write ckpt_<step>.pt, copy it to ckpt_best.pt when is_best, keep only the last keep_last steps."""
-    path = Path(out_dir) / f"ckpt_{step:07d}.pt"
+    """Write ckpt_<step>.safetensors, copy it to ckpt_best.safetensors when is_best, keep the last keep_last."""
+    path = Path(out_dir) / f"ckpt_{step:07d}.safetensors"
     atomic_save(state, path)
     if is_best:
         tmp = Path(out_dir) / f"{BEST}.tmp"
@@ -300,8 +346,13 @@ def find_checkpoint(out_dir, which="latest"):
         return out_dir / BEST
     if which in ("best", "latest"):
         steps = step_checkpoints(out_dir)
+        if not steps and list(out_dir.glob("ckpt_[0-9]*.pt")):  # written by torch.save before safetensors
+            raise UserError(
+                f'{out_dir} holds only ckpt_*.pt files of the old format; convert one with python -c "import '
+                f"runtime, torch; runtime.atomic_save(torch.load('OLD.pt', weights_only=True), 'NEW.safetensors')\""
+            )
         if not steps:
-            raise UserError(f"no checkpoint (ckpt_*.pt) in {out_dir}; train one with train.py first")
+            raise UserError(f"no checkpoint (ckpt_*.safetensors) in {out_dir}; train one with train.py first")
         return steps[-1]
     if not (out_dir / which).is_file():
         raise UserError(f"checkpoint {out_dir / which} not found")
@@ -309,15 +360,23 @@ def find_checkpoint(out_dir, which="latest"):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint to CPU memory without unpickling code (weights_only=True); refuse anything not ours.
+    """Load a checkpoint to CPU memory without unpickling code; refuse anything not ours.
     (CPU first: RNG states must be CPU tensors, and load_state_dict copies weights to the model's device.)"""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
         raise UserError(
             f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
             f"delete it to fall back to an older one, or retrain"
         ) from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{path} is not an AnarchoBot checkpoint (a safetensors file without our metadata)")
+    try:
+        ckpt = unflatten_state(json.loads(metadata["structure"]), tensors)
+    except (KeyError, ValueError) as e:  # metadata that names a missing tensor or is not our JSON
+        raise UserError(f"checkpoint {path} is corrupted ({type(e).__name__} in its structure); retrain") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not an AnarchoBot checkpoint (no model/model_args entries)")
     return ckpt

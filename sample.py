@@ -7,7 +7,7 @@
     python sample.py --out_dir=out/tiny_sft --chat --start="What does json.dumps do?"   # one answer to stdout
     echo "What does os.getcwd do?" | python sample.py --out_dir=out/tiny_sft --chat     # a turn per stdin line
 
-Loads the checkpoint (ckpt_best.pt, else the latest step) and the tokenizer from the run folder, and decodes
+Loads the checkpoint (ckpt_best.safetensors, else the latest step) and the tokenizer from the run folder, and decodes
 with the KV cache.
 """
 

@@ -37,7 +37,7 @@ eval_interval = 100  # steps between evaluations (masked validation loss and sam
 eval_iters = 10  # validation micro-batches per evaluation
 log_interval = 10  # steps between progress lines
 ckpt_interval = 100  # steps between checkpoints (one is also written at the end)
-keep_last = 3  # step checkpoints kept (ckpt_best.pt is kept besides)
+keep_last = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
 num_samples = 3  # held-out prompts answered at each evaluation
 max_new_tokens = 128  # answer length limit, for samples and the end-of-turn measurement
 # data

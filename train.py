@@ -37,7 +37,7 @@ eval_interval = 250  # steps between validation-loss evaluations
 eval_iters = 20  # micro-batches per evaluation (per rank)
 log_interval = 10  # steps between progress lines / metrics records
 ckpt_interval = 500  # steps between checkpoints (one is also written at the end)
-keep_last = 3  # step checkpoints kept (ckpt_best.pt is kept besides)
+keep_last = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
 # data
 batch_size = 8  # sequences per micro-batch, per rank
 block_size = 1024  # sequence length in tokens (<= 4096)

@@ -184,7 +184,7 @@ def load(path):
 
 def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
     sft, data = sft_run
-    sft_ckpt = sft / "ckpt_best.pt"
+    sft_ckpt = sft / runtime.BEST
     sft_bytes = hashlib.sha256(sft_ckpt.read_bytes()).hexdigest()
     out = tmp_path / "dpo"
     args = ["--max_iters=24", "--eval_interval=24", "--batch_size=16", "--muon_lr=0.003"]
@@ -204,7 +204,7 @@ def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
     assert "held-out preference accuracy" in proc.stdout
 
     # the logged held-out loss equals an independent computation with the SFT weights as the reference
-    policy, _ = load(out / "ckpt_0000024.pt")
+    policy, _ = load(out / "ckpt_0000024.safetensors")
     reference, ref_ckpt = load(sft_ckpt)
     tok = Tokenizer(str(out / "tokenizer.model"))
     pairs = read_pairs(data, tok, ["val"])[: 2 * 16]  # eval_iters x batch_size; all fit the model's 64 tokens
@@ -214,9 +214,9 @@ def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
     assert abs(chosen - last_eval["val_rewards/chosen"]) < 1e-5
     assert abs(rejected - last_eval["val_rewards/rejected"]) < 1e-5
 
-    # the reference never changed: the SFT checkpoint is untouched and ref.pt holds its weights, bit for bit
+    # the reference never changed: the SFT checkpoint is untouched and ref.safetensors holds its weights, bit for bit
     assert hashlib.sha256(sft_ckpt.read_bytes()).hexdigest() == sft_bytes
-    ref = torch.load(out / "ref.pt", weights_only=True)["model"]
+    ref = runtime.load_checkpoint(out / "ref.safetensors")["model"]
     assert ref.keys() == ref_ckpt["model"].keys()
     assert all(torch.equal(ref[k], ref_ckpt["model"][k]) for k in ref)
 

@@ -5,8 +5,11 @@ import json
 import math
 import sys
 
+import safetensors.torch
 import torch
 from conftest import REPO, TINY, run
+
+import runtime
 
 
 def train(data, out, *extra, check=True):
@@ -42,8 +45,8 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert metrics(full, "val_loss")[8] == metrics(split, "val_loss")[8]
     assert a[8] < a[1]
     # rotation keeps the last keep_last=3 step checkpoints plus the best
-    names = sorted(p.name for p in full.glob("ckpt_*.pt"))
-    assert names == ["ckpt_0000004.pt", "ckpt_0000008.pt", "ckpt_best.pt"]
+    names = sorted(p.name for p in full.glob("ckpt_*"))
+    assert names == ["ckpt_0000004.safetensors", "ckpt_0000008.safetensors", "ckpt_best.safetensors"]
     assert (full / "tokenizer.model").is_file()
 
 
@@ -63,15 +66,15 @@ def test_ddp_two_ranks_match_one_rank(tiny_data, tmp_path):
     assert list(one) == [1, 2, 3, 4]
     for step in one:
         assert math.isclose(one[step], two[step], rel_tol=1e-4), (step, one[step], two[step])
-    w1 = torch.load(tmp_path / "one" / "ckpt_0000004.pt", weights_only=True)["model"]
-    w2 = torch.load(tmp_path / "two" / "ckpt_0000004.pt", weights_only=True)["model"]
+    w1 = runtime.load_checkpoint(tmp_path / "one" / "ckpt_0000004.safetensors")["model"]
+    w2 = runtime.load_checkpoint(tmp_path / "two" / "ckpt_0000004.safetensors")["model"]
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
 
 
 def test_checkpoint_guards(tiny_data, tmp_path):
     out = tmp_path / "run"
     train(tiny_data, out, "--max_iters=4", "--ckpt_interval=2", "--eval_interval=2")
-    ckpt = out / "ckpt_0000004.pt"
+    ckpt = out / "ckpt_0000004.safetensors"
     before = digest(ckpt)
 
     # an existing run is not replaced unless asked
@@ -90,7 +93,7 @@ def test_checkpoint_guards(tiny_data, tmp_path):
         check=False,
     )
     assert_one_line_error(proc, "loss is nan", "untouched")  # "loss" or "validation loss"
-    assert digest(ckpt) == before and not (out / "ckpt_0000006.pt").exists()
+    assert digest(ckpt) == before and not (out / "ckpt_0000006.safetensors").exists()
 
     # resuming with another architecture is refused
     assert_one_line_error(
@@ -116,14 +119,25 @@ def test_checkpoint_guards(tiny_data, tmp_path):
     assert ckpt.stat().st_size == len(data) // 2
 
     # a checkpoint of another architecture (nanoGPT-style model_args, or mismatched weights)
-    good = torch.load(out / "ckpt_0000002.pt", weights_only=True)
-    torch.save({"model": good["model"], "model_args": {**good["model_args"], "bias": False}}, out / "alien.pt")
-    assert_one_line_error(run("sample.py", f"--out_dir={out}", "--ckpt=alien.pt", check=False), "another architecture")
-    good["model"]["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 3)
-    torch.save(good, out / "reshaped.pt")
+    good = runtime.load_checkpoint(out / "ckpt_0000002.safetensors")
+    alien = {"model": good["model"], "model_args": {**good["model_args"], "bias": False}}
+    runtime.atomic_save(alien, out / "alien.safetensors")
     assert_one_line_error(
-        run("sample.py", f"--out_dir={out}", "--ckpt=reshaped.pt", check=False), "another architecture", "c_fc"
+        run("sample.py", f"--out_dir={out}", "--ckpt=alien.safetensors", check=False), "another architecture"
     )
+    good["model"]["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 3)
+    runtime.atomic_save(good, out / "reshaped.safetensors")
+    assert_one_line_error(
+        run("sample.py", f"--out_dir={out}", "--ckpt=reshaped.safetensors", check=False), "another architecture", "c_fc"
+    )
+
+    # a safetensors file that is not ours (plain weights with no structure), and an old torch.save file
+    safetensors.torch.save_file({"w": torch.zeros(2)}, out / "foreign.safetensors")
+    assert_one_line_error(
+        run("sample.py", f"--out_dir={out}", "--ckpt=foreign.safetensors", check=False), "not an AnarchoBot checkpoint"
+    )
+    torch.save(good, out / "old.pt")
+    assert_one_line_error(run("sample.py", f"--out_dir={out}", "--ckpt=old.pt", check=False), "truncated or corrupted")
 
 
 def test_data_guards(tiny_data, tmp_path):

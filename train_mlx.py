@@ -1,0 +1,499 @@
+"""Pretrain a GPT with MLX, from the same config files, shards, tokenizer and checkpoints as train.py.
+
+    python train_mlx.py config/tiny_cpu.py                      # the Apple GPU on a Mac; the CPU on Linux
+    python train_mlx.py config/pretrain_137m.py                 # the reference model, on a Mac with the memory
+    python train_mlx.py config/tiny_cpu.py --init_from=resume   # continue a stopped run exactly
+    python sample.py --out_dir=out/tiny                         # sample from it with PyTorch
+
+The model mirrors model.py class by class and attribute by attribute, so parameter names map one to one; the
+optimizer mirrors muon.py. Weights start as model.py's GPT makes them under the same seed, batches come from the
+same TokenWindows, and checkpoints are runtime's safetensors files with PyTorch's names and PyTorch's optimizer
+layout: sample.py reads an MLX run, and train.py and train_mlx.py can resume each other's runs.
+
+Config: the globals below; a config file and --key=value override them (checked: see runtime.configure).
+"""
+
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import model as torch_model_lib
+import runtime
+from runtime import UserError
+from shards import TokenWindows, find_shards, read_header
+from tokenizer import find_tokenizer
+
+try:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map, tree_unflatten
+except ImportError:  # the MLX extra is optional: one line, not a traceback
+    print('error: MLX is not installed; pip install -e ".[mlx]" (mlx on a Mac, mlx[cpu] on Linux)', file=sys.stderr)
+    sys.exit(2)
+
+# ----------------------------------------------------------------------------- config
+# I/O
+out_dir = "out/run"  # run folder: checkpoints, metrics.jsonl, tb/, a copy of the tokenizer
+data_dir = "data/stdlib"  # folder made by prepare.py: tokenizer.model, train_*.bin, val_*.bin
+init_from = "scratch"  # 'scratch' or 'resume' (from the latest checkpoint in out_dir, written by either trainer)
+overwrite = False  # allow init_from=scratch to replace a run already in out_dir
+eval_interval = 250  # steps between validation-loss evaluations
+eval_iters = 20  # micro-batches per evaluation
+log_interval = 10  # steps between progress lines / metrics records
+ckpt_interval = 500  # steps between checkpoints (one is also written at the end)
+keep_last = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
+# data
+batch_size = 8  # sequences per micro-batch
+block_size = 1024  # sequence length in tokens (<= 4096)
+gradient_accumulation_steps = 8  # micro-batches per step
+# model
+vocab_size = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads (n_embd / n_head is the head size)
+n_embd = 768  # residual width
+mlp_hidden = 3072  # SwiGLU hidden width
+rope_theta = 10000.0  # RoPE base
+activation_checkpointing = False  # recompute blocks in backward (mx.checkpoint): less memory, more compute
+# optimizer
+muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
+muon_momentum = 0.95  # Nesterov momentum of Muon
+learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains
+beta1 = 0.9  # AdamW
+beta2 = 0.95  # AdamW
+weight_decay = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+max_iters = 5000  # optimizer steps in the whole run
+warmup_iters = 100  # linear warmup steps
+lr_decay_iters = 0  # cosine decay ends here (0 = max_iters)
+min_lr_frac = 0.1  # final learning rate as a fraction of the peak
+# system
+device = "auto"  # auto (MLX's default: the GPU on a Mac, the CPU with mlx[cpu]), gpu, cpu
+dtype = "auto"  # auto (bfloat16 on the GPU, float32 on the CPU), float32, bfloat16: compute; weights stay fp32
+compile = True  # mx.compile the training step and the optimizer update
+seed = 1337  # model init (model.py's, through torch) and data order
+
+
+# ----------------------------------------------------------------------------- model (mirrors model.py)
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dim,))
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, n_head, T, head_dim); cos/sin: (T, head_dim). Rotate-half, as model.apply_rope."""
+    x1, x2 = mx.split(x, 2, axis=-1)
+    return x * cos + mx.concatenate([-x2, x1], axis=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def __call__(self, x, cos, sin):
+        B, T, C = x.shape
+        hd = C // self.n_head
+        # (B, T, C) -> (B, n_head, T, hd)
+        q = self.c_q(x).reshape(B, T, self.n_head, hd).transpose(0, 2, 1, 3)
+        k = self.c_k(x).reshape(B, T, self.n_head, hd).transpose(0, 2, 1, 3)
+        v = self.c_v(x).reshape(B, T, self.n_head, hd).transpose(0, 2, 1, 3)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd), mask="causal")
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+
+    def __call__(self, x):
+        return self.c_proj(nn.silu(self.c_gate(x)) * self.c_fc(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def __call__(self, x, cos, sin):
+        x = x + self.attn(self.ln_1(x), cos, sin)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """model.GPT's modules and names. The weights are not initialised here: load them (load_torch_weights)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=[Block(config, i) for i in range(config.n_layer)],
+            ln_f=RMSNorm(config.n_embd, config.norm_eps),
+        )
+        # model.py's tables, as constants (a leading underscore keeps them out of the parameters)
+        cos, sin = torch_model_lib.rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        self._rope_cos, self._rope_sin = mx.array(cos.numpy()), mx.array(sin.numpy())
+
+    def lm_head(self, x):
+        """The output head: tied, as in model.py, so it is the embedding matrix used as a linear layer."""
+        return self.transformer["wte"].as_linear(x)
+
+    def hidden(self, idx):
+        """Final normed hidden states (B, T, C) of idx (B, T)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
+        x = self.transformer["wte"](idx)  # (B, T, C)
+        cos, sin = self._rope_cos[:T].astype(x.dtype), self._rope_sin[:T].astype(x.dtype)
+        for block in self.transformer["h"]:
+            x = nn.utils.checkpoint(block)(x, cos, sin) if self.config.activation_checkpointing else block(x, cos, sin)
+        return self.transformer["ln_f"](x)
+
+    def logits(self, idx):
+        """fp32 logits (B, T, vocab_size) at every position."""
+        return self.lm_head(self.hidden(idx)).astype(mx.float32)
+
+    def __call__(self, idx, targets):
+        """Mean cross-entropy over targets != -1, as model.GPT.forward(idx, targets)[1]."""
+        valid = targets >= 0
+        losses = nn.losses.cross_entropy(self.logits(idx), mx.maximum(targets, 0)) * valid  # (B, T)
+        return losses.sum() / mx.maximum(valid.sum(), 1)
+
+
+def loss_with(model, params, x, y, dtype=mx.float32):
+    """The model's loss with the weights params (name -> fp32 array), computed in dtype. A pure function of
+    params, so mx.value_and_grad differentiates it (fp32 grads) and mx.compile compiles it."""
+    if dtype != mx.float32:
+        params = tree_map(lambda p: p.astype(dtype), params)
+    model.update(tree_unflatten(list(params.items())))
+    return model(x, y)
+
+
+def load_torch_weights(model, torch_model):
+    """Copy a model.GPT's weights into the MLX GPT, name by name (strict: every name and shape must match).
+    named_parameters() lists the tied lm_head.weight once, as transformer.wte.weight."""
+    weights = [(n, mx.array(p.detach().float().cpu().numpy())) for n, p in torch_model.named_parameters()]
+    model.load_weights(weights, strict=True)
+
+
+def store_torch_weights(params, torch_model):
+    """Copy MLX parameters (a name -> array dict) into a model.GPT, in fp32."""
+    with torch.no_grad():
+        for n, p in torch_model.named_parameters():
+            p.copy_(torch.from_numpy(np.array(params[n].astype(mx.float32))))
+
+
+# ----------------------------------------------------------------------------- optimizer (mirrors muon.py)
+def zeropower_via_newtonschulz5(G, steps=5, dtype=mx.bfloat16):
+    """muon.zeropower_via_newtonschulz5: the same quintic coefficients, iteration count and bf16 arithmetic
+    (dtype=mx.float32 is for the tests, which compare it with muon.py's run in fp32)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+
+    def times(s, M):  # torch multiplies a bf16 tensor by a Python float in fp32; MLX would round s to bf16 first
+        return (s * M.astype(mx.float32)).astype(M.dtype)
+
+    X = G.astype(dtype)
+    transposed = G.shape[-2] > G.shape[-1]
+    if transposed:  # iterate on the wide orientation: X @ X.T is then the smaller Gram matrix
+        X = X.swapaxes(-2, -1)
+    norm = mx.linalg.norm(X.astype(mx.float32), axis=(-2, -1), keepdims=True)  # torch's bf16 norm accumulates in fp32
+    X = X / (norm.astype(dtype) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.swapaxes(-2, -1)
+        B = times(b, A) + times(c, A) @ A
+        X = times(a, X) + B @ X
+    if transposed:
+        X = X.swapaxes(-2, -1)
+    return X
+
+
+def make_groups(torch_optimizer, torch_model):
+    """runtime.make_optimizer's groups (which parameter gets Muon, which AdamW, and their hyperparameters) as
+    (hyperparameters, [parameter names]): the same split for both trainers, decided in one place."""
+    names = {id(p): n for n, p in torch_model.named_parameters()}
+    return [
+        ({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]])
+        for g in torch_optimizer.param_groups
+    ]
+
+
+def init_state(params, groups):
+    """Zero state in muon.py's names: momentum_buffer for Muon; step, exp_avg, exp_avg_sq for AdamW."""
+    state = {}
+    for hyper, names in groups:
+        for n in names:
+            zeros = mx.zeros_like(params[n])
+            adamw = {"step": mx.array(0.0), "exp_avg": zeros, "exp_avg_sq": zeros}
+            state[n] = {"momentum_buffer": zeros} if hyper["use_muon"] else adamw
+    return state
+
+
+def optimizer_update(params, grads, state, lr_mult, groups, grad_clip):
+    """Clip the global gradient norm (as torch.nn.utils.clip_grad_norm_), then one step of muon.Muon on name ->
+    array dicts. Pure, so mx.compile can fuse it; returns the new params and state."""
+    if grad_clip > 0:
+        total = mx.sqrt(sum(mx.sum(mx.square(g)) for g in grads.values()))
+        coef = mx.minimum(grad_clip / (total + 1e-6), 1.0)
+        grads = {n: g * coef for n, g in grads.items()}
+    params, state = dict(params), dict(state)
+    for hyper, names in groups:
+        lr, wd = hyper["peak_lr"] * lr_mult, hyper["weight_decay"]
+        for n in names:
+            p, g, s = params[n], grads[n], state[n]
+            if hyper["use_muon"]:
+                m = hyper["momentum"]
+                buf = s["momentum_buffer"] + (1 - m) * (g - s["momentum_buffer"])  # buf.lerp_(g, 1 - m)
+                direction = g + m * (buf - g) if hyper["nesterov"] else buf
+                update = zeropower_via_newtonschulz5(direction, hyper["ns_steps"])
+                scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+                params[n] = p * (1 - lr * wd) - (lr * scale) * update.astype(p.dtype)
+                state[n] = {"momentum_buffer": buf}
+            else:
+                beta1, beta2 = hyper["betas"]
+                t = s["step"] + 1
+                exp_avg = s["exp_avg"] + (1 - beta1) * (g - s["exp_avg"])
+                exp_avg_sq = s["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
+                denom = mx.sqrt(exp_avg_sq / (1 - beta2**t)) + hyper["eps"]
+                params[n] = p * (1 - lr * wd) - (lr / (1 - beta1**t)) * exp_avg / denom
+                state[n] = {"step": t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    return params, state
+
+
+def load_torch_state(torch_optimizer, torch_model):
+    """The MLX state from a muon.Muon's state (what runtime.load_optimizer_state restored from a checkpoint)."""
+    return {
+        n: {k: mx.array(v.float().numpy()) for k, v in torch_optimizer.state[p].items()}
+        for n, p in torch_model.named_parameters()
+    }
+
+
+def store_torch_state(state, torch_optimizer, torch_model):
+    """Write the MLX state into a muon.Muon, so its state_dict() is the checkpoint's optimizer entry."""
+    for n, p in torch_model.named_parameters():
+        torch_optimizer.state[p] = {k: torch.from_numpy(np.array(v)) for k, v in state[n].items()}
+
+
+# ----------------------------------------------------------------------------- the run (when not imported)
+if __name__ == "__main__":
+    runtime.install_error_handler()
+    config = runtime.configure(globals(), sys.argv[1:])
+
+    # ------------------------------------------------------------------------- device
+    if init_from not in ("scratch", "resume"):
+        raise UserError(f"init_from={init_from}: expected scratch or resume")
+    if device not in ("auto", "gpu", "cpu"):
+        raise UserError(f"device={device}: expected auto, gpu or cpu (train_mlx.py runs on MLX's devices)")
+    if device == "gpu" and not mx.metal.is_available():
+        raise UserError("device=gpu: this MLX has no GPU backend (mlx[cpu] on Linux); use --device=cpu or auto")
+    if device != "auto":
+        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+    on_gpu = mx.default_device() == mx.gpu
+    if dtype == "auto":  # bf16 where the GPU has it; plain fp32 is fastest on a CPU
+        dtype = "bfloat16" if on_gpu else "float32"
+    compute_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}.get(dtype)
+    if compute_dtype is None:
+        raise UserError(f"dtype={dtype}: expected auto, float32 or bfloat16 (fp16 would need loss scaling)")
+    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+    torch.manual_seed(seed)  # the initial weights are model.py's: the same as train.py's for this seed
+
+    # ------------------------------------------------------------------------- data
+    train_shards = find_shards(data_dir, "train")  # one clear error for a missing or empty data folder
+    tokenizer_path = find_tokenizer(data_dir)
+    if tokenizer_path is None:
+        raise UserError(f"{data_dir} has no tokenizer.model; re-run prepare.py for it")
+    vocab_size = vocab_size or read_header(train_shards[0])["vocab_size"]
+    config["vocab_size"] = vocab_size
+    train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
+    val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
+
+    def get_batches():
+        """The step's micro-batches: the same windows as train.py draws for the same seed and step."""
+        starts = train_data.sample_starts(gradient_accumulation_steps * batch_size)
+        for j in range(gradient_accumulation_steps):
+            x, y = train_data.gather(starts[j * batch_size : (j + 1) * batch_size])
+            yield mx.array(x.numpy(), dtype=mx.int32), mx.array(y.numpy(), dtype=mx.int32)
+
+    # ------------------------------------------------------------------------- model
+    arch_keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta")
+    model_args = {k: config[k] for k in arch_keys}
+    ckpt = None
+    out = Path(out_dir)
+    if init_from == "resume":
+        ckpt = runtime.load_checkpoint(runtime.find_checkpoint(out_dir, "latest"))
+        for k, v in model_args.items():
+            if ckpt["model_args"].get(k) != v:
+                raise UserError(
+                    f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
+                    f"says {k}={v}; resume with the run's own config"
+                )
+    elif runtime.step_checkpoints(out) and not overwrite:
+        raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
+    if init_from == "scratch":  # a fresh run: clear what a previous run left (only reached with overwrite)
+        for old in [*runtime.step_checkpoints(out), out / runtime.BEST, out / "metrics.jsonl"]:
+            old.unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_path, out / tokenizer_path.name)  # sample.py reads it from the run folder
+    model_config = torch_model_lib.GPTConfig(**model_args, activation_checkpointing=activation_checkpointing)
+    # model.py's GPT stays beside the MLX one: it makes the initial weights, checks and loads checkpoints, and
+    # carries the weights into each checkpoint under their PyTorch names
+    torch_model = torch_model_lib.GPT(model_config)
+    if ckpt is not None:
+        runtime.load_model_state(torch_model, ckpt["model"], out_dir)
+    model = GPT(model_config)
+    load_torch_weights(model, torch_model)
+    params = dict(tree_flatten(model.parameters()))  # name -> fp32 array: the weights the loop updates
+
+    # ------------------------------------------------------------------------- optimizer
+    torch_optimizer = runtime.make_optimizer(
+        torch_model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay
+    )
+    groups = make_groups(torch_optimizer, torch_model)
+    opt_state = init_state(params, groups)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        runtime.load_optimizer_state(torch_optimizer, ckpt["optimizer"])
+        opt_state = load_torch_state(torch_optimizer, torch_model)
+        train_data.generator.set_state(ckpt["data"])
+        runtime.set_rng_state(ckpt["rng"], "cpu")
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        del ckpt
+
+    # one micro-batch's loss (already divided for accumulation) and fp32 grads; validation; the optimizer step
+    eval_fn = partial(loss_with, model, dtype=compute_dtype)
+    step_fn = mx.value_and_grad(lambda p, x, y: eval_fn(p, x, y) / gradient_accumulation_steps)
+    update_fn = partial(optimizer_update, groups=groups, grad_clip=grad_clip)
+    if compile:
+        step_fn, eval_fn, update_fn = mx.compile(step_fn), mx.compile(eval_fn), mx.compile(update_fn)
+
+    # ------------------------------------------------------------------------- schedule
+    def get_lr(it):
+        """Multiplier of the peak learning rates: linear warmup, then cosine decay to min_lr_frac (as train.py)."""
+        decay_end = lr_decay_iters or max_iters
+        if it < warmup_iters:
+            return (it + 1) / warmup_iters
+        if it >= decay_end:
+            return min_lr_frac
+        progress = (it - warmup_iters) / max(1, decay_end - warmup_iters)
+        return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def estimate_loss():
+        """Mean validation loss over the same eval_iters micro-batches every time (the ones train.py uses)."""
+        val_data.generator.manual_seed(seed)
+        losses = []
+        for _ in range(eval_iters):
+            x, y = val_data.gather(val_data.sample_starts(batch_size))
+            losses.append(eval_fn(params, mx.array(x.numpy(), dtype=mx.int32), mx.array(y.numpy(), dtype=mx.int32)))
+        return mx.mean(mx.stack(losses)).item()
+
+    # ------------------------------------------------------------------------- loop
+    log = runtime.MetricsLog(out_dir)
+    print("config:", " ".join(f"{k}={v}" for k, v in config.items()))
+    print(
+        f"model: {sum(v.size for v in params.values()) / 1e6:.2f}M parameters | MLX {mx.default_device()} {dtype} | "
+        f"{tokens_per_iter:,} tokens/step | {train_data.n_tokens:,} train tokens"
+    )
+    val_loss, last_eval = float("nan"), -1
+    if iter_num == 0:
+        val_loss, last_eval = estimate_loss(), 0
+        log.log({"step": 0, "val_loss": val_loss})
+        print(f"step 0: val loss {val_loss:.4f}")
+    loss_sum = mx.array(0.0)  # summed step losses since the last log line
+    steps_since_log, t_log, t_start, start_iter = 0, time.time(), time.time(), iter_num
+    while iter_num < max_iters:
+        lr_mult = get_lr(iter_num)
+        grads = None
+        for x, y in get_batches():
+            loss, micro_grads = step_fn(params, x, y)
+            grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
+            loss_sum = loss_sum + loss
+            mx.eval(grads, loss_sum)  # one micro-batch's graph at a time
+        params, opt_state = update_fn(params, grads, opt_state, mx.array(lr_mult, dtype=mx.float32))
+        mx.eval(params, opt_state)
+        iter_num += 1
+        steps_since_log += 1
+
+        is_last = iter_num == max_iters
+        if iter_num % log_interval == 0 or is_last or iter_num % ckpt_interval == 0:
+            train_loss = loss_sum.item() / steps_since_log
+            runtime.check_finite(train_loss, "loss", iter_num, out_dir)
+            dt = time.time() - t_log
+            tok_s = steps_since_log * tokens_per_iter / dt
+            mem = mx.get_peak_memory() / 2**30 if on_gpu else runtime.memory_gib("cpu")
+            record = {
+                "step": iter_num,
+                "loss": train_loss,
+                "lr_mult": lr_mult,
+                "muon_lr": muon_lr * lr_mult,
+                "adamw_lr": learning_rate * lr_mult,
+                "tok_per_s": tok_s,
+                "mem_gib": mem,
+                "elapsed_s": time.time() - t_start,
+            }
+            log.log(record)
+            eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
+            print(
+                f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | {tok_s:,.0f} tok/s"
+                f" | mem {mem:.2f}GiB | eta {runtime.format_duration(eta)}",
+                flush=True,
+            )
+            loss_sum = mx.array(0.0)
+            steps_since_log, t_log = 0, time.time()
+
+        t_pause = time.time()  # evaluation and saving are left out of the next line's tokens/s
+        if iter_num % eval_interval == 0 or is_last or (iter_num % ckpt_interval == 0 and last_eval != iter_num):
+            val_loss, last_eval = estimate_loss(), iter_num
+            # the weights about to be saved must be sound
+            runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
+            log.log({"step": iter_num, "val_loss": val_loss})
+            print(f"step {iter_num}: val loss {val_loss:.4f}")
+        if iter_num % ckpt_interval == 0 or is_last:
+            is_best = val_loss < best_val_loss
+            best_val_loss = min(best_val_loss, val_loss)
+            store_torch_weights(params, torch_model)  # PyTorch's names and layout: one checkpoint for both
+            store_torch_state(opt_state, torch_optimizer, torch_model)
+            state = dict(
+                model=torch_model.state_dict(),
+                optimizer=torch_optimizer.state_dict(),
+                scaler={},  # train.py's GradScaler state when disabled (no fp16 here)
+                model_args=asdict(model_config),
+                config=config,
+                iter_num=iter_num,
+                val_loss=val_loss,
+                best_val_loss=best_val_loss,
+                rng=runtime.get_rng_state("cpu"),
+                data=train_data.generator.get_state(),
+            )
+            path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
+            print(f"saved {path}" + (" (best so far)" if is_best else ""))
+        t_log += time.time() - t_pause
+
+    # ------------------------------------------------------------------------- cleanup
+    log.close()
+    print(f"done: {iter_num} steps, best val loss {best_val_loss:.4f}, checkpoints in {out_dir}")
