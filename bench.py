@@ -43,7 +43,9 @@ learning_rate = 0.006  # AdamW learning rate
 weight_decay = 0.0  # decoupled weight decay
 # what to measure
 seq_lens = ""  # comma-separated training sequence lengths; "" = block_size/4, block_size/2, block_size
-compile_modes = "off,on"  # torch.compile settings timed for training: off, on, or both
+compile_modes = (
+    "off,on"  # training rows: off (eager), on (torch.compile), graphs (compiled and replayed as CUDA graphs)
+)
 train_steps = 3  # timed optimizer steps per training row (after one warm-up step)
 optimizer_steps = 10  # timed steps of Muon alone and of AdamW alone
 prompt_len = 512  # prefill length for the generation rows
@@ -64,6 +66,12 @@ torch.manual_seed(seed)
 lengths = [int(t) for t in seq_lens.split(",")] if seq_lens else [block_size // 4, block_size // 2, block_size]
 if max(lengths) > block_size:
     raise runtime.UserError(f"seq_lens={seq_lens} has a length over block_size={block_size}")
+if graph_modes and prompt_len + new_tokens > block_size:
+    raise runtime.UserError(
+        f"prompt_len + new_tokens = {prompt_len + new_tokens} is over block_size={block_size}; lower them"
+    )
+if not set(compile_modes.split(",")) <= {"", "off", "on", "graphs"}:
+    raise runtime.UserError(f"compile_modes={compile_modes}: expected a comma-separated list of off, on, graphs")
 peak = runtime.peak_flops(dev)
 model_config = GPTConfig(
     block_size=block_size,
@@ -100,23 +108,30 @@ def reset_memory():
         torch.cuda.reset_peak_memory_stats(dev)
 
 
-def bench_training(T, compiled):
-    """tokens/s, MFU and peak memory of whole optimizer steps at sequence length T."""
+def bench_training(T, mode):
+    """tokens/s, MFU and peak memory of whole optimizer steps at sequence length T, as train.py runs them with
+    compile=false (mode off), compile=true (on) or compile=true cuda_graphs=true (graphs)."""
     reset_memory()
     raw = GPT(model_config).to(dev)
-    model = torch.compile(raw, dynamic=False) if compiled else raw
+    graphs = mode == "graphs"
+    model = torch.compile(raw, dynamic=False, mode="reduce-overhead" if graphs else None) if mode != "off" else raw
     optimizer = runtime.make_optimizer(raw, muon_lr, muon_momentum, learning_rate, (0.9, 0.95), weight_decay)
+    if graphs:  # gradients accumulate into buffers of our own, never into a graph's outputs
+        for p in raw.parameters():
+            p.grad = torch.zeros_like(p)
     B = max(1, batch_size * block_size // T)
     batches = [torch.randint(0, vocab_size, (B, T + 1), device=dev) for _ in range(2)]
 
     def step():
         for k in range(gradient_accumulation_steps):
             xy = batches[k % 2]
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with env["autocast"]:
                 _, loss = model(xy[:, :-1], xy[:, 1:])
             (loss / gradient_accumulation_steps).backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graphs)
 
     t_compile = timed(step, 1)  # the first step compiles and allocates the optimizer state
     dt = timed(step, train_steps)
@@ -124,7 +139,7 @@ def bench_training(T, compiled):
     return {
         "seq_len": T,
         "batch_size": B,
-        "compile": compiled,
+        "compile": mode,
         "tok_per_s": tok_s,
         "mfu": raw.flops_per_token(T) * tok_s / peak if peak else None,
         "peak_mem_gib": runtime.memory_gib(dev),
@@ -204,14 +219,16 @@ print(f"bench: {n_params / 1e6:.1f}M parameters | {dev} {env['ptdtype']} | peak 
 results = {"config": config, "device": torch.cuda.get_device_name(dev) if cuda else dev, "params": n_params}
 results["training"] = []
 for mode in [m for m in compile_modes.split(",") if m]:
+    if mode == "graphs" and not cuda:
+        continue
     for T in lengths:
-        row = bench_training(T, mode == "on")
+        row = bench_training(T, mode)
         torch._dynamo.reset()  # compiled graphs hold on to their model: free it before the next row
         results["training"].append(row)
         print(f"train T={T} compile={mode}: {row['tok_per_s']:,.0f} tok/s, {row['peak_mem_gib']:.2f} GiB", flush=True)
 results["optimizer"] = bench_optimizer()
-best_step = min(r["step_s"] for r in results["training"] if r["seq_len"] == lengths[-1])
-results["optimizer"]["muon_share_of_step"] = results["optimizer"]["muon_step_s"] / best_step
+steps = [r["step_s"] for r in results["training"] if r["seq_len"] == lengths[-1]]
+results["optimizer"]["muon_share_of_step"] = results["optimizer"]["muon_step_s"] / min(steps) if steps else None
 results["generation"] = []
 for mode in [m for m in graph_modes.split(",") if m]:
     if mode == "on" and not cuda:
@@ -231,13 +248,14 @@ print("|---|---|---|---|---|---|")
 for r in results["training"]:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
     print(
-        f"| T={r['seq_len']} | {'on' if r['compile'] else 'off'} | {r['batch_size']} x {r['seq_len']} "
+        f"| T={r['seq_len']} | {r['compile']} | {r['batch_size']} x {r['seq_len']} "
         f"| {r['tok_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} GiB |"
     )
 o = results["optimizer"]
+share = o["muon_share_of_step"]
 print(
-    f"optimizer step: Muon+AdamW {1e3 * o['muon_step_s']:.1f} ms, AdamW alone {1e3 * o['adamw_step_s']:.1f} ms; "
-    f"Muon = {100 * o['muon_share_of_step']:.1f}% of a training step at T={lengths[-1]}"
+    f"optimizer step: Muon+AdamW {1e3 * o['muon_step_s']:.1f} ms, AdamW alone {1e3 * o['adamw_step_s']:.1f} ms"
+    + (f"; Muon = {100 * share:.1f}% of a training step at T={lengths[-1]}" if share else "")
 )
 for r in results["generation"]:
     print(

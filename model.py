@@ -52,14 +52,15 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
+    """Preallocated keys and values, one (B, n_head, max_len, hd) tensor per layer; `pos` is how many positions
+    are filled. Separate tensors, not slices of one: a compiled decode step then writes a position in place,
+    where a view of one big buffer made Inductor copy the whole buffer at every write."""
 
     def __init__(self, config, batch_size, max_len, device, dtype):
-        hd = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, hd)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.batch_size, self.max_len, self.device = batch_size, max_len, device
         self.pos = 0
 
     def write(self, layer, pos, k, v):
@@ -72,9 +73,9 @@ class KVCache:
     def update(self, layer, k, v):
         """Store k, v (B, n_head, T, hd) at the current position; return everything cached so far."""
         T = k.size(2)
-        self.k[layer, :, :, self.pos : self.pos + T] = k
-        self.v[layer, :, :, self.pos : self.pos + T] = v
-        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+        self.k[layer][:, :, self.pos : self.pos + T] = k
+        self.v[layer][:, :, self.pos : self.pos + T] = v
+        return self.k[layer][:, :, : self.pos + T], self.v[layer][:, :, : self.pos + T]
 
 
 class CausalSelfAttention(nn.Module):
@@ -233,9 +234,9 @@ class GPT(nn.Module):
         """decode() compiled and captured in a CUDA graph bound to this cache; returns step(next_id, position).
         A token then costs one graph replay instead of ~400 kernel launches from Python (CUDA only)."""
         decode = torch.compile(self.decode, dynamic=False)
-        idx = torch.zeros(cache.k.size(1), 1, dtype=torch.long, device=cache.k.device)
+        idx = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         # warm-up runs write the last slot, which is always rewritten before a query can see it
-        pos = torch.full((), cache.max_len - 1, dtype=torch.long, device=cache.k.device)
+        pos = torch.full((), cache.max_len - 1, dtype=torch.long, device=cache.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # compile and warm up outside the graph
@@ -292,7 +293,7 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loss
-CE_CHUNK = 8192  # rows of logits alive at once: 8192 x 32000 fp32 = 1 GiB instead of 4 GiB for 32K tokens
+CE_CHUNK = 2048  # rows of logits alive at once: 2048 x 32000 bf16 = 125 MiB, instead of 2 GiB for 32K tokens
 
 
 def token_losses(x, weight, targets):
@@ -319,17 +320,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        cols = torch.arange(weight.size(0), device=x.device)  # (V,)
         for i in range(0, x.size(0), CE_CHUNK):
             xc, tc = xs[i : i + CE_CHUNK], targets[i : i + CE_CHUNK]
-            logits = (xc @ w.t()).float()  # (n, V)
-            lse = logits.logsumexp(dim=-1, keepdim=True)  # (n, 1)
+            logits = xc @ w.t()  # (n, V) in the compute dtype; the reductions below run in fp32
+            lse = logits.float().logsumexp(dim=-1, keepdim=True)  # (n, 1)
             valid = (tc >= 0).unsqueeze(1)  # (n, 1)
-            target_logit = logits.gather(1, tc.clamp(min=0).unsqueeze(1))  # (n, 1)
+            target_logit = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).float()  # (n, 1)
             loss += ((lse - target_logit) * valid).sum()
             if need_grad:
-                g = (logits - lse).exp_()  # softmax, in place of the logits
-                g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), -valid.float())  # minus one-hot at the target
-                g = (g * (valid / n_valid)).to(dtype)  # (n, V): d loss / d logits
+                # d loss / d logits = (softmax - onehot) / n_valid: one expression, which Inductor fuses into a
+                # single pass from the logits to g, so no (n, V) fp32 tensor is ever stored when compiled
+                onehot = cols == tc.unsqueeze(1)  # (n, V); a target of -1 matches no column
+                g = (((logits.float() - lse).exp() - onehot.float()) * (valid / n_valid)).to(dtype)
                 grad_x[i : i + CE_CHUNK] = g @ w
                 grad_w += (g.t() @ xc).float()
         ctx.save_for_backward(grad_x, grad_w)

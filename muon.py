@@ -26,17 +26,20 @@ def zeropower_via_newtonschulz5(G, steps=5):
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16()
-    transposed = G.size(-2) > G.size(-1)
+    batched = X.ndim == 3
+    if not batched:
+        X = X.unsqueeze(0)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide orientation: X @ X.T is then the smaller Gram matrix
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A, one kernel and one new tensor
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
     if transposed:
         X = X.mT
-    return X
+    return X if batched else X.squeeze(0)
 
 
 class Muon(torch.optim.Optimizer):
@@ -73,44 +76,45 @@ class Muon(torch.optim.Optimizer):
         for p in params:
             if "momentum_buffer" not in self.state[p]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        grads = [p.grad for p in params]
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])  # buf = m*buf + (1-m)*g
-        directions = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+        torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - group["momentum"])  # buf = m*buf + (1-m)*g
         # 2) orthogonalise each same-shape bucket as one batched Newton-Schulz (a few large matmuls instead of
-        # one small one per matrix). Under DDP rank r takes the r-th slice of the bucket; slices are padded to
-        # equal size and all-gathered asynchronously, overlapping the next bucket's Newton-Schulz.
+        # one small one per matrix), a bucket at a time so that only one bucket's bf16 copies are alive. Under
+        # DDP rank r takes the r-th slice of the bucket; slices are padded with zeros to equal size and
+        # all-gathered asynchronously, overlapping the next bucket's Newton-Schulz.
         buckets = {}
-        for p, d in zip(params, directions, strict=True):
-            buckets.setdefault(p.shape, []).append((p, d))
+        for p in params:
+            buckets.setdefault(p.shape, []).append(p)
         pending = []
-        for items in buckets.values():
-            per_rank = -(-len(items) // world)  # ceil
-            mine = [d for _, d in items[rank * per_rank : (rank + 1) * per_rank]]
-            # a slice that runs past the bucket's end is padded with zeros (their updates are dropped)
-            mine += [torch.zeros_like(items[0][1])] * (per_rank - len(mine))
-            stack = torch.stack(mine)
+        for bucket in buckets.values():
+            per_rank = -(-len(bucket) // world)  # ceil
+            stack = torch.zeros(per_rank, *bucket[0].shape, dtype=torch.bfloat16, device=bucket[0].device)
+            for i, p in enumerate(bucket[rank * per_rank : (rank + 1) * per_rank]):
+                buf = self.state[p]["momentum_buffer"]
+                stack[i] = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
             update = zeropower_via_newtonschulz5(stack, group["ns_steps"])  # (per_rank, rows, cols) bf16
+            del stack
             if world == 1:
-                self._apply(group, items, update)
+                self._apply(group, bucket, update)
                 continue
+            update = update.contiguous()  # NCCL gathers contiguous tensors; tall matrices come back transposed
             gathered = update.new_empty(world * per_rank, *update.shape[1:])
-            pending.append((items, gathered, dist.all_gather_into_tensor(gathered, update, async_op=True)))
-        for items, gathered, work in pending:
+            pending.append((bucket, gathered, dist.all_gather_into_tensor(gathered, update, async_op=True)))
+        for bucket, gathered, work in pending:
             work.wait()
-            self._apply(group, items, gathered)
+            self._apply(group, bucket, gathered)
 
     @staticmethod
-    def _apply(group, items, updates):
+    def _apply(group, params, updates):
         """Decoupled weight decay, then the update scaled so that its RMS does not shrink for tall matrices
-        (max(1, rows/cols)^0.5, as in Keller Jordan's reference implementation). updates: (>= len(items), r, c)."""
-        params = [p for p, _ in items]
+        (max(1, rows/cols)^0.5, as in Keller Jordan's reference implementation). updates: (>= len(params), r, c)
+        in bf16, added to the fp32 weights one matrix at a time (no fp32 copy of the bucket)."""
         lr, wd = group["lr"], group["weight_decay"]
         scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
         if wd:
             torch._foreach_mul_(params, 1 - lr * wd)
-        updates = updates[: len(params)].to(params[0].dtype)
-        torch._foreach_add_(params, list(updates.unbind(0)), alpha=-lr * scale)
+        for p, u in zip(params, updates, strict=False):
+            p.add_(u, alpha=-lr * scale)
 
     def _adamw_step(self, group):
         beta1, beta2 = group["betas"]

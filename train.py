@@ -66,6 +66,7 @@ min_lr_frac = 0.1  # final learning rate as a fraction of the peak
 device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu
 dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
 compile = True  # torch.compile the model (worth it on CUDA; slow to start on CPU)
+cuda_graphs = False  # with compile on one CUDA GPU: replay each micro-step as CUDA graphs (for small micro-batches)
 seed = 1337  # model init and data order
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
@@ -78,6 +79,8 @@ if init_from not in ("scratch", "resume"):
     raise UserError(f"init_from={init_from}: expected scratch or resume")
 if gradient_accumulation_steps % world_size:
     raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by {world_size} ranks")
+if cuda_graphs and not (compile and env["device_type"] == "cuda" and not env["ddp"]):
+    raise UserError("cuda_graphs=true needs compile=true on a single CUDA GPU (no torchrun); drop it otherwise")
 accum_steps = gradient_accumulation_steps // world_size  # micro-batches this rank runs per step
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 torch.manual_seed(seed)  # same init on every rank
@@ -145,7 +148,13 @@ if ckpt is not None:
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     del ckpt
 if compile:
-    model = torch.compile(model)
+    # cuda_graphs: torch.compile's "reduce-overhead" replays the compiled forward and backward as CUDA graphs, one
+    # launch instead of ~1000 per micro-step, which is what a micro-batch of 1 x 4096 is bound by (see PERF.md).
+    # Gradients then accumulate into buffers of our own, kept between steps, never into a graph's outputs.
+    model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+    if cuda_graphs:
+        for p in raw_model.parameters():
+            p.grad = torch.zeros_like(p)
 if env["ddp"]:
     model = DDP(model, device_ids=[env["local_rank"]] if env["device_type"] == "cuda" else None)
 
@@ -170,6 +179,8 @@ def estimate_loss():
     losses = torch.zeros(eval_iters, device=env["device"])
     for k in range(eval_iters):
         x, y = val_data.gather(val_data.sample_starts(batch_size))
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with env["autocast"]:
             _, loss = model(x.to(env["device"]), y.to(env["device"]))
         losses[k] = loss
@@ -205,6 +216,8 @@ while iter_num < max_iters:
     for micro_step, (x, y) in enumerate(get_batches()):
         if env["ddp"]:  # all-reduce gradients only on the last micro-batch
             model.require_backward_grad_sync = micro_step == accum_steps - 1
+        if cuda_graphs:  # a new replay: the previous micro-step's graph outputs are no longer used
+            torch.compiler.cudagraph_mark_step_begin()
         with env["autocast"]:
             _, loss = model(x, y)
             loss = loss / accum_steps
@@ -215,7 +228,7 @@ while iter_num < max_iters:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not cuda_graphs)
     iter_num += 1
     steps_since_log += 1
 

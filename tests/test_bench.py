@@ -52,3 +52,17 @@ def test_bench_takes_a_train_config_and_checks_the_command_line(tmp_path):
     assert (
         r["config"]["rope_theta"] == 500.0 and [t["seq_len"] for t in r["training"]] == [32] and r["generation"] == []
     )
+
+
+def test_bench_and_train_refuse_settings_they_cannot_run(tmp_path):
+    """One clear line each: an unknown compile mode, a prompt longer than the context, CUDA graphs off CUDA."""
+    for args, words in [
+        (["--compile_modes=on,fast"], "compile_modes=on,fast"),
+        (["--prompt_len=60"], "over block_size=64"),
+    ]:
+        proc = run("bench.py", *TINY_BENCH, *args, f"--out={tmp_path / 'b.json'}", check=False)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "b.json").exists()
+    proc = run("train.py", "config/tiny_cpu.py", "--cuda_graphs=true", f"--out_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and "cuda_graphs=true needs compile=true" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
