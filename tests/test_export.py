@@ -90,6 +90,7 @@ def assert_export_matches(run_dir, hf_dir, prompt):
     assert hf_tok(special, add_special_tokens=False, split_special_tokens=True).input_ids == tok.encode(special)
     assert hf_tok.decode(ids, skip_special_tokens=True) == tok.decode(ids[:-1]) == "x\u2581 y "
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.bos_id, 0)
+    assert set(hf_tok("x")) == {"input_ids", "attention_mask"}  # what generate(**inputs) accepts
     assert AutoTokenizer.from_pretrained(hf_dir, use_fast=False)(TEXTS[-1]).input_ids == [1, *tok.encode(TEXTS[-1])]
 
     # chat template: whole conversations as sft.py trains on them, and prompts as sample.py --chat builds them
