@@ -36,11 +36,11 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+import chat
 import runtime
-from chat import END, ROLE_ALIASES, ROLES
+import tokenizer
 from model import GPTConfig
 from runtime import UserError
-from tokenizer import BOS, META_SPACE, find_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = "out/run"  # run folder written by train.py, train_mlx.py, sft.py or dpo.py
@@ -78,6 +78,7 @@ BLOCK_NAMES = {
     "mlp.c_fc": "mlp.up_proj",
     "mlp.c_proj": "mlp.down_proj",
 }
+OUTER_NAMES = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight"}
 UNK = "<unk>"  # SentencePiece's id 0; byte fallback makes it unreachable from text, so it serves as padding
 FILES = (
     "config.json",
@@ -89,15 +90,15 @@ FILES = (
     "tokenizer.model",
 )
 # chat.py's render() and render_prompt() as Jinja: the same role aliases, tokens and order
-CHAT_TEMPLATE = f"""{{%- set aliases = {json.dumps(ROLE_ALIASES)} -%}}
-{{%- set tokens = {json.dumps(ROLES)} -%}}
-{{{{- '{BOS}' -}}}}
+CHAT_TEMPLATE = f"""{{%- set aliases = {json.dumps(chat.ROLE_ALIASES)} -%}}
+{{%- set tokens = {json.dumps(chat.ROLES)} -%}}
+{{{{- '{tokenizer.BOS}' -}}}}
 {{%- for message in messages -%}}
     {{%- set role = aliases.get(message['role'], message['role']) -%}}
     {{%- if role not in tokens -%}}
         {{{{- raise_exception('unknown role ' ~ message['role'] ~ ' (known: system, user, assistant)') -}}}}
     {{%- endif -%}}
-    {{{{- tokens[role] ~ message['content'] ~ '{END}' -}}}}
+    {{{{- tokens[role] ~ message['content'] ~ '{chat.END}' -}}}}
 {{%- endfor -%}}
 {{%- if add_generation_prompt -%}}
     {{{{- tokens['assistant'] -}}}}
@@ -105,7 +106,7 @@ CHAT_TEMPLATE = f"""{{%- set aliases = {json.dumps(ROLE_ALIASES)} -%}}
 """
 
 
-def llama_config(args, tok, bos_id, eos_ids):
+def llama_config(args, tok, eos_ids):
     """config.json of the LlamaForCausalLM that computes what GPT(GPTConfig(**args)) computes."""
     unmapped = sorted(set(args) - set(LLAMA_KEYS) - TRAINING_ONLY)
     if unmapped:
@@ -136,7 +137,7 @@ def llama_config(args, tok, bos_id, eos_ids):
         "initializer_range": 0.02,
         "pretraining_tp": 1,
         "use_cache": True,
-        "bos_token_id": bos_id,
+        "bos_token_id": tok.bos_id,
         "eos_token_id": eos_ids,
         "pad_token_id": tok.sp.piece_to_id(UNK),
         "torch_dtype": dtype,
@@ -150,14 +151,7 @@ def llama_weights(model):
         if name == "lm_head.weight":  # tied: the same tensor as the embedding, loaded back by tie_word_embeddings
             continue
         block = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.weight", name)
-        if block:
-            llama = f"model.layers.{block[1]}.{BLOCK_NAMES[block[2]]}.weight"
-        else:
-            llama = {
-                "transformer.wte.weight": "model.embed_tokens.weight",
-                "transformer.ln_f.weight": "model.norm.weight",
-            }
-            llama = llama[name]
+        llama = f"model.layers.{block[1]}.{BLOCK_NAMES[block[2]]}.weight" if block else OUTER_NAMES[name]
         out[llama] = tensor.to(getattr(torch, dtype)).contiguous()
     return out
 
@@ -168,7 +162,7 @@ def tokenizer_json(tok):
     reserved = {i for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)}
     vocab, pieces = {}, {}  # every token -> id; the pieces text can merge into -> id
     for i in range(sp.vocab_size()):
-        piece = sp.id_to_piece(i) if i in reserved else sp.id_to_piece(i).replace(META_SPACE, " ")
+        piece = sp.id_to_piece(i) if i in reserved else sp.id_to_piece(i).replace(tokenizer.META_SPACE, " ")
         if piece in vocab:
             raise UserError(f"the tokenizer has {piece!r} twice; it was not made by prepare.py")
         vocab[piece] = i
@@ -184,7 +178,7 @@ def tokenizer_json(tok):
         if p[:k] in pieces and p[k:] in pieces
     )
     special = [i for i in sorted(reserved) if not sp.is_byte(i)]
-    bos = {"SpecialToken": {"id": BOS, "type_id": 0}}
+    bos = {"SpecialToken": {"id": tokenizer.BOS, "type_id": 0}}
     return {
         "version": "1.0",
         "truncation": None,
@@ -200,7 +194,7 @@ def tokenizer_json(tok):
             "type": "TemplateProcessing",
             "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {BOS: {"id": BOS, "ids": [tok.bos_id], "tokens": [BOS]}},
+            "special_tokens": {tokenizer.BOS: {"id": tokenizer.BOS, "ids": [tok.bos_id], "tokens": [tokenizer.BOS]}},
         },
         "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, {"type": "Fuse"}]},
         "model": {
@@ -220,8 +214,8 @@ def tokenizer_json(tok):
 
 def tokenizer_config(tok, block_size):
     """tokenizer_config.json: the special tokens by role, <|endoftext|> first in every encoding, the chat template."""
-    special = {"bos_token": BOS, "eos_token": BOS, "unk_token": UNK, "pad_token": UNK}
-    extra = [t for t in tok.special if t != BOS]
+    special = {"bos_token": tokenizer.BOS, "eos_token": tokenizer.BOS, "unk_token": UNK, "pad_token": UNK}
+    extra = [t for t in tok.special if t != tokenizer.BOS]
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",  # reads tokenizer.json as written: no conversion, no slow class
         **special,
@@ -254,17 +248,17 @@ if target.exists():
 # ----------------------------------------------------------------------------- model and tokenizer
 path = runtime.find_checkpoint(out_dir, ckpt)
 checkpoint = runtime.load_checkpoint(path)
-tokenizer_path = find_tokenizer(out_dir)
+tokenizer_path = tokenizer.find_tokenizer(out_dir)
 if tokenizer_path is None:
     raise UserError(f"{out_dir} has no tokenizer.model; copy the data folder's tokenizer into the run folder")
 if tokenizer_path.suffix != ".model":
     raise UserError(f"{tokenizer_path}: only SentencePiece tokenizers made by prepare.py can be exported")
 try:
-    tok = load_tokenizer(tokenizer_path)
+    tok = tokenizer.load_tokenizer(tokenizer_path)
 except ValueError as e:  # a SentencePiece model without our reserved tokens
     raise UserError(f"{tokenizer_path}: {e}") from None
-eos_ids = [tok.bos_id, tok.special[END]]  # a new document, the end of a turn
-hf_config = llama_config(checkpoint["model_args"], tok, tok.bos_id, eos_ids)
+eos_ids = [tok.bos_id, tok.special[chat.END]]  # a new document, the end of a turn
+hf_config = llama_config(checkpoint["model_args"], tok, eos_ids)
 model = runtime.build_model(checkpoint, path)
 
 # ----------------------------------------------------------------------------- write
@@ -289,10 +283,8 @@ try:
     if target.exists():
         os.rename(target, old)
     os.rename(tmp, target)
-    if old.is_dir():
+    if old.exists():
         shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
 finally:
     if tmp.exists():
         shutil.rmtree(tmp)
