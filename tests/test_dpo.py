@@ -6,10 +6,9 @@ import hashlib
 import json
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, run
+from conftest import run
 
 import chat
 import runtime
@@ -17,33 +16,6 @@ from shards import open_pairs
 from tokenizer import Tokenizer
 
 STATS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
-
-
-@pytest.fixture(scope="module")
-def sft_run(tiny_data, tmp_path_factory):
-    """A tiny SFT run and DPO demo pairs made with its tokenizer: (sft run folder, dpo data folder)."""
-    root = tmp_path_factory.mktemp("dpo")
-    base, sft_data, sft, dpo_data = root / "base", root / "sft_data", root / "sft", root / "dpo_data"
-    run("train.py", f"--data_dir={tiny_data}", f"--out_dir={base}", *TINY, "--max_iters=20", "--eval_interval=20")
-    tokenizer = f"--tokenizer={base / 'tokenizer.model'}"
-    run("prepare.py", "--mode=sft", f"--data_dir={sft_data}", tokenizer, "--block_size=64")
-    run(
-        "sft.py",
-        f"--init_from={base}",
-        f"--data_dir={sft_data}",
-        f"--out_dir={sft}",
-        "--device=cpu",
-        "--batch_size=8",
-        "--max_iters=30",
-        "--eval_interval=30",
-        "--eval_iters=1",
-        "--max_new_tokens=4",
-        "--num_samples=1",
-        "--learning_rate=0.01",
-        "--muon_lr=0.02",
-    )
-    run("prepare.py", "--mode=dpo", f"--data_dir={dpo_data}", tokenizer, "--block_size=64")
-    return sft, dpo_data
 
 
 def dpo(sft, data, out, *args, check=True):
