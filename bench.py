@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import runtime
 from model import GPT, GPTConfig, KVCache
@@ -53,6 +54,7 @@ new_tokens = 256  # tokens decoded per generation row
 decode_batches = "1,8"  # batch sizes for generation
 graph_modes = "off,on"  # decoding: eager steps (off) and the compiled step replayed as a CUDA graph (on, CUDA only)
 data_batches = 200  # batches drawn from the shard reader
+peer = False  # also time the issue's anchor: a GPT-2 as nanoGPT builds and benches it, at this config's depth/width
 out = "bench.json"  # full results
 device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
 dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
@@ -162,6 +164,59 @@ def bench_optimizer():
     return result
 
 
+class PeerBlock(torch.nn.Module):
+    """A GPT-2 block as nanoGPT writes it: LayerNorm with bias, one c_attn for q/k/v, a GELU MLP of 4 x width."""
+
+    def __init__(self, d, h):
+        super().__init__()
+        self.h, self.ln_1, self.ln_2 = h, torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.c_attn, self.attn_proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        self.c_fc, self.mlp_proj = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in self.c_attn(self.ln_1(x)).split(C, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+def bench_peer():
+    """nanoGPT's bench.py setting: GPT-2 (vocabulary 50304, learned positions, heads of 64, tied head) at this
+    config's depth and width, batch 12 x 1024, compiled, fused AdamW stepping after every micro-batch."""
+    T, V, B = min(1024, block_size), 50304, 12
+    wte, wpe = torch.nn.Embedding(V, n_embd), torch.nn.Embedding(T, n_embd)
+    blocks = torch.nn.Sequential(*[PeerBlock(n_embd, n_embd // 64) for _ in range(n_layer)], torch.nn.LayerNorm(n_embd))
+    peer_model = torch.nn.ModuleDict(dict(wte=wte, wpe=wpe, blocks=blocks)).to(dev)
+
+    def loss_fn(x, y):
+        h = blocks(wte(x) + wpe(torch.arange(T, device=x.device)))
+        return F.cross_entropy(F.linear(h, wte.weight).view(-1, V).float(), y.view(-1))
+
+    loss_fn = torch.compile(loss_fn) if cuda else loss_fn
+    optimizer = torch.optim.AdamW(peer_model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
+    x, y = (torch.randint(0, V, (B, T), device=dev) for _ in range(2))
+
+    def step():
+        with env["autocast"]:
+            loss = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    timed(step, 3)  # compile and warm up
+    tok_s = B * T / timed(step, 2 * train_steps)
+    N = sum(p.numel() for p in peer_model.parameters()) - wpe.weight.numel()  # nanoGPT leaves positions out
+    flops = 6 * N + 12 * n_layer * n_embd * T
+    return {
+        "params": N,
+        "batch_size": B,
+        "seq_len": T,
+        "tok_per_s": tok_s,
+        "mfu": flops * tok_s / peak if peak else None,
+    }
+
+
 @torch.no_grad()
 def bench_generation(B, graph):
     """Prefill tokens/s of a prompt_len prompt and greedy decode tokens/s over new_tokens, at batch B: the
@@ -226,6 +281,9 @@ for mode in [m for m in compile_modes.split(",") if m]:
         torch._dynamo.reset()  # compiled graphs hold on to their model: free it before the next row
         results["training"].append(row)
         print(f"train T={T} compile={mode}: {row['tok_per_s']:,.0f} tok/s, {row['peak_mem_gib']:.2f} GiB", flush=True)
+if peer:
+    results["peer"] = bench_peer()
+    print(f"peer GPT-2 (nanoGPT) T={results['peer']['seq_len']}: {results['peer']['tok_per_s']:,.0f} tok/s", flush=True)
 results["optimizer"] = bench_optimizer()
 steps = [r["step_s"] for r in results["training"] if r["seq_len"] == lengths[-1]]
 results["optimizer"]["muon_share_of_step"] = results["optimizer"]["muon_step_s"] / min(steps) if steps else None
@@ -251,6 +309,10 @@ for r in results["training"]:
         f"| T={r['seq_len']} | {r['compile']} | {r['batch_size']} x {r['seq_len']} "
         f"| {r['tok_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} GiB |"
     )
+if peer:
+    p, mfu = results["peer"], f"{100 * results['peer']['mfu']:.1f}%" if results["peer"]["mfu"] else "-"
+    name = f"peer: GPT-2 {p['params'] / 1e6:.1f}M as nanoGPT | {'on' if cuda else 'off'}"
+    print(f"| {name} | {p['batch_size']} x {p['seq_len']} | {p['tok_per_s']:,.0f} | {mfu} | - |")
 o = results["optimizer"]
 share = o["muon_share_of_step"]
 print(

@@ -16,6 +16,8 @@ whole state.
 import torch
 import torch.distributed as dist
 
+NS_DTYPE = torch.bfloat16  # precision of the Newton-Schulz iteration (tests set float32 to compare arithmetic)
+
 
 def zeropower_via_newtonschulz5(G, steps=5):
     """Approximate U V^T for G = U S V^T (G is 2-D, or batched 3-D) by a quintic Newton-Schulz iteration.
@@ -25,7 +27,7 @@ def zeropower_via_newtonschulz5(G, steps=5):
     which does not hurt training.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.to(NS_DTYPE)
     batched = X.ndim == 3
     if not batched:
         X = X.unsqueeze(0)
@@ -88,11 +90,11 @@ class Muon(torch.optim.Optimizer):
         pending = []
         for bucket in buckets.values():
             per_rank = -(-len(bucket) // world)  # ceil
-            stack = torch.zeros(per_rank, *bucket[0].shape, dtype=torch.bfloat16, device=bucket[0].device)
+            stack = torch.zeros(per_rank, *bucket[0].shape, dtype=NS_DTYPE, device=bucket[0].device)
             for i, p in enumerate(bucket[rank * per_rank : (rank + 1) * per_rank]):
                 buf = self.state[p]["momentum_buffer"]
                 stack[i] = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-            update = zeropower_via_newtonschulz5(stack, group["ns_steps"])  # (per_rank, rows, cols) bf16
+            update = zeropower_via_newtonschulz5(stack, group["ns_steps"])  # (per_rank, rows, cols) in NS_DTYPE
             del stack
             if world == 1:
                 self._apply(group, bucket, update)

@@ -214,10 +214,6 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=mx.bfloat16):
     """muon.zeropower_via_newtonschulz5: the same quintic coefficients, iteration count and bf16 arithmetic
     (dtype=mx.float32 is for the tests, which compare it with muon.py's run in fp32)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-
-    def times(s, M):  # torch multiplies a bf16 tensor by a Python float in fp32; MLX would round s to bf16 first
-        return (s * M.astype(mx.float32)).astype(M.dtype)
-
     X = G.astype(dtype)
     transposed = G.shape[-2] > G.shape[-1]
     if transposed:  # iterate on the wide orientation: X @ X.T is then the smaller Gram matrix
@@ -226,8 +222,8 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=mx.bfloat16):
     X = X / (norm.astype(dtype) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
         A = X @ X.swapaxes(-2, -1)
-        B = times(b, A) + times(c, A) @ A
-        X = times(a, X) + B @ X
+        B = mx.addmm(A, A, A, alpha=c, beta=b)  # b*A + c*A@A, rounded once, as torch.baddbmm in muon.py
+        X = mx.addmm(X, B, X, beta=a)  # a*X + B@X
     if transposed:
         X = X.swapaxes(-2, -1)
     return X

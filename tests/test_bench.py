@@ -25,7 +25,7 @@ TINY_BENCH = [
 
 def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run("bench.py", *TINY_BENCH, f"--out={out}")
+    proc = run("bench.py", *TINY_BENCH, "--peer=true", f"--out={out}")
     r = json.loads(out.read_text())
     # the default sequence lengths are block_size/4, /2 and block_size, at a constant tokens per micro-batch
     assert [(t["seq_len"], t["batch_size"]) for t in r["training"]] == [(16, 16), (32, 8), (64, 4)]
@@ -37,6 +37,10 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert [(g["batch_size"], g["graph"]) for g in r["generation"]] == [(1, False), (8, False)]  # no CUDA graphs on CPU
     assert all(g["decode_tok_per_s"] > 0 and g["prefill_tok_per_s"] > 0 for g in r["generation"])
     assert r["data"]["batches_per_s"] > 0
+    # the peer is GPT-2 as nanoGPT counts it: 50304 x 64 tied embedding + 2 blocks of 12 d^2 + 13 d, + final norm
+    d = 64
+    assert r["peer"]["params"] == 50304 * d + 2 * (12 * d * d + 13 * d) + 2 * d and r["peer"]["tok_per_s"] > 0
+    assert (r["peer"]["batch_size"], r["peer"]["seq_len"]) == (12, 64)
     assert "| T=64 | off | 4 x 64 |" in proc.stdout  # the table comes last
     assert proc.stdout.strip().splitlines()[-1].startswith("data:")
 

@@ -15,6 +15,7 @@ from conftest import TINY, run  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from test_train import assert_one_line_error, metrics  # noqa: E402
 
+import muon  # noqa: E402
 import runtime  # noqa: E402
 import train_mlx  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -55,12 +56,11 @@ def test_names_shapes_and_logits_match_torch():
 
 
 def test_newton_schulz_matches_muon(monkeypatch):
-    import muon
 
     G = torch.randn(48, 32)  # tall: the transposed branch
     bf16 = np.array(train_mlx.zeropower_via_newtonschulz5(mx.array(G.numpy())).astype(mx.float32))
     muon_bf16 = muon.zeropower_via_newtonschulz5(G).float().numpy()
-    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda t: t.float())  # muon.py's iteration, in fp32
+    monkeypatch.setattr(muon, "NS_DTYPE", torch.float32)  # muon.py's iteration, in fp32
     fp32 = np.array(train_mlx.zeropower_via_newtonschulz5(mx.array(G.numpy()), dtype=mx.float32))
     muon_fp32 = muon.zeropower_via_newtonschulz5(G).numpy()
     assert np.abs(fp32 - muon_fp32).max() < 1e-5  # the same arithmetic
@@ -101,7 +101,7 @@ def test_optimizer_steps_match_muon(monkeypatch):
     shipped = optimizer_steps(1)
     for n, diff in shipped.items():
         assert diff < (1e-3 if n in muon_matrices else 1e-7), (n, diff)
-    monkeypatch.setattr(torch.Tensor, "bfloat16", lambda t: t.float())
+    monkeypatch.setattr(muon, "NS_DTYPE", torch.float32)
     ns = train_mlx.zeropower_via_newtonschulz5
     monkeypatch.setattr(train_mlx, "zeropower_via_newtonschulz5", lambda G, steps: ns(G, steps, mx.float32))
     exact = optimizer_steps(2)
