@@ -1,9 +1,9 @@
 """Measure a config on whatever device this runs on: training, the optimizer step, generation, the data path.
 
-    python bench.py                                               # the 137M reference (GPU)
-    python bench.py config/tiny_cpu.py --compile_modes=off        # a small config on the CPU
+    python bench.py config/pretrain_137m.py --peer=true           # the 137M reference (GPU), and nanoGPT's GPT-2
     python bench.py config/pretrain_137m.py --seq_lens=4096 --batch_size=1 --activation_checkpointing=true \\
-        --gradient_accumulation_steps=128                         # low memory at 4K context
+        --gradient_accumulation_steps=128 --compile_modes=on,graphs   # low memory at 4K context
+    python bench.py config/tiny_cpu.py --compile_modes=off --prompt_len=64 --new_tokens=64   # CPU
 
 Training rows time whole optimizer steps (gradient_accumulation_steps micro-batches + the optimizer) on random
 tokens, with the tokens of a micro-batch held at batch_size x block_size for every sequence length. MFU =
