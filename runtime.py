@@ -337,6 +337,35 @@ def save_checkpoint(out_dir, step, state, keep_last, is_best):
     return path
 
 
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta")  # GPTConfig's
+
+
+def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True):
+    """The run folder of train.py / train_mlx.py: returns (checkpoint to resume or None, model args from config).
+    A resume must have the checkpoint's architecture; a new run refuses a folder that holds one unless overwrite,
+    and then clears what the old run left. The tokenizer is copied in: sample.py reads it from the run folder."""
+    model_args = {k: config[k] for k in ARCH_KEYS}
+    out, ckpt = Path(out_dir), None
+    if init_from == "resume":
+        ckpt = load_checkpoint(find_checkpoint(out_dir, "latest"))
+        for k, v in model_args.items():
+            if ckpt["model_args"].get(k) != v:
+                raise UserError(
+                    f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
+                    f"says {k}={v}; resume with the run's own config"
+                )
+    elif step_checkpoints(out) and not overwrite:
+        raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
+    if master:
+        if init_from == "scratch":
+            for old in [*step_checkpoints(out), out / BEST, out / "metrics.jsonl"]:
+                old.unlink(missing_ok=True)
+            shutil.rmtree(out / "tb", ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tokenizer_path, out / Path(tokenizer_path).name)
+    return ckpt, model_args
+
+
 def find_checkpoint(out_dir, which="latest"):
     """Path of the checkpoint to load: `latest`, `best` (falls back to latest) or a file name in out_dir."""
     out_dir = Path(out_dir)

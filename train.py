@@ -11,11 +11,9 @@ Config: the globals below; a config file and --key=value override them (checked:
 """
 
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -109,27 +107,7 @@ def get_batches():
 
 
 # ----------------------------------------------------------------------------- model
-arch_keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta")
-model_args = {k: config[k] for k in arch_keys}
-ckpt = None
-out = Path(out_dir)
-if init_from == "resume":
-    ckpt = runtime.load_checkpoint(runtime.find_checkpoint(out_dir, "latest"))
-    for k, v in model_args.items():
-        if ckpt["model_args"].get(k) != v:
-            raise UserError(
-                f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
-                f"says {k}={v}; resume with the run's own config"
-            )
-elif runtime.step_checkpoints(out) and not overwrite:
-    raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
-if master:
-    if init_from == "scratch":  # a fresh run: clear what a previous run left (only reached with overwrite)
-        for old in [*runtime.step_checkpoints(out), out / runtime.BEST, out / "metrics.jsonl"]:
-            old.unlink(missing_ok=True)
-        shutil.rmtree(out / "tb", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer_path, out / tokenizer_path.name)  # sample.py reads it from the run folder
+ckpt, model_args = runtime.open_run(out_dir, init_from, overwrite, config, tokenizer_path, master)
 model_config = GPTConfig(**model_args, activation_checkpointing=activation_checkpointing)
 model = GPT(model_config).to(env["device"])
 if ckpt is not None:

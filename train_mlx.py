@@ -14,12 +14,10 @@ Config: the globals below; a config file and --key=value override them (checked:
 """
 
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -336,26 +334,7 @@ if __name__ == "__main__":
             yield mx.array(x.numpy(), dtype=mx.int32), mx.array(y.numpy(), dtype=mx.int32)
 
     # ------------------------------------------------------------------------- model
-    arch_keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta")
-    model_args = {k: config[k] for k in arch_keys}
-    ckpt = None
-    out = Path(out_dir)
-    if init_from == "resume":
-        ckpt = runtime.load_checkpoint(runtime.find_checkpoint(out_dir, "latest"))
-        for k, v in model_args.items():
-            if ckpt["model_args"].get(k) != v:
-                raise UserError(
-                    f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
-                    f"says {k}={v}; resume with the run's own config"
-                )
-    elif runtime.step_checkpoints(out) and not overwrite:
-        raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
-    if init_from == "scratch":  # a fresh run: clear what a previous run left (only reached with overwrite)
-        for old in [*runtime.step_checkpoints(out), out / runtime.BEST, out / "metrics.jsonl"]:
-            old.unlink(missing_ok=True)
-        shutil.rmtree(out / "tb", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer_path, out / tokenizer_path.name)  # sample.py reads it from the run folder
+    ckpt, model_args = runtime.open_run(out_dir, init_from, overwrite, config, tokenizer_path)
     model_config = torch_model_lib.GPTConfig(**model_args, activation_checkpointing=activation_checkpointing)
     # model.py's GPT stays beside the MLX one: it makes the initial weights, checks and loads checkpoints, and
     # carries the weights into each checkpoint under their PyTorch names
