@@ -201,7 +201,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None, reduction="mean"):
         """With targets: (None, loss), the mean cross-entropy over targets != -1 (reduction="mean"), or the
         per-token loss (B, T), 0 where the target is -1 (reduction="none", for DPO's sequence log-probs).
-        The logits are never held for the whole batch (see chunked_cross_entropy).
+        The logits are never held for the whole batch (see ChunkedCrossEntropy).
         Without targets: (logits of the last position (B, 1, vocab_size), None), what generation needs."""
         x = self.hidden(idx, cache)
         if targets is None:
