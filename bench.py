@@ -75,16 +75,7 @@ if graph_modes and prompt_len + new_tokens > block_size:
 if not set(compile_modes.split(",")) <= {"", "off", "on", "graphs"}:
     raise runtime.UserError(f"compile_modes={compile_modes}: expected a comma-separated list of off, on, graphs")
 peak = runtime.peak_flops(dev)
-model_config = GPTConfig(
-    block_size=block_size,
-    vocab_size=vocab_size,
-    n_layer=n_layer,
-    n_head=n_head,
-    n_embd=n_embd,
-    mlp_hidden=mlp_hidden,
-    rope_theta=rope_theta,
-    activation_checkpointing=activation_checkpointing,
-)
+model_config = GPTConfig(**{k: config[k] for k in runtime.ARCH_KEYS}, activation_checkpointing=activation_checkpointing)
 
 
 def sync():
