@@ -62,6 +62,19 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.batch_size, self.max_len, self.device = batch_size, max_len, device
         self.pos = 0
+        self.start = None  # (B,) first real position of each row when prompts are left-padded (eval.py), else None
+
+    def visible(self, q_pos, n_keys):
+        """Which keys each query may attend to: True where key <= query position and, for left-padded rows, key
+        >= the row's start. q_pos: (Tq,) positions. Returns (Tq, n_keys), or (B, 1, Tq, n_keys) with padding.
+        A padding query sees itself too, so no softmax row is empty (an empty one gives NaN, which would reach
+        real tokens through the cached values of later layers: 0 x NaN is NaN)."""
+        keys = torch.arange(n_keys, device=q_pos.device)
+        ok = keys <= q_pos[:, None]  # (Tq, n_keys)
+        if self.start is None:
+            return ok
+        ok = (ok & (keys >= self.start[:, None, None])) | (keys == q_pos[:, None])  # (B, Tq, n_keys)
+        return ok.unsqueeze(1)
 
     def write(self, layer, pos, k, v):
         """Store one position's k, v (B, n_head, 1, hd) at pos, a 0-d tensor; return the whole layer's cache.
@@ -100,16 +113,16 @@ class CausalSelfAttention(nn.Module):
         if pos is not None:  # one token at position pos (a tensor) against the whole cache: see GPT.decode
             k, v = cache.write(self.layer_idx, pos, k, v)  # (B, n_head, max_len, hd)
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, n_head, 1, max_len)
-            att = att.masked_fill(torch.arange(cache.max_len, device=x.device) > pos, float("-inf"))
+            att = att.masked_fill(~cache.visible(pos.view(1), cache.max_len), float("-inf"))
             y = att.float().softmax(dim=-1).to(v.dtype) @ v
             return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         past = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # all keys/values so far: (B, n_head, past + T, hd)
-        if past == 0:
+        if past == 0 and (cache is None or cache.start is None):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # after a prefill: query i sits at position past + i and sees keys 0..past + i
-            mask = torch.arange(past + T, device=x.device) <= past + torch.arange(T, device=x.device)[:, None]
+        else:  # after a prefill, or left-padded rows: query i sits at position past + i
+            mask = cache.visible(past + torch.arange(T, device=x.device), past + T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
         return self.c_proj(y)

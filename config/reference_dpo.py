@@ -1,0 +1,13 @@
+# The reference run's DPO stage (reference.sh): prefer the right docstring to another function's or a cut one.
+out_dir = "out/ref_dpo"  # chat with: python sample.py --out_dir=out/ref_dpo --chat
+init_from = "out/ref_sft"  # the reference SFT run
+data_dir = "data/dpo_python32k"  # made by: python prepare.py --mode=dpo --corpus=python --tokenizer=out/ref/...
+precompute_ref = True  # one reference pass over the pairs up front, then only the policy in memory
+batch_size = 32  # pairs per step (64 rows)
+max_iters = 150  # ~5K pairs seen: a small move from the SFT model, as DPO should be
+warmup_iters = 10  # short warmup for a short run
+eval_interval = 50  # held-out loss, rewards and preference accuracy
+eval_iters = 8  # 8 x 32 = 256 held-out pairs
+log_interval = 10  # a progress line every 10 steps
+ckpt_interval = 50  # best = lowest held-out loss
+keep_last = 1  # 1.6 GB each

