@@ -559,6 +559,9 @@ def main():
     if card:
         print(write_card(card.split(","), card_dir))
         return
+    unknown = [t for t in tasks.split(",") if t not in TASKS] if tasks != "all" else []
+    if unknown:
+        raise UserError(f"--tasks: unknown task {unknown[0]!r}; expected some of {','.join(TASKS)}, or all")
     t0 = time.time()
     env = runtime.setup_device(device, dtype)
     path = runtime.find_checkpoint(out_dir, ckpt)
@@ -581,9 +584,6 @@ def main():
         "dpo": kind == "dpo",
     }
     wanted = [t for t in TASKS if applies[t]] if tasks == "all" else tasks.split(",")
-    unknown = [t for t in wanted if t not in TASKS]
-    if unknown:
-        raise UserError(f"--tasks: unknown task {unknown[0]!r}; expected some of {','.join(TASKS)} or all")
     tokens_per_step = (
         run_config.get("gradient_accumulation_steps", 0)
         * run_config.get("batch_size", 0)

@@ -6,13 +6,12 @@ import json
 import math
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import run
 
 import eval as ev
 import runtime
@@ -235,10 +234,10 @@ def test_rouge_l():
 
 
 def test_bad_input_is_one_line(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(ev.__file__)))
     for args, words in [
         ([f"--out_dir={tmp_path / 'none'}"], "check --out_dir"),
-        (["--card=" + str(tmp_path)], "report.json not found"),
+        ([f"--card={tmp_path}"], "report.json not found"),
+        (["--tasks=bpb,mmlu", f"--out_dir={tmp_path}"], "unknown task 'mmlu'"),
     ]:
-        proc = subprocess.run([sys.executable, f"{root}/eval.py", *args], capture_output=True, text=True, cwd=root)
+        proc = run("eval.py", *args, check=False)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
