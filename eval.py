@@ -60,6 +60,7 @@ exec_memory_mb = 2048  # address-space limit per program
 exec_workers = 8  # programs run at once
 ngram = 13  # contamination: n-gram length in tokens
 chat_questions = 200  # held-out SFT questions answered (0 = all)
+chat_max_new_tokens = 128  # an answer that has not ended its turn by then counts as not ending
 device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
 dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
 seed = 1337  # sampling seed
@@ -623,7 +624,7 @@ def main():
             sft_data = next((c["data_dir"] for _, c in chain if run_kind(c) == "sft"), None)
             if sft_data is None:
                 raise UserError(f"{out_dir} was resumed, so its checkpoint does not name its SFT run; --tasks=dpo")
-            report["chat"] = chat_scores(model, tok, sft_data, chat_questions, min(max_new_tokens, 128))
+            report["chat"] = chat_scores(model, tok, sft_data, chat_questions, chat_max_new_tokens)
         elif task == "dpo":
             ref_path = Path(out_dir) / "ref.safetensors"
             ref = runtime.build_model(runtime.load_checkpoint(ref_path), ref_path).eval().to(env["device"])

@@ -35,7 +35,7 @@ evaluate() { # evaluate RUN ARGS...: eval.py unless its report is newer than the
 stage "prepare corpus" python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir=$DATA
 if has_checkpoint "$RUN"; then init=--init_from=resume; else init=--init_from=scratch; fi
 stage "pretrain" python train.py config/reference_137m.py --out_dir="$RUN" --data_dir=$DATA $init "$@"
-evaluate "$RUN"
+evaluate "$RUN" --gen_batch=512
 runs=$RUN
 if [ "$STAGES" = all ]; then
     tok=--tokenizer=$RUN/tokenizer.model
