@@ -11,11 +11,13 @@ write the user's part. A preference pair renders as one prompt (the conversation
 and two completions, each an answer followed by <|end|>.
 """
 
+import ast
 import importlib
 import inspect
 import re
+import warnings
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from runtime import UserError
 from tokenizer import BOS, find_tokenizer, load_tokenizer
@@ -260,6 +262,20 @@ DEMO_MODULES = [
 QUESTIONS = ["What does `{name}` do?", "Explain `{name}`.", "What is `{name}` for?", "How do I use `{name}`?"]
 
 
+def first_prose(doc):
+    """The first prose paragraph of a cleaned docstring, or None. C functions open with a signature line
+    ("dumps(obj) -> str"), and a paragraph under 20 characters says too little to be an answer."""
+    paragraphs = [p.strip() for p in (doc or "").split("\n\n")]
+    prose = [p for p in paragraphs if len(p) >= 20 and not re.match(r"^[\w.]+\(.*\)( ->.*)?$", p)]
+    return prose[0] if prose else None
+
+
+def ask(name, answer):
+    """A two-turn conversation: one of QUESTIONS about name (picked by a CRC32 of it), then answer."""
+    question = QUESTIONS[zlib.crc32(name.encode()) % len(QUESTIONS)].format(name=name)
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
 def stdlib_conversations():
     """The offline SFT demo set: for each documented public function of some standard-library modules, a user
     question about it and, as the answer, the first paragraph of its docstring. Stable order, no download."""
@@ -271,22 +287,79 @@ def stdlib_conversations():
             if attr.startswith("_") or not callable(obj) or id(obj) in seen:
                 continue
             seen.add(id(obj))
-            # C functions open with a signature line ("dumps(obj) -> str"); the answer is the first prose paragraph
-            paragraphs = [p.strip() for p in (inspect.getdoc(obj) or "").split("\n\n")]
-            prose = [p for p in paragraphs if len(p) >= 20 and not re.match(r"^[\w.]+\(.*\)( ->.*)?$", p)]
-            if not prose:
-                continue
-            name = f"{module_name}.{attr}"
-            question = QUESTIONS[zlib.crc32(name.encode()) % len(QUESTIONS)].format(name=name)
-            conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": prose[0]}])
+            answer = first_prose(inspect.getdoc(obj))
+            if answer:
+                conversations.append(ask(f"{module_name}.{attr}", answer))
     return conversations
 
 
-def stdlib_pairs():
-    """The offline DPO demo set, on the SFT demo's questions in the same order (so the same held-out split):
-    chosen is the right answer; rejected is the answer about another function for odd questions, and for even
-    ones the right answer cut off halfway, a fluent start that stops too early, which likelihood favours."""
-    conversations = stdlib_conversations()
+MAX_ANSWER = 600  # characters: a longer first paragraph is an essay or a table; such answers are dropped, not cut
+
+
+def module_name(name):
+    """The dotted module of a corpus file name: stdlib/json/decoder.py -> json.decoder, site-packages/numpy/linalg/
+    __init__.py -> numpy.linalg; None for a file that cannot be imported by a dotted name or is part of tests."""
+    parts = PurePosixPath(name).with_suffix("").parts[1:]  # the first part is the root's label
+    if parts and parts[-1] == "__init__":
+        parts = parts[:-1]
+    if not parts or not all(p.isidentifier() for p in parts):
+        return None
+    if {"test", "tests"} & set(parts[:-1]) or parts[-1].startswith("test_"):  # test docstrings say what they check
+        return None
+    return ".".join(parts)
+
+
+def public_defs(tree):
+    """(qualified name, node) of a module's public functions and of the public methods of its public classes."""
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in tree.body:
+        if not isinstance(node, (*functions, ast.ClassDef)) or node.name.startswith("_"):
+            continue
+        if isinstance(node, ast.ClassDef):
+            subs = [sub for sub in node.body if isinstance(sub, functions) and not sub.name.startswith("_")]
+            yield from ((f"{node.name}.{sub.name}", sub) for sub in subs)
+        else:
+            yield node.name, node
+
+
+def source_conversations(rows):
+    """Docstring Q&A from Python files, as stdlib_conversations asks it, for every module of a corpus: rows are
+    {"name": "<label>/<relative path>", "text"} (pysource.FileRows). Each file is parsed with ast, never imported, so
+    no installed package's code runs. Test modules, files that do not parse, names asked before, answers over
+    MAX_ANSWER and answers given before (copied helpers: transformers has rotate_half in ~190 models) are skipped,
+    all but names counted. Returns (conversations, counts)."""
+    conversations, seen, answers = [], set(), set()
+    counts = {"files": 0, "not_modules": 0, "unparsed": 0, "too_long": 0, "same_answer": 0}
+    for row in rows:
+        counts["files"] += 1
+        module = module_name(row["name"])
+        if module is None or row["text"] is None:
+            counts["not_modules"] += 1
+            continue
+        try:
+            with warnings.catch_warnings():  # invalid escapes ("\d") in old packages' strings warn at parse time
+                warnings.simplefilter("ignore")
+                tree = ast.parse(row["text"])
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # Python 2 files; null bytes; generated
+            counts["unparsed"] += 1
+            continue
+        for qualname, node in public_defs(tree):
+            name, answer = f"{module}.{qualname}", first_prose(ast.get_docstring(node))
+            if answer is None or name in seen:
+                continue
+            seen.add(name)
+            if len(answer) > MAX_ANSWER or answer in answers:
+                counts["too_long" if len(answer) > MAX_ANSWER else "same_answer"] += 1
+                continue
+            answers.add(answer)
+            conversations.append(ask(name, answer))
+    return conversations, counts
+
+
+def preference_pairs(conversations):
+    """DPO pairs on SFT conversations' questions, in the same order (so the same held-out split): chosen is the
+    right answer; rejected is the answer about another function for odd questions, and for even ones the right
+    answer cut off halfway, a fluent start that stops too early, which likelihood favours."""
     pairs = []
     for i, (question, answer) in enumerate(conversations):
         words = answer["content"].split(" ")
@@ -294,3 +367,8 @@ def stdlib_pairs():
         rejected = other if i % 2 else " ".join(words[: len(words) // 2])
         pairs.append({"prompt": question["content"], "chosen": answer["content"], "rejected": rejected})
     return pairs
+
+
+def stdlib_pairs():
+    """The offline DPO demo set: preference_pairs of the SFT demo set."""
+    return preference_pairs(stdlib_conversations())

@@ -1,6 +1,7 @@
 """Build a token dataset: documents -> tokenizer -> memmap .bin shards, resumably, with a manifest.
 
     python prepare.py                                        # default corpus: this Python's standard library
+    python prepare.py --corpus=python --vocab_size=32000     # ... and every installed package's source
     python prepare.py --input=notes/ --data_dir=data/notes   # local .txt (a document per file), .jsonl, .parquet
     python prepare.py --dataset=EliMC/Ultra-FineWeb --split=en --text_field=content --score_field=score \\
         --score_min=0.8 --vocab_size=32000 --model_config=config/pretrain_137m.py --data_dir=data/pretrain
@@ -22,7 +23,6 @@ import itertools
 import json
 import math
 import sys
-import sysconfig
 import time
 import zlib
 from pathlib import Path
@@ -30,20 +30,23 @@ from pathlib import Path
 import numpy as np
 
 import chat
+import pysource
 import runtime
 from runtime import UserError
 from shards import read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
-input = ""  # local file, folder or glob of .txt/.jsonl/.parquet; empty (and no --dataset) = the standard library
+input = ""  # local file, folder or glob of .txt/.jsonl/.parquet; empty (and no --dataset) = --corpus
+corpus = "stdlib"  # which local Python source to use when there is no --input/--dataset: stdlib, or python (+ packages)
+max_file_bytes = 1_000_000  # corpus=python: larger .py files (generated tables, bundles) are skipped and counted
 dataset = ""  # Hugging Face dataset name, streamed (e.g. EliMC/Ultra-FineWeb, HuggingFaceFW/fineweb, allenai/c4)
 dataset_config = ""  # the dataset's configuration, if it has several (e.g. "en" for allenai/c4)
 split = "train"  # split to stream (Ultra-FineWeb: en)
 text_field = "text"  # field holding the document (Ultra-FineWeb: content)
 score_field = ""  # numeric quality field to filter on (Ultra-FineWeb: score); empty = keep every document
 score_min = 0.0  # keep documents whose score_field >= this (the seed kept Ultra-FineWeb scores >= 0.8)
-data_dir = ""  # output folder; empty = data/stdlib, data/<input name> or data/<dataset name>
+data_dir = ""  # output folder; empty = data/<corpus>, data/<input name> or data/<dataset name>
 vocab_size = 4096  # size of a trained tokenizer: 4096 suits the CPU demo, 32000 the reference run
 tokenizer = ""  # reuse a tokenizer: path of a tokenizer.model, or gpt2 (tiktoken's); empty = train one
 tokenizer_docs = 20000  # documents from the start of the stream to train the tokenizer on
@@ -66,30 +69,24 @@ block_size = 1024  # sft: longer conversations are dropped; dpo: longer pairs ar
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
 config = runtime.configure(globals(), sys.argv[1:])
-SETTINGS = [
-    k for k in config if k not in ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "overwrite")
-]
-
-
-def stdlib_rows():
-    """One row per .py file of the standard library, in sorted path order; files not in UTF-8 are skipped."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if "site-packages" in rel.parts or "dist-packages" in rel.parts:
-            continue
-        try:
-            with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as in the file
-                yield {"text": f.read(), "name": rel.as_posix()}
-        except UnicodeDecodeError:
-            yield {"text": None, "name": rel.as_posix()}  # a few test fixtures are latin-1 or koi8-r on purpose
+RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "overwrite")
+# the corpus keys are recorded only for corpus=python: folders made before they existed still resume
+SETTINGS = [k for k in config if k not in RUN_KEYS and (corpus == "python" or k not in ("corpus", "max_file_bytes"))]
 
 
 def open_stream():
     """(rows, description, text field). rows can be iterated more than once (a peek, the tokenizer's sample, the
-    main pass): a list for the standard library (~30 MB), a streaming IterableDataset for files and the hub."""
+    main pass): files read as they are reached for --corpus, a streaming IterableDataset for files and the hub."""
     if not input and not dataset:
-        return list(stdlib_rows()), f"python {sys.version.split()[0]} standard library", "text"
+        stdlib = f"python {sys.version.split()[0]} standard library"
+        if corpus == "stdlib":
+            return pysource.stdlib_rows(), stdlib, "text"
+        files, counts = pysource.python_files(max_bytes=max_file_bytes)
+        return (
+            pysource.FileRows(files),
+            f"{stdlib} and site-packages: {pysource.describe(counts, max_file_bytes)}",
+            "text",
+        )
     import datasets  # imported here: the default corpus needs no pyarrow
 
     if input:
@@ -257,17 +254,26 @@ def build_chat_data():
             f"{tokenizer} has no chat tokens (<|user|>, <|assistant|>, ...); {mode.upper()} needs a SentencePiece "
             f"tokenizer made by prepare.py"
         )
-    rows, source = open_stream()[:2] if input or dataset else (None, "standard-library docstrings (demo)")
     try:
-        if mode == "sft":
-            conversations = (
-                chat.row_conversations(rows, messages_field, lang) if rows is not None else chat.stdlib_conversations()
+        if input or dataset:
+            rows, source = open_stream()[:2]
+            conversations = chat.row_conversations(rows, messages_field, lang) if mode == "sft" else None
+        elif corpus == "python":
+            rows, files = open_stream()[:2]
+            conversations, parsed = chat.source_conversations(rows)
+            source = (
+                f"docstring Q&A parsed with ast, never imported: {len(conversations):,} questions from "
+                f"{parsed['files']:,} files ({parsed['not_modules']:,} test or not modules and {parsed['unparsed']:,} "
+                f"that do not parse skipped; {parsed['too_long']:,} answers over {chat.MAX_ANSWER} characters and "
+                f"{parsed['same_answer']:,} repeated ones dropped) | {files}"
             )
+        else:
+            rows, conversations, source = None, chat.stdlib_conversations(), "standard-library docstrings (demo)"
+        if mode == "sft":
             data, counts, note = chat.render_sft(tok, conversations, block_size, split_of)
         else:
-            data, counts, note = chat.render_dpo(
-                tok, chat.stdlib_pairs() if rows is None else rows, block_size, split_of
-            )
+            pairs = rows if conversations is None else chat.preference_pairs(conversations)
+            data, counts, note = chat.render_dpo(tok, pairs, block_size, split_of)
     except chat.ConversationError as e:
         raise UserError(str(e)) from None
     if not data["train"]["tokens"] or not data["val"]["tokens"]:
@@ -299,10 +305,14 @@ def write_chat_data(tok, data, counts, note, source):
 
 # ----------------------------------------------------------------------------- plan
 t0 = time.time()
-source_path = Path(input or dataset or "stdlib")
+source_path = Path(input or dataset or corpus)
 source_name = source_path.parent.name if "*" in input else source_path.stem
 if mode not in ("pretrain", "sft", "dpo"):
     raise UserError(f"--mode={mode}: expected pretrain, sft or dpo")
+if corpus not in pysource.CORPORA:
+    raise UserError(f"--corpus={corpus}: expected {' or '.join(pysource.CORPORA)}")
+if (input or dataset) and (corpus != "stdlib" or any(a.startswith("--corpus=") for a in sys.argv[1:])):
+    raise UserError("--corpus picks the local source used when there is no --input/--dataset; give one or the other")
 data_dir = data_dir or f"data/{'' if mode == 'pretrain' else mode + '_'}{source_name}"
 out = Path(data_dir)
 settings = {k: config[k] for k in SETTINGS}

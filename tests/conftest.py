@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny prepared dataset and a helper that runs a script as a user would."""
 
+import json
 import os
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +52,21 @@ def stdlib_sample(n=60):
         if len(docs) == n:
             break
     return docs
+
+
+def documents_in(folder):
+    """Decode every shard of a folder back into its documents (each starts with the boundary token)."""
+    from shards import open_shard  # repo modules import once sys.path holds REPO
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(folder / "tokenizer.model")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    docs = {}
+    for split in ("train", "val"):
+        tokens = np.concatenate([open_shard(folder / s["name"]) for s in manifest["shards"] if s["split"] == split])
+        bounds = list(np.flatnonzero(tokens == tok.bos_id)) + [len(tokens)]
+        docs[split] = [tok.decode(tokens[a + 1 : b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return docs, manifest
 
 
 @pytest.fixture(scope="session")

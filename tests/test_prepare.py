@@ -7,14 +7,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, TINY, run, stdlib_sample
+from conftest import REPO, TINY, documents_in, run, stdlib_sample
 
 from shards import open_shard
-from tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +33,6 @@ ARGS = ["--text_field=content", "--vocab_size=512", "--val_permille=150", "--sha
 
 def prepare(src, out, *extra, check=True, **kw):
     return run("prepare.py", f"--input={src}", f"--data_dir={out}", *ARGS, *extra, check=check, **kw)
-
-
-def documents_in(folder):
-    """Decode every shard of a folder back into its documents (each starts with the boundary token)."""
-    tok = load_tokenizer(folder / "tokenizer.model")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    docs = {}
-    for split in ("train", "val"):
-        tokens = np.concatenate([open_shard(folder / s["name"]) for s in manifest["shards"] if s["split"] == split])
-        bounds = list(np.flatnonzero(tokens == tok.bos_id)) + [len(tokens)]
-        docs[split] = [tok.decode(tokens[a + 1 : b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return docs, manifest
 
 
 def test_filtered_stream_keeps_exactly_the_passing_documents(fineweb, tmp_path):

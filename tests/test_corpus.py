@@ -1,0 +1,259 @@
+"""The local Python corpora (pysource.py) and the docstring Q&A built from them (chat.source_conversations), on a
+fake standard library and site-packages made here; prepare.py --corpus=python on that tree through the one seam,
+pysource.python_roots."""
+
+import json
+import sys
+import sysconfig
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import documents_in, run
+
+import chat
+import pysource
+from shards import open_pairs, open_shard
+from tokenizer import Tokenizer
+
+MAX_BYTES = 100_000  # the fake tree's cap: big.py is over it
+ESSAY = "A first paragraph far too long to be an answer. " * 15  # 720 characters: over chat.MAX_ANSWER
+
+FILES = {  # (root, path) -> source; bytes are written as they are
+    ("lib", "a/__init__.py"): "",
+    ("lib", "b/__init__.py"): "",  # the same (empty) bytes as a/__init__.py: a duplicate
+    ("lib", "big.py"): "x = 1\n" * 20_000,  # 120 KB: over MAX_BYTES
+    ("lib", "latin.py"): b"# caf\xe9, written in latin-1\n",
+    ("lib", "json/__init__.py"): '''"""JSON."""
+
+
+def dumps(obj, indent=None):
+    """Serialize ``obj`` to a JSON formatted ``str``,
+    on two lines.
+
+    More that is not the answer.
+    """
+
+
+def loads(s):
+    """loads(s) -> object
+
+    Deserialize ``s`` to a Python object: the prose after a signature line."""
+
+
+def _private(x):
+    """A private helper, documented at length all the same."""
+
+
+def undocumented(x):
+    return x
+
+
+def short():
+    """Too short."""
+''',
+    ("lib", "json/decoder.py"): '''class JSONDecoder:
+    """The decoder."""
+
+    def decode(self, s):
+        """Return the Python representation of ``s``, a str instance."""
+
+    def _scan(self, s):
+        """A private method, documented at length all the same."""
+
+
+class _Private:
+    def shown(self):
+        """A public method of a private class, skipped."""
+
+
+async def fetch(url):
+    """Fetch a JSON document from url, asynchronously."""
+''',
+    ("lib", "shared.py"): b'def shared():\r\n    """A file installed twice, with Windows line ends."""\r\n',
+    ("lib", "test/test_json.py"): 'def check_dumps():\n    """A test of the standard library, not an answer."""\n',
+    ("lib", "site-packages/inside.py"): "# a standard library's own site-packages folder is not the standard library\n",
+    ("site", "pkg/__init__.py"): '''import pathlib
+
+pathlib.Path(MARKER).write_text("pkg was imported")
+raise RuntimeError("importing pkg runs its code")
+
+
+def helper(x):
+    """Return x untouched, from the package's top level."""
+
+
+class Widget:
+    """A widget."""
+
+    def render(self):
+        """Draw the widget on the screen:
+            indented, as docstrings are.
+
+        A second paragraph."""
+
+    def _internal(self):
+        """Internal, documented at length all the same."""
+
+    def copy(self):
+        """Return x untouched, from the package's top level."""
+
+    def essay(self):
+        """ESSAY"""
+''',
+    ("site", "pkg/shared_copy.py"): b'def shared():\r\n    """A file installed twice, with Windows line ends."""\r\n',
+    ("site", "pkg/sub/mod.py"): 'def func():\n    """A function of a nested module, documented."""\n',
+    ("site", "pkg/test_thing.py"): 'def check():\n    """A test module of a package, not an answer."""\n',
+    ("site", "pkg/tests/helpers.py"): 'def helper():\n    """A helper under tests/, not an answer."""\n',
+    ("site", "my-scripts/tool.py"): 'def main():\n    """A script that no dotted name imports."""\n',
+    ("site", "py2.py"): 'print "Python 2"\n',
+}
+KEPT = [  # the corpus in name order: a duplicate keeps its first name, site-packages/... sorts before stdlib/...
+    "site-packages/my-scripts/tool.py",
+    "site-packages/pkg/__init__.py",
+    "site-packages/pkg/shared_copy.py",
+    "site-packages/pkg/sub/mod.py",
+    "site-packages/pkg/test_thing.py",
+    "site-packages/pkg/tests/helpers.py",
+    "site-packages/py2.py",
+    "stdlib/a/__init__.py",
+    "stdlib/json/__init__.py",
+    "stdlib/json/decoder.py",
+    "stdlib/test/test_json.py",
+]
+QA = [
+    ("pkg.helper", "Return x untouched, from the package's top level."),
+    ("pkg.Widget.render", "Draw the widget on the screen:\n    indented, as docstrings are."),
+    ("pkg.shared_copy.shared", "A file installed twice, with Windows line ends."),
+    ("pkg.sub.mod.func", "A function of a nested module, documented."),
+    ("json.dumps", "Serialize ``obj`` to a JSON formatted ``str``,\non two lines."),
+    ("json.loads", "Deserialize ``s`` to a Python object: the prose after a signature line."),
+    ("json.decoder.JSONDecoder.decode", "Return the Python representation of ``s``, a str instance."),
+    ("json.decoder.fetch", "Fetch a JSON document from url, asynchronously."),
+]
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """(roots, marker): a fake standard library and site-packages; marker is the file pkg writes when imported."""
+    marker = tmp_path / "imported"
+    for (root, rel), source in FILES.items():
+        path = tmp_path / root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, str):
+            source = source.replace("MARKER", repr(str(marker))).replace("ESSAY", ESSAY).encode()
+        path.write_bytes(source)
+    (tmp_path / "site" / "gone.py").symlink_to(tmp_path / "uninstalled.py")  # dangling: unreadable
+    return [("stdlib", str(tmp_path / "lib")), ("site-packages", str(tmp_path / "site"))], marker
+
+
+def test_python_files_dedupe_skip_and_count(tree):
+    roots, _ = tree
+    files, counts = pysource.python_files(roots, max_bytes=MAX_BYTES)
+    assert [name for name, _ in files] == KEPT
+    assert counts == {
+        "stdlib": 4,
+        "site-packages": 7,
+        "duplicate": 2,
+        "too_large": 1,
+        "not_utf8": 1,
+        "unreadable": 1,
+    }
+    assert "4 stdlib + 7 site-packages .py files; skipped 2 duplicates, 1 over 100,000 bytes" in pysource.describe(
+        counts, MAX_BYTES
+    )
+    rows = pysource.FileRows(files)
+    texts = {row["name"]: row["text"] for row in rows}
+    assert texts["site-packages/pkg/shared_copy.py"].count("\r\n") == 2  # read as it is, line ends kept
+    assert list(rows) == list(rows) and [r["name"] for r in rows[3:]] == KEPT[3:]  # re-iterable, resumable
+
+
+def test_docstring_qa_from_source_without_importing(tree):
+    roots, marker = tree
+    files, _ = pysource.python_files(roots, max_bytes=MAX_BYTES)
+    conversations, counts = chat.source_conversations(pysource.FileRows(files))
+    assert not marker.exists() and "pkg" not in sys.modules  # pkg/__init__.py would write it, then raise
+    got = [(c[0]["content"].split("`")[1], c[1]["content"]) for c in conversations]
+    assert got == QA
+    for (question, _), (name, _) in zip(conversations, QA, strict=True):
+        assert question["content"] in [q.format(name=name) for q in chat.QUESTIONS]
+    # tests/, test_*.py, test/ and my-scripts/ are not modules to ask about; py2.py does not parse; Widget.copy
+    # repeats helper's answer and Widget.essay's is over MAX_ANSWER
+    assert counts == {"files": 11, "not_modules": 4, "unparsed": 1, "too_long": 1, "same_answer": 1}
+    pairs = chat.preference_pairs(conversations)
+    assert [(p["prompt"], p["chosen"]) for p in pairs] == [(c[0]["content"], c[1]["content"]) for c in conversations]
+    answers = [a for _, a in QA]
+    for i, p in enumerate(pairs):  # odd: another function's answer; even: the right one cut halfway
+        assert p["rejected"] in answers if i % 2 else p["chosen"].startswith(p["rejected"])
+        assert p["rejected"] != p["chosen"]
+
+
+def prepare(roots, *args, check=True):
+    """prepare.py run as a user runs it, but with python_roots() answering the fake tree's roots."""
+    code = (
+        f"import runpy, pysource; pysource.python_roots = lambda: {roots!r}; "
+        f"runpy.run_path('prepare.py', run_name='__main__')"
+    )
+    return run("prepare.py", *args, cmd=[sys.executable, "-c", code], check=check)
+
+
+def test_prepare_corpus_python_on_a_fake_tree(tree, tiny_data, tmp_path):
+    roots, marker = tree
+    tokenizer = f"--tokenizer={tiny_data / 'tokenizer.model'}"
+    out = tmp_path / "python"
+    args = [tokenizer, f"--max_file_bytes={MAX_BYTES}", "--val_permille=200"]
+    proc = prepare(roots, "--corpus=python", f"--data_dir={out}", *args)
+    assert "standard library and site-packages: 4 stdlib + 7 site-packages .py files; skipped 2 duplicates" in (
+        proc.stdout
+    )
+    docs, manifest = documents_in(out)
+    texts = {row["name"]: row["text"] for row in pysource.FileRows(pysource.python_files(roots, MAX_BYTES)[0])}
+    assert sorted(docs["train"] + docs["val"]) == sorted(t for t in texts.values() if t)
+    assert sorted(docs["val"]) == sorted(t for n, t in texts.items() if zlib.crc32(n.encode()) % 1000 < 200)
+    assert (manifest["docs"]["rows"], manifest["docs"]["empty"]) == (11, 1)  # a/__init__.py is empty
+    assert manifest["settings"]["corpus"] == "python" and "2 duplicates" in manifest["source"]
+
+    # SFT and DPO from the same files: the same questions in the same order, so the same held-out split
+    val = [i for i in range(len(QA)) if zlib.crc32(str(i).encode()) % 1000 < 500]
+    tok = Tokenizer(str(tiny_data / "tokenizer.model"))
+    common = ["--corpus=python", tokenizer, "--val_permille=500", f"--max_file_bytes={MAX_BYTES}"]
+    prepare(roots, "--mode=sft", f"--data_dir={tmp_path / 'sft'}", *common)
+    ids, mask = open_shard(tmp_path / "sft" / "val_000000.bin"), open_shard(tmp_path / "sft" / "val_000000.mask", 2)
+    assert tok.decode(ids[mask == 1].tolist()) == "".join(QA[i][1] for i in val)  # <|end|> decodes to nothing
+    proc = prepare(roots, "--mode=dpo", f"--data_dir={tmp_path / 'dpo'}", *common)
+    assert "8 pairs kept of 8" in proc.stdout and "never imported: 8 questions" in proc.stdout
+    tokens, lengths = open_pairs(tmp_path / "dpo", "val", tok.vocab_size)
+    starts = np.cumsum([0, *lengths.sum(1).tolist()])
+    chosen = [tokens[a + p : a + p + c].tolist() for a, (p, c, _) in zip(starts[:-1], lengths.tolist(), strict=True)]
+    assert [tok.decode(c) for c in chosen] == [QA[i][1] for i in val]
+    assert json.loads((tmp_path / "dpo" / "manifest.json").read_text())["source"].startswith("docstring Q&A")
+    assert not marker.exists()
+
+
+def test_corpus_errors(tmp_path):
+    for args, fragment in [
+        (["--corpus=pypi"], "--corpus=pypi: expected stdlib or python"),
+        (["--corpus=python", f"--input={tmp_path}"], "--corpus picks the local source"),
+        (["--corpus=stdlib", "--dataset=allenai/c4"], "--corpus picks the local source"),
+    ]:
+        proc = run("prepare.py", *args, f"--data_dir={tmp_path / 'x'}", check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {fragment}")
+    assert not (tmp_path / "x").exists()
+
+
+def test_stdlib_corpus_is_the_one_it_was():
+    """--corpus=stdlib (the default) reads the files prepare.py always read, in the same order: every .py file of
+    the standard library outside its site-packages, sorted as paths, text None for those not in UTF-8."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    expected = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if not {"site-packages", "dist-packages"} & set(rel.parts):
+            try:
+                expected.append((rel.as_posix(), path.read_bytes().decode("utf-8")))
+            except UnicodeDecodeError:
+                expected.append((rel.as_posix(), None))
+    assert [(r["name"], r["text"]) for r in pysource.stdlib_rows()] == expected
+    assert any(text is None for _, text in expected)  # the latin-1 and koi8-r test fixtures
