@@ -32,21 +32,25 @@ evaluate() { # evaluate RUN ARGS...: eval.py unless its report is newer than the
     fi
 }
 
-stage "prepare corpus" python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir=$DATA
-if has_checkpoint "$RUN"; then init=--init_from=resume; else init=--init_from=scratch; fi
-stage "pretrain" python train.py config/reference_137m.py --out_dir="$RUN" --data_dir=$DATA $init "$@"
-evaluate "$RUN" --gen_batch=512
-runs=$RUN
-if [ "$STAGES" = all ]; then
-    tok=--tokenizer=$RUN/tokenizer.model
-    stage "prepare sft" python prepare.py --mode=sft --corpus=python $tok --block_size=1024 --data_dir=data/sft_python32k
-    if has_checkpoint "${RUN}_sft"; then init=--init_from=resume; else init=--init_from=$RUN; fi
-    stage "sft" python sft.py config/reference_sft.py --out_dir="${RUN}_sft" $init
-    stage "prepare dpo" python prepare.py --mode=dpo --corpus=python $tok --block_size=1024 --data_dir=data/dpo_python32k
-    if has_checkpoint "${RUN}_dpo"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi
-    stage "dpo" python dpo.py config/reference_dpo.py --out_dir="${RUN}_dpo" $init
-    evaluate "${RUN}_sft" --samples=0
-    evaluate "${RUN}_dpo" --samples=0
-    runs=$RUN,${RUN}_sft,${RUN}_dpo
-fi
-python eval.py --card="$runs" --card_dir="$CARD"
+main() { # read whole before it runs: editing this file during a run changes nothing
+    stage "prepare corpus" python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir=$DATA
+    if has_checkpoint "$RUN"; then init=--init_from=resume; else init=--init_from=scratch; fi
+    stage "pretrain" python train.py config/reference_137m.py --out_dir="$RUN" --data_dir=$DATA $init "$@"
+    evaluate "$RUN" --gen_batch=512
+    runs=$RUN
+    if [ "$STAGES" = all ]; then
+        tok=--tokenizer=$RUN/tokenizer.model
+        stage "prepare sft" python prepare.py --mode=sft --corpus=python $tok --block_size=1024 --data_dir=data/sft_python32k
+        if has_checkpoint "${RUN}_sft"; then init=--init_from=resume; else init=--init_from=$RUN; fi
+        stage "sft" python sft.py config/reference_sft.py --out_dir="${RUN}_sft" $init
+        stage "prepare dpo" python prepare.py --mode=dpo --corpus=python $tok --block_size=1024 --data_dir=data/dpo_python32k
+        if has_checkpoint "${RUN}_dpo"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi
+        stage "dpo" python dpo.py config/reference_dpo.py --out_dir="${RUN}_dpo" $init
+        evaluate "${RUN}_sft" --samples=0
+        evaluate "${RUN}_dpo" --samples=0
+        runs=$RUN,${RUN}_sft,${RUN}_dpo
+    fi
+    python eval.py --card="$runs" --card_dir="$CARD"
+}
+main "$@"
+exit
