@@ -379,6 +379,10 @@ def preference_accuracy(model, data_dir, env, batch_size=16):
     """How often the model gives a held-out pair's chosen completion a higher log-probability than the rejected."""
     tokens, lengths = open_pairs(data_dir, "val", model.config.vocab_size)
     starts = np.cumsum(lengths.sum(1)) - lengths.sum(1)
+    fits = lengths[:, 0] + lengths[:, 1:].max(1) - 1 <= model.config.block_size  # as dpo.py: longer pairs dropped
+    starts, lengths = starts[fits], lengths[fits]
+    if not len(lengths):
+        raise UserError(f"no held-out pair in {data_dir} fits the model's context of {model.config.block_size}")
     wins = 0
     for a in range(0, len(lengths), batch_size):
         seqs, prompt_lens = [], []
