@@ -49,9 +49,10 @@ mlp_hidden = 3072  # SwiGLU hidden width
 rope_theta = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% more compute
 # optimizer
+optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter at learning_rate (then ~1e-3)
 muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
 muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains
+learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains; all with adamw
 beta1 = 0.9  # AdamW
 beta2 = 0.95  # AdamW
 weight_decay = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
@@ -115,7 +116,10 @@ if ckpt is not None:
 raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module
 
 # ----------------------------------------------------------------------------- optimizer
-optimizer = runtime.make_optimizer(model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay)
+# from here on `optimizer` is the optimizer itself; config["optimizer"] keeps its name
+optimizer = runtime.make_optimizer(
+    model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
+)
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
 iter_num, best_val_loss = 0, float("inf")
 if ckpt is not None:
@@ -222,8 +226,8 @@ while iter_num < max_iters:
             "step": iter_num,
             "loss": train_loss,
             "lr_mult": lr_mult,
-            "muon_lr": muon_lr * lr_mult,
-            "adamw_lr": learning_rate * lr_mult,
+            # the groups' rates now: muon_lr (with optimizer=muon only) and adamw_lr
+            **{("muon_lr" if g["use_muon"] else "adamw_lr"): g["lr"] for g in optimizer.param_groups},
             "tok_per_s": tok_s,
             "mem_gib": runtime.memory_gib(env["device"]),
             "elapsed_s": time.time() - t_start,

@@ -60,9 +60,10 @@ mlp_hidden = 3072  # SwiGLU hidden width
 rope_theta = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward (mx.checkpoint): less memory, more compute
 # optimizer
+optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter at learning_rate (then ~1e-3)
 muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
 muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains
+learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains; all with adamw
 beta1 = 0.9  # AdamW
 beta2 = 0.95  # AdamW
 weight_decay = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
@@ -347,7 +348,7 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------------- optimizer
     torch_optimizer = runtime.make_optimizer(
-        torch_model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay
+        torch_model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
     )
     groups = make_groups(torch_optimizer, torch_model)
     opt_state = init_state(params, groups)
@@ -425,8 +426,8 @@ if __name__ == "__main__":
                 "step": iter_num,
                 "loss": train_loss,
                 "lr_mult": lr_mult,
-                "muon_lr": muon_lr * lr_mult,
-                "adamw_lr": learning_rate * lr_mult,
+                # the groups' rates now: muon_lr (with optimizer=muon only) and adamw_lr
+                **{("muon_lr" if h["use_muon"] else "adamw_lr"): h["peak_lr"] * lr_mult for h, _ in groups},
                 "tok_per_s": tok_s,
                 "mem_gib": mem,
                 "elapsed_s": time.time() - t_start,
