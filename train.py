@@ -121,13 +121,14 @@ optimizer = runtime.make_optimizer(
     model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
 )
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
-iter_num, best_val_loss = 0, float("inf")
+iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
 if ckpt is not None:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     train_data.generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
     del ckpt
 if compile:
     # cuda_graphs: torch.compile's "reduce-overhead" replays the compiled forward and backward as CUDA graphs, one
@@ -183,14 +184,15 @@ if master:
         f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {env['device']} {env['ptdtype']} | "
         f"{world_size} rank(s) | {tokens_per_iter:,} tokens/step | {train_data.n_tokens:,} train tokens"
     )
+t_start, start_iter = time.time(), iter_num  # elapsed_s: elapsed_before + time since t_start (wall time over resumes)
 val_loss, last_eval = float("nan"), -1
 if iter_num == 0:
     val_loss, last_eval = estimate_loss(), 0
-    log.log({"step": 0, "val_loss": val_loss})
+    log.log({"step": 0, "val_loss": val_loss, "tokens": 0, "elapsed_s": time.time() - t_start})
     if master:
         print(f"step 0: val loss {val_loss:.4f}")
 loss_sum = torch.zeros((), device=env["device"])  # summed step losses since the last log line
-steps_since_log, t_log, t_start, start_iter = 0, time.time(), time.time(), iter_num
+steps_since_log, t_log = 0, time.time()
 while iter_num < max_iters:
     lr_mult = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -230,7 +232,8 @@ while iter_num < max_iters:
             **{("muon_lr" if g["use_muon"] else "adamw_lr"): g["lr"] for g in optimizer.param_groups},
             "tok_per_s": tok_s,
             "mem_gib": runtime.memory_gib(env["device"]),
-            "elapsed_s": time.time() - t_start,
+            "tokens": iter_num * tokens_per_iter,
+            "elapsed_s": elapsed_before + time.time() - t_start,
         }
         if peak:
             record["mfu"] = flops_per_iter * steps_since_log / dt / (peak * world_size)
@@ -251,7 +254,14 @@ while iter_num < max_iters:
         val_loss, last_eval = estimate_loss(), iter_num
         # the weights about to be saved must be sound
         runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
-        log.log({"step": iter_num, "val_loss": val_loss})
+        log.log(
+            {
+                "step": iter_num,
+                "val_loss": val_loss,
+                "tokens": iter_num * tokens_per_iter,
+                "elapsed_s": elapsed_before + time.time() - t_start,
+            }
+        )
         if master:
             print(f"step {iter_num}: val loss {val_loss:.4f}")
     if (iter_num % ckpt_interval == 0 or is_last) and master:
@@ -266,6 +276,7 @@ while iter_num < max_iters:
             iter_num=iter_num,
             val_loss=val_loss,
             best_val_loss=best_val_loss,
+            elapsed_s=elapsed_before + time.time() - t_start,
             rng=runtime.get_rng_state(env["device"]),
             data=train_data.generator.get_state(),
         )

@@ -145,6 +145,7 @@ def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path, o
     va, vb = metrics(tmp_path / "torch", "val_loss"), metrics(tmp_path / "mlx", "val_loss")
     assert va[0] == pytest.approx(vb[0], abs=1e-5) and va[12] == pytest.approx(vb[12], abs=0.02)
     logged = records(tmp_path / "mlx")
+    assert all(r["tokens"] == 2048 * r["step"] and "elapsed_s" in r for r in logged)  # 8 x 4 x 64 tokens a step
     assert all(("muon_lr" in r) == (optimizer == "muon") for r in logged if "loss" in r)
     if optimizer == "adamw":
         return
@@ -168,6 +169,8 @@ def test_resume_matches_uninterrupted_run_and_samples(tiny_data, tmp_path):
     a, b = metrics(full), metrics(split)
     assert list(a) == list(range(1, 9)) and a == b  # the same losses, to the last bit
     assert metrics(full, "val_loss")[8] == metrics(split, "val_loss")[8]
+    saved = runtime.load_checkpoint(split / "ckpt_0000004.safetensors")["elapsed_s"]
+    assert metrics(split, "elapsed_s")[5] > saved >= metrics(split, "elapsed_s")[4]  # wall time goes on over a resume
     names = sorted(p.name for p in full.glob("ckpt_*"))
     assert names == ["ckpt_0000004.safetensors", "ckpt_0000008.safetensors", "ckpt_best.safetensors"]
     proc = run("sample.py", f"--out_dir={full}", "--device=cpu", "--max_new_tokens=20", "--num_samples=1")

@@ -47,6 +47,13 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert list(a) == list(range(1, 9)) and a == b  # the same losses, to the last bit
     assert metrics(full, "val_loss")[8] == metrics(split, "val_loss")[8]
     assert a[8] < a[1]
+    # val records carry tokens seen (8 x 4 x 64 a step) and wall time, which a resume continues from the checkpoint
+    val = [r for r in records(split) if "val_loss" in r]
+    assert [(r["step"], r["tokens"]) for r in val] == [(0, 0), (4, 4 * 2048), (8, 8 * 2048)]
+    elapsed = [r["elapsed_s"] for r in records(split)]
+    assert elapsed == sorted(elapsed) and 0 <= val[0]["elapsed_s"] < val[1]["elapsed_s"]
+    saved = runtime.load_checkpoint(split / "ckpt_0000004.safetensors")["elapsed_s"]
+    assert metrics(split, "elapsed_s")[5] > saved >= val[1]["elapsed_s"]  # step 5 is the resumed run's first
     # rotation keeps the last keep_last=3 step checkpoints plus the best
     names = sorted(p.name for p in full.glob("ckpt_*"))
     assert names == ["ckpt_0000004.safetensors", "ckpt_0000008.safetensors", "ckpt_best.safetensors"]
