@@ -48,9 +48,10 @@ precompute_ref = False  # compute the reference's log-probabilities once up fron
 batch_size = 8  # preference pairs per micro-batch, per rank (2 x batch_size rows)
 gradient_accumulation_steps = 1  # micro-batches per step, summed over all ranks
 # optimizer: smaller steps than SFT, DPO only nudges a model that already answers
+optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW at learning_rate for every parameter
 muon_lr = 0.002  # Muon learning rate for the hidden matrices
 muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.0005  # AdamW learning rate for the embedding and norm gains
+learning_rate = 0.0005  # AdamW learning rate for the embedding and norm gains; all with adamw
 beta1 = 0.9  # AdamW
 beta2 = 0.95  # AdamW
 weight_decay = 0.0  # decoupled weight decay on matrices and embedding
@@ -83,6 +84,7 @@ resume = init_from == "resume"
 base = out if resume else Path(init_from)
 ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best")
 ckpt = runtime.load_checkpoint(ckpt_path)
+runtime.check_optimizer(optimizer, ckpt if resume else None, out_dir)  # a new run starts with fresh state: either one
 model = runtime.build_model(ckpt, ckpt_path).to(env["device"])
 if resume and not (out / REF).is_file():
     raise UserError(f"{out} has no {REF} (the frozen reference); it was not written by dpo.py")
@@ -186,7 +188,10 @@ if precompute_ref:  # every rank computes all of them: any rank may draw any pai
 
 
 # ----------------------------------------------------------------------------- optimizer
-optimizer = runtime.make_optimizer(model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay)
+# from here on `optimizer` is the optimizer itself; config["optimizer"] keeps its name
+optimizer = runtime.make_optimizer(
+    model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
+)
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
 iter_num, best_val_loss = 0, float("inf")
 if resume:

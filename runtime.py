@@ -225,21 +225,43 @@ def set_rng_state(state, device):
 # ----------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(model, muon_lr, muon_momentum, learning_rate, betas, weight_decay):
-    """Muon for the attention and MLP matrices; AdamW for the embedding (= output head) and the norm gains,
-    which never decay. Each group remembers its peak learning rate for the schedule."""
+OPTIMIZERS = ("muon", "adamw")  # the values of the `optimizer` config key
+
+
+def check_optimizer(optimizer, ckpt=None, out_dir=None):
+    """Refuse an unknown `optimizer`, and resuming ckpt (from out_dir) with the other one: Muon keeps a momentum
+    buffer per matrix where AdamW keeps two moments, so one's state cannot continue as the other's."""
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer={optimizer}: expected {' or '.join(OPTIMIZERS)}")
+    if ckpt is None:
+        return
+    theirs = ckpt["config"].get("optimizer", "muon")  # checkpoints from before this key were all Muon's
+    if theirs != optimizer:
+        raise UserError(
+            f"the checkpoint in {out_dir} was trained with optimizer={theirs} but the config says "
+            f"optimizer={optimizer}; their optimizer states differ, so resume with --optimizer={theirs}"
+        )
+
+
+def make_optimizer(model, muon_lr, muon_momentum, learning_rate, betas, weight_decay, optimizer="muon"):
+    """optimizer="muon": Muon for the attention and MLP matrices, AdamW for the embedding (= output head) and the
+    norm gains. optimizer="adamw": AdamW at learning_rate for all of them (muon_lr, muon_momentum unused), still
+    in muon.Muon's three groups, so checkpoints and train_mlx.py's mirror are the same code. Norm gains never
+    decay. Each group remembers its peak learning rate for the schedule."""
+    check_optimizer(optimizer)
     matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
     adamw = dict(use_muon=False, lr=learning_rate, betas=betas)
-    optimizer = Muon(
+    hidden = dict(use_muon=True, lr=muon_lr, momentum=muon_momentum) if optimizer == "muon" else adamw
+    muon = Muon(
         [
-            dict(params=matrices, use_muon=True, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay),
+            dict(params=matrices, weight_decay=weight_decay, **hidden),
             dict(params=[model.transformer.wte.weight], weight_decay=weight_decay, **adamw),
             dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0, **adamw),
         ]
     )
-    for group in optimizer.param_groups:
+    for group in muon.param_groups:
         group["peak_lr"] = group["lr"]
-    return optimizer
+    return muon
 
 
 def load_optimizer_state(optimizer, state):
@@ -342,8 +364,9 @@ ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hid
 
 def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True):
     """The run folder of train.py / train_mlx.py: returns (checkpoint to resume or None, model args from config).
-    A resume must have the checkpoint's architecture; a new run refuses a folder that holds one unless overwrite,
-    and then clears what the old run left. The tokenizer is copied in: sample.py reads it from the run folder."""
+    A resume must have the checkpoint's architecture and optimizer; a new run refuses a folder that holds one unless
+    overwrite, and then clears what the old run left. The tokenizer is copied in: sample.py reads it from the run
+    folder."""
     model_args = {k: config[k] for k in ARCH_KEYS}
     out, ckpt = Path(out_dir), None
     if init_from == "resume":
@@ -356,6 +379,7 @@ def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True)
                 )
     elif step_checkpoints(out) and not overwrite:
         raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
+    check_optimizer(config["optimizer"], ckpt, out_dir)
     if master:
         if init_from == "scratch":
             for old in [*step_checkpoints(out), out / BEST, out / "metrics.jsonl"]:

@@ -44,9 +44,10 @@ max_new_tokens = 128  # answer length limit, for samples and the end-of-turn mea
 batch_size = 8  # conversations per micro-batch, per rank
 gradient_accumulation_steps = 1  # micro-batches per step, summed over all ranks
 # optimizer: smaller steps than pretraining, the model already knows the language
+optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW at learning_rate for every parameter
 muon_lr = 0.01  # Muon learning rate for the hidden matrices
 muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.002  # AdamW learning rate for the embedding and norm gains
+learning_rate = 0.002  # AdamW learning rate for the embedding and norm gains; all with adamw
 beta1 = 0.9  # AdamW
 beta2 = 0.95  # AdamW
 weight_decay = 0.0  # decoupled weight decay on matrices and embedding
@@ -78,6 +79,7 @@ resume = init_from == "resume"
 base = out if resume else Path(init_from)
 ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best")
 ckpt = runtime.load_checkpoint(ckpt_path)
+runtime.check_optimizer(optimizer, ckpt if resume else None, out_dir)  # a new run starts with fresh state: either one
 model = runtime.build_model(ckpt, ckpt_path).to(env["device"])
 tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "sft")
 if not resume and runtime.step_checkpoints(out) and not overwrite:
@@ -136,7 +138,10 @@ def get_batches():
 
 
 # ----------------------------------------------------------------------------- optimizer
-optimizer = runtime.make_optimizer(model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay)
+# from here on `optimizer` is the optimizer itself; config["optimizer"] keeps its name
+optimizer = runtime.make_optimizer(
+    model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
+)
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
 iter_num, best_val_loss = 0, float("inf")
 if resume:

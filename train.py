@@ -49,9 +49,10 @@ mlp_hidden = 3072  # SwiGLU hidden width
 rope_theta = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% more compute
 # optimizer
+optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter at learning_rate (then ~1e-3)
 muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
 muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains
+learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains; all with adamw
 beta1 = 0.9  # AdamW
 beta2 = 0.95  # AdamW
 weight_decay = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
@@ -115,15 +116,19 @@ if ckpt is not None:
 raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module
 
 # ----------------------------------------------------------------------------- optimizer
-optimizer = runtime.make_optimizer(model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay)
+# from here on `optimizer` is the optimizer itself; config["optimizer"] keeps its name
+optimizer = runtime.make_optimizer(
+    model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
+)
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
-iter_num, best_val_loss = 0, float("inf")
+iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
 if ckpt is not None:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     train_data.generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
     del ckpt
 if compile:
     # cuda_graphs: torch.compile's "reduce-overhead" replays the compiled forward and backward as CUDA graphs, one
@@ -179,14 +184,15 @@ if master:
         f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {env['device']} {env['ptdtype']} | "
         f"{world_size} rank(s) | {tokens_per_iter:,} tokens/step | {train_data.n_tokens:,} train tokens"
     )
+t_start, start_iter = time.time(), iter_num  # elapsed_s: elapsed_before + time since t_start (wall time over resumes)
 val_loss, last_eval = float("nan"), -1
 if iter_num == 0:
     val_loss, last_eval = estimate_loss(), 0
-    log.log({"step": 0, "val_loss": val_loss})
+    log.log({"step": 0, "val_loss": val_loss, "tokens": 0, "elapsed_s": time.time() - t_start})
     if master:
         print(f"step 0: val loss {val_loss:.4f}")
 loss_sum = torch.zeros((), device=env["device"])  # summed step losses since the last log line
-steps_since_log, t_log, t_start, start_iter = 0, time.time(), time.time(), iter_num
+steps_since_log, t_log = 0, time.time()
 while iter_num < max_iters:
     lr_mult = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -222,11 +228,12 @@ while iter_num < max_iters:
             "step": iter_num,
             "loss": train_loss,
             "lr_mult": lr_mult,
-            "muon_lr": muon_lr * lr_mult,
-            "adamw_lr": learning_rate * lr_mult,
+            # the groups' rates now: muon_lr (with optimizer=muon only) and adamw_lr
+            **{("muon_lr" if g["use_muon"] else "adamw_lr"): g["lr"] for g in optimizer.param_groups},
             "tok_per_s": tok_s,
             "mem_gib": runtime.memory_gib(env["device"]),
-            "elapsed_s": time.time() - t_start,
+            "tokens": iter_num * tokens_per_iter,
+            "elapsed_s": elapsed_before + time.time() - t_start,
         }
         if peak:
             record["mfu"] = flops_per_iter * steps_since_log / dt / (peak * world_size)
@@ -247,7 +254,14 @@ while iter_num < max_iters:
         val_loss, last_eval = estimate_loss(), iter_num
         # the weights about to be saved must be sound
         runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
-        log.log({"step": iter_num, "val_loss": val_loss})
+        log.log(
+            {
+                "step": iter_num,
+                "val_loss": val_loss,
+                "tokens": iter_num * tokens_per_iter,
+                "elapsed_s": elapsed_before + time.time() - t_start,
+            }
+        )
         if master:
             print(f"step {iter_num}: val loss {val_loss:.4f}")
     if (iter_num % ckpt_interval == 0 or is_last) and master:
@@ -262,6 +276,7 @@ while iter_num < max_iters:
             iter_num=iter_num,
             val_loss=val_loss,
             best_val_loss=best_val_loss,
+            elapsed_s=elapsed_before + time.time() - t_start,
             rng=runtime.get_rng_state(env["device"]),
             data=train_data.generator.get_state(),
         )

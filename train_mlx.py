@@ -60,9 +60,10 @@ mlp_hidden = 3072  # SwiGLU hidden width
 rope_theta = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward (mx.checkpoint): less memory, more compute
 # optimizer
+optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter at learning_rate (then ~1e-3)
 muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
 muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains
+learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains; all with adamw
 beta1 = 0.9  # AdamW
 beta2 = 0.95  # AdamW
 weight_decay = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
@@ -347,17 +348,18 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------------- optimizer
     torch_optimizer = runtime.make_optimizer(
-        torch_model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay
+        torch_model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
     )
     groups = make_groups(torch_optimizer, torch_model)
     opt_state = init_state(params, groups)
-    iter_num, best_val_loss = 0, float("inf")
+    iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
     if ckpt is not None:
         runtime.load_optimizer_state(torch_optimizer, ckpt["optimizer"])
         opt_state = load_torch_state(torch_optimizer, torch_model)
         train_data.generator.set_state(ckpt["data"])
         runtime.set_rng_state(ckpt["rng"], "cpu")
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
         del ckpt
 
     # one micro-batch's loss (already divided for accumulation) and fp32 grads; validation; the optimizer step
@@ -394,13 +396,14 @@ if __name__ == "__main__":
         f"model: {sum(v.size for v in params.values()) / 1e6:.2f}M parameters | MLX {mx.default_device()} {dtype} | "
         f"{tokens_per_iter:,} tokens/step | {train_data.n_tokens:,} train tokens"
     )
+    t_start, start_iter = time.time(), iter_num  # elapsed_s: elapsed_before + time since t_start (over resumes)
     val_loss, last_eval = float("nan"), -1
     if iter_num == 0:
         val_loss, last_eval = estimate_loss(), 0
-        log.log({"step": 0, "val_loss": val_loss})
+        log.log({"step": 0, "val_loss": val_loss, "tokens": 0, "elapsed_s": time.time() - t_start})
         print(f"step 0: val loss {val_loss:.4f}")
     loss_sum = mx.array(0.0)  # summed step losses since the last log line
-    steps_since_log, t_log, t_start, start_iter = 0, time.time(), time.time(), iter_num
+    steps_since_log, t_log = 0, time.time()
     while iter_num < max_iters:
         lr_mult = get_lr(iter_num)
         grads = None
@@ -425,11 +428,12 @@ if __name__ == "__main__":
                 "step": iter_num,
                 "loss": train_loss,
                 "lr_mult": lr_mult,
-                "muon_lr": muon_lr * lr_mult,
-                "adamw_lr": learning_rate * lr_mult,
+                # the groups' rates now: muon_lr (with optimizer=muon only) and adamw_lr
+                **{("muon_lr" if h["use_muon"] else "adamw_lr"): h["peak_lr"] * lr_mult for h, _ in groups},
                 "tok_per_s": tok_s,
                 "mem_gib": mem,
-                "elapsed_s": time.time() - t_start,
+                "tokens": iter_num * tokens_per_iter,
+                "elapsed_s": elapsed_before + time.time() - t_start,
             }
             log.log(record)
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
@@ -446,7 +450,14 @@ if __name__ == "__main__":
             val_loss, last_eval = estimate_loss(), iter_num
             # the weights about to be saved must be sound
             runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
-            log.log({"step": iter_num, "val_loss": val_loss})
+            log.log(
+                {
+                    "step": iter_num,
+                    "val_loss": val_loss,
+                    "tokens": iter_num * tokens_per_iter,
+                    "elapsed_s": elapsed_before + time.time() - t_start,
+                }
+            )
             print(f"step {iter_num}: val loss {val_loss:.4f}")
         if iter_num % ckpt_interval == 0 or is_last:
             is_best = val_loss < best_val_loss
@@ -462,6 +473,7 @@ if __name__ == "__main__":
                 iter_num=iter_num,
                 val_loss=val_loss,
                 best_val_loss=best_val_loss,
+                elapsed_s=elapsed_before + time.time() - t_start,
                 rng=runtime.get_rng_state("cpu"),
                 data=train_data.generator.get_state(),
             )

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 from conftest import run
+from test_train import assert_one_line_error
 
 import chat
 import runtime
@@ -224,6 +225,8 @@ def test_dpo_resume_matches_uninterrupted(sft_run, tmp_path):
     common = ["--lr_decay_iters=6", "--ckpt_interval=3", "--eval_interval=3", "--eval_iters=1"]
     dpo(sft, data, tmp_path / "full", *common, "--max_iters=6")
     dpo(sft, data, tmp_path / "split", *common, "--max_iters=3")
+    proc = dpo("resume", data, tmp_path / "split", *common, "--max_iters=6", "--optimizer=adamw", check=False)
+    assert_one_line_error(proc, "trained with optimizer=muon", "says optimizer=adamw")
     dpo("resume", data, tmp_path / "split", *common, "--max_iters=6")
 
     def losses(out):

@@ -13,7 +13,7 @@ mx = pytest.importorskip("mlx.core")  # the `test` extra installs it on Linux an
 
 from conftest import TINY, run  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from test_train import assert_one_line_error, metrics  # noqa: E402
+from test_train import assert_one_line_error, metrics, records  # noqa: E402
 
 import muon  # noqa: E402
 import runtime  # noqa: E402
@@ -130,10 +130,12 @@ def train(script, data, out, *extra, check=True):
     return run(script, f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra, check=check)
 
 
-def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path, optimizer):
     """From the same initial weights (model.py's, same seed) and batches: train.py and train_mlx.py log nearly
-    the same losses; train_mlx.py resumes train.py's run and train.py resumes train_mlx.py's."""
-    common = ["--lr_decay_iters=12", "--eval_interval=4", "--ckpt_interval=4"]
+    the same losses, with either optimizer; train_mlx.py resumes train.py's run and train.py resumes train_mlx.py's
+    (tested with Muon: the checkpoint's optimizer layout is muon.py's either way)."""
+    common = ["--lr_decay_iters=12", "--eval_interval=4", "--ckpt_interval=4", f"--optimizer={optimizer}"]
     train("train.py", tiny_data, tmp_path / "torch", "--max_iters=12", *common)
     train("train_mlx.py", tiny_data, tmp_path / "mlx", "--max_iters=12", *common)
     a, b = metrics(tmp_path / "torch"), metrics(tmp_path / "mlx")
@@ -142,6 +144,11 @@ def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path):
         assert abs(a[step] - b[step]) < 0.02, (step, a[step], b[step])
     va, vb = metrics(tmp_path / "torch", "val_loss"), metrics(tmp_path / "mlx", "val_loss")
     assert va[0] == pytest.approx(vb[0], abs=1e-5) and va[12] == pytest.approx(vb[12], abs=0.02)
+    logged = records(tmp_path / "mlx")
+    assert all(r["tokens"] == 2048 * r["step"] and "elapsed_s" in r for r in logged)  # 8 x 4 x 64 tokens a step
+    assert all(("muon_lr" in r) == (optimizer == "muon") for r in logged if "loss" in r)
+    if optimizer == "adamw":
+        return
 
     mixed = tmp_path / "mixed"  # steps 1-4 PyTorch, 5-8 MLX, 9-12 PyTorch
     train("train.py", tiny_data, mixed, "--max_iters=4", *common)
@@ -162,6 +169,8 @@ def test_resume_matches_uninterrupted_run_and_samples(tiny_data, tmp_path):
     a, b = metrics(full), metrics(split)
     assert list(a) == list(range(1, 9)) and a == b  # the same losses, to the last bit
     assert metrics(full, "val_loss")[8] == metrics(split, "val_loss")[8]
+    saved = runtime.load_checkpoint(split / "ckpt_0000004.safetensors")["elapsed_s"]
+    assert metrics(split, "elapsed_s")[5] > saved >= metrics(split, "elapsed_s")[4]  # wall time goes on over a resume
     names = sorted(p.name for p in full.glob("ckpt_*"))
     assert names == ["ckpt_0000004.safetensors", "ckpt_0000008.safetensors", "ckpt_best.safetensors"]
     proc = run("sample.py", f"--out_dir={full}", "--device=cpu", "--max_new_tokens=20", "--num_samples=1")

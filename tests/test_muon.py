@@ -3,6 +3,8 @@ import copy
 import pytest
 import torch
 
+import runtime
+from model import GPT, GPTConfig
 from muon import Muon, zeropower_via_newtonschulz5
 
 
@@ -51,6 +53,34 @@ def test_adamw_groups_match_torch_adamw():
         ours.step()
         ref.step()
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_make_optimizer_adamw_is_torch_adamw():
+    """optimizer="adamw": every parameter in an AdamW group at learning_rate (muon_lr unused), weight decay on the
+    matrices and the embedding but not on the norm gains: five steps are torch.optim.AdamW's with those groups."""
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64))
+    ref = copy.deepcopy(ours)
+    optimizer = runtime.make_optimizer(ours, 123.0, 0.5, 1e-2, (0.9, 0.95), 0.1, optimizer="adamw")
+    groups = optimizer.param_groups
+    assert all(not g["use_muon"] and g["lr"] == g["peak_lr"] == 1e-2 for g in groups)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in ours.parameters())
+    decay = [p for p in ref.parameters() if p.ndim == 2]  # the hidden matrices and the (tied) embedding
+    gains = [p for p in ref.parameters() if p.ndim == 1]
+    assert len(decay) + len(gains) == len(list(ref.parameters())) and gains
+    reference = torch.optim.AdamW(
+        [dict(params=decay, weight_decay=0.1), dict(params=gains, weight_decay=0.0)], lr=1e-2, betas=(0.9, 0.95)
+    )
+    for _ in range(5):
+        for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        optimizer.step()
+        reference.step()
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+    with pytest.raises(runtime.UserError, match="optimizer=sgd: expected muon or adamw"):
+        runtime.make_optimizer(ours, 0.02, 0.95, 1e-2, (0.9, 0.95), 0.1, optimizer="sgd")
 
 
 def test_muon_state_dict_round_trip():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from conftest import TINY, run
+from test_train import assert_one_line_error
 
 import chat
 from shards import open_shard
@@ -185,7 +186,9 @@ def test_base_tokenizer_without_chat_tokens_is_refused(tiny_data, tmp_path):
 
 def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
     base, sft_data = tmp_path / "base", tmp_path / "sft_data"
-    run("train.py", f"--data_dir={tiny_data}", f"--out_dir={base}", *TINY, "--max_iters=4", "--eval_interval=4")
+    # pretrained with AdamW, fine-tuned with Muon: a new run starts with fresh optimizer state
+    pretrain = ["--max_iters=4", "--eval_interval=4", "--optimizer=adamw"]
+    run("train.py", f"--data_dir={tiny_data}", f"--out_dir={base}", *TINY, *pretrain)
     run("prepare.py", "--mode=sft", f"--data_dir={sft_data}", f"--tokenizer={base / 'tokenizer.model'}")
     common = [
         f"--init_from={base}",
@@ -202,13 +205,10 @@ def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
     ]
     run("sft.py", *common, f"--out_dir={tmp_path / 'full'}", "--max_iters=6")
     run("sft.py", *common, f"--out_dir={tmp_path / 'split'}", "--max_iters=3")
-    run(
-        "sft.py",
-        *[a for a in common if not a.startswith("--init_from")],
-        "--init_from=resume",
-        f"--out_dir={tmp_path / 'split'}",
-        "--max_iters=6",
-    )
+    resume = [*[a for a in common if not a.startswith("--init_from")], "--init_from=resume"]
+    proc = run("sft.py", *resume, f"--out_dir={tmp_path / 'split'}", "--max_iters=6", "--optimizer=adamw", check=False)
+    assert_one_line_error(proc, "trained with optimizer=muon", "says optimizer=adamw")
+    run("sft.py", *resume, f"--out_dir={tmp_path / 'split'}", "--max_iters=6")
 
     def losses(out):
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

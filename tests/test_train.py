@@ -16,9 +16,12 @@ def train(data, out, *extra, check=True):
     return run("train.py", f"--data_dir={data}", f"--out_dir={out}", *TINY, *extra, check=check)
 
 
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics(out, key="loss"):
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in records if key in r}
+    return {r["step"]: r[key] for r in records(out) if key in r}
 
 
 def digest(path):
@@ -44,6 +47,13 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert list(a) == list(range(1, 9)) and a == b  # the same losses, to the last bit
     assert metrics(full, "val_loss")[8] == metrics(split, "val_loss")[8]
     assert a[8] < a[1]
+    # val records carry tokens seen (8 x 4 x 64 a step) and wall time, which a resume continues from the checkpoint
+    val = [r for r in records(split) if "val_loss" in r]
+    assert [(r["step"], r["tokens"]) for r in val] == [(0, 0), (4, 4 * 2048), (8, 8 * 2048)]
+    elapsed = [r["elapsed_s"] for r in records(split)]
+    assert elapsed == sorted(elapsed) and 0 <= val[0]["elapsed_s"] < val[1]["elapsed_s"]
+    saved = runtime.load_checkpoint(split / "ckpt_0000004.safetensors")["elapsed_s"]
+    assert metrics(split, "elapsed_s")[5] > saved >= val[1]["elapsed_s"]  # step 5 is the resumed run's first
     # rotation keeps the last keep_last=3 step checkpoints plus the best
     names = sorted(p.name for p in full.glob("ckpt_*"))
     assert names == ["ckpt_0000004.safetensors", "ckpt_0000008.safetensors", "ckpt_best.safetensors"]
@@ -94,6 +104,11 @@ def test_checkpoint_guards(tiny_data, tmp_path):
     )
     assert_one_line_error(proc, "loss is nan", "untouched")  # "loss" or "validation loss"
     assert digest(ckpt) == before and not (out / "ckpt_0000006.safetensors").exists()
+
+    # resuming with another optimizer is refused: Muon's state is not AdamW's
+    proc = train(tiny_data, out, "--max_iters=8", "--init_from=resume", "--optimizer=adamw", check=False)
+    assert_one_line_error(proc, "trained with optimizer=muon", "says optimizer=adamw", "--optimizer=muon")
+    assert digest(ckpt) == before
 
     # resuming with another architecture is refused
     assert_one_line_error(
@@ -149,3 +164,29 @@ def test_data_guards(tiny_data, tmp_path):
         train(tiny_data, tmp_path / "c", "--vocab_size=1000", check=False), "512-token vocabulary", "vocab_size=1000"
     )
     assert not (tmp_path / "c").exists()  # nothing was written
+
+
+def test_adamw_trains_and_guards(tiny_data, tmp_path):
+    """optimizer=adamw: AdamW for every parameter, so the loss falls, no muon_lr is logged, every parameter has
+    AdamW state; resuming it as a Muon run is refused and leaves the run as it was; an unknown value is refused."""
+    out = tmp_path / "adamw"
+    args = ["--optimizer=adamw", "--learning_rate=0.01", "--eval_interval=8", "--ckpt_interval=8"]
+    train(tiny_data, out, *args, "--max_iters=8")
+    loss = metrics(out)
+    assert list(loss) == list(range(1, 9)) and loss[8] < loss[1] - 0.5, loss
+    steps = [r for r in records(out) if "loss" in r]
+    assert all("muon_lr" not in r and r["adamw_lr"] == 0.01 * r["lr_mult"] for r in steps)
+    ckpt = out / "ckpt_0000008.safetensors"
+    state = runtime.load_checkpoint(ckpt)
+    assert state["config"]["optimizer"] == "adamw"
+    moments = state["optimizer"]["state"].values()
+    assert len(moments) == len(state["model"]) - 1 and all("exp_avg_sq" in m for m in moments)  # lm_head is wte
+    before, lines = digest(ckpt), (out / "metrics.jsonl").read_text()
+    proc = train(tiny_data, out, "--max_iters=12", "--init_from=resume", check=False)
+    assert_one_line_error(proc, "trained with optimizer=adamw", "says optimizer=muon", "--optimizer=adamw")
+    assert digest(ckpt) == before and (out / "metrics.jsonl").read_text() == lines
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000008.safetensors", "ckpt_best.safetensors"]
+
+    proc = train(tiny_data, tmp_path / "sgd", "--optimizer=sgd", check=False)
+    assert_one_line_error(proc, "optimizer=sgd", "expected muon or adamw")
+    assert not (tmp_path / "sgd").exists()  # nothing was written
