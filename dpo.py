@@ -84,6 +84,8 @@ resume = init_from == "resume"
 base = out if resume else Path(init_from)
 ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best")
 ckpt = runtime.load_checkpoint(ckpt_path)
+if resume:  # checkpoints keep naming the run this one started from (eval.py follows it back)
+    config["init_from"] = ckpt["config"]["init_from"]
 runtime.check_optimizer(optimizer, ckpt if resume else None, out_dir)  # a new run starts with fresh state: either one
 model = runtime.build_model(ckpt, ckpt_path).to(env["device"])
 if resume and not (out / REF).is_file():

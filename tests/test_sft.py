@@ -10,6 +10,7 @@ from conftest import TINY, run
 from test_train import assert_one_line_error
 
 import chat
+import runtime
 from shards import open_shard
 from tokenizer import Tokenizer
 
@@ -216,3 +217,6 @@ def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
 
     assert list(losses(tmp_path / "full")) == [1, 2, 3, 4, 5, 6]
     assert losses(tmp_path / "full") == losses(tmp_path / "split")
+    # the resumed run's checkpoints still name the pretrained run it started from (eval.py follows it back)
+    latest = runtime.load_checkpoint(runtime.find_checkpoint(tmp_path / "split", "latest"))
+    assert latest["iter_num"] == 6 and latest["config"]["init_from"] == str(base)
