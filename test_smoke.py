@@ -1,5 +1,5 @@
-"""The whole pipeline in tiny form, run as a user runs it: prepare -> train -> sample -> SFT -> DPO -> chat, as
-subprocesses.
+"""The whole pipeline in tiny form, run as a user runs it: prepare -> train -> sample -> SFT -> DPO -> chat ->
+report card, as subprocesses.
 
 prepare.py builds the default corpus (this Python's standard library, no download) into a temporary folder.
 """
@@ -86,3 +86,16 @@ def test_prepare_train_sample_sft_dpo_chat(tmp_path):
     )
     answer = run("sample.py", f"--out_dir={dpo}", "--chat", "--start=What does json.dumps do?", "--max_new_tokens=8")
     assert answer.stdout.strip()
+
+    # the report card of the DPO model, as the Quick start ends: every task, followed back to the pretraining data
+    proc = run("eval.py", "config/eval_tiny_cpu.py", f"--out_dir={dpo}", "--problems=4", "--samples=2", "--pass_k=1")
+    report = json.loads((dpo / "report.json").read_text())
+    assert report["kind"] == "dpo" and report["bpb"]["data_dir"] == str(data)
+    assert 0.3 < report["bpb"]["bits_per_byte"] < 4 and report["bpb"]["loss"] < val[0]  # it learned; measured
+    assert (
+        report["humaneval"]["problems"] == 4 and report["contamination"]["tokens_scanned"] > tokens["train"]
+    )  # + SFT, DPO data
+    assert report["chat"]["questions"] > 0 and 0 <= report["chat"]["rouge_l"] <= 1
+    assert 0 <= report["dpo"]["policy"] <= 1 and (dpo / "curves.png").stat().st_size > 10_000
+    assert len((dpo / "humaneval_samples.jsonl").read_text().splitlines()) == 4 * 2
+    assert proc.stdout.rstrip().endswith("|") and "| bits per byte |" in proc.stdout  # the table is printed last
