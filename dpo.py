@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import chat
 import runtime
 from runtime import UserError
-from shards import open_pairs
+from shards import collate_pairs, pair_rows
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -101,17 +100,10 @@ if not resume and runtime.step_checkpoints(out) and not overwrite:
 # ----------------------------------------------------------------------------- data
 def load_pairs(split):
     """(prompt, chosen, rejected) int64 token arrays per pair; pairs longer than the model's context are dropped."""
-    tokens, lengths = open_pairs(data_dir, split, model.config.vocab_size)
-    starts = np.cumsum(lengths.sum(1)) - lengths.sum(1)
-    rows, too_long = [], 0
-    for a, (p, c, r) in zip(starts, lengths, strict=True):
-        if p + max(c, r) - 1 > model.config.block_size:  # prepare.py's --block_size may exceed the model's context
-            too_long += 1
-            continue
-        rows.append((tokens[a : a + p], tokens[a + p : a + p + c], tokens[a + p + c : a + p + c + r]))
+    rows, too_long = pair_rows(data_dir, split, model.config.vocab_size, model.config.block_size)
     if too_long and master:
         print(
-            f"{split}: dropped {too_long} of {len(lengths)} pairs longer than the model's context of "
+            f"{split}: dropped {too_long} of {len(rows) + too_long} pairs longer than the model's context of "
             f"{model.config.block_size} tokens (prepare.py --mode=dpo --block_size={model.config.block_size} "
             f"truncates them instead)"
         )
@@ -125,17 +117,9 @@ generator = torch.Generator().manual_seed(seed)
 
 
 def collate(pairs):
-    """2 x len(pairs) rows: prompt + chosen of each pair, then prompt + rejected, padded to the longest. Targets
-    are -1 except on the completion, so a row's summed log-probability is its completion's."""
-    seqs = [np.concatenate([p, c]) for p, c, _ in pairs] + [np.concatenate([p, r]) for p, _, r in pairs]
-    prompts = [len(p) for p, _, _ in pairs] * 2
-    T = max(len(s) for s in seqs) - 1
-    X = torch.zeros(len(seqs), T, dtype=torch.long)
-    Y = torch.full((len(seqs), T), -1, dtype=torch.long)
-    for i, (s, n) in enumerate(zip(seqs, prompts, strict=True)):
-        X[i, : len(s) - 1] = torch.from_numpy(s[:-1])
-        Y[i, n - 1 : len(s) - 1] = torch.from_numpy(s[n:])
-    return X.to(env["device"]), Y.to(env["device"])
+    """collate_pairs on the device: chosen rows first, then rejected ones."""
+    x, y = collate_pairs(pairs)
+    return x.to(env["device"]), y.to(env["device"])
 
 
 def get_batches():

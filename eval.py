@@ -37,7 +37,7 @@ from chat import END, ROLES, render_prompt
 from model import KVCache, sample_next
 from runtime import UserError
 from sandbox import isolation, run_program
-from shards import find_shards, open_pairs, open_shard
+from shards import collate_pairs, find_shards, open_shard, pair_rows
 from tokenizer import find_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -376,30 +376,20 @@ def chat_scores(model, tok, data_dir, limit, max_new):
 
 @torch.no_grad()
 def preference_accuracy(model, data_dir, env, batch_size=16):
-    """How often the model gives a held-out pair's chosen completion a higher log-probability than the rejected."""
-    tokens, lengths = open_pairs(data_dir, "val", model.config.vocab_size)
-    starts = np.cumsum(lengths.sum(1)) - lengths.sum(1)
-    fits = lengths[:, 0] + lengths[:, 1:].max(1) - 1 <= model.config.block_size  # as dpo.py: longer pairs dropped
-    starts, lengths = starts[fits], lengths[fits]
-    if not len(lengths):
+    """How often the model gives a held-out pair's chosen completion a higher log-probability than the rejected
+    (pairs longer than its context dropped, as dpo.py drops them)."""
+    rows, _ = pair_rows(data_dir, "val", model.config.vocab_size, model.config.block_size)
+    if not rows:
         raise UserError(f"no held-out pair in {data_dir} fits the model's context of {model.config.block_size}")
     wins = 0
-    for a in range(0, len(lengths), batch_size):
-        seqs, prompt_lens = [], []
-        for s, (p, c, r) in zip(starts[a : a + batch_size], lengths[a : a + batch_size], strict=True):
-            prompt, chosen, rejected = tokens[s : s + p], tokens[s + p : s + p + c], tokens[s + p + c : s + p + c + r]
-            seqs += [np.concatenate([prompt, chosen]), np.concatenate([prompt, rejected])]
-            prompt_lens += [p, p]
-        T = max(len(q) for q in seqs) - 1
-        x, y = torch.zeros(len(seqs), T, dtype=torch.long), torch.full((len(seqs), T), -1, dtype=torch.long)
-        for i, (q, p) in enumerate(zip(seqs, prompt_lens, strict=True)):
-            x[i, : len(q) - 1] = torch.from_numpy(q[:-1])
-            y[i, p - 1 : len(q) - 1] = torch.from_numpy(q[p:])
+    for a in range(0, len(rows), batch_size):
+        x, y = collate_pairs(rows[a : a + batch_size])
         with env["autocast"]:
             _, losses = model(x.to(env["device"]), y.to(env["device"]), reduction="none")
-        logps = -losses.float().sum(1).view(-1, 2)  # (pairs, chosen/rejected)
-        wins += (logps[:, 0] > logps[:, 1]).sum().item()
-    return wins / len(lengths)
+        logps = -losses.float().sum(1)  # (2n,): the chosen rows, then the rejected ones
+        n = len(logps) // 2
+        wins += (logps[:n] > logps[n:]).sum().item()
+    return wins / len(rows)
 
 
 # ----------------------------------------------------------------------------- curves

@@ -153,3 +153,30 @@ def open_pairs(data_dir, split, vocab_size):
     if len(lengths) % 3 or lengths.sum() != len(tokens):
         raise ShardError(f"{path} does not match the {split} token shards beside it; re-run prepare.py --mode=dpo")
     return tokens, lengths.reshape(-1, 3)
+
+
+def pair_rows(data_dir, split, vocab_size, block_size):
+    """DPO pairs as (prompt, chosen, rejected) int64 arrays, and how many were dropped because the prompt and the
+    longer completion (less its last token, never an input) do not fit block_size (prepare.py's may be larger)."""
+    tokens, lengths = open_pairs(data_dir, split, vocab_size)
+    starts = np.cumsum(lengths.sum(1)) - lengths.sum(1)
+    rows = [
+        (tokens[a : a + p], tokens[a + p : a + p + c], tokens[a + p + c : a + p + c + r])
+        for a, (p, c, r) in zip(starts, lengths, strict=True)
+        if p + max(c, r) - 1 <= block_size
+    ]
+    return rows, len(lengths) - len(rows)
+
+
+def collate_pairs(pairs):
+    """(x, y) of 2 x len(pairs) rows: prompt + chosen of each pair, then prompt + rejected, padded to the longest.
+    Targets are -1 except on the completion, so a row's summed log-probability is its completion's."""
+    seqs = [np.concatenate([p, c]) for p, c, _ in pairs] + [np.concatenate([p, r]) for p, _, r in pairs]
+    prompts = [len(p) for p, _, _ in pairs] * 2
+    T = max(len(s) for s in seqs) - 1
+    X = torch.zeros(len(seqs), T, dtype=torch.long)
+    Y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(seqs, prompts, strict=True)):
+        X[i, : len(s) - 1] = torch.from_numpy(s[:-1])
+        Y[i, n - 1 : len(s) - 1] = torch.from_numpy(s[n:])
+    return X, Y
