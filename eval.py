@@ -159,7 +159,12 @@ def bits_per_byte(model, data_dir, tok, n_tokens, batch_size, env):
     """(bits per byte, mean loss in nats, tokens scored) over the first n_tokens of the held-out split, in rows
     of block_size + 1 tokens. Tokens with no bytes (<|endoftext|>) count in the loss but not in bits per byte."""
     T = model.config.block_size
-    data = np.concatenate([np.asarray(open_shard(p, model.config.vocab_size)) for p in find_shards(data_dir, "val")])
+    want, pieces = max(1, n_tokens // T) * (T + 1), []
+    for path in find_shards(data_dir, "val"):  # only the tokens scored are read from the memory-mapped shards
+        pieces.append(np.asarray(open_shard(path, model.config.vocab_size)[: want - sum(map(len, pieces))]))
+        if sum(map(len, pieces)) >= want:
+            break
+    data = np.concatenate(pieces)
     rows = min(len(data) // (T + 1), max(1, n_tokens // T))
     if rows == 0:
         raise UserError(f"{data_dir}'s held-out split has fewer than block_size+1={T + 1} tokens")
