@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import runtime
 from model import GPT, GPTConfig, KVCache
+from peer import NanoGPT
 from shards import TokenWindows, write_shard
 
 # ----------------------------------------------------------------------------- config
@@ -155,50 +155,26 @@ def bench_optimizer():
     return result
 
 
-class PeerBlock(torch.nn.Module):
-    """A GPT-2 block as nanoGPT writes it: LayerNorm with bias, one c_attn for q/k/v, a GELU MLP of 4 x width."""
-
-    def __init__(self, d, h):
-        super().__init__()
-        self.h, self.ln_1, self.ln_2 = h, torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-        self.c_attn, self.attn_proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-        self.c_fc, self.mlp_proj = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, C = x.size()
-        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in self.c_attn(self.ln_1(x)).split(C, 2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, C))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-
 def bench_peer():
     """nanoGPT's bench.py setting: GPT-2 (vocabulary 50304, learned positions, heads of 64, tied head) at this
     config's depth and width, batch 12 x 1024, compiled, fused AdamW stepping after every micro-batch."""
     T, V, B = min(1024, block_size), 50304, 12
-    wte, wpe = torch.nn.Embedding(V, n_embd), torch.nn.Embedding(T, n_embd)
-    blocks = torch.nn.Sequential(*[PeerBlock(n_embd, n_embd // 64) for _ in range(n_layer)], torch.nn.LayerNorm(n_embd))
-    peer_model = torch.nn.ModuleDict(dict(wte=wte, wpe=wpe, blocks=blocks)).to(dev)
-
-    def loss_fn(x, y):
-        h = blocks(wte(x) + wpe(torch.arange(T, device=x.device)))
-        return F.cross_entropy(F.linear(h, wte.weight).view(-1, V).float(), y.view(-1))
-
-    loss_fn = torch.compile(loss_fn) if cuda else loss_fn
+    peer_model = NanoGPT(GPTConfig(block_size=T, vocab_size=V, n_layer=n_layer, n_embd=n_embd)).to(dev)
+    loss_fn = torch.compile(peer_model) if cuda else peer_model
     optimizer = torch.optim.AdamW(peer_model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
     x, y = (torch.randint(0, V, (B, T), device=dev) for _ in range(2))
 
     def step():
         with env["autocast"]:
-            loss = loss_fn(x, y)
+            _, loss = loss_fn(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     timed(step, 3)  # compile and warm up
     tok_s = B * T / timed(step, 2 * train_steps)
-    N = sum(p.numel() for p in peer_model.parameters()) - wpe.weight.numel()  # nanoGPT leaves positions out
-    flops = 6 * N + 12 * n_layer * n_embd * T
+    N = peer_model.num_params()  # nanoGPT leaves positions out
+    flops = peer_model.flops_per_token(T)
     return {
         "params": N,
         "batch_size": B,

@@ -442,6 +442,56 @@ def plot_curves(runs, path):
     plt.close(fig)
 
 
+def reach(records, target, key):
+    """The tokens (key="tokens") or seconds (key="elapsed_s") at which a run's validation loss first reaches target,
+    interpolated linearly between its evaluations; None if it never does."""
+    pts = [(r[key], r["val_loss"]) for r in records if "val_loss" in r and key in r]
+    if pts and pts[0][1] <= target:
+        return pts[0][0]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if y1 <= target:
+            return x0 + (x1 - x0) * (y0 - target) / (y0 - y1)
+    return None
+
+
+def compare_runs(run, others):
+    """Each run's final validation loss, tokens and wall time, and for each other run the tokens and wall time `run`
+    took to reach that run's final loss, as ratios (theirs / ours: 1.5 = `run` got there on two thirds)."""
+    rows = []
+    ours = read_metrics(run)
+    for other in [run, *others]:
+        records = read_metrics(other)
+        final = next((r for r in reversed(records) if "val_loss" in r), None)
+        if final is None or "tokens" not in final:
+            raise UserError(f"{other}/metrics.jsonl has no validation loss with tokens; --compare takes train.py runs")
+        row = {"run": str(other), "val_loss": final["val_loss"], "tokens": final["tokens"]}
+        row["wall_s"] = final.get("elapsed_s")
+        if other != run:
+            for key, name in (("tokens", "tokens"), ("elapsed_s", "wall_s")):
+                at = reach(ours, final["val_loss"], key)
+                row[f"ours_{name}"] = at
+                row[f"{name}_ratio"] = row[name] / at if at and row[name] else None
+        rows.append(row)
+    return rows
+
+
+def comparison_table(rows):
+    ours = Path(rows[0]["run"]).name
+    lines = [
+        f"| run | final val loss | tokens | wall time (s) | {ours} reached it at (tokens) | tokens ratio | "
+        f"{ours} reached it at (s) | wall-time ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [f"`{Path(r['run']).name}`", f"{r['val_loss']:.4f}", f"{r['tokens']:,}"]
+        cells.append("-" if r["wall_s"] is None else f"{r['wall_s']:,.0f}")
+        for key, fmt in (("ours_tokens", "{:,.0f}"), ("tokens_ratio", "{:.2f}x"), ("ours_wall_s", "{:,.0f}")):
+            cells.append("-" if r.get(key) is None else fmt.format(r[key]))
+        cells.append("-" if r.get("wall_s_ratio") is None else f"{r['wall_s_ratio']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- reports
 ROWS = [  # (label, path in report.json, format)
     ("validation loss (nats/token)", "bpb.loss", "{:.4f}"),
@@ -498,6 +548,8 @@ def write_report(run, report):
     ]
     if "curves" in report:
         md += ["![loss curves](curves.png)", ""]
+    if "compare" in report:
+        md += [comparison_table(report["compare"]), ""]
     if "humaneval" in report:
         md += [
             f"HumanEval: programs ran in sandbox.py ({report['humaneval']['sandbox']}); samples in "
@@ -507,7 +559,7 @@ def write_report(run, report):
     for ex in report.get("chat", {}).get("examples", []):
         md += [f"- **Q:** {ex['question']}  \n  **A:** {ex['answer'][:300]}  \n  **ref:** {ex['reference'][:300]}"]
     (Path(run) / "report.md").write_text("\n".join(md) + "\n")
-    return table(["value"], [report])
+    return table(["value"], [report]) + ("\n\n" + comparison_table(report["compare"]) if "compare" in report else "")
 
 
 def write_card(runs, folder):
@@ -634,8 +686,11 @@ def main():
                 "reference": preference_accuracy(ref, run_config["data_dir"], env),
             }
         elif task == "curves":
-            plot_curves([out_dir, *filter(None, compare.split(","))], Path(out_dir) / "curves.png")
+            others = [c for c in compare.split(",") if c]
+            plot_curves([out_dir, *others], Path(out_dir) / "curves.png")
             report["curves"] = "curves.png"
+            if others:
+                report["compare"] = compare_runs(out_dir, others)
         print(f"{task}: done in {time.time() - t_task:.1f}s", flush=True)
     report["eval_s"] = time.time() - t0
     print(write_report(out_dir, report))

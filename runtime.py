@@ -377,6 +377,10 @@ def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True)
                     f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
                     f"says {k}={v}; resume with the run's own config"
                 )
+        if ckpt["config"].get("arch", "gpt") != config.get("arch", "gpt"):  # train.py's peer (peer.py) or ours
+            raise UserError(
+                f"{out_dir} holds an arch={ckpt['config'].get('arch', 'gpt')} run; resume it with that --arch"
+            )
     elif step_checkpoints(out) and not overwrite:
         raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
     check_optimizer(config["optimizer"], ckpt, out_dir)
@@ -458,6 +462,11 @@ def build_model(ckpt, path):
         raise UserError(
             f"{path} holds another architecture (model_args has {sorted(unknown)[0]!r}); "
             f"it was not written by this project's train.py"
+        )
+    if ckpt.get("config", {}).get("arch", "gpt") != "gpt":
+        raise UserError(
+            f"{path} is a run of the nanoGPT peer (train.py --arch={ckpt['config']['arch']}), kept for its loss "
+            f"curve; compare it with: python eval.py --out_dir=RUN --compare={Path(path).parent} --tasks=curves"
         )
     model = GPT(GPTConfig(**ckpt["model_args"]))
     load_model_state(model, ckpt["model"], path)

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
 from model import GPT, GPTConfig
+from peer import NanoGPT
 from runtime import UserError
 from shards import TokenWindows, find_shards, read_header
 from tokenizer import find_tokenizer
@@ -48,6 +49,7 @@ n_embd = 768  # residual width
 mlp_hidden = 3072  # SwiGLU hidden width
 rope_theta = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% more compute
+arch = "gpt"  # gpt (model.py) or nanogpt: the peer, nanoGPT's GPT-2 (peer.py), for comparisons on the same data
 # optimizer
 optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter at learning_rate (then ~1e-3)
 muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
@@ -78,6 +80,10 @@ if init_from not in ("scratch", "resume"):
     raise UserError(f"init_from={init_from}: expected scratch or resume")
 if gradient_accumulation_steps % world_size:
     raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by {world_size} ranks")
+if arch not in ("gpt", "nanogpt"):
+    raise UserError(f"arch={arch}: expected gpt (model.py) or nanogpt (peer.py)")
+if arch == "nanogpt" and n_embd % 64:
+    raise UserError(f"arch=nanogpt: n_embd={n_embd} must be a multiple of 64, GPT-2's head size")
 if cuda_graphs and not (compile and env["device_type"] == "cuda" and not env["ddp"]):
     raise UserError("cuda_graphs=true needs compile=true on a single CUDA GPU (no torchrun); drop it otherwise")
 accum_steps = gradient_accumulation_steps // world_size  # micro-batches this rank runs per step
@@ -110,7 +116,7 @@ def get_batches():
 # ----------------------------------------------------------------------------- model
 ckpt, model_args = runtime.open_run(out_dir, init_from, overwrite, config, tokenizer_path, master)
 model_config = GPTConfig(**model_args, activation_checkpointing=activation_checkpointing)
-model = GPT(model_config).to(env["device"])
+model = (GPT if arch == "gpt" else NanoGPT)(model_config).to(env["device"])
 if ckpt is not None:
     runtime.load_model_state(model, ckpt["model"], out_dir)
 raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module

@@ -190,3 +190,22 @@ def test_adamw_trains_and_guards(tiny_data, tmp_path):
     proc = train(tiny_data, tmp_path / "sgd", "--optimizer=sgd", check=False)
     assert_one_line_error(proc, "optimizer=sgd", "expected muon or adamw")
     assert not (tmp_path / "sgd").exists()  # nothing was written
+
+
+def test_nanogpt_peer_trains_and_stays_a_peer(tiny_data, tmp_path):
+    """arch=nanogpt trains peer.py's GPT-2 in the same loop: it starts at about ln(vocab), its loss falls, its
+    parameters are GPT-2's (learned positions, biases); resuming it as our GPT, or loading it where our GPT is
+    expected, is refused with one line that says what to do."""
+    out = tmp_path / "peer"
+    train(tiny_data, out, "--arch=nanogpt", "--optimizer=adamw", "--learning_rate=0.01", "--max_iters=8")
+    val = metrics(out, "val_loss")
+    assert abs(val[0] - math.log(512)) < 0.3 and val[8] < val[0] - 1.0, val
+    state = runtime.load_checkpoint(out / "ckpt_0000008.safetensors")
+    assert state["config"]["arch"] == "nanogpt" and "transformer.wpe.weight" in state["model"]
+    assert "transformer.h.0.attn.c_attn.bias" in state["model"]
+    proc = train(tiny_data, out, "--max_iters=12", "--init_from=resume", check=False)
+    assert_one_line_error(proc, "holds an arch=nanogpt run", "--arch")
+    proc = run("sample.py", f"--out_dir={out}", "--device=cpu", check=False)
+    assert_one_line_error(proc, "nanoGPT peer", "--compare=")
+    proc = train(tiny_data, tmp_path / "x", "--arch=llama", check=False)
+    assert_one_line_error(proc, "arch=llama", "expected gpt")

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Muon against AdamW in our stack, and against nanoGPT's GPT-2, on the reference corpus, the same tokens and GPU.
+#
+#     bash compare.sh                  # one H100: about 22 minutes; again after a stop: finished runs are skipped
+#     STEPS=480 bash compare.sh        # at the reference run's length (about 40 minutes)
+#
+# 1. the corpus of reference.sh (every .py file of this Python; reused when already prepared)
+# 2. ours with Muon: config/reference_137m.py for STEPS steps of 512K tokens -> $OUT_muon
+# 3. AdamW's learning rate for our model, swept: SWEEP_LRS at SWEEP_STEPS steps each (warmup 10, full decay), widened
+#    while the best rate is at an edge
+# 4. ours with AdamW at the sweep's best rate for STEPS steps -> $OUT_adamw
+# 5. nanoGPT's GPT-2 (peer.py) as nanoGPT trains it: AdamW 6e-4, weight decay 0.1, decay to a tenth -> $OUT_nanogpt
+# 6. eval.py --compare: loss against tokens and wall time on one figure, and the table of tokens and wall time each
+#    run took to reach the others' final validation loss -> $OUT_muon/report.md, curves.png
+# Every run has the same data order, batch, schedule and validation windows; only model and optimizer differ. Each
+# of the three compared runs compiles into its own empty Inductor cache, so none starts with another's compiled code
+# (wall time counts from the start of training, compilation included). Arguments go to every train.py.
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-out/cmp}                        # run folders: ${OUT}_muon, ${OUT}_nanogpt, ${OUT}_adamw, ${OUT}_sweep_*
+STEPS=${STEPS:-160}                        # 160 x 524,288 = 84M tokens: 0.72 passes over the corpus
+SWEEP_STEPS=${SWEEP_STEPS:-60}             # 31M tokens per sweep run
+SWEEP_LRS=${SWEEP_LRS:-"0.001 0.002 0.004"}
+CONFIG=${CONFIG:-config/reference_137m.py}
+DATA=${DATA:-data/python32k}
+
+train() { # train RUN CACHE ARGS...: train.py on CONFIG, resumed when RUN has a checkpoint (a finished run does nothing)
+    local run=$1 cache=$2 init=scratch
+    shift 2
+    if compgen -G "$run/ckpt_[0-9]*.safetensors" >/dev/null; then init=resume; fi
+    echo "== $run: $*"
+    TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/anarchobot_inductor_$cache" python train.py "$CONFIG" --data_dir="$DATA" --out_dir="$run" --init_from=$init --eval_interval=10 "$@"
+}
+
+main() { # read whole before it runs: editing this file during a run changes nothing
+    if [ ! -f "$DATA/manifest.json" ]; then
+        python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir="$DATA"
+    fi
+    train "${OUT}_muon" muon --max_iters="$STEPS" "$@"
+    sweep=() lrs=$SWEEP_LRS
+    for _ in 1 2 3; do # a best rate at the edge of the sweep is not bracketed: extend it (twice at most)
+        for lr in $lrs; do
+            train "${OUT}_sweep_$lr" sweep --max_iters="$SWEEP_STEPS" --warmup_iters=10 --optimizer=adamw \
+                --learning_rate="$lr" "$@"
+            sweep+=("${OUT}_sweep_$lr")
+        done
+        read -r best lrs < <(python - "${sweep[@]}" <<'PY'
+import json, sys
+final = {}  # learning rate -> final validation loss of its sweep run
+for run in sys.argv[1:]:
+    records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    final[run.rsplit("_", 1)[1]] = [r["val_loss"] for r in records if "val_loss" in r][-1]
+    print(f"sweep {run}: final val loss {final[run.rsplit('_', 1)[1]]:.4f}", file=sys.stderr)
+best = min(final, key=final.get)
+rates = sorted(final, key=float)
+print(best, f"{2 * float(best):g}" if best == rates[-1] else f"{float(best) / 2:g}" if best == rates[0] else "")
+PY
+        )
+        [ -n "$best" ] || exit 1
+        [ -z "$lrs" ] && break
+    done
+    echo "== AdamW's best learning rate at $SWEEP_STEPS steps: $best"
+    train "${OUT}_adamw" adamw --max_iters="$STEPS" --optimizer=adamw --learning_rate="$best" "$@"
+    train "${OUT}_nanogpt" nanogpt --max_iters="$STEPS" --arch=nanogpt --optimizer=adamw --learning_rate=6e-4 \
+        --weight_decay=0.1 --min_lr_frac=0.1 "$@"
+    python eval.py --out_dir="${OUT}_muon" --compare="${OUT}_adamw,${OUT}_nanogpt" --tasks=curves
+    python eval.py --out_dir="${OUT}_adamw" --compare="$(IFS=,; echo "${sweep[*]}")" --tasks=curves
+}
+main "$@"
+exit
