@@ -12,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# One thread for the tests' own torch work too, as run() gives every script, set before torch is imported: the
+# tests' matrices are tiny, and on a busy two-core machine OpenMP's second thread made them 5x slower (spinning).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Tiny model settings for subprocess runs: a few seconds per run on two CPU cores.
 TINY = [

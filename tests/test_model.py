@@ -55,13 +55,32 @@ def greedy_without_cache(model, idx, n):
     return idx
 
 
-def test_kv_cache_generation_equals_full_recompute():
+def generate_with_logits(monkeypatch, model, idx, n, **kwargs):
+    """model.generate's tokens, and the logits (B, n, vocab) it sampled each new token from."""
+    seen, sample = [], model_module.sample_next
+
+    def record(logits, *args):
+        seen.append(logits.clone())
+        return sample(logits, *args)
+
+    monkeypatch.setattr(model_module, "sample_next", record)
+    with torch.no_grad():
+        out = model.generate(idx, n, **kwargs)
+    return out, torch.stack(seen, dim=1)
+
+
+def test_kv_cache_generation_equals_full_recompute(monkeypatch):
+    """Prefill, then one cached decode step per token: the logits at every position are the full forward pass's
+    (fp32: ~3e-7 apart; a RoPE position off by one in decode moves them by ~3e-3), and so are the greedy tokens."""
     model = make_model()
     idx = torch.randint(0, SMALL.vocab_size, (2, 10))
+    cached, logits = generate_with_logits(monkeypatch, model, idx, 40, temperature=0)
     with torch.no_grad():
-        cached = model.generate(idx, 40, temperature=0)
         full = greedy_without_cache(model, idx, 40)
+        reference = model.logits(cached)[:, 9:-1]  # the logits that predict tokens 10..49
     assert torch.equal(cached, full)
+    assert logits.shape == reference.shape == (2, 40, SMALL.vocab_size)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
 
 
 def test_cached_chunk_logits_match_full_forward():
@@ -80,11 +99,22 @@ def test_cached_chunk_logits_match_full_forward():
     assert torch.allclose(chunk, full[:, 10:], atol=1e-5)
 
 
-def test_generation_runs_past_block_size():
+def test_generation_runs_past_block_size(monkeypatch):
+    """When the cache is full, generate re-encodes the last half-context and decodes on: each token is sampled
+    from the full forward pass's logits over the tokens since the last re-encode."""
     model = make_model()
     idx = torch.randint(0, SMALL.vocab_size, (1, 60))
-    out = model.generate(idx, 100, temperature=1.0, top_k=10)
+    g = torch.Generator().manual_seed(0)
+    out, logits = generate_with_logits(monkeypatch, model, idx, 100, temperature=1.0, top_k=10, generator=g)
     assert out.shape == (1, 160)
+    start, reference = 0, []
+    with torch.no_grad():
+        for n in range(60, 160):  # the logits that predict token n; the cache holds tokens start..n-1
+            reference.append(model.logits(out[:, start:n])[:, -1])
+            if n - start == SMALL.block_size:  # full: tokens from n + 1 - block_size/2 are re-encoded
+                start = n + 1 - SMALL.block_size // 2
+    assert start > 60  # re-encoded more than once
+    torch.testing.assert_close(logits, torch.stack(reference, dim=1), atol=1e-5, rtol=0)
 
 
 def test_sampling_filters():

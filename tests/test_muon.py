@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+import muon
 import runtime
 from model import GPT, GPTConfig
 from muon import Muon, zeropower_via_newtonschulz5
@@ -27,18 +28,29 @@ def test_newton_schulz_batched_equals_per_matrix():
         assert torch.allclose(batched[i].float(), zeropower_via_newtonschulz5(G[i]).float(), atol=1e-2)
 
 
-def test_muon_step_formula():
-    """One step from zero momentum: W <- W(1 - lr wd) - lr * sqrt(max(1, rows/cols)) * NS(nesterov(g))."""
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_steps_follow_the_formula(monkeypatch, nesterov):
+    """Four steps from zero momentum, against the update written out here: buf <- m buf + (1 - m) g, direction
+    g + m (buf - g) with Nesterov (buf without), W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(direction).
+    Newton-Schulz in fp32, so only arithmetic separates the two. One step cannot tell Nesterov from plain
+    momentum (both directions are multiples of g, and Newton-Schulz normalises the scale); later steps can."""
+    monkeypatch.setattr(muon, "NS_DTYPE", torch.float32)
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(96, 32))
-    w0 = w.detach().clone()
-    w.grad = torch.randn(96, 32)
+    expected, buf = w.detach().clone(), torch.zeros(96, 32)
     lr, wd, m = 0.02, 0.1, 0.95
-    Muon([dict(params=[w], use_muon=True, lr=lr, weight_decay=wd, momentum=m)]).step()
-    buf = (1 - m) * w.grad
-    direction = (1 - m) * w.grad + m * buf  # Nesterov: g.lerp(buf, m)
-    expected = w0 * (1 - lr * wd) - lr * (96 / 32) ** 0.5 * zeropower_via_newtonschulz5(direction).float()
-    assert torch.allclose(w.detach(), expected, atol=1e-6)
+    optimizer = Muon([dict(params=[w], use_muon=True, lr=lr, weight_decay=wd, momentum=m, nesterov=nesterov)])
+    for step in range(4):
+        g = torch.randn(96, 32)
+        w.grad = g.clone()
+        optimizer.step()
+        buf = m * buf + (1 - m) * g
+        direction = (1 - m) * g + m * buf if nesterov else buf
+        expected = expected * (1 - lr * wd) - lr * (96 / 32) ** 0.5 * zeropower_via_newtonschulz5(direction)
+        torch.testing.assert_close(
+            w.detach(), expected, atol=1e-6, rtol=0, msg=lambda text, step=step: f"step {step}: {text}"
+        )
+    torch.testing.assert_close(optimizer.state[w]["momentum_buffer"], buf, atol=1e-6, rtol=0)
 
 
 def test_adamw_groups_match_torch_adamw():

@@ -2,15 +2,20 @@
 
 import io
 import json
+import shutil
+import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 from conftest import TINY, run
 from test_train import assert_one_line_error
 
 import chat
 import runtime
+from model import GPT, GPTConfig
 from shards import open_shard
 from tokenizer import Tokenizer
 
@@ -120,6 +125,75 @@ def test_prepare_sft_masks_and_counts(tiny_data, tmp_path):
         check=False,
     )
     assert proc.returncode != 0 and proc.stderr.startswith("error: conversation 0: unknown role 'narrator'")
+
+
+# sft.py run as a user would, every (inputs, targets) batch its model is called with saved to the file argv[1]
+RECORD_BATCHES = """
+import runpy, sys, torch
+import model
+batches, forward = [], model.GPT.forward
+def record(self, idx, targets=None, *args, **kwargs):
+    if targets is not None:
+        batches.append((idx.cpu(), targets.cpu()))
+    return forward(self, idx, targets, *args, **kwargs)
+model.GPT.forward = record
+path, sys.argv = sys.argv[1], ["sft.py", *sys.argv[2:]]
+runpy.run_path("sft.py", run_name="__main__")
+torch.save(batches, path)
+"""
+
+
+def expected_targets(tok, x):
+    """The targets of one padded row x, from its tokens alone: the next token where it is assistant text or the
+    <|end|> closing it, else -1. A row is a conversation less its last token, the <|end|> of its last turn."""
+    specials = {tok.bos_id, *(tok.special[r] for r in chat.ROLES.values())}
+    real = int(np.flatnonzero(x)[-1]) + 1  # padding is 0 after the conversation
+    seq, role, y = [*x[:real].tolist(), tok.special[chat.END]], None, [-1] * len(x)
+    for i, t in enumerate(seq):
+        role = t if t in specials else role
+        if i and t not in specials and role == tok.special[chat.ROLES["assistant"]]:
+            y[i - 1] = t
+    return torch.tensor(y)
+
+
+def test_sft_batches_train_only_on_assistant_text(tiny_data, tmp_path):
+    """On the batches sft.py builds (train and validation), the targets are -1 on the system and user turns,
+    the role tokens and the padding, and are the next token on assistant text and its closing <|end|>."""
+    rows = [{"prompt_id": str(i), "messages": CONVERSATION if i % 2 else CONVERSATION[1:3]} for i in range(40)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer, data, base = tiny_data / "tokenizer.model", tmp_path / "data", tmp_path / "base"
+    run(
+        "prepare.py",
+        "--mode=sft",
+        f"--input={tmp_path / 'chats.jsonl'}",
+        f"--data_dir={data}",
+        f"--tokenizer={tokenizer}",
+    )
+    config = GPTConfig(block_size=128, vocab_size=512, n_layer=1, n_head=2, n_embd=32, mlp_hidden=64)
+    base.mkdir()
+    runtime.save_checkpoint(base, 1, dict(model=GPT(config).state_dict(), model_args=asdict(config)), 1, True)
+    shutil.copyfile(tokenizer, base / "tokenizer.model")
+    args = [
+        "--device=cpu",
+        "--batch_size=4",
+        "--max_iters=3",
+        "--eval_iters=2",
+        "--num_samples=0",
+        "--max_new_tokens=1",
+    ]
+    cmd = [sys.executable, "-c", RECORD_BATCHES, tmp_path / "batches.pt"]
+    run("sft.py", f"--init_from={base}", f"--data_dir={data}", f"--out_dir={tmp_path / 'sft'}", *args, cmd=cmd)
+    batches = torch.load(tmp_path / "batches.pt")
+    tok = Tokenizer(str(tokenizer))
+    assert len(batches) >= 3 + 2  # three steps, and validation at steps 0 and 3
+    prompter = {tok.special[r] for r in ("<|system|>", "<|user|>")}
+    seen_system = False
+    for x, y in batches:
+        for row_x, row_y in zip(x, y, strict=True):
+            torch.testing.assert_close(row_y, expected_targets(tok, row_x.numpy()), rtol=0, atol=0)
+            seen_system |= tok.special["<|system|>"] in row_x.tolist()
+            assert prompter & set(row_x.tolist()) and (row_y != -1).any()  # not vacuous: both kinds of text
+    assert seen_system
 
 
 def test_sft_learns_the_demo_set_and_chat_answers(tiny_data, tmp_path):

@@ -3,8 +3,11 @@
 import hashlib
 import json
 import math
+import resource
+import signal
 import sys
 
+import pytest
 import safetensors.torch
 import torch
 from conftest import REPO, TINY, run
@@ -153,6 +156,73 @@ def test_checkpoint_guards(tiny_data, tmp_path):
     )
     torch.save(good, out / "old.pt")
     assert_one_line_error(run("sample.py", f"--out_dir={out}", "--ckpt=old.pt", check=False), "truncated or corrupted")
+
+
+# Runs the script argv[2:] with a file size limit of argv[1] bytes; a write past it kills the process (SIGXFSZ,
+# which Python ignores unless told otherwise), as a crash or an out-of-disk kill would, halfway through a file.
+KILLED_AT_FILE_SIZE = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tiny_data, tmp_path):
+    """Killed halfway through writing step 6's checkpoint: the checkpoints before it and ckpt_best are as they
+    were, no partial file carries a checkpoint's name, and --init_from=resume goes on from step 4: its steps 5
+    and 6 are the killed run's, to the last bit."""
+    out, common = tmp_path / "run", ["--ckpt_interval=2", "--eval_interval=2", "--lr_decay_iters=6"]
+    train(tiny_data, out, "--max_iters=4", *common)
+
+    def checkpoints():
+        return {p.name: digest(p) for p in out.glob("ckpt_*.safetensors")}
+
+    before = checkpoints()
+    assert sorted(before) == ["ckpt_0000002.safetensors", "ckpt_0000004.safetensors", "ckpt_best.safetensors"]
+    limit = (out / "ckpt_0000004.safetensors").stat().st_size // 2
+    assert (out / "tokenizer.model").stat().st_size < limit  # the resumed run copies it in before training
+    killer = [sys.executable, "-c", KILLED_AT_FILE_SIZE, str(limit), str(REPO / "train.py")]
+    args = [f"--data_dir={tiny_data}", f"--out_dir={out}", *TINY, *common, "--max_iters=6", "--init_from=resume"]
+    killed = run("train.py", *args, cmd=killer, check=False)
+    assert killed.returncode == -signal.SIGXFSZ, (killed.returncode, killed.stderr[-2000:])
+    assert "step 6: val loss" in killed.stdout and "saved" not in killed.stdout  # killed while saving step 6
+    assert checkpoints() == before
+    assert all(runtime.load_checkpoint(out / name)["iter_num"] in (2, 4) for name in before)
+    train(tiny_data, out, "--max_iters=6", "--init_from=resume", *common)
+    losses = [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
+    assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 6, 5, 6]  # metrics.jsonl: started, killed, resumed
+    assert losses[4:6] == losses[6:8]
+    assert runtime.load_checkpoint(out / "ckpt_0000006.safetensors")["iter_num"] == 6
+
+
+def test_best_checkpoint_survives_a_copy_that_stops_halfway(tmp_path, monkeypatch):
+    """The step checkpoint is written whole, then replacing ckpt_best runs out of room halfway (the file size
+    limit: EFBIG): the previous best is still whole and loadable, and so are the step checkpoints."""
+
+    def state(step):
+        return {"model": {"w": torch.full((1 << 16,), float(step))}, "model_args": {}, "iter_num": step}
+
+    runtime.save_checkpoint(tmp_path, 1, state(1), keep_last=3, is_best=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    half = (tmp_path / runtime.BEST).stat().st_size // 2
+    save = runtime.atomic_save
+
+    def save_then_limit(state, path):
+        save(state, path)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (half, hard))
+
+    monkeypatch.setattr(runtime, "atomic_save", save_then_limit)
+    try:
+        with pytest.raises(OSError, match="File too large"):
+            runtime.save_checkpoint(tmp_path, 2, state(2), keep_last=3, is_best=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert runtime.load_checkpoint(tmp_path / runtime.BEST)["iter_num"] == 1
+    for step in (1, 2):
+        assert runtime.load_checkpoint(tmp_path / f"ckpt_{step:07d}.safetensors")["iter_num"] == step
 
 
 def test_data_guards(tiny_data, tmp_path):
