@@ -60,12 +60,14 @@ def render_prompt(tok, messages):
     return ids + [tok.special["<|assistant|>"]]
 
 
-def load_run_tokenizer(run, data_dir, mode):
+def load_run_tokenizer(run, data_dir, mode, flag="--init_from"):
     """(tokenizer, its file) of the run folder that SFT or DPO starts from, checked: it has the chat tokens, and
     data_dir, where it exists, was made with it (by prepare.py --mode=sft or dpo)."""
     path = find_tokenizer(run)
     if path is None:
-        raise UserError(f"{run} has no tokenizer file; it was not written by train.py")
+        raise UserError(
+            f"{run} has no tokenizer file, so it is not a run folder of train.py or sft.py; check --init_from"
+        )
     try:
         tok = load_tokenizer(path)
     except ValueError as e:  # e.g. a SentencePiece model without our reserved special tokens

@@ -81,7 +81,8 @@ REF = "ref.safetensors"  # the frozen reference's weights, kept in out_dir so th
 out = Path(out_dir)
 resume = init_from == "resume"
 base = out if resume else Path(init_from)
-ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best")
+flag = "--out_dir" if resume else "--init_from"  # where the user named base: error messages say which to check
+ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best", flag)
 ckpt = runtime.load_checkpoint(ckpt_path)
 if resume:  # checkpoints keep naming the run this one started from (eval.py follows it back)
     config["init_from"] = ckpt["config"]["init_from"]
@@ -92,7 +93,7 @@ if resume and not (out / REF).is_file():
 ref_path = out / REF if resume else ckpt_path
 ref_model = runtime.build_model(runtime.load_checkpoint(ref_path) if resume else ckpt, ref_path)
 ref_model = ref_model.to(env["device"]).eval().requires_grad_(False)
-tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "dpo")
+tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "dpo", flag)
 if not resume and runtime.step_checkpoints(out) and not overwrite:
     raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
 

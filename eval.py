@@ -601,7 +601,8 @@ def lineage(run, config):
     chain = [(Path(run), config)]
     while run_kind(chain[-1][1]) != "pretrain" and chain[-1][1].get("init_from", "resume") != "resume":
         base = Path(chain[-1][1]["init_from"])
-        chain.append((base, runtime.load_checkpoint(runtime.find_checkpoint(base, "best"))["config"]))
+        path = runtime.find_checkpoint(base, "best", f"the init_from that {chain[-1][0]}'s checkpoint names")
+        chain.append((base, runtime.load_checkpoint(path)["config"]))
     return chain
 
 

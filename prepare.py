@@ -246,8 +246,10 @@ def build_chat_data():
     """--mode=sft or dpo: conversations or preference pairs rendered with the chat template (chat.py), as
     (tokenizer, {split: {tokens, mask or lengths}}, counts, summary, source). Nothing is written yet, so a bad
     record loses nothing."""
-    if not tokenizer or not Path(tokenizer).is_file():
+    if not tokenizer:
         raise UserError(f"--mode={mode} needs the base model's tokenizer: --tokenizer=out/RUN/tokenizer.model")
+    if not Path(tokenizer).is_file():
+        raise UserError(f"--tokenizer={tokenizer} not found; give the base run's: --tokenizer=out/RUN/tokenizer.model")
     tok = load_tokenizer(tokenizer)
     if not set(chat.ROLES.values()) | {chat.END} <= set(tok.special):
         raise UserError(

@@ -394,11 +394,12 @@ def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True)
     return ckpt, model_args
 
 
-def find_checkpoint(out_dir, which="latest"):
-    """Path of the checkpoint to load: `latest`, `best` (falls back to latest) or a file name in out_dir."""
+def find_checkpoint(out_dir, which="latest", flag="--out_dir"):
+    """Path of the checkpoint to load: `latest`, `best` (falls back to latest) or a file name in out_dir. `flag` is
+    where the user gave out_dir (--out_dir, or --init_from for sft.py and dpo.py), for the error messages."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise UserError(f"run folder {out_dir} does not exist; check --out_dir")
+        raise UserError(f"run folder {out_dir} does not exist; check {flag}")
     if which == "best" and (out_dir / BEST).exists():
         return out_dir / BEST
     if which in ("best", "latest"):
@@ -409,10 +410,10 @@ def find_checkpoint(out_dir, which="latest"):
                 f"runtime, torch; runtime.atomic_save(torch.load('OLD.pt', weights_only=True), 'NEW.safetensors')\""
             )
         if not steps:
-            raise UserError(f"no checkpoint (ckpt_*.safetensors) in {out_dir}; train one with train.py first")
+            raise UserError(f"no checkpoint (ckpt_*.safetensors) in {out_dir}; check {flag}, or train one there first")
         return steps[-1]
     if not (out_dir / which).is_file():
-        raise UserError(f"checkpoint {out_dir / which} not found")
+        raise UserError(f"checkpoint {out_dir / which} not found; check --ckpt (best, latest or a file in {out_dir})")
     return out_dir / which
 
 

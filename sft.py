@@ -77,13 +77,14 @@ torch.manual_seed(seed)
 out = Path(out_dir)
 resume = init_from == "resume"
 base = out if resume else Path(init_from)
-ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best")
+flag = "--out_dir" if resume else "--init_from"  # where the user named base: error messages say which to check
+ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best", flag)
 ckpt = runtime.load_checkpoint(ckpt_path)
 if resume:  # checkpoints keep naming the run this one started from (eval.py follows it back)
     config["init_from"] = ckpt["config"]["init_from"]
 runtime.check_optimizer(optimizer, ckpt if resume else None, out_dir)  # a new run starts with fresh state: either one
 model = runtime.build_model(ckpt, ckpt_path).to(env["device"])
-tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "sft")
+tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "sft", flag)
 if not resume and runtime.step_checkpoints(out) and not overwrite:
     raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
 

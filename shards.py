@@ -97,7 +97,9 @@ def open_shard(path, vocab_size=None):
 
 def find_shards(data_dir, split):
     if not Path(data_dir).is_dir():
-        raise ShardError(f"data folder {data_dir} does not exist; run `python prepare.py` first or set data_dir")
+        raise ShardError(
+            f"data folder {data_dir} does not exist; check --data_dir, or run `python prepare.py` to make it"
+        )
     paths = sorted(Path(data_dir).glob(f"{split}_*.bin"))
     if not paths:
         raise ShardError(f"no {split}_*.bin shards in {data_dir}; run `python prepare.py` to make them")

@@ -294,3 +294,18 @@ def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
     # the resumed run's checkpoints still name the pretrained run it started from (eval.py follows it back)
     latest = runtime.load_checkpoint(runtime.find_checkpoint(tmp_path / "split", "latest"))
     assert latest["iter_num"] == 6 and latest["config"]["init_from"] == str(base)
+
+
+def test_errors_name_the_flag_the_user_set(tmp_path):
+    """A missing or empty run folder is reported against the flag that named it: --init_from for the run SFT and
+    DPO start from, --out_dir when resuming (issue 17: sft.py --init_from=out/none said "check --out_dir")."""
+    (tmp_path / "empty").mkdir()
+    for script in ("sft.py", "dpo.py"):
+        for args, words in [
+            ([f"--init_from={tmp_path / 'none'}"], ["does not exist", "check --init_from"]),
+            ([f"--init_from={tmp_path / 'empty'}"], ["no checkpoint", "check --init_from"]),
+            (["--init_from=resume", f"--out_dir={tmp_path / 'none'}"], ["does not exist", "check --out_dir"]),
+        ]:
+            proc = run(script, *args, "--device=cpu", check=False)
+            assert_one_line_error(proc, *words)
+            assert "--out_dir" not in proc.stderr or "resume" in args[0], proc.stderr
