@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import runtime
 from chat import END, ROLES, render_prompt
@@ -82,13 +83,15 @@ def generate(
     top_p=1.0,
     generator=None,
     batch_size=128,
+    desc="generate",
 ):
     """Completions of many prompts (lists of token ids) with the KV cache, batch_size rows at a time, similar
     lengths together. Rows are left-padded and the padding is masked (KVCache.start), so each row decodes as it
     would alone. A row ends at a token of stop_ids (not included) or once its decoded text holds one of
-    stop_texts. Returns a list of (token ids, ended by a stop token)."""
+    stop_texts. Returns a list of (token ids, ended by a stop token). A progress bar on a terminal (not in logs)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=None, leave=False)
     for a in range(0, len(order), batch_size):
         rows = order[a : a + batch_size]
         for i, r in zip(
@@ -99,6 +102,8 @@ def generate(
             strict=True,
         ):
             results[i] = r
+        bar.update(len(rows))
+    bar.close()
     return results
 
 
@@ -213,7 +218,9 @@ def completions(model, tok, problems, n, temp, env, generator):
     newline, as BPE merges a newline with the indentation after it; the model writes both."""
     prompts = [problem["prompt"].rstrip() for problem in problems]
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts for _ in range(n)]
-    done = generate(model, ids, max_new_tokens, [tok.bos_id], tok, STOP_SEQUENCES, temp, top_p, generator, gen_batch)
+    done = generate(
+        model, ids, max_new_tokens, [tok.bos_id], tok, STOP_SEQUENCES, temp, top_p, generator, gen_batch, "humaneval"
+    )
     texts = []
     for j, (new, _) in enumerate(done):
         problem, stripped = problems[j // n], prompts[j // n]
@@ -230,7 +237,8 @@ def score(problems, texts, timeout, memory_mb, workers):
         for t in ts
     ]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(lambda job: run_program(job[1], timeout, memory_mb)[0], jobs))
+        runs = pool.map(lambda job: run_program(job[1], timeout, memory_mb)[0], jobs)
+        results = list(tqdm(runs, total=len(jobs), desc="sandbox", unit="prog", disable=None, leave=False))
     per_problem = [[] for _ in problems]
     for (i, _), r in zip(jobs, results, strict=True):
         per_problem[i].append(r)
@@ -363,7 +371,7 @@ def chat_scores(model, tok, data_dir, limit, max_new):
     if not qa:
         raise UserError(f"no held-out conversation in {data_dir}; make SFT data with prepare.py --mode=sft")
     prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q, _ in qa]
-    answers = generate(model, prompts, max_new, [tok.special[END], tok.bos_id], batch_size=gen_batch)
+    answers = generate(model, prompts, max_new, [tok.special[END], tok.bos_id], batch_size=gen_batch, desc="chat")
     texts = [tok.decode(ids) for ids, _ in answers]
     rouge = [rouge_l(t, ref) for t, (_, ref) in zip(texts, qa, strict=True)]
     return {

@@ -28,6 +28,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import chat
 import pysource
@@ -394,6 +395,8 @@ resume = manifest["resume"]
 start = min(resume.values(), key=lambda r: r["row"])
 counts = dict(start["counts"])
 rows = rows.skip(start["row"]) if hasattr(rows, "skip") else rows[start["row"] :]
+total = len(rows) + start["row"] if hasattr(rows, "__len__") else None  # a local corpus's size; a stream's unknown
+bar = tqdm(total=total, initial=start["row"], unit="doc", disable=None)  # on a terminal; the lines below go to logs
 docs = documents(rows, field, first_row=start["row"])
 buffers, last = {"train": [], "val": []}, {s: (r["row"], r["counts"], r["offset"], None) for s, r in resume.items()}
 new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()
@@ -426,7 +429,9 @@ while not (stopped or reached):
         reached = bool(target) and counts["train_assigned"] >= target
         if stopped or reached:
             break
-    if time.time() - t_print > 10:
+    bar.update(len(batch))
+    bar.set_postfix_str(f"{counts['train_assigned']:,} train tokens", refresh=False)
+    if time.time() - t_print > 10 and bar.disable:
         t_print, rate = time.time(), new_tokens / (time.time() - t_stream)
         eta = f" | eta {runtime.format_duration((target - counts['train_assigned']) / rate)}" if target else ""
         print(
@@ -435,6 +440,7 @@ while not (stopped or reached):
             flush=True,
         )
 
+bar.close()
 if stopped:  # the manifest already records where to continue
     print(f"stopped after {new_shards} shards (--max_shards); run the same command to continue")
     sys.exit(0)
