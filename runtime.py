@@ -312,8 +312,10 @@ def check_batch(config, world_size, limit):
 
 
 def out_of_memory(e):
-    """Whether an exception is a device running out of memory (CUDA's and MPS's errors, MLX's, a dry run's)."""
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+    """Whether an exception is a device running out of memory (CUDA's and MPS's errors, cuBLAS failing to allocate
+    its workspace, MLX's, a dry run's peak past the limit)."""
+    text = str(e).lower()
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "alloc_failed" in text
 
 
 def free_memory(device):
@@ -392,18 +394,21 @@ def pick_batch(config, env, global_batch, ckpt, try_step, free=None):
         B, how = ckpt["config"]["batch_size"], "the checkpoint's choice"
     elif B == "auto":
         B, tried = find_batch_size(try_step, n, free or (lambda: free_memory(env["device"])))
+        failed = [s for s in tried if s > B]
+        how = f"{', '.join(map(str, failed))} ran out of memory" if failed else "the whole step's share fits"
+        how += f"; sizes that divide the {n} per rank" if n & (n - 1) else ""
         if env["ddp"]:
             smallest = torch.tensor(B, device=env["device"])
             dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+            how += f"; {B} fits here but not on every rank" if smallest < B else ""
             B = int(smallest.item())
-        failed = [s for s in tried if s > B]
-        how = f"{', '.join(map(str, failed))} ran out of memory" if failed else "the whole step's share fits"
-        how += f"; the sizes tried divide the {n} sequences per rank" if n & (n - 1) else ""
     if n % B:
         raise UserError(f"batch_size={B} does not divide the {n} sequences per rank of a step; give another")
     accum = global_batch // B
     if config["batch_size"] == "auto" and env["master"]:
-        print(f"batch_size=auto: {B} ({how}) -> gradient_accumulation_steps={accum}, {global_batch} sequences a step")
+        print(
+            f"batch_size=auto: {B} ({how}) -> gradient_accumulation_steps={accum} for a global batch of {global_batch}"
+        )
     config.update(batch_size=B, gradient_accumulation_steps=accum)
     return B, accum
 

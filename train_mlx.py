@@ -335,7 +335,10 @@ if __name__ == "__main__":
     compute_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}.get(dtype)
     if compute_dtype is None:
         raise UserError(f"dtype={dtype}: expected auto, float32 or bfloat16 (fp16 would need loss scaling)")
-    limit = runtime.AUTO_HEADROOM * mx.get_memory_limit()  # what a batch_size=auto dry run may peak at
+    # what a batch_size=auto dry run may peak at: a share of the Mac GPU's recommended working set (MLX's own limit
+    # is 1.5 times that, and memory past it is swapped), or of MLX's limit on the CPU (from the RAM)
+    working_set = mx.device_info().get("max_recommended_working_set_size") if on_gpu else None
+    limit = runtime.AUTO_HEADROOM * (working_set or mx.get_memory_limit())
     global_batch = runtime.check_batch(config, 1, limit)  # sequences a step
     stages = runtime.parse_schedule(block_size_schedule, block_size)  # [(sequence length, share of the run)]
     torch.manual_seed(seed)  # the initial weights are model.py's: the same as train.py's for this seed

@@ -106,7 +106,8 @@ def test_ddp_two_ranks_match_one_rank(tiny_data, tmp_path):
     env = {**os.environ, "FAKE_OOM": f"{4 * 64},{2 * 64}"}
     two = tmp_path / "two"
     proc = run("torchrun", f"--data_dir={tiny_data}", f"--out_dir={two}", *TINY, *common, *auto, cmd=torchrun, env=env)
-    assert "batch_size=auto: 2 (4 ran out of memory) -> gradient_accumulation_steps=4" in proc.stdout
+    assert "batch_size=auto: 2 (the whole step's share fits; 4 fits here but not on every rank) -> " in proc.stdout
+    assert "-> gradient_accumulation_steps=4 for a global batch of 8" in proc.stdout
     assert runtime.load_checkpoint(two / "ckpt_0000004.safetensors")["config"]["batch_size"] == 2
     one, two = metrics(tmp_path / "one"), metrics(two)
     assert list(one) == [1, 2, 3, 4]

@@ -72,7 +72,10 @@ def test_pick_batch_keeps_the_global_batch_and_a_resume_keeps_its_choice(capsys)
 
     assert runtime.pick_batch(config, CPU, 48, None, try_step, gc.collect) == (6, 8)
     assert config["batch_size"] == 6 and config["gradient_accumulation_steps"] == 8  # what checkpoints store
-    assert "batch_size=auto: 6 (48, 24, 12 ran out of memory; the sizes tried divide the 48" in capsys.readouterr().out
+    assert (
+        "batch_size=auto: 6 (48, 24, 12 ran out of memory; sizes that divide the 48 per rank)"
+        in capsys.readouterr().out
+    )
     resumed = dict(config, batch_size="auto")
     assert runtime.pick_batch(resumed, CPU, 48, {"config": {"batch_size": 12}}, None) == (12, 4)
     two_ranks = dict(CPU, world_size=2)
