@@ -319,10 +319,12 @@ def out_of_memory(e):
 
 
 def free_memory(device):
-    """Return what a failed try left to the device: collect garbage, then empty the allocator's cache."""
+    """Return what a try left to the device: collect garbage, empty the allocator's cache, and start CUDA's peak
+    count anew (the metrics' peak is training's)."""
     gc.collect()
     if str(device).startswith("cuda"):
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     elif str(device).startswith("mps"):
         torch.mps.empty_cache()
 
@@ -393,7 +395,9 @@ def pick_batch(config, env, global_batch, ckpt, try_step, free=None):
     if B == "auto" and ckpt is not None:
         B, how = ckpt["config"]["batch_size"], "the checkpoint's choice"
     elif B == "auto":
-        B, tried = find_batch_size(try_step, n, free or (lambda: free_memory(env["device"])))
+        free = free or (lambda: free_memory(env["device"]))
+        B, tried = find_batch_size(try_step, n, free)
+        free()  # what the last try left
         failed = [s for s in tried if s > B]
         how = f"{', '.join(map(str, failed))} ran out of memory" if failed else "the whole step's share fits"
         how += f"; sizes that divide the {n} per rank" if n & (n - 1) else ""

@@ -6,6 +6,7 @@ out-of-memory error and an overfitting run on the CPU."""
 import gc
 import weakref
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -164,3 +165,24 @@ def test_memory_stats_on_cpu():
     assert after["rss_gib"] < more["rss_gib"] - 0.05 and after["peak_mem_gib"] > more["rss_gib"] - 0.01
     line = runtime.format_memory({"mem_gib": 17.31, "peak_mem_gib": 19.8, "rss_gib": 3.1})
     assert line == "mem 17.31/19.80GiB rss 3.10GiB"
+
+
+def test_memory_readings_on_cuda_and_mps(monkeypatch):
+    """The CUDA and MPS branches with the allocators' counters faked (no GPU here): which counter is the current
+    memory, which the peak, what batch_size=auto may use, and what is freed between its tries."""
+    gib, calls = 2**30, []
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 5 * gib)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * gib))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(f"reset {device}"))
+    stats = runtime.memory_stats("cuda:1")
+    assert (stats["mem_gib"], stats["peak_mem_gib"]) == (3, 5) and stats["rss_gib"] > 0.01
+    assert runtime.memory_limit("cuda:1") == 72 * gib
+    runtime.free_memory("cuda:1")
+    assert calls == ["empty_cache", "reset cuda:1"]
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 2 * gib)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 4 * gib)  # with the allocator's cache
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 10 * gib)
+    stats = runtime.memory_stats("mps")
+    assert (stats["mem_gib"], stats["peak_mem_gib"]) == (2, 4) and runtime.memory_limit("mps") == 9 * gib
