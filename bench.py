@@ -135,7 +135,7 @@ def bench_training(T, mode):
         "compile": mode,
         "tok_per_s": tok_s,
         "mfu": raw.flops_per_token(T) * tok_s / peak if peak else None,
-        "peak_mem_gib": runtime.memory_gib(dev),
+        "peak_mem_gib": runtime.memory_stats(dev)["peak_mem_gib"],
         "step_s": dt,
         "first_step_s": t_compile,
     }

@@ -39,13 +39,15 @@ eval_interval = 100  # steps between evaluations (held-out loss, rewards and pre
 eval_iters = 10  # validation micro-batches per evaluation
 log_interval = 10  # steps between progress lines
 ckpt_interval = 100  # steps between checkpoints (one is also written at the end)
+patience = 0  # stop after this many evaluations without a new best held-out loss (0 = never)
 keep_last = 3  # step checkpoints kept (ckpt_best.safetensors, lowest held-out loss, is kept besides)
 # DPO
 beta = 0.1  # inverse temperature of the preference model: rewards are beta x log(policy / reference)
 precompute_ref = False  # compute the reference's log-probabilities once up front, then free the reference model
 # data
-batch_size = 8  # preference pairs per micro-batch, per rank (2 x batch_size rows)
+batch_size = 8  # pairs per micro-batch, per rank (2 x batch_size rows); auto: the largest that fits the GPU
 gradient_accumulation_steps = 1  # micro-batches per step, summed over all ranks
+global_batch_size = 0  # pairs per step, all ranks; sets gradient_accumulation_steps (0 = batch x accumulation)
 # optimizer: smaller steps than SFT, DPO only nudges a model that already answers
 optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW at learning_rate for every parameter
 muon_lr = 0.002  # Muon learning rate for the hidden matrices
@@ -66,14 +68,12 @@ compile = False  # torch.compile of the policy; rows change length every batch, 
 seed = 1337  # data order
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
-config = runtime.configure(globals(), sys.argv[1:])
+config = runtime.configure(globals(), sys.argv[1:], auto=("batch_size",))
 
 # ----------------------------------------------------------------------------- device / DDP
 env = runtime.setup_device(device, dtype)
 master, world_size, rank = env["master"], env["world_size"], env["rank"]
-if gradient_accumulation_steps % world_size:
-    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by {world_size} ranks")
-accum_steps = gradient_accumulation_steps // world_size
+global_batch = runtime.check_batch(config, world_size, runtime.memory_limit(env["device"]))  # pairs a step
 torch.manual_seed(seed)
 
 # ----------------------------------------------------------------------------- policy, reference and tokenizer
@@ -114,6 +114,7 @@ def load_pairs(split):
 
 
 train_rows, val_rows = load_pairs("train"), load_pairs("val")
+longest = max(len(p) + max(len(c), len(r)) - 1 for p, c, r in train_rows)  # tokens in the longest training row
 generator = torch.Generator().manual_seed(seed)
 
 
@@ -164,14 +165,12 @@ def dpo_loss(policy, reference):
     return loss, stats.detach()
 
 
+def dry_loss(x, y):
+    """batch_size=auto's dry runs: the policy's DPO loss with the reference's forward pass, as in training."""
+    return dpo_loss(sequence_logps(model, x, y), reference_logps(x, y))[0]
+
+
 STATS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
-ref_train = ref_val = None
-if precompute_ref:  # every rank computes all of them: any rank may draw any pair
-    t0 = time.time()
-    ref_train, ref_val = precompute(train_rows), precompute(val_rows)
-    del ref_model  # its memory goes back; from here on reference_logps looks the values up
-    if master:
-        print(f"reference log-probabilities of {len(train_rows) + len(val_rows)} pairs in {time.time() - t0:.1f}s")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -179,14 +178,29 @@ if precompute_ref:  # every rank computes all of them: any rank may draw any pai
 optimizer = runtime.make_optimizer(
     model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
 )
+# batch_size=auto: dry runs at the longest pair find the largest micro-batch that fits (a resume keeps its own);
+# with precompute_ref the reference is still there, and its forward pass still in them: a cautious choice
+try_step = runtime.dry_run(env, model, optimizer, dry_loss, longest, rows=2)
+batch_size, gradient_accumulation_steps = runtime.pick_batch(
+    config, env, global_batch, ckpt if resume else None, try_step
+)
+accum_steps = gradient_accumulation_steps // world_size
+ref_train = ref_val = None
+if precompute_ref:  # every rank computes all of them: any rank may draw any pair
+    t0 = time.time()
+    ref_train, ref_val = precompute(train_rows), precompute(val_rows)
+    del ref_model  # its memory goes back; from here on reference_logps looks the values up
+    if master:
+        print(f"reference log-probabilities of {len(train_rows) + len(val_rows)} pairs in {time.time() - t0:.1f}s")
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
-iter_num, best_val_loss = 0, float("inf")
+iter_num, early = 0, runtime.EarlyStopping(patience)
 if resume:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    iter_num = ckpt["iter_num"]
+    early = runtime.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
 model_config = model.config
 if master:
     if not resume:
@@ -265,7 +279,7 @@ if iter_num == 0:
         report(0, result)
 stats_sum = torch.zeros(len(STATS), device=env["device"])
 steps_since_log, t_log, t_start, start_iter, tokens = 0, time.time(), time.time(), iter_num, 0
-while iter_num < max_iters:
+while iter_num < max_iters and not early.stop:
     lr_mult = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * lr_mult
@@ -300,7 +314,7 @@ while iter_num < max_iters:
             **train,
             "lr_mult": lr_mult,
             "tok_per_s": tokens / dt,
-            "mem_gib": runtime.memory_gib(env["device"]),
+            **runtime.memory_stats(env["device"]),
             "elapsed_s": time.time() - t_start,
         }
         log.log(record)
@@ -310,7 +324,7 @@ while iter_num < max_iters:
                 f"step {iter_num}/{max_iters} | loss {train['loss']:.4f} | rewards chosen "
                 f"{train['rewards/chosen']:+.3f} rejected {train['rewards/rejected']:+.3f} accuracies "
                 f"{train['rewards/accuracies']:.2f} margins {train['rewards/margins']:+.3f} | lr x{lr_mult:.3f} | "
-                f"{tokens / dt:,.0f} tok/s | mem {record['mem_gib']:.2f}GiB | eta {runtime.format_duration(eta)}",
+                f"{tokens / dt:,.0f} tok/s | {runtime.format_memory(record)} | eta {runtime.format_duration(eta)}",
                 flush=True,
             )
         stats_sum.zero_()
@@ -321,12 +335,13 @@ while iter_num < max_iters:
         result = evaluate(held_out, ref_val)
         val_loss, last_eval = result["val_loss"], iter_num
         runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
+        early.evaluated(val_loss)
         log.log({"step": iter_num, **result})
         if master:
             report(iter_num, result)
-    if (iter_num % ckpt_interval == 0 or is_last) and master:
-        is_best = val_loss < best_val_loss
-        best_val_loss = min(best_val_loss, val_loss)
+    save = iter_num % ckpt_interval == 0 or is_last or early.must_save
+    is_best = save and early.saved(iter_num, val_loss)  # on every rank: all keep the count, so all stop together
+    if save and master:
         state = dict(
             model=raw_model.state_dict(),
             optimizer=optimizer.state_dict(),
@@ -335,13 +350,19 @@ while iter_num < max_iters:
             config=config,
             iter_num=iter_num,
             val_loss=val_loss,
-            best_val_loss=best_val_loss,
+            best_val_loss=early.best,
+            early_stopping=early.state(),
             rng=runtime.get_rng_state(env["device"]),
             data=generator.get_state(),
         )
         path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
         print(f"saved {path}" + (" (best so far)" if is_best else ""))
     t_log += time.time() - t_pause
+if early.stop:
+    stopped, line = early.record(iter_num)
+    log.log(stopped)
+    if master:
+        print(line)
 
 # ----------------------------------------------------------------------------- held-out preference accuracy, cleanup
 result = evaluate(val_rows, ref_val)
@@ -359,6 +380,6 @@ if master:
     )
 log.close()
 if master:
-    print(f"done: {iter_num} steps, best held-out loss {best_val_loss:.4f}, checkpoints in {out_dir}")
+    print(f"done: {iter_num} steps, best held-out loss {early.best:.4f}, checkpoints in {out_dir}")
 if env["ddp"]:
     dist.destroy_process_group()

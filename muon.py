@@ -62,15 +62,18 @@ class Muon(torch.optim.Optimizer):
         super().__init__(param_groups, {})
 
     @torch.no_grad()
-    def step(self):
+    def step(self, local=False):
+        """local=True: every rank does all the Newton-Schulz work itself and talks to no other, as without DDP
+        (runtime.dry_run: each rank tries batch sizes of its own)."""
         for group in self.param_groups:
             if group["use_muon"]:
-                self._muon_step(group)
+                self._muon_step(group, local)
             else:
                 self._adamw_step(group)
 
-    def _muon_step(self, group):
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    def _muon_step(self, group, local=False):
+        distributed = dist.is_initialized() and not local
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return

@@ -4,6 +4,7 @@ files, metrics logging. Importing it has no side effects; the scripts call what 
 
 import dataclasses
 import difflib
+import gc
 import json
 import math
 import os
@@ -47,8 +48,13 @@ def config_keys(namespace):
     return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 
 
-def check_value(key, value, default):
-    """Return value if it has default's type (an int is accepted for a float); else raise UserError."""
+def check_value(key, value, default, auto=()):
+    """Return value if it has default's type (an int is accepted for a float), or is "auto" for a key in auto;
+    else raise UserError."""
+    if key in auto and value == "auto":
+        return value
+    if key in auto and isinstance(value, str):
+        raise UserError(f"{key} must be a {type(default).__name__} or 'auto' (default {default!r}), got {value!r}")
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
     elif isinstance(default, float):
@@ -61,8 +67,12 @@ def check_value(key, value, default):
     return value
 
 
-def parse_value(key, text, default):
-    """Parse a command-line string as the type of default; bools accept only true/false."""
+def parse_value(key, text, default, auto=()):
+    """Parse a command-line string as the type of default, or "auto" for a key in auto; bools accept only
+    true/false."""
+    if key in auto and text == "auto":
+        return text
+    or_auto = " or auto" if key in auto else ""
     try:
         if isinstance(default, bool):
             if text.lower() not in ("true", "false"):
@@ -74,7 +84,7 @@ def parse_value(key, text, default):
             return float(text)
         return text
     except ValueError:
-        raise UserError(f"--{key}={text}: expected a {type(default).__name__} like {default!r}") from None
+        raise UserError(f"--{key}={text}: expected a {type(default).__name__} like {default!r}{or_auto}") from None
 
 
 def unknown_key(key, known, source):
@@ -83,10 +93,11 @@ def unknown_key(key, known, source):
     return UserError(f"unknown config key {key!r} in {source}{hint}")
 
 
-def configure(namespace, argv, skip_foreign=False):
+def configure(namespace, argv, skip_foreign=False, auto=()):
     """Apply config files (`path.py`, plain assignments) then `--key=value` overrides to a script's globals.
 
-    Every key must already exist in the script and keep its type. Returns the final config as a dict.
+    Every key must already exist in the script and keep its type; the keys in auto may also be "auto" (batch_size,
+    in the scripts that search for it). Returns the final config as a dict.
     skip_foreign=True (bench.py) skips a config file's keys the script does not have: a train.py config holds
     run settings (out_dir, max_iters, ...) a benchmark has no use for. The command line stays strict.
     """
@@ -115,14 +126,14 @@ def configure(namespace, argv, skip_foreign=False):
                     continue
                 if k not in defaults:
                     raise unknown_key(k, keys, arg)
-                config[k] = check_value(k, v, defaults[k])
+                config[k] = check_value(k, v, defaults[k], auto)
         else:
             key, eq, text = arg[2:].partition("=")
             if key not in defaults:
                 raise unknown_key(key, keys, "the command line")
             if not eq and not isinstance(defaults[key], bool):
                 raise UserError(f"{arg}: overrides are written --key=value (a bare --flag sets a bool to true)")
-            config[key] = parse_value(key, text, defaults[key]) if eq else True
+            config[key] = parse_value(key, text, defaults[key], auto) if eq else True
     namespace.update(config)
     return config
 
@@ -200,13 +211,48 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
 
 
-def memory_gib(device):
-    """Peak memory of this process: the allocator's peak on CUDA, resident set size elsewhere."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    if str(device).startswith("mps"):
-        return torch.mps.driver_allocated_memory() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def peak_rss_bytes():
+    """The process's highest resident set size so far (getrusage: KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def rss_bytes():
+    """The process's resident set size now: /proc on Linux, psutil elsewhere (its peak where psutil is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return peak_rss_bytes()
+
+
+def memory_record(mem, peak):
+    """The memory fields of a metrics record, in GiB: device memory now (mem_gib) and at its peak (peak_mem_gib),
+    given in bytes, and the process's resident set size now (rss_gib)."""
+    return {"mem_gib": mem / 2**30, "peak_mem_gib": max(mem, peak) / 2**30, "rss_gib": rss_bytes() / 2**30}
+
+
+def memory_stats(device):
+    """memory_record for a PyTorch device. CUDA: the caching allocator's allocated bytes and their high-water mark
+    since the start. MPS has no high-water mark: the peak is the Metal driver's allocation, which keeps the
+    allocator's cache, so it stays near the highest use. CPU: the device's memory is the process's, so mem_gib is
+    the resident set size and peak_mem_gib its highest so far."""
+    device = str(device)
+    if device.startswith("cuda"):
+        return memory_record(torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device))
+    if device.startswith("mps"):
+        return memory_record(torch.mps.current_allocated_memory(), torch.mps.driver_allocated_memory())
+    return memory_record(rss_bytes(), peak_rss_bytes())
+
+
+def format_memory(record):
+    """The progress line's memory: device memory now/peak, then the process's RSS."""
+    return f"mem {record['mem_gib']:.2f}/{record['peak_mem_gib']:.2f}GiB rss {record['rss_gib']:.2f}GiB"
 
 
 def get_rng_state(device):
@@ -220,6 +266,190 @@ def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and str(device).startswith("cuda"):
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------- batch size and sequence length
+
+AUTO_HEADROOM = 0.9  # batch_size=auto: a dry run may peak at this share of the device's memory; the rest is for
+# what it leaves out (DDP's gradient buckets, the allocator's fragmentation, evaluation)
+
+
+def memory_limit(device):
+    """Bytes a batch_size=auto dry run may peak at, or None on the CPU, where running out of memory cannot be
+    caught: the kernel's out-of-memory killer ends the process instead of an error being raised."""
+    device = str(device)
+    if device.startswith("cuda"):
+        return AUTO_HEADROOM * torch.cuda.get_device_properties(device).total_memory
+    if device.startswith("mps"):
+        return AUTO_HEADROOM * torch.mps.recommended_max_memory()
+    return None
+
+
+def check_batch(config, world_size, limit):
+    """The global batch (sequences per optimizer step, all ranks together), checked before anything is loaded:
+    global_batch_size where set (gradient_accumulation_steps then follows from it), else batch_size x
+    gradient_accumulation_steps. batch_size=auto needs global_batch_size, and a memory limit (see memory_limit)."""
+    B, accum, G = config["batch_size"], config["gradient_accumulation_steps"], config["global_batch_size"]
+    if B == "auto" and not G:
+        raise UserError(
+            "batch_size=auto keeps global_batch_size sequences per step; set it too, e.g. --global_batch_size=64"
+        )
+    if B == "auto" and limit is None:
+        raise UserError(
+            "batch_size=auto needs CUDA or MPS: it tries micro-batches until one fits the GPU's memory, and on the "
+            "CPU running out of memory kills the process instead; give a number, e.g. --batch_size=8"
+        )
+    if (B != "auto" and B < 1) or G < 0 or accum < 1:
+        raise UserError(f"batch_size={B}, gradient_accumulation_steps={accum}, global_batch_size={G}: must be positive")
+    if not G and accum % world_size:
+        raise UserError(f"gradient_accumulation_steps={accum} must divide by {world_size} ranks")
+    if G and (G % world_size or (B != "auto" and G // world_size % B)):
+        raise UserError(
+            f"global_batch_size={G} does not split into micro-batches of batch_size={B} on {world_size} rank(s); "
+            f"make it a multiple of batch_size x ranks"
+        )
+    return G or B * accum
+
+
+def out_of_memory(e):
+    """Whether an exception is a device running out of memory (CUDA's and MPS's errors, cuBLAS failing to allocate
+    its workspace, MLX's, a dry run's peak past the limit)."""
+    text = str(e).lower()
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "alloc_failed" in text
+
+
+def free_memory(device):
+    """Return what a try left to the device: collect garbage, empty the allocator's cache, and start CUDA's peak
+    count anew (the metrics' peak is training's)."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    elif str(device).startswith("mps"):
+        torch.mps.empty_cache()
+
+
+def find_batch_size(try_step, n, free):
+    """The first of n, n/2, n/4, ... (each rounded down to a divisor of n, so that equal micro-batches make up
+    exactly n) for which try_step(size) does not run out of memory; free() runs between tries, after the except
+    block: its traceback holds the failed try's tensors. Returns (size, sizes tried); a UserError if 1 fails."""
+    divisors = [d for d in range(n, 0, -1) if n % d == 0]
+    size, tried = n, []
+    while True:
+        tried.append(size)
+        try:
+            try_step(size)
+            return size, tried
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+        free()
+        if size == 1:
+            raise UserError(
+                "batch_size=auto: even a micro-batch of 1 runs out of memory; use a smaller model or "
+                "block_size, or activation_checkpointing=true"
+            )
+        size = next(d for d in divisors if d <= size // 2)
+
+
+def dry_run(env, model, optimizer, loss_of, T, rows=1):
+    """try_step for pick_batch in the PyTorch scripts: forward and backward, an optimizer step, then forward and
+    backward again (a step's peak, with the optimizer state in memory) through loss_of(x, y) on rows x size
+    sequences of T zero tokens. The learning rate is 0, so the weights stay as they are, and the optimizer state it
+    made is cleared after: the model and optimizer must be a new run's. Raises MemoryError past memory_limit."""
+    device, limit = env["device"], memory_limit(env["device"])
+
+    def try_step(size):
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        x = torch.zeros(rows * size, T, dtype=torch.long, device=device)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        try:
+            for g in optimizer.param_groups:
+                g["lr"] = 0.0
+            for k in range(2):
+                with env["autocast"]:
+                    loss = loss_of(x, x)
+                loss.backward()
+                if k == 0:
+                    optimizer.step(local=True)  # each rank tries its own sizes: no collective
+                    optimizer.zero_grad(set_to_none=True)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.state.clear()
+            for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+                g["lr"] = lr
+        peak = memory_stats(device)["peak_mem_gib"] * 2**30
+        if peak > limit:
+            raise MemoryError(f"peak {peak / 2**30:.2f} GiB is over the {limit / 2**30:.2f} GiB batch_size=auto allows")
+
+    return try_step
+
+
+def pick_batch(config, env, global_batch, ckpt, try_step, free=None):
+    """(batch_size, gradient_accumulation_steps) of the run, written into config and so into every checkpoint.
+    batch_size=auto takes the checkpoint's choice on resume, so that its micro-batches go on the same; a new run's
+    is find_batch_size's, the smallest over the DDP ranks. gradient_accumulation_steps makes up global_batch."""
+    B, world_size = config["batch_size"], env["world_size"]
+    n = global_batch // world_size  # sequences per rank and step
+    if B == "auto" and ckpt is not None:
+        B, how = ckpt["config"]["batch_size"], "the checkpoint's choice"
+    elif B == "auto":
+        free = free or (lambda: free_memory(env["device"]))
+        B, tried = find_batch_size(try_step, n, free)
+        free()  # what the last try left
+        failed = [s for s in tried if s > B]
+        how = f"{', '.join(map(str, failed))} ran out of memory" if failed else "the whole step's share fits"
+        how += f"; sizes that divide the {n} per rank" if n & (n - 1) else ""
+        if env["ddp"]:
+            smallest = torch.tensor(B, device=env["device"])
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+            how += f"; {B} fits here but not on every rank" if smallest < B else ""
+            B = int(smallest.item())
+    if n % B:
+        raise UserError(f"batch_size={B} does not divide the {n} sequences per rank of a step; give another")
+    accum = global_batch // B
+    if config["batch_size"] == "auto" and env["master"]:
+        print(
+            f"batch_size=auto: {B} ({how}) -> gradient_accumulation_steps={accum} for a global batch of {global_batch}"
+        )
+    config.update(batch_size=B, gradient_accumulation_steps=accum)
+    return B, accum
+
+
+def parse_schedule(text, block_size):
+    """block_size_schedule ("T:share,...", e.g. "1024:0.8,4096:0.2") as [(T, share)], checked: every T divides
+    block_size (the model's context, which its RoPE tables cover), so that block_size / T times as many rows of T
+    tokens hold a micro-batch's tokens, and the shares add up to 1. "" is [(block_size, 1.0)]."""
+    if not text:
+        return [(block_size, 1.0)]
+    stages = []
+    for part in text.split(","):
+        T, _, share = part.partition(":")
+        try:
+            stages.append((int(T), float(share)))
+        except ValueError:
+            raise UserError(f"block_size_schedule={text}: expected length:share pairs like 1024:0.8,4096:0.2") from None
+    for T, share in stages:
+        if T < 1 or block_size % T or share <= 0:
+            raise UserError(
+                f"block_size_schedule={text}: each length must divide block_size={block_size} (the model's context) "
+                f"and each share be positive; {T}:{share} is not"
+            )
+    if abs(sum(share for _, share in stages) - 1) > 1e-6:
+        raise UserError(f"block_size_schedule={text}: the shares add up to {sum(s for _, s in stages):g}, not 1")
+    return stages
+
+
+def block_size_at(stages, it, horizon):
+    """The sequence length of step it (from 0): each stage of parse_schedule for its share of the first horizon
+    steps (lr_decay_iters or max_iters, as the learning-rate schedule), the last one also after them."""
+    end = 0.0
+    for T, share in stages:
+        end += share
+        if it < round(end * horizon):
+            return T
+    return stages[-1][0]
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -279,6 +509,52 @@ def check_finite(loss, what, step, out_dir):
             f"{what} is {loss} at step {step}; the last good checkpoint in {out_dir} is untouched. "
             f"Lower muon_lr/learning_rate or raise warmup_iters, then --init_from=resume"
         )
+
+
+class EarlyStopping:
+    """Stop a run once its validation loss has not beaten the best checkpoint's for `patience` evaluations in a row
+    (0 = never). best is the lowest validation loss of a saved checkpoint, as without it; with patience on, every
+    evaluation that beats it is saved too (must_save), so ckpt_best holds the lowest of them all. Every rank keeps
+    the count (the validation loss is averaged over ranks), so all stop together; state() goes into each checkpoint
+    and a resumed run counts on from it."""
+
+    def __init__(self, patience, best=math.inf, state=None):
+        self.patience, self.best = patience, best
+        self.bad_evals, self.best_step = (state or {}).get("bad_evals", 0), (state or {}).get("best_step", 0)
+        self.improved = False  # the last evaluation beat best and no checkpoint holds it yet
+
+    def evaluated(self, val_loss):
+        """Count an evaluation during training (step 0's is not one: no checkpoint holds it)."""
+        self.improved = val_loss < self.best
+        self.bad_evals = 0 if self.improved else self.bad_evals + 1
+
+    @property
+    def stop(self):
+        return 0 < self.patience <= self.bad_evals
+
+    @property
+    def must_save(self):
+        """Save now, whatever ckpt_interval says: to keep a new best, or the state the run stops in."""
+        return self.patience > 0 and (self.improved or self.stop)
+
+    def saved(self, step, val_loss):
+        """A checkpoint of val_loss is written at step: whether it is the best so far (then copied to ckpt_best)."""
+        is_best = val_loss < self.best
+        if is_best:
+            self.best, self.best_step = val_loss, step
+        self.improved = False
+        return is_best
+
+    def state(self):
+        return {"bad_evals": self.bad_evals, "best_step": self.best_step}
+
+    def record(self, step):
+        """The metrics record, and the line printed, when the run stops early."""
+        line = (
+            f"early stop at step {step}: validation loss {self.best:.4f} (step {self.best_step}) not beaten in "
+            f"{self.bad_evals} evaluations (patience={self.patience}); {BEST} holds step {self.best_step}"
+        )
+        return {"step": step, "early_stop": True, "best_val_loss": self.best, "best_step": self.best_step}, line
 
 
 # ----------------------------------------------------------------------------- checkpoints

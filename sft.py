@@ -37,12 +37,14 @@ eval_interval = 100  # steps between evaluations (masked validation loss and sam
 eval_iters = 10  # validation micro-batches per evaluation
 log_interval = 10  # steps between progress lines
 ckpt_interval = 100  # steps between checkpoints (one is also written at the end)
+patience = 0  # stop after this many evaluations without a new best validation loss (0 = never)
 keep_last = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
 num_samples = 3  # held-out prompts answered at each evaluation
 max_new_tokens = 128  # answer length limit, for samples and the end-of-turn measurement
 # data
-batch_size = 8  # conversations per micro-batch, per rank
+batch_size = 8  # conversations per micro-batch, per rank; auto: the largest that fits the GPU (needs global_batch_size)
 gradient_accumulation_steps = 1  # micro-batches per step, summed over all ranks
+global_batch_size = 0  # conversations per step, all ranks; sets gradient_accumulation_steps (0 = batch x accumulation)
 # optimizer: smaller steps than pretraining, the model already knows the language
 optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW at learning_rate for every parameter
 muon_lr = 0.01  # Muon learning rate for the hidden matrices
@@ -63,14 +65,12 @@ compile = False  # torch.compile; rows change length every batch, so it recompil
 seed = 1337  # data order
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
-config = runtime.configure(globals(), sys.argv[1:])
+config = runtime.configure(globals(), sys.argv[1:], auto=("batch_size",))
 
 # ----------------------------------------------------------------------------- device / DDP
 env = runtime.setup_device(device, dtype)
 master, world_size, rank = env["master"], env["world_size"], env["rank"]
-if gradient_accumulation_steps % world_size:
-    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by {world_size} ranks")
-accum_steps = gradient_accumulation_steps // world_size
+global_batch = runtime.check_batch(config, world_size, runtime.memory_limit(env["device"]))  # conversations a step
 torch.manual_seed(seed)
 
 # ----------------------------------------------------------------------------- model and tokenizer
@@ -119,6 +119,7 @@ def load_conversations(split):
 
 
 train_rows, val_rows = load_conversations("train"), load_conversations("val")
+longest = max(len(x) for x, _ in train_rows)  # tokens in the longest training row
 generator = torch.Generator().manual_seed(seed)
 
 
@@ -145,14 +146,21 @@ def get_batches():
 optimizer = runtime.make_optimizer(
     model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
 )
+# batch_size=auto: dry runs at the longest conversation find the largest micro-batch that fits (a resume keeps its own)
+try_step = runtime.dry_run(env, model, optimizer, lambda x, y: model(x, y)[1], longest)
+batch_size, gradient_accumulation_steps = runtime.pick_batch(
+    config, env, global_batch, ckpt if resume else None, try_step
+)
+accum_steps = gradient_accumulation_steps // world_size
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
-iter_num, best_val_loss = 0, float("inf")
+iter_num, early = 0, runtime.EarlyStopping(patience)
 if resume:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    iter_num = ckpt["iter_num"]
+    early = runtime.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
 model_config = model.config
 del ckpt
 if master:
@@ -227,7 +235,7 @@ if iter_num == 0:
         print(f"step 0: masked val loss {val_loss:.4f}")
 loss_sum = torch.zeros((), device=env["device"])
 steps_since_log, t_log, t_start, start_iter, tokens = 0, time.time(), time.time(), iter_num, 0
-while iter_num < max_iters:
+while iter_num < max_iters and not early.stop:
     lr_mult = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * lr_mult
@@ -261,7 +269,7 @@ while iter_num < max_iters:
             "loss": train_loss,
             "lr_mult": lr_mult,
             "tok_per_s": tokens / dt,
-            "mem_gib": runtime.memory_gib(env["device"]),
+            **runtime.memory_stats(env["device"]),
             "elapsed_s": time.time() - t_start,
         }
         log.log(record)
@@ -269,7 +277,7 @@ while iter_num < max_iters:
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
             print(
                 f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | {tokens / dt:,.0f} tok/s"
-                f" | mem {record['mem_gib']:.2f}GiB | eta {runtime.format_duration(eta)}",
+                f" | {runtime.format_memory(record)} | eta {runtime.format_duration(eta)}",
                 flush=True,
             )
         loss_sum.zero_()
@@ -279,15 +287,16 @@ while iter_num < max_iters:
     if iter_num % eval_interval == 0 or is_last or (iter_num % ckpt_interval == 0 and last_eval != iter_num):
         val_loss, last_eval = estimate_loss(), iter_num
         runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
+        early.evaluated(val_loss)
         log.log({"step": iter_num, "val_loss": val_loss})
         if master:
             print(f"step {iter_num}: masked val loss {val_loss:.4f}")
             for x, _ in val_rows[:num_samples]:
                 question, reply, _ = answer(x)
                 print(f"  {question.strip()!r} -> {reply.strip()!r}")
-    if (iter_num % ckpt_interval == 0 or is_last) and master:
-        is_best = val_loss < best_val_loss
-        best_val_loss = min(best_val_loss, val_loss)
+    save = iter_num % ckpt_interval == 0 or is_last or early.must_save
+    is_best = save and early.saved(iter_num, val_loss)  # on every rank: all keep the count, so all stop together
+    if save and master:
         state = dict(
             model=raw_model.state_dict(),
             optimizer=optimizer.state_dict(),
@@ -296,13 +305,19 @@ while iter_num < max_iters:
             config=config,
             iter_num=iter_num,
             val_loss=val_loss,
-            best_val_loss=best_val_loss,
+            best_val_loss=early.best,
+            early_stopping=early.state(),
             rng=runtime.get_rng_state(env["device"]),
             data=generator.get_state(),
         )
         path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
         print(f"saved {path}" + (" (best so far)" if is_best else ""))
     t_log += time.time() - t_pause
+if early.stop:
+    stopped, line = early.record(iter_num)
+    log.log(stopped)
+    if master:
+        print(line)
 
 # ----------------------------------------------------------------------------- end-of-turn rate, cleanup
 if master:
@@ -315,6 +330,6 @@ if master:
     )
 log.close()
 if master:
-    print(f"done: {iter_num} steps, best masked val loss {best_val_loss:.4f}, checkpoints in {out_dir}")
+    print(f"done: {iter_num} steps, best masked val loss {early.best:.4f}, checkpoints in {out_dir}")
 if env["ddp"]:
     dist.destroy_process_group()

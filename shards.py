@@ -131,9 +131,10 @@ class TokenWindows:
         """n global window starts; ranks that draw in the same order see the same sequence."""
         return torch.randint(int(self.cum_starts[-1]), (n,), generator=self.generator).numpy()
 
-    def gather(self, starts):
-        """Rows of (x, y) int64 tensors for the given global window starts."""
-        T = self.block_size
+    def gather(self, starts, T=None):
+        """Rows of (x, y) int64 tensors for the given global window starts, of T <= block_size tokens (block_size
+        unless given: starts are drawn for block_size, so a shorter window fits too)."""
+        T = T or self.block_size
         rows = []
         for g in starts:
             i = int(np.searchsorted(self.cum_starts, g, side="right")) - 1

@@ -37,10 +37,13 @@ eval_iters = 20  # micro-batches per evaluation (per rank)
 log_interval = 10  # steps between progress lines / metrics records
 ckpt_interval = 500  # steps between checkpoints (one is also written at the end)
 keep_last = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
+patience = 0  # stop after this many evaluations without a new best validation loss (0 = never)
 # data
-batch_size = 8  # sequences per micro-batch, per rank
-block_size = 1024  # sequence length in tokens (<= 4096)
+batch_size = 8  # sequences per micro-batch, per rank; auto: the largest that fits the GPU (needs global_batch_size)
+block_size = 1024  # sequence length in tokens (<= 4096): the model's context
 gradient_accumulation_steps = 8  # micro-batches per step, summed over all ranks (must divide by world size)
+global_batch_size = 0  # sequences per step, all ranks; sets gradient_accumulation_steps (0 = batch x accumulation)
+block_size_schedule = ""  # sequence-length curriculum, "T:share,..." e.g. "1024:0.8,4096:0.2"; "" = block_size only
 # model
 vocab_size = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
 n_layer = 12  # transformer blocks
@@ -71,23 +74,21 @@ cuda_graphs = False  # with compile on one CUDA GPU: replay each micro-step as C
 seed = 1337  # model init and data order
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
-config = runtime.configure(globals(), sys.argv[1:])
+config = runtime.configure(globals(), sys.argv[1:], auto=("batch_size",))
 
 # ----------------------------------------------------------------------------- device / DDP
 env = runtime.setup_device(device, dtype)
 master, world_size, rank = env["master"], env["world_size"], env["rank"]
 if init_from not in ("scratch", "resume"):
     raise UserError(f"init_from={init_from}: expected scratch or resume")
-if gradient_accumulation_steps % world_size:
-    raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} must divide by {world_size} ranks")
+global_batch = runtime.check_batch(config, world_size, runtime.memory_limit(env["device"]))  # sequences a step
+stages = runtime.parse_schedule(block_size_schedule, block_size)  # [(sequence length, share of the run)]
 if arch not in ("gpt", "nanogpt"):
     raise UserError(f"arch={arch}: expected gpt (model.py) or nanogpt (peer.py)")
 if arch == "nanogpt" and n_embd % 64:
     raise UserError(f"arch=nanogpt: n_embd={n_embd} must be a multiple of 64, GPT-2's head size")
 if cuda_graphs and not (compile and env["device_type"] == "cuda" and not env["ddp"]):
     raise UserError("cuda_graphs=true needs compile=true on a single CUDA GPU (no torchrun); drop it otherwise")
-accum_steps = gradient_accumulation_steps // world_size  # micro-batches this rank runs per step
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 torch.manual_seed(seed)  # same init on every rank
 
 # ----------------------------------------------------------------------------- data
@@ -101,13 +102,15 @@ train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
 val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
 
 
-def get_batches():
-    """This rank's micro-batches for one step. Every rank draws the starts of the whole global step from
-    the same generator and keeps its own slice, so any world size sees the same global batch."""
-    starts = train_data.sample_starts(gradient_accumulation_steps * batch_size)
-    mine = starts[rank * accum_steps * batch_size : (rank + 1) * accum_steps * batch_size]
+def get_batches(T):
+    """This rank's micro-batches for one step, of sequences of T tokens (block_size_schedule's), as many as make
+    batch_size x block_size tokens. Every rank draws the starts of the whole global step from the same generator
+    and keeps its own slice, so any world size sees the same global batch."""
+    B = batch_size * block_size // T  # rows per micro-batch
+    starts = train_data.sample_starts(gradient_accumulation_steps * B)
+    mine = starts[rank * accum_steps * B : (rank + 1) * accum_steps * B]
     for j in range(accum_steps):
-        x, y = train_data.gather(mine[j * batch_size : (j + 1) * batch_size])
+        x, y = train_data.gather(mine[j * B : (j + 1) * B], T)
         if env["device_type"] == "cuda":  # pinned host memory lets the copy overlap the GPU's work
             x, y = x.pin_memory(), y.pin_memory()
         yield x.to(env["device"], non_blocking=True), y.to(env["device"], non_blocking=True)
@@ -126,21 +129,28 @@ raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module
 optimizer = runtime.make_optimizer(
     model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
 )
+# batch_size=auto: dry runs of the new model find the largest micro-batch that fits (a resume keeps the checkpoint's)
+try_step = runtime.dry_run(env, model, optimizer, lambda x, y: model(x, y)[1], block_size)
+batch_size, gradient_accumulation_steps = runtime.pick_batch(config, env, global_batch, ckpt, try_step)
+accum_steps = gradient_accumulation_steps // world_size  # micro-batches this rank runs per step
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # the same at every length of the schedule
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
-iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
+iter_num, elapsed_before, early = 0, 0.0, runtime.EarlyStopping(patience)
 if ckpt is not None:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     train_data.generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
-    iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    iter_num = ckpt["iter_num"]
+    early = runtime.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
     elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
     del ckpt
 if compile:
     # cuda_graphs: torch.compile's "reduce-overhead" replays the compiled forward and backward as CUDA graphs, one
     # launch instead of ~1000 per micro-step, which is what a micro-batch of 1 x 4096 is bound by (see PERF.md).
     # Gradients then accumulate into buffers of our own, kept between steps, never into a graph's outputs.
-    model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+    # dynamic=False: a graph per shape; each length of block_size_schedule recompiles once, at its first step.
+    model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
     if cuda_graphs:
         for p in raw_model.parameters():
             p.grad = torch.zeros_like(p)
@@ -182,7 +192,6 @@ def estimate_loss():
 
 # ----------------------------------------------------------------------------- loop
 log = runtime.MetricsLog(out_dir, enabled=master)
-flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 peak = runtime.peak_flops(env["device"])
 if master:
     print("config:", " ".join(f"{k}={v}" for k, v in config.items()))
@@ -199,11 +208,12 @@ if iter_num == 0:
         print(f"step 0: val loss {val_loss:.4f}")
 loss_sum = torch.zeros((), device=env["device"])  # summed step losses since the last log line
 steps_since_log, t_log = 0, time.time()
-while iter_num < max_iters:
+while iter_num < max_iters and not early.stop:
     lr_mult = get_lr(iter_num)
+    T = runtime.block_size_at(stages, iter_num, lr_decay_iters or max_iters)  # this step's sequence length
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * lr_mult
-    for micro_step, (x, y) in enumerate(get_batches()):
+    for micro_step, (x, y) in enumerate(get_batches(T)):
         if env["ddp"]:  # all-reduce gradients only on the last micro-batch
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         if cuda_graphs:  # a new replay: the previous micro-step's graph outputs are no longer used
@@ -237,19 +247,21 @@ while iter_num < max_iters:
             # the groups' rates now: muon_lr (with optimizer=muon only) and adamw_lr
             **{("muon_lr" if g["use_muon"] else "adamw_lr"): g["lr"] for g in optimizer.param_groups},
             "tok_per_s": tok_s,
-            "mem_gib": runtime.memory_gib(env["device"]),
+            "seq_len": T,
+            **runtime.memory_stats(env["device"]),
             "tokens": iter_num * tokens_per_iter,
             "elapsed_s": elapsed_before + time.time() - t_start,
         }
         if peak:
-            record["mfu"] = flops_per_iter * steps_since_log / dt / (peak * world_size)
+            record["mfu"] = raw_model.flops_per_token(T) * tok_s / (peak * world_size)
         log.log(record)
         if master:
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
             mfu = f" | mfu {100 * record['mfu']:.1f}%" if peak else ""
+            seq = f" | T {T}" if block_size_schedule else ""
             print(
-                f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | {tok_s:,.0f} tok/s"
-                f"{mfu} | mem {record['mem_gib']:.2f}GiB | eta {runtime.format_duration(eta)}",
+                f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f}{seq} | {tok_s:,.0f} tok/s"
+                f"{mfu} | {runtime.format_memory(record)} | eta {runtime.format_duration(eta)}",
                 flush=True,
             )
         loss_sum.zero_()
@@ -260,6 +272,7 @@ while iter_num < max_iters:
         val_loss, last_eval = estimate_loss(), iter_num
         # the weights about to be saved must be sound
         runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
+        early.evaluated(val_loss)
         log.log(
             {
                 "step": iter_num,
@@ -270,9 +283,9 @@ while iter_num < max_iters:
         )
         if master:
             print(f"step {iter_num}: val loss {val_loss:.4f}")
-    if (iter_num % ckpt_interval == 0 or is_last) and master:
-        is_best = val_loss < best_val_loss
-        best_val_loss = min(best_val_loss, val_loss)
+    save = iter_num % ckpt_interval == 0 or is_last or early.must_save
+    is_best = save and early.saved(iter_num, val_loss)  # on every rank: all keep the count, so all stop together
+    if save and master:
         state = dict(
             model=raw_model.state_dict(),
             optimizer=optimizer.state_dict(),
@@ -281,7 +294,8 @@ while iter_num < max_iters:
             config=config,
             iter_num=iter_num,
             val_loss=val_loss,
-            best_val_loss=best_val_loss,
+            best_val_loss=early.best,
+            early_stopping=early.state(),
             elapsed_s=elapsed_before + time.time() - t_start,
             rng=runtime.get_rng_state(env["device"]),
             data=train_data.generator.get_state(),
@@ -291,8 +305,13 @@ while iter_num < max_iters:
     t_log += time.time() - t_pause
 
 # ----------------------------------------------------------------------------- cleanup
+if early.stop:
+    stopped, line = early.record(iter_num)
+    log.log(stopped)
+    if master:
+        print(line)
 log.close()
 if master:
-    print(f"done: {iter_num} steps, best val loss {best_val_loss:.4f}, checkpoints in {out_dir}")
+    print(f"done: {iter_num} steps, best val loss {early.best:.4f}, checkpoints in {out_dir}")
 if env["ddp"]:
     dist.destroy_process_group()

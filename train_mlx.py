@@ -47,10 +47,13 @@ eval_iters = 20  # micro-batches per evaluation
 log_interval = 10  # steps between progress lines / metrics records
 ckpt_interval = 500  # steps between checkpoints (one is also written at the end)
 keep_last = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
+patience = 0  # stop after this many evaluations without a new best validation loss (0 = never)
 # data
-batch_size = 8  # sequences per micro-batch
-block_size = 1024  # sequence length in tokens (<= 4096)
+batch_size = 8  # sequences per micro-batch; auto: the largest that fits MLX's memory limit (needs global_batch_size)
+block_size = 1024  # sequence length in tokens (<= 4096): the model's context
 gradient_accumulation_steps = 8  # micro-batches per step
+global_batch_size = 0  # sequences per step; sets gradient_accumulation_steps (0 = batch x accumulation)
+block_size_schedule = ""  # sequence-length curriculum, "T:share,..." e.g. "1024:0.8,4096:0.2"; "" = block_size only
 # model
 vocab_size = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
 n_layer = 12  # transformer blocks
@@ -280,6 +283,24 @@ def optimizer_update(params, grads, state, lr_mult, groups, grad_clip):
     return params, state
 
 
+def dry_run(model, params, opt_state, groups, dtype, T, limit):
+    """try_step for runtime.pick_batch (batch_size=auto): one micro-batch's loss and gradients and an optimizer update
+    on size x T zero tokens, uncompiled, their results thrown away (nothing changes in place). Raises MemoryError
+    where MLX's peak passes limit bytes: on a Mac, memory past it is swapped rather than refused."""
+
+    def try_step(size):
+        x = mx.zeros((size, T), dtype=mx.int32)
+        mx.reset_peak_memory()
+        loss, grads = mx.value_and_grad(partial(loss_with, model, dtype=dtype))(params, x, x)
+        mx.eval(loss, grads, optimizer_update(params, grads, opt_state, mx.array(0.0), groups, 0.0))
+        if mx.get_peak_memory() > limit:
+            raise MemoryError(
+                f"peak {mx.get_peak_memory() / 2**30:.2f} GiB is over the {limit / 2**30:.2f} GiB allowed"
+            )
+
+    return try_step
+
+
 def load_torch_state(torch_optimizer, torch_model):
     """The MLX state from a muon.Muon's state (what runtime.load_optimizer_state restored from a checkpoint)."""
     return {
@@ -297,7 +318,7 @@ def store_torch_state(state, torch_optimizer, torch_model):
 # ----------------------------------------------------------------------------- the run (when not imported)
 if __name__ == "__main__":
     runtime.install_error_handler()
-    config = runtime.configure(globals(), sys.argv[1:])
+    config = runtime.configure(globals(), sys.argv[1:], auto=("batch_size",))
 
     # ------------------------------------------------------------------------- device
     if init_from not in ("scratch", "resume"):
@@ -314,7 +335,12 @@ if __name__ == "__main__":
     compute_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}.get(dtype)
     if compute_dtype is None:
         raise UserError(f"dtype={dtype}: expected auto, float32 or bfloat16 (fp16 would need loss scaling)")
-    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+    # what a batch_size=auto dry run may peak at: a share of the Mac GPU's recommended working set (MLX's own limit
+    # is 1.5 times that, and memory past it is swapped), or of MLX's limit on the CPU (from the RAM)
+    working_set = mx.device_info().get("max_recommended_working_set_size") if on_gpu else None
+    limit = runtime.AUTO_HEADROOM * (working_set or mx.get_memory_limit())
+    global_batch = runtime.check_batch(config, 1, limit)  # sequences a step
+    stages = runtime.parse_schedule(block_size_schedule, block_size)  # [(sequence length, share of the run)]
     torch.manual_seed(seed)  # the initial weights are model.py's: the same as train.py's for this seed
 
     # ------------------------------------------------------------------------- data
@@ -327,11 +353,13 @@ if __name__ == "__main__":
     train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
     val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
 
-    def get_batches():
-        """The step's micro-batches: the same windows as train.py draws for the same seed and step."""
-        starts = train_data.sample_starts(gradient_accumulation_steps * batch_size)
+    def get_batches(T):
+        """The step's micro-batches of sequences of T tokens: the same windows as train.py draws for the same seed
+        and step (batch_size x block_size tokens each)."""
+        B = batch_size * block_size // T  # rows per micro-batch
+        starts = train_data.sample_starts(gradient_accumulation_steps * B)
         for j in range(gradient_accumulation_steps):
-            x, y = train_data.gather(starts[j * batch_size : (j + 1) * batch_size])
+            x, y = train_data.gather(starts[j * B : (j + 1) * B], T)
             yield mx.array(x.numpy(), dtype=mx.int32), mx.array(y.numpy(), dtype=mx.int32)
 
     # ------------------------------------------------------------------------- model
@@ -352,13 +380,22 @@ if __name__ == "__main__":
     )
     groups = make_groups(torch_optimizer, torch_model)
     opt_state = init_state(params, groups)
-    iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
+    # batch_size=auto: dry runs of the new model find the largest micro-batch that fits (a resume keeps its own)
+    env = dict(device="mlx", world_size=1, ddp=False, master=True)
+    try_step = dry_run(model, params, opt_state, groups, compute_dtype, block_size, limit)
+    batch_size, gradient_accumulation_steps = runtime.pick_batch(
+        config, env, global_batch, ckpt, try_step, mx.clear_cache
+    )
+    mx.reset_peak_memory()  # the metrics' peak is training's
+    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # the same at every length
+    iter_num, elapsed_before, early = 0, 0.0, runtime.EarlyStopping(patience)
     if ckpt is not None:
         runtime.load_optimizer_state(torch_optimizer, ckpt["optimizer"])
         opt_state = load_torch_state(torch_optimizer, torch_model)
         train_data.generator.set_state(ckpt["data"])
         runtime.set_rng_state(ckpt["rng"], "cpu")
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        iter_num = ckpt["iter_num"]
+        early = runtime.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
         elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
         del ckpt
 
@@ -404,10 +441,11 @@ if __name__ == "__main__":
         print(f"step 0: val loss {val_loss:.4f}")
     loss_sum = mx.array(0.0)  # summed step losses since the last log line
     steps_since_log, t_log = 0, time.time()
-    while iter_num < max_iters:
+    while iter_num < max_iters and not early.stop:
         lr_mult = get_lr(iter_num)
+        T = runtime.block_size_at(stages, iter_num, lr_decay_iters or max_iters)  # this step's sequence length
         grads = None
-        for x, y in get_batches():
+        for x, y in get_batches(T):
             loss, micro_grads = step_fn(params, x, y)
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             loss_sum = loss_sum + loss
@@ -423,7 +461,6 @@ if __name__ == "__main__":
             runtime.check_finite(train_loss, "loss", iter_num, out_dir)
             dt = time.time() - t_log
             tok_s = steps_since_log * tokens_per_iter / dt
-            mem = mx.get_peak_memory() / 2**30 if on_gpu else runtime.memory_gib("cpu")
             record = {
                 "step": iter_num,
                 "loss": train_loss,
@@ -431,15 +468,17 @@ if __name__ == "__main__":
                 # the groups' rates now: muon_lr (with optimizer=muon only) and adamw_lr
                 **{("muon_lr" if h["use_muon"] else "adamw_lr"): h["peak_lr"] * lr_mult for h, _ in groups},
                 "tok_per_s": tok_s,
-                "mem_gib": mem,
+                "seq_len": T,
+                **runtime.memory_record(mx.get_active_memory(), mx.get_peak_memory()),  # MLX's, on GPU and CPU
                 "tokens": iter_num * tokens_per_iter,
                 "elapsed_s": elapsed_before + time.time() - t_start,
             }
             log.log(record)
             eta = (max_iters - iter_num) * (time.time() - t_start) / (iter_num - start_iter)
+            seq = f" | T {T}" if block_size_schedule else ""
             print(
-                f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f} | {tok_s:,.0f} tok/s"
-                f" | mem {mem:.2f}GiB | eta {runtime.format_duration(eta)}",
+                f"step {iter_num}/{max_iters} | loss {train_loss:.4f} | lr x{lr_mult:.3f}{seq} | {tok_s:,.0f} tok/s"
+                f" | {runtime.format_memory(record)} | eta {runtime.format_duration(eta)}",
                 flush=True,
             )
             loss_sum = mx.array(0.0)
@@ -450,6 +489,7 @@ if __name__ == "__main__":
             val_loss, last_eval = estimate_loss(), iter_num
             # the weights about to be saved must be sound
             runtime.check_finite(val_loss, "validation loss", iter_num, out_dir)
+            early.evaluated(val_loss)
             log.log(
                 {
                     "step": iter_num,
@@ -459,9 +499,8 @@ if __name__ == "__main__":
                 }
             )
             print(f"step {iter_num}: val loss {val_loss:.4f}")
-        if iter_num % ckpt_interval == 0 or is_last:
-            is_best = val_loss < best_val_loss
-            best_val_loss = min(best_val_loss, val_loss)
+        if iter_num % ckpt_interval == 0 or is_last or early.must_save:
+            is_best = early.saved(iter_num, val_loss)
             store_torch_weights(params, torch_model)  # PyTorch's names and layout: one checkpoint for both
             store_torch_state(opt_state, torch_optimizer, torch_model)
             state = dict(
@@ -472,7 +511,8 @@ if __name__ == "__main__":
                 config=config,
                 iter_num=iter_num,
                 val_loss=val_loss,
-                best_val_loss=best_val_loss,
+                best_val_loss=early.best,
+                early_stopping=early.state(),
                 elapsed_s=elapsed_before + time.time() - t_start,
                 rng=runtime.get_rng_state("cpu"),
                 data=train_data.generator.get_state(),
@@ -482,5 +522,9 @@ if __name__ == "__main__":
         t_log += time.time() - t_pause
 
     # ------------------------------------------------------------------------- cleanup
+    if early.stop:
+        stopped, line = early.record(iter_num)
+        log.log(stopped)
+        print(line)
     log.close()
-    print(f"done: {iter_num} steps, best val loss {best_val_loss:.4f}, checkpoints in {out_dir}")
+    print(f"done: {iter_num} steps, best val loss {early.best:.4f}, checkpoints in {out_dir}")

@@ -44,6 +44,23 @@ def run(script, *args, check=True, timeout=300, cmd=None, env=None, stdin=None):
     return proc
 
 
+def patched(script, *args, check=True, **seams):
+    """run() through tests/patched.py, with its seams (FAKE_OOM=..., FORCE_VAL=..., RECORD_SHAPES=...) set."""
+    cmd = [sys.executable, str(REPO / "tests" / "patched.py"), str(REPO / script)]
+    return run(script, *args, check=check, cmd=cmd, env={**os.environ, **{k: str(v) for k, v in seams.items()}})
+
+
+def assert_memory_fields(records):
+    """Every step record has device memory now and at its peak and the process's RSS, in GiB, and they are sound."""
+    steps = [r for r in records if "loss" in r]
+    assert steps
+    for r in steps:
+        assert 0 <= r["mem_gib"] <= r["peak_mem_gib"] < 64 and 0.01 < r["rss_gib"] < 64, r
+    # a peak does not fall (on the CPU, where the kernel's RSS counters lag by a few pages, not by more than a hair)
+    peaks = [r["peak_mem_gib"] for r in steps]
+    assert all(later > earlier - 0.01 for earlier, later in zip(peaks, peaks[1:], strict=False)), peaks
+
+
 def stdlib_sample(n=60):
     """The first n standard-library modules, as (name, text): real Python text for the tests' corpus."""
     root = Path(sysconfig.get_paths()["stdlib"])

@@ -8,7 +8,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from conftest import run
+from conftest import assert_memory_fields, patched, run
 from test_train import assert_one_line_error
 
 import chat
@@ -19,8 +19,9 @@ from tokenizer import Tokenizer
 STATS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
 
 
-def dpo(sft, data, out, *args, check=True):
-    return run(
+def dpo(sft, data, out, *args, check=True, **seams):
+    """dpo.py run as a user would; through tests/patched.py with seams (FAKE_OOM=..., ...) when given."""
+    return (patched if seams else run)(
         "dpo.py",
         f"--init_from={sft}",
         f"--data_dir={data}",
@@ -34,6 +35,7 @@ def dpo(sft, data, out, *args, check=True):
         "--muon_lr=0.01",
         *args,
         check=check,
+        **seams,
     )
 
 
@@ -221,16 +223,26 @@ def test_dpo_refuses_data_of_another_tokenizer(sft_run, tmp_path):
 
 
 def test_dpo_resume_matches_uninterrupted(sft_run, tmp_path):
+    """A run stopped at step 3 and resumed logs the losses of one that never stopped. That one has batch_size=auto
+    (out of memory faked above 600 tokens: 8 pairs of up to 64 do not fit, 4 do, the stopped run's setting) and
+    patience=1 with the held-out loss forced up after step 3: it stops at step 6 of 9, ckpt_best at step 3."""
     sft, data = sft_run
-    common = ["--lr_decay_iters=6", "--ckpt_interval=3", "--eval_interval=3", "--eval_iters=1"]
-    dpo(sft, data, tmp_path / "full", *common, "--max_iters=6")
-    dpo(sft, data, tmp_path / "split", *common, "--max_iters=3")
-    proc = dpo("resume", data, tmp_path / "split", *common, "--max_iters=6", "--optimizer=adamw", check=False)
+    common = ["--lr_decay_iters=6", "--ckpt_interval=3", "--eval_interval=3", "--eval_iters=1", "--patience=1"]
+    common += ["--global_batch_size=8"]
+    full, split, seams = tmp_path / "full", tmp_path / "split", dict(FAKE_OOM=600, FORCE_VAL="3:1.0")
+    proc = dpo(sft, data, full, *common, "--max_iters=9", "--batch_size=auto", **seams)
+    assert "batch_size=auto: 4 (8 ran out of memory) -> gradient_accumulation_steps=2" in proc.stdout
+    assert "early stop at step 6" in proc.stdout and "held-out preference accuracy" in proc.stdout
+    assert runtime.load_checkpoint(full / runtime.BEST)["iter_num"] == 3
+    assert records(full)[-2]["early_stop"] and records(full)[-2]["best_step"] == 3
+    dpo(sft, data, split, *common, "--max_iters=3", "--batch_size=4", **seams)
+    proc = dpo("resume", data, split, *common, "--max_iters=6", "--optimizer=adamw", check=False)
     assert_one_line_error(proc, "trained with optimizer=muon", "says optimizer=adamw")
-    dpo("resume", data, tmp_path / "split", *common, "--max_iters=6")
+    dpo("resume", data, split, *common, "--max_iters=6", "--batch_size=auto", **seams)  # the checkpoint's 4
 
     def losses(out):
         return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
 
-    assert list(losses(tmp_path / "full")) == [1, 2, 3, 4, 5, 6]
-    assert losses(tmp_path / "full") == losses(tmp_path / "split")
+    assert list(losses(full)) == [1, 2, 3, 4, 5, 6]
+    assert losses(full) == losses(split)
+    assert_memory_fields(records(full))

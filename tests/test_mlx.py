@@ -3,6 +3,7 @@ format both ways, exact resume, and sample.py on an MLX run. Runs on the CPU (ml
 
 import math
 import os
+import re
 from functools import partial
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 mx = pytest.importorskip("mlx.core")  # the `test` extra installs it on Linux and macOS
 
-from conftest import TINY, run  # noqa: E402
+from conftest import TINY, assert_memory_fields, patched, run  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from test_train import assert_one_line_error, metrics, records  # noqa: E402
 
@@ -108,6 +109,24 @@ def test_optimizer_steps_match_muon(monkeypatch):
     assert max(exact.values()) < 5e-7, exact
 
 
+def test_dry_run_measures_mlx_peak_and_changes_nothing():
+    """batch_size=auto's try in MLX: a peak past the limit counts as out of memory (a Mac would swap instead of
+    failing); the weights and optimizer state it ran on are untouched."""
+    torch_model, model = twins(4)
+    optimizer = runtime.make_optimizer(torch_model, 0.02, 0.95, 0.006, (0.9, 0.95), 0.1)
+    groups = train_mlx.make_groups(optimizer, torch_model)
+    params = dict(tree_flatten(model.parameters()))
+    state = train_mlx.init_state(params, groups)
+    before = {n: np.array(p) for n, p in params.items()}
+    train_mlx.dry_run(model, params, state, groups, mx.float32, CONFIG.block_size, 2**40)(4)
+    assert all(np.array_equal(np.array(params[n]), before[n]) for n in params)
+    assert all(not np.any(np.array(s.get("momentum_buffer", s.get("exp_avg")))) for s in state.values())
+    peak = mx.get_peak_memory()
+    assert peak > 0
+    with pytest.raises(MemoryError, match="over the"):
+        train_mlx.dry_run(model, params, state, groups, mx.float32, CONFIG.block_size, peak // 2)(4)
+
+
 def test_checkpoint_round_trip_torch_mlx_torch(tmp_path):
     torch_model, _ = twins(2)
     state = {"model": torch_model.state_dict(), "model_args": vars(CONFIG)}
@@ -134,8 +153,10 @@ def train(script, data, out, *extra, check=True):
 def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path, optimizer):
     """From the same initial weights (model.py's, same seed) and batches: train.py and train_mlx.py log nearly
     the same losses, with either optimizer; train_mlx.py resumes train.py's run and train.py resumes train_mlx.py's
-    (tested with Muon: the checkpoint's optimizer layout is muon.py's either way)."""
+    (tested with Muon: the checkpoint's optimizer layout is muon.py's either way). With AdamW both follow a
+    sequence-length curriculum: 6 steps of 32 tokens, 6 of 64."""
     common = ["--lr_decay_iters=12", "--eval_interval=4", "--ckpt_interval=4", f"--optimizer={optimizer}"]
+    common += ["--block_size_schedule=32:0.5,64:0.5"] if optimizer == "adamw" else []
     train("train.py", tiny_data, tmp_path / "torch", "--max_iters=12", *common)
     train("train_mlx.py", tiny_data, tmp_path / "mlx", "--max_iters=12", *common)
     a, b = metrics(tmp_path / "torch"), metrics(tmp_path / "mlx")
@@ -148,6 +169,7 @@ def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path, o
     assert all(r["tokens"] == 2048 * r["step"] and "elapsed_s" in r for r in logged)  # 8 x 4 x 64 tokens a step
     assert all(("muon_lr" in r) == (optimizer == "muon") for r in logged if "loss" in r)
     if optimizer == "adamw":
+        assert list(metrics(tmp_path / "mlx", "seq_len").values()) == [32] * 6 + [64] * 6
         return
 
     mixed = tmp_path / "mixed"  # steps 1-4 PyTorch, 5-8 MLX, 9-12 PyTorch
@@ -160,19 +182,35 @@ def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path, o
 
 
 def test_resume_matches_uninterrupted_run_and_samples(tiny_data, tmp_path):
-    common = ["--lr_decay_iters=8", "--ckpt_interval=4", "--eval_interval=4", "--compile=true"]
+    """Stopped at step 6 and resumed, an MLX run logs the losses of one that never stopped, both with a sequence-
+    length curriculum that switches from 32 to 64 tokens after step 6. The uninterrupted run has batch_size=auto,
+    out of memory faked above 4 x 64 tokens: it picks 4 (the stopped run's setting), and its dry runs change
+    nothing. Validation losses are forced up after step 4 with patience=2: both stop at step 8, ckpt_best at 4,
+    the stopped run's count having gone into its checkpoint at step 6."""
+    common = ["--lr_decay_iters=12", "--ckpt_interval=100", "--eval_interval=2", "--compile=true", "--patience=2"]
+    common += ["--block_size_schedule=32:0.5,64:0.5"]
     full, split = tmp_path / "full", tmp_path / "split"
-    train("train_mlx.py", tiny_data, full, "--max_iters=8", *common)
-    train("train_mlx.py", tiny_data, split, "--max_iters=4", *common)
-    proc = train("train_mlx.py", tiny_data, split, "--max_iters=8", "--init_from=resume", *common)
-    assert "step 5/8 | loss" in proc.stdout and "tok/s" in proc.stdout and "eta" in proc.stdout
+    args = [f"--data_dir={tiny_data}", *TINY, *common]
+    auto = ["--batch_size=auto", "--global_batch_size=32"]
+    proc = patched("train_mlx.py", *args, f"--out_dir={full}", "--max_iters=12", *auto, FAKE_OOM=256, FORCE_VAL="4:1")
+    assert "batch_size=auto: 4 (32, 16, 8 ran out of memory) -> gradient_accumulation_steps=8" in proc.stdout
+    assert "early stop at step 8" in proc.stdout and "ckpt_best.safetensors holds step 4" in proc.stdout
+    patched("train_mlx.py", *args, f"--out_dir={split}", "--max_iters=6", FORCE_VAL="4:1")
+    proc = patched("train_mlx.py", *args, f"--out_dir={split}", "--max_iters=12", "--init_from=resume", FORCE_VAL="4:1")
+    assert "step 7/12 | loss" in proc.stdout and "tok/s" in proc.stdout and "eta" in proc.stdout
+    assert (
+        re.search(r"\| mem [0-9.]+/[0-9.]+GiB rss [0-9.]+GiB \|", proc.stdout) and "early stop at step 8" in proc.stdout
+    )
     a, b = metrics(full), metrics(split)
     assert list(a) == list(range(1, 9)) and a == b  # the same losses, to the last bit
     assert metrics(full, "val_loss")[8] == metrics(split, "val_loss")[8]
-    saved = runtime.load_checkpoint(split / "ckpt_0000004.safetensors")["elapsed_s"]
-    assert metrics(split, "elapsed_s")[5] > saved >= metrics(split, "elapsed_s")[4]  # wall time goes on over a resume
-    names = sorted(p.name for p in full.glob("ckpt_*"))
-    assert names == ["ckpt_0000004.safetensors", "ckpt_0000008.safetensors", "ckpt_best.safetensors"]
+    assert list(metrics(full, "seq_len").values()) == [32] * 6 + [64] * 2
+    assert runtime.load_checkpoint(full / runtime.BEST)["iter_num"] == 4
+    assert_memory_fields(records(full))
+    saved = runtime.load_checkpoint(split / "ckpt_0000006.safetensors")["elapsed_s"]
+    assert metrics(split, "elapsed_s")[7] > saved >= metrics(split, "elapsed_s")[6]  # wall time goes on over a resume
+    names = sorted(p.name for p in full.glob("ckpt_*"))  # each new best, and where it stopped
+    assert names == [f"ckpt_000000{i}.safetensors" for i in (2, 4, 8)] + ["ckpt_best.safetensors"]
     proc = run("sample.py", f"--out_dir={full}", "--device=cpu", "--max_new_tokens=20", "--num_samples=1")
     assert proc.stdout.strip()
 

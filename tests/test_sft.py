@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import TINY, run
+from conftest import TINY, assert_memory_fields, patched, run
 from test_train import assert_one_line_error
 
 import chat
@@ -260,6 +260,9 @@ def test_base_tokenizer_without_chat_tokens_is_refused(tiny_data, tmp_path):
 
 
 def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
+    """A run stopped at step 3 and resumed logs the losses of one that never stopped. That one has batch_size=auto
+    (out of memory faked above 3 x 64 tokens: it picks 2 for its global batch of 4, the stopped run's setting) and
+    patience=1 with the validation loss forced up after step 3: it stops at step 6 of 9, ckpt_best at step 3."""
     base, sft_data = tmp_path / "base", tmp_path / "sft_data"
     # pretrained with AdamW, fine-tuned with Muon: a new run starts with fresh optimizer state
     pretrain = ["--max_iters=4", "--eval_interval=4", "--optimizer=adamw"]
@@ -269,7 +272,7 @@ def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
         f"--init_from={base}",
         f"--data_dir={sft_data}",
         "--device=cpu",
-        "--batch_size=4",
+        "--global_batch_size=4",
         "--eval_iters=1",
         "--max_new_tokens=4",
         "--log_interval=1",
@@ -277,22 +280,28 @@ def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
         "--ckpt_interval=3",
         "--eval_interval=3",
         "--num_samples=1",
+        "--patience=1",
     ]
-    run("sft.py", *common, f"--out_dir={tmp_path / 'full'}", "--max_iters=6")
-    run("sft.py", *common, f"--out_dir={tmp_path / 'split'}", "--max_iters=3")
-    resume = [*[a for a in common if not a.startswith("--init_from")], "--init_from=resume"]
-    proc = run("sft.py", *resume, f"--out_dir={tmp_path / 'split'}", "--max_iters=6", "--optimizer=adamw", check=False)
+    full, split, seams = tmp_path / "full", tmp_path / "split", dict(FAKE_OOM=3 * 64, FORCE_VAL="3:1.0")
+    proc = patched("sft.py", *common, f"--out_dir={full}", "--max_iters=9", "--batch_size=auto", **seams)
+    assert "batch_size=auto: 2 (4 ran out of memory) -> gradient_accumulation_steps=2" in proc.stdout
+    assert "early stop at step 6" in proc.stdout and "end-of-turn:" in proc.stdout
+    assert runtime.load_checkpoint(full / runtime.BEST)["iter_num"] == 3
+    patched("sft.py", *common, f"--out_dir={split}", "--max_iters=3", "--batch_size=2", **seams)
+    resume = [*[a for a in common if not a.startswith("--init_from")], "--init_from=resume", "--batch_size=2"]
+    proc = run("sft.py", *resume, f"--out_dir={split}", "--max_iters=6", "--optimizer=adamw", check=False)
     assert_one_line_error(proc, "trained with optimizer=muon", "says optimizer=adamw")
-    run("sft.py", *resume, f"--out_dir={tmp_path / 'split'}", "--max_iters=6")
+    patched("sft.py", *resume, f"--out_dir={split}", "--max_iters=6", **seams)
 
     def losses(out):
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in records if "loss" in r}
 
-    assert list(losses(tmp_path / "full")) == [1, 2, 3, 4, 5, 6]
-    assert losses(tmp_path / "full") == losses(tmp_path / "split")
+    assert list(losses(full)) == [1, 2, 3, 4, 5, 6]
+    assert losses(full) == losses(split)
+    assert_memory_fields([json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()])
     # the resumed run's checkpoints still name the pretrained run it started from (eval.py follows it back)
-    latest = runtime.load_checkpoint(runtime.find_checkpoint(tmp_path / "split", "latest"))
+    latest = runtime.load_checkpoint(runtime.find_checkpoint(split, "latest"))
     assert latest["iter_num"] == 6 and latest["config"]["init_from"] == str(base)
 
 

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import os
 import resource
 import signal
 import sys
@@ -10,7 +11,7 @@ import sys
 import pytest
 import safetensors.torch
 import torch
-from conftest import REPO, TINY, run
+from conftest import REPO, TINY, assert_memory_fields, patched, run
 
 import runtime
 
@@ -41,47 +42,81 @@ def assert_one_line_error(proc, *fragments):
 
 
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
-    common = ["--lr_decay_iters=8", "--ckpt_interval=4", "--eval_interval=4"]
-    full, split = tmp_path / "full", tmp_path / "split"
-    train(tiny_data, full, "--max_iters=8", *common)
-    train(tiny_data, split, "--max_iters=4", *common)  # stops after step 4 (schedule fixed by lr_decay_iters)
-    train(tiny_data, split, "--max_iters=8", "--init_from=resume", *common)
+    """Stopped at step 4 and resumed, a run logs the same losses as one that never stopped. Both follow a sequence-
+    length curriculum that switches from 32 to 64 tokens there, with twice as many rows before it. The uninterrupted
+    run has batch_size=auto, out of memory faked above 4 x 64 tokens: it picks 4 for its global batch of 32, and
+    its dry runs change nothing; the resumed one keeps the checkpoint's 4 without a search. Validation losses are
+    forced up after step 2, with patience=2: both runs stop at step 6 (exit 0), the stopped one's count of step 4
+    having gone into its checkpoint, and ckpt_best holds step 2, the lowest validation loss."""
+    common = ["--lr_decay_iters=8", "--ckpt_interval=4", "--eval_interval=2", "--block_size_schedule=32:0.5,64:0.5"]
+    common += [f"--data_dir={tiny_data}", *TINY, "--patience=2", "--keep_last=2"]
+    full, split, shapes = tmp_path / "full", tmp_path / "split", tmp_path / "shapes.jsonl"
+    auto, seams = ["--batch_size=auto", "--global_batch_size=32"], dict(FAKE_OOM=4 * 64, FORCE_VAL="2:1.0")
+    proc = patched("train.py", f"--out_dir={full}", "--max_iters=8", *common, *auto, **seams, RECORD_SHAPES=shapes)
+    assert "batch_size=auto: 4 (32, 16, 8 ran out of memory) -> gradient_accumulation_steps=8" in proc.stdout
+    assert (
+        "early stop at step 6: validation loss" in proc.stdout and "ckpt_best.safetensors holds step 2" in proc.stdout
+    )
+    micro_batches = [tuple(json.loads(line)) for line in shapes.read_text().splitlines()]
+    # the dry runs (three out of memory, the forward passes of the one that fits), then 8 micro-batches a step
+    assert micro_batches == [(32, 64), (16, 64), (8, 64), (4, 64), (4, 64)] + [(8, 32)] * 32 + [(4, 64)] * 16
+    patched("train.py", f"--out_dir={split}", "--max_iters=4", *common, **seams)  # schedule fixed by lr_decay_iters
+    proc = patched("train.py", f"--out_dir={split}", "--max_iters=8", "--init_from=resume", *common, *auto, **seams)
+    assert "batch_size=auto: 4 (the checkpoint's choice)" in proc.stdout and "early stop at step 6" in proc.stdout
     a, b = metrics(full), metrics(split)
-    assert list(a) == list(range(1, 9)) and a == b  # the same losses, to the last bit
-    assert metrics(full, "val_loss")[8] == metrics(split, "val_loss")[8]
-    assert a[8] < a[1]
-    # val records carry tokens seen (8 x 4 x 64 a step) and wall time, which a resume continues from the checkpoint
+    assert list(a) == list(range(1, 7)) and a == b and a[6] < a[1]  # the same losses, to the last bit
+    val = metrics(full, "val_loss")
+    assert val == metrics(split, "val_loss") and min(val[s] for s in (2, 4, 6)) == val[2] < val[4] < val[6]
+    best = runtime.load_checkpoint(full / runtime.BEST)
+    assert best["iter_num"] == 2 and best["val_loss"] == val[2]
+    assert records(full)[-1] == {"step": 6, "early_stop": True, "best_val_loss": val[2], "best_step": 2}
+    assert list(metrics(full, "seq_len").values()) == [32] * 4 + [64] * 2
+    assert runtime.load_checkpoint(full / "ckpt_0000006.safetensors")["config"]["batch_size"] == 4
+    assert_memory_fields(records(full))
+    # val records carry tokens seen (8 x 4 x 64 a step at every length) and wall time, which a resume continues
     val = [r for r in records(split) if "val_loss" in r]
-    assert [(r["step"], r["tokens"]) for r in val] == [(0, 0), (4, 4 * 2048), (8, 8 * 2048)]
-    elapsed = [r["elapsed_s"] for r in records(split)]
+    assert [(r["step"], r["tokens"]) for r in val] == [(s, s * 2048) for s in (0, 2, 4, 6)]
+    elapsed = [r["elapsed_s"] for r in records(split) if "elapsed_s" in r]
     assert elapsed == sorted(elapsed) and 0 <= val[0]["elapsed_s"] < val[1]["elapsed_s"]
     saved = runtime.load_checkpoint(split / "ckpt_0000004.safetensors")["elapsed_s"]
-    assert metrics(split, "elapsed_s")[5] > saved >= val[1]["elapsed_s"]  # step 5 is the resumed run's first
-    # rotation keeps the last keep_last=3 step checkpoints plus the best
+    assert metrics(split, "elapsed_s")[5] > saved >= val[2]["elapsed_s"]  # step 5 is the resumed run's first
+    # rotation keeps the last keep_last=2 step checkpoints (each new best and the last are saved) plus the best
     names = sorted(p.name for p in full.glob("ckpt_*"))
-    assert names == ["ckpt_0000004.safetensors", "ckpt_0000008.safetensors", "ckpt_best.safetensors"]
+    assert names == ["ckpt_0000004.safetensors", "ckpt_0000006.safetensors", "ckpt_best.safetensors"]
     assert (full / "tokenizer.model").is_file()
 
 
 def test_ddp_two_ranks_match_one_rank(tiny_data, tmp_path):
-    common = ["--max_iters=4", "--gradient_accumulation_steps=2", "--eval_interval=4", "--ckpt_interval=4"]
-    train(tiny_data, tmp_path / "one", *common)
+    """Two ranks train as one on the same global batch of 8. The two ranks choose their micro-batch with
+    batch_size=auto, out of memory faked above 4 x 64 tokens on rank 0 and 2 x 64 on rank 1: both take the smaller,
+    2. Losses agree within 1e-4; so do the AdamW parameters. Muon's matrices may differ by more where micro-batches
+    of 2 (against 4) flip a bf16 rounding inside Newton-Schulz: 7e-4 measured, as in tests/test_mlx.py."""
+    common = ["--max_iters=4", "--eval_interval=4", "--ckpt_interval=4"]
+    train(tiny_data, tmp_path / "one", *common, "--gradient_accumulation_steps=2")
     torchrun = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
+        str(REPO / "tests" / "patched.py"),
         str(REPO / "train.py"),
     ]
-    run("torchrun", f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'two'}", *TINY, *common, cmd=torchrun)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    auto = ["--batch_size=auto", "--global_batch_size=8"]
+    env = {**os.environ, "FAKE_OOM": f"{4 * 64},{2 * 64}"}
+    two = tmp_path / "two"
+    proc = run("torchrun", f"--data_dir={tiny_data}", f"--out_dir={two}", *TINY, *common, *auto, cmd=torchrun, env=env)
+    assert "batch_size=auto: 2 (the whole step's share fits; 4 fits here but not on every rank) -> " in proc.stdout
+    assert "-> gradient_accumulation_steps=4 for a global batch of 8" in proc.stdout
+    assert runtime.load_checkpoint(two / "ckpt_0000004.safetensors")["config"]["batch_size"] == 2
+    one, two = metrics(tmp_path / "one"), metrics(two)
     assert list(one) == [1, 2, 3, 4]
     for step in one:
         assert math.isclose(one[step], two[step], rel_tol=1e-4), (step, one[step], two[step])
     w1 = runtime.load_checkpoint(tmp_path / "one" / "ckpt_0000004.safetensors")["model"]
     w2 = runtime.load_checkpoint(tmp_path / "two" / "ckpt_0000004.safetensors")["model"]
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=2e-3 if w1[k].ndim == 2 and "wte" not in k else 1e-4), k
 
 
 def test_checkpoint_guards(tiny_data, tmp_path):

@@ -1,0 +1,101 @@
+"""Run a stage script as a user would (python tests/patched.py train.py --key=value ...), with test seams that the
+environment turns on, each optional:
+
+FAKE_OOM=N (or N0,N1,... one per DDP rank): a training micro-batch of more than N tokens runs out of memory, as on
+    a GPU, and batch_size=auto may search on the CPU (runtime.memory_limit gives no limit of its own there).
+FORCE_VAL=S:D: validation losses rise by D for every optimizer step after step S, as when a run overfits (the step
+    count is the optimizer's own, or in train_mlx.py the schedule's, so a resumed run goes on with it)
+RECORD_SHAPES=PATH: append the (rows, length) of every training micro-batch to PATH, one JSON list a line.
+"""
+
+import json
+import os
+import runpy
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import model  # noqa: E402
+import runtime  # noqa: E402
+
+forward = model.GPT.forward
+
+
+def patched_forward(self, idx, targets=None, **kwargs):
+    if self.training and "RECORD_SHAPES" in os.environ:
+        with open(os.environ["RECORD_SHAPES"], "a") as f:
+            f.write(json.dumps(list(idx.shape)) + "\n")
+    if self.training and "FAKE_OOM" in os.environ and idx.numel() > fake_oom_tokens():
+        raise torch.OutOfMemoryError(f"CUDA out of memory (faked: {idx.numel()} tokens)")
+    logits, loss = forward(self, idx, targets, **kwargs)
+    if not self.training and loss is not None and loss.dim() == 0:  # a validation loss (not DPO's per-token ones)
+        loss = loss + val_rise()
+    return logits, loss
+
+
+def fake_oom_tokens():
+    limits = [int(n) for n in os.environ["FAKE_OOM"].split(",")]
+    return limits[int(os.environ.get("RANK", 0)) % len(limits)]
+
+
+optimizers = []
+
+
+def make_optimizer(*args, **kwargs):
+    optimizers.append(make(*args, **kwargs))
+    return optimizers[-1]
+
+
+def val_rise():
+    """FORCE_VAL's rise now: D times the optimizer steps past S (the AdamW step count of the embedding)."""
+    if "FORCE_VAL" not in os.environ or not optimizers:
+        return 0.0
+    start, rise = map(float, os.environ["FORCE_VAL"].split(":"))
+    state = optimizers[-1].state.get(optimizers[-1].param_groups[1]["params"][0], {})
+    return rise * max(0.0, float(state.get("step", 0)) - start)
+
+
+def patched_logsigmoid(x):  # dpo.py's loss; evaluation runs without gradients, training with them
+    return logsigmoid(x) - (0.0 if torch.is_grad_enabled() else val_rise())
+
+
+def patch_mlx():
+    """The seams in train_mlx.py, whose model is the script's own: FAKE_OOM in the loss, which takes the logits of
+    every micro-batch; FORCE_VAL where estimate_loss stacks its losses, at the step of the schedule's last call."""
+    import mlx.core as mx
+    import mlx.nn
+
+    cross_entropy, stack, block_size_at, steps = mlx.nn.losses.cross_entropy, mx.stack, runtime.block_size_at, [0]
+
+    def fake_cross_entropy(logits, targets, **kwargs):
+        if "FAKE_OOM" in os.environ and targets.size > fake_oom_tokens():
+            raise MemoryError(f"[metal::malloc] out of memory (faked: {targets.size} tokens)")
+        return cross_entropy(logits, targets, **kwargs)
+
+    def forced_stack(arrays, *args, **kwargs):
+        rising = sys._getframe(1).f_code.co_name == "estimate_loss" and "FORCE_VAL" in os.environ
+        start, rise = map(float, os.environ.get("FORCE_VAL", "0:0").split(":"))
+        return stack(arrays, *args, **kwargs) + (rise * max(0.0, steps[0] - start) if rising else 0.0)
+
+    def counted_block_size_at(stages, it, horizon):
+        steps[0] = it + 1  # the step being trained; estimate_loss follows it
+        return block_size_at(stages, it, horizon)
+
+    mlx.nn.losses.cross_entropy, mx.stack, runtime.block_size_at = (
+        fake_cross_entropy,
+        forced_stack,
+        counted_block_size_at,
+    )
+
+
+model.GPT.forward = patched_forward
+make, runtime.make_optimizer = runtime.make_optimizer, make_optimizer
+logsigmoid, F.logsigmoid = F.logsigmoid, patched_logsigmoid
+if "FAKE_OOM" in os.environ:
+    runtime.memory_limit = lambda device: 2.0**50
+if sys.argv[1].endswith("train_mlx.py"):
+    patch_mlx()
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
