@@ -275,7 +275,7 @@ def build_chat_data():
         if mode == "sft":
             data, counts, note = chat.render_sft(tok, conversations, block_size, split_of)
         else:
-            pairs = rows if conversations is None else chat.preference_pairs(conversations)
+            pairs = rows if conversations is None else chat.preference_pairs(conversations, split_of)
             data, counts, note = chat.render_dpo(tok, pairs, block_size, split_of)
     except chat.ConversationError as e:
         raise UserError(str(e)) from None

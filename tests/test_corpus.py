@@ -181,12 +181,12 @@ def test_docstring_qa_from_source_without_importing(tree):
     # tests/, test_*.py, test/ and my-scripts/ are not modules to ask about; py2.py does not parse; Widget.copy
     # repeats helper's answer and Widget.essay's is over MAX_ANSWER
     assert counts == {"files": 11, "not_modules": 4, "unparsed": 1, "too_long": 1, "same_answer": 1}
-    pairs = chat.preference_pairs(conversations)
+    split = ["val" if i in (1, 3) else "train" for i in range(len(conversations))]
+    pairs = chat.preference_pairs(conversations, split.__getitem__)
     assert [(p["prompt"], p["chosen"]) for p in pairs] == [(c[0]["content"], c[1]["content"]) for c in conversations]
     answers = [a for _, a in QA]
-    for i, p in enumerate(pairs):  # odd: another function's answer; even: the right one cut halfway
-        assert p["rejected"] in answers if i % 2 else p["chosen"].startswith(p["rejected"])
-        assert p["rejected"] != p["chosen"]
+    for i, p in enumerate(pairs):  # rejected: another function's answer, from the pair's own split
+        assert p["rejected"] != p["chosen"] and split[answers.index(p["rejected"])] == split[i]
 
 
 def prepare(roots, *args, check=True):

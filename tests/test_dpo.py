@@ -158,7 +158,24 @@ def load(path):
 
 
 def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
-    sft, data = sft_run
+    sft, _ = sft_run
+    # pairs with a signal 24 steps can learn, the right answer over its first two words: this test is about DPO's
+    # mechanics, and the demo's pairs (another function's answer) need more than 24 steps of a 20-step model
+    rows = [
+        {"prompt": q["content"], "chosen": a["content"], "rejected": " ".join(a["content"].split(" ")[:2])}
+        for q, a in chat.stdlib_conversations()
+        if len(a["content"].split(" ")) >= 4
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data, tokenizer = tmp_path / "pairs", f"--tokenizer={sft / 'tokenizer.model'}"
+    run(
+        "prepare.py",
+        "--mode=dpo",
+        f"--input={tmp_path / 'pairs.jsonl'}",
+        f"--data_dir={data}",
+        tokenizer,
+        "--block_size=64",
+    )
     sft_ckpt = sft / runtime.BEST
     sft_bytes = hashlib.sha256(sft_ckpt.read_bytes()).hexdigest()
     out = tmp_path / "dpo"
