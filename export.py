@@ -1,5 +1,5 @@
-"""Export a run to a Hugging Face transformers folder (a standard LlamaForCausalLM with its tokenizer: what
-transformers, mlx-lm, lm-evaluation-harness and vLLM load) or to one GGUF file (llama.cpp, Ollama, LM Studio).
+"""Export a run to a Hugging Face transformers folder (a standard LlamaForCausalLM with its tokenizer, tested in
+transformers, mlx-lm and lm-evaluation-harness) or to one GGUF file (tested in llama.cpp; see README, Export).
 
     python export.py --out_dir=out/tiny_sft --hf_dir=out/tiny_sft_hf            # fp32, exact
     python export.py --out_dir=out/pretrain_137m --hf_dir=hf/137m --dtype=bfloat16
@@ -27,13 +27,10 @@ Why the mapping is one to one:
   <|assistant|> ...`, so apply_chat_template gives the ids sft.py and dpo.py train on. It is exported for every run,
   since every tokenizer prepare.py makes holds the chat tokens; a pretraining run was never trained on it.
   generation_config.json stops at <|endoftext|> (a new document) and at <|end|> (the end of a turn).
-- GGUF: the same Llama under llama.cpp's tensor names (gguf-py's own table). llama.cpp rotates interleaved pairs,
-  so the q/k rows of each head are reordered as llama.cpp's converter does for Hugging Face checkpoints. The
-  tokenizer is SentencePiece's own ("llama" in GGUF: pieces, scores and token types, merged by score as
-  SentencePiece does, byte fallback) with no space prefix, which llama.cpp would otherwise add. Written here rather
-  than by llama.cpp's convert_hf_to_gguf.py from the folder: that script is no package (it lives in a llama.cpp
-  checkout, tied to its gguf-py) and, reading our tokenizer.model, keeps llama.cpp's default space prefix, so
-  every text would gain a leading space token.
+- GGUF: the same Llama under llama.cpp's tensor names, with the q/k rows of each head reordered for llama.cpp's
+  RoPE, which rotates interleaved pairs. The tokenizer is our SentencePiece model ("llama" in GGUF: pieces, scores,
+  token types) with no space prefix. Not llama.cpp's convert_hf_to_gguf.py on the folder: that script is no package,
+  and it keeps llama.cpp's default space prefix for our tokenizer, so every text would gain a leading space token.
 """
 
 import json

@@ -5,9 +5,9 @@ special tokens and chat template read back with gguf-py; their weights dequantiz
 llama.cpp's interleaved RoPE the attention scores of our rotate-half RoPE; a model setting the format cannot
 express is refused. Marker export_tools (`python -m pytest -m export_tools`, CI's second step): the same for f16
 and bf16, the other bad input, and llama.cpp itself through llama-cpp-python (a source build: `pip install -e
-".[llama]"`; skipped where it is absent): it tokenizes to our ids, renders the chat template to chat.py's ids, stops
-at <|end|>, the f16 file's greedy tokens equal ours and the Q8_0 file's top-1 agreement with our logits is
-measured."""
+".[export-tools]"`; skipped where it is absent): it tokenizes to our ids, renders the chat template to chat.py's
+ids, stops at <|end|>, the f16 file's greedy tokens equal ours and the Q8_0 file's top-1 agreement with our logits
+is measured."""
 
 import hashlib
 import os
@@ -229,7 +229,7 @@ def test_more_bad_input(tiny_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    reason = 'llama-cpp-python is not installed: pip install -e ".[llama]" (a source build, ~15 min on 2 cores)'
+    reason = 'llama-cpp-python is not installed: pip install -e ".[export-tools]" (a source build, ~13 min)'
     return pytest.importorskip("llama_cpp", reason=reason)
 
 

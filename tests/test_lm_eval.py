@@ -34,7 +34,7 @@ def our_loglikelihood(ours, tok, context, continuation):
 
 @pytest.mark.export_tools  # ~20 s: run by CI's second step (README, Export), not in the Quick start's suite
 def test_lm_eval_log_likelihoods_equal_ours(tiny_data, tmp_path, capsys):
-    pytest.importorskip("lm_eval")  # the `test` extra installs lm-eval[hf]
+    pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[export-tools]"')
     # a random model with a 256-token context: with this 512-token vocabulary most problems (prompt and solution)
     # are longer, so contexts are cut, and some solutions alone are longer: the task leaves those out
     run_dir = tiny_run(tmp_path / "run", tiny_data / "tokenizer.model", replace(TINY_CONFIG, block_size=256))
