@@ -1,12 +1,15 @@
-"""Export a run to a Hugging Face transformers folder: a standard LlamaForCausalLM with its tokenizer.
+"""Export a run to a Hugging Face transformers folder (a standard LlamaForCausalLM with its tokenizer, tested in
+transformers, mlx-lm and lm-evaluation-harness) or to one GGUF file (tested in llama.cpp; see README, Export).
 
     python export.py --out_dir=out/tiny_sft --hf_dir=out/tiny_sft_hf            # fp32, exact
     python export.py --out_dir=out/pretrain_137m --hf_dir=hf/137m --dtype=bfloat16
     python export.py --out_dir=out/tiny_sft --hf_dir=out/tiny_sft_hf --overwrite=true   # replace an earlier export
+    python export.py --out_dir=out/tiny_sft --format=gguf --dtype=float16       # out/tiny_sft/tiny_sft-f16.gguf
+    python export.py --out_dir=out/tiny_sft --format=gguf --dtype=q8_0 --gguf_file=tiny-q8_0.gguf
 
 The folder loads with AutoTokenizer / AutoModelForCausalLM and no custom code (see README, Export), and holds:
 config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-special_tokens_map.json, and our tokenizer.model (for tools that read SentencePiece, such as llama.cpp's converter).
+special_tokens_map.json, and our tokenizer.model (for tools that read SentencePiece).
 
 Why the mapping is one to one:
 - Model: model.py is Llama's layout under nanoGPT's names: pre-norm blocks, RMSNorm with a gain and no bias, bias-free
@@ -24,6 +27,10 @@ Why the mapping is one to one:
   <|assistant|> ...`, so apply_chat_template gives the ids sft.py and dpo.py train on. It is exported for every run,
   since every tokenizer prepare.py makes holds the chat tokens; a pretraining run was never trained on it.
   generation_config.json stops at <|endoftext|> (a new document) and at <|end|> (the end of a turn).
+- GGUF: the same Llama under llama.cpp's tensor names, with the q/k rows of each head reordered for llama.cpp's
+  RoPE, which rotates interleaved pairs. The tokenizer is our SentencePiece model ("llama" in GGUF: pieces, scores,
+  token types) with no space prefix. Not llama.cpp's convert_hf_to_gguf.py on the folder: that script is no package,
+  and it keeps llama.cpp's default space prefix for our tokenizer, so every text would gain a leading space token.
 """
 
 import json
@@ -45,14 +52,29 @@ from runtime import UserError
 # -----------------------------------------------------------------------------
 out_dir = "out/run"  # run folder written by train.py, train_mlx.py, sft.py or dpo.py
 ckpt = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
-hf_dir = ""  # folder to write; empty = <out_dir>/hf
-dtype = "float32"  # precision of the exported weights: float32 (exact), bfloat16 or float16 (half the size)
-overwrite = False  # replace hf_dir when it holds an earlier export
+format = "hf"  # hf: a transformers folder; gguf: one file for llama.cpp (and Ollama, LM Studio)
+hf_dir = ""  # folder --format=hf writes; empty = <out_dir>/hf
+gguf_file = ""  # file --format=gguf writes; empty = <out_dir>/<run folder name>-<type>.gguf
+dtype = "float32"  # float32 (exact), bfloat16 or float16 (half the size); q8_0 (gguf only, ~a quarter)
+overwrite = False  # replace hf_dir or gguf_file when it holds an earlier export
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
 config = runtime.configure(globals(), sys.argv[1:])
-if dtype not in ("float32", "bfloat16", "float16"):
-    raise UserError(f"dtype={dtype}: expected float32, bfloat16 or float16")
+GGUF_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}  # dtype -> GGML type
+DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gguf": tuple(GGUF_TYPES)}
+if format not in DTYPES:
+    raise UserError(f"format={format}: expected hf or gguf")
+if dtype not in DTYPES[format]:
+    raise UserError(f"dtype={dtype}: --format={format} writes {', '.join(DTYPES[format])}")
+if format == "hf" and gguf_file:
+    raise UserError(f"gguf_file={gguf_file} is written by --format=gguf; add --format=gguf, or give --hf_dir")
+if format == "gguf" and hf_dir:
+    raise UserError(f"hf_dir={hf_dir} is written by --format=hf; --format=gguf writes --gguf_file")
+if format == "gguf":
+    try:
+        import gguf
+    except ImportError:
+        raise UserError('--format=gguf needs the gguf package: pip install -e ".[gguf]"') from None
 
 # GPTConfig field -> LlamaConfig key. A field missing here is a feature Llama cannot express: export refuses it.
 LLAMA_KEYS = {
@@ -144,15 +166,15 @@ def llama_config(args, tok, eos_ids):
     }
 
 
-def llama_weights(model):
-    """The model's weights under Llama's names, in the export dtype. The q/k rows keep their order (see the top)."""
+def llama_weights(model, torch_dtype):
+    """The model's weights under Llama's names, in torch_dtype. The q/k rows keep their order (see the top)."""
     out = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":  # tied: the same tensor as the embedding, loaded back by tie_word_embeddings
             continue
         block = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.weight", name)
         llama = f"model.layers.{block[1]}.{BLOCK_NAMES[block[2]]}.weight" if block else OUTER_NAMES[name]
-        out[llama] = tensor.to(getattr(torch, dtype)).contiguous()
+        out[llama] = tensor.to(torch_dtype).contiguous()
     return out
 
 
@@ -234,16 +256,117 @@ def tokenizer_config(tok, block_size):
     }, {**special, "additional_special_tokens": extra}
 
 
-# ----------------------------------------------------------------------------- target
-target = Path(hf_dir or Path(out_dir) / "hf")
-if target.exists() and not overwrite:
-    raise UserError(f"{target} already exists; pass --overwrite=true to replace it, or choose another --hf_dir")
-if target.exists():
+def check_target(target):
+    """Refuse to write over anything but an earlier export of this format, and over that without --overwrite."""
+    if format == "gguf" and target.suffix != ".gguf":
+        raise UserError(f"gguf_file={target}: the file name must end in .gguf")
+    if not target.exists():
+        return
+    if not overwrite:
+        flag = "--hf_dir" if format == "hf" else "--gguf_file"
+        raise UserError(f"{target} already exists; pass --overwrite=true to replace it, or choose another {flag}")
+    if format == "gguf":
+        if not target.is_file():
+            raise UserError(f"{target} is not a file; remove it or choose another --gguf_file")
+        return
     foreign = sorted(p.name for p in target.iterdir() if p.name not in FILES) if target.is_dir() else [target.name]
     if foreign:  # --overwrite replaces an earlier export, never a folder of other things
         raise UserError(
             f"{target} holds {foreign[0]}, which export.py does not write; remove it or choose another --hf_dir"
         )
+
+
+def write_hf(folder, model, tok, hf_config, tokenizer_path):
+    """The transformers folder: weights, configs, tokenizer.json and its settings, our tokenizer.model."""
+    folder.mkdir()
+    weights = llama_weights(model, getattr(torch, dtype))
+    (folder / "model.safetensors").write_bytes(safetensors.torch.save(weights, metadata={"format": "pt"}))
+    eos_ids = hf_config["eos_token_id"]
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": eos_ids, "pad_token_id": hf_config["pad_token_id"]}
+    tok_config, special_map = tokenizer_config(tok, model.config.block_size)
+    for name, content in [
+        ("config.json", hf_config),
+        ("generation_config.json", generation),
+        ("tokenizer.json", tokenizer_json(tok)),
+        ("tokenizer_config.json", tok_config),
+        ("special_tokens_map.json", special_map),
+    ]:
+        (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+
+
+def check_q8_0(c):
+    """Q8_0 quantizes each weight row in blocks of 32, and every row is n_embd or mlp_hidden long."""
+    for name in ("n_embd", "mlp_hidden"):
+        if getattr(c, name) % 32:
+            raise UserError(
+                f"cannot write q8_0: {name}={getattr(c, name)} is not a multiple of 32, the length of a Q8_0 block; "
+                f"export --dtype=float16 or bfloat16 instead"
+            )
+
+
+def gguf_vocab(writer, tok):
+    """Our SentencePiece model as GGUF's "llama" tokenizer, its special tokens by role and the chat template."""
+    sp, T = tok.sp, gguf.TokenType
+    kinds = [(sp.is_unknown, T.UNKNOWN), (sp.is_control, T.CONTROL), (sp.is_byte, T.BYTE), (sp.is_unused, T.UNUSED)]
+    types = [next((t for is_kind, t in kinds if is_kind(i)), T.NORMAL) for i in range(sp.vocab_size())]
+    writer.add_tokenizer_model("llama")  # SentencePiece: merges by score, byte fallback
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([sp.id_to_piece(i) for i in range(sp.vocab_size())])
+    writer.add_token_scores([sp.get_score(i) for i in range(sp.vocab_size())])
+    writer.add_token_types(types)  # CONTROL: parsed from text only when asked (chat templates), never merged into
+    writer.add_bos_token_id(tok.bos_id)
+    writer.add_eos_token_id(tok.bos_id)  # a new document; with <|end|> below, the tokens generation stops at
+    writer.add_eot_token_id(tok.special[chat.END])  # set, not left to llama.cpp's guess by name
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_pad_token_id(sp.unk_id())
+    writer.add_add_bos_token(True)  # <|endoftext|> first, as every training document starts
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)  # llama.cpp's default for SentencePiece is a leading space; prepare.py's none
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def write_gguf(file, model, tok):
+    """One GGUF file: hyperparameters, tokenizer, weights under llama.cpp's names in the chosen GGML type."""
+    c, qtype = model.config, gguf.GGMLQuantizationType[GGUF_TYPES[dtype]]
+    file_types = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
+    writer = gguf.GGUFWriter(file, "llama")
+    writer.add_name(Path(out_dir).resolve().name)
+    for add, value in [
+        (writer.add_context_length, c.block_size),
+        (writer.add_embedding_length, c.n_embd),
+        (writer.add_block_count, c.n_layer),
+        (writer.add_feed_forward_length, c.mlp_hidden),
+        (writer.add_head_count, c.n_head),
+        (writer.add_head_count_kv, c.n_head),
+        (writer.add_rope_dimension_count, c.n_embd // c.n_head),
+        (writer.add_rope_freq_base, c.rope_theta),
+        (writer.add_layer_norm_rms_eps, c.norm_eps),
+        (writer.add_vocab_size, c.vocab_size),
+        (writer.add_file_type, gguf.LlamaFileType[file_types[qtype.name]]),
+        (writer.add_quantization_version, gguf.GGML_QUANT_VERSION),
+    ]:
+        add(value)
+    gguf_vocab(writer, tok)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.n_layer)  # Hugging Face name -> llama.cpp's
+    for name, tensor in llama_weights(model, torch.float32).items():
+        w = tensor.numpy()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # rotate-half rows -> llama.cpp's interleaved pairs
+            w = w.reshape(c.n_head, 2, -1, c.n_embd).swapaxes(1, 2).reshape(c.n_embd, c.n_embd)
+        kind = gguf.GGMLQuantizationType.F32 if w.ndim == 1 else qtype  # norms stay fp32, as llama.cpp keeps them
+        writer.add_tensor(names.get_name(name, (".weight",)), gguf.quants.quantize(w, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ----------------------------------------------------------------------------- target
+if format == "hf":
+    target = Path(hf_dir or Path(out_dir) / "hf")
+else:
+    target = Path(gguf_file or Path(out_dir) / f"{Path(out_dir).resolve().name}-{GGUF_TYPES[dtype].lower()}.gguf")
+check_target(target)
 
 # ----------------------------------------------------------------------------- model and tokenizer
 path = runtime.find_checkpoint(out_dir, ckpt)
@@ -259,34 +382,30 @@ except ValueError as e:  # a SentencePiece model without our reserved tokens
     raise UserError(f"{tokenizer_path}: {e}") from None
 eos_ids = [tok.bos_id, tok.special[chat.END]]  # a new document, the end of a turn
 hf_config = llama_config(checkpoint["model_args"], tok, eos_ids)
+if dtype == "q8_0":
+    check_q8_0(GPTConfig(**checkpoint["model_args"]))
 model = runtime.build_model(checkpoint, path)
 
 # ----------------------------------------------------------------------------- write
-# everything goes into a temporary folder beside the target, renamed into place at the end: a failure leaves nothing
+# everything goes to a temporary name beside the target, renamed into place at the end: a failure leaves nothing
 target.parent.mkdir(parents=True, exist_ok=True)
 tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
 try:
-    tmp.mkdir()
-    (tmp / "model.safetensors").write_bytes(safetensors.torch.save(llama_weights(model), metadata={"format": "pt"}))
-    generation = {"bos_token_id": tok.bos_id, "eos_token_id": eos_ids, "pad_token_id": hf_config["pad_token_id"]}
-    tok_config, special_map = tokenizer_config(tok, model.config.block_size)
-    for name, content in [
-        ("config.json", hf_config),
-        ("generation_config.json", generation),
-        ("tokenizer.json", tokenizer_json(tok)),
-        ("tokenizer_config.json", tok_config),
-        ("special_tokens_map.json", special_map),
-    ]:
-        (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old.exists():
-        shutil.rmtree(old)
+    if format == "hf":
+        write_hf(tmp, model, tok, hf_config, tokenizer_path)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old.exists():
+            shutil.rmtree(old)
+    else:
+        write_gguf(tmp, model, tok)
+        os.replace(tmp, target)
 finally:
-    if tmp.exists():
+    if tmp.is_dir():
         shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
 n = sum(p.numel() for p in model.parameters())
 print(f"exported {path} ({n / 1e6:.2f}M parameters, {dtype}) and {tokenizer_path.name} to {target}")

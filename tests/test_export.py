@@ -45,15 +45,19 @@ def export(run_dir, hf_dir, *args, check=True):
     return run("export.py", f"--out_dir={run_dir}", f"--hf_dir={hf_dir}", *args, check=check)
 
 
+def load_run(run_dir):
+    """(our model in eval mode, our tokenizer) of a run folder: what every export is compared with."""
+    path = runtime.find_checkpoint(run_dir, "best")
+    return runtime.build_model(runtime.load_checkpoint(path), path).eval(), Tokenizer(str(run_dir / "tokenizer.model"))
+
+
 def digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
 def assert_export_matches(run_dir, hf_dir, prompt):
     """Logits, greedy tokens, tokenizer ids and chat template of the export against ours; prompt: token ids."""
-    path = runtime.find_checkpoint(run_dir, "best")
-    ours = runtime.build_model(runtime.load_checkpoint(path), path).eval()
-    tok = Tokenizer(str(run_dir / "tokenizer.model"))
+    ours, tok = load_run(run_dir)
     theirs = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
 
@@ -106,10 +110,13 @@ def assert_export_matches(run_dir, hf_dir, prompt):
         assert "unknown role tool" in str(e), e
 
 
-def tiny_run(folder, tokenizer, **changes):
-    """A run folder holding a random model with every path exercised, its checkpoint and tokenizer."""
-    # rope_theta and norm_eps are not Llama's defaults, so a setting the export dropped would show
-    config = GPTConfig(64, 512, n_layer=2, n_head=4, n_embd=64, mlp_hidden=96, rope_theta=500.0, norm_eps=1e-3)
+# rope_theta and norm_eps are not Llama's defaults, so a setting the export dropped would show
+TINY_CONFIG = GPTConfig(64, 512, n_layer=2, n_head=4, n_embd=64, mlp_hidden=96, rope_theta=500.0, norm_eps=1e-3)
+
+
+def tiny_run(folder, tokenizer, config=TINY_CONFIG, **changes):
+    """A run folder holding a random model with every path exercised, its checkpoint and tokenizer; changes go
+    into the checkpoint's model_args only (settings export.py must refuse)."""
     torch.manual_seed(0)
     model = GPT(config)
     with torch.no_grad():  # at init the tied embeddings make greedy decoding repeat one token: spread the weights
