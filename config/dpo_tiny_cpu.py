@@ -4,10 +4,10 @@ out_dir = "out/tiny_dpo"  # chat with: python sample.py --out_dir=out/tiny_dpo -
 init_from = "out/tiny_sft"  # the Quick start's SFT run
 data_dir = "data/dpo_stdlib"  # made by: python prepare.py --mode=dpo --tokenizer=out/tiny/tokenizer.model
 precompute_ref = True  # one forward pass over the ~600 pairs up front instead of a reference pass every step
-batch_size = 8  # pairs per step (16 rows): 120 steps see each of the ~570 training pairs ~1.7 times
-max_iters = 120  # enough to move the held-out preference clearly; more drifts far from the reference
+batch_size = 8  # pairs per step (16 rows): 60 steps see each of the ~570 training pairs ~0.8 times
+max_iters = 60  # held-out preference 59% -> 72% by step 60 on 2026-11-23 (it stayed there to step 120)
 warmup_iters = 10  # short warmup for a short run
-eval_interval = 40  # held-out loss, rewards and preference accuracy every 40 steps
+eval_interval = 20  # held-out loss, rewards and preference accuracy every 20 steps
 eval_iters = 4  # 4 x 8 = 32 held-out pairs (all of them)
 log_interval = 10  # a progress line every 10 steps
-ckpt_interval = 60  # two checkpoints
+ckpt_interval = 30  # two checkpoints

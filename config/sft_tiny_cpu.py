@@ -3,11 +3,11 @@
 out_dir = "out/tiny_sft"  # chat with: python sample.py --out_dir=out/tiny_sft --chat
 init_from = "out/tiny"  # the Quick start's pretrained run
 data_dir = "data/sft_stdlib"  # made by: python prepare.py --mode=sft --tokenizer=out/tiny/tokenizer.model
-batch_size = 16  # conversations per step: 200 steps see each of the ~570 training conversations ~5 times
-max_iters = 200  # a few passes over the demo set; more overfits its 600 answers
+batch_size = 16  # conversations per step: 120 steps see each of the ~570 training conversations ~3.4 times
+max_iters = 120  # ~3.4 passes over the demo set; more overfits its 600 answers
 warmup_iters = 10  # short warmup for a short run
-eval_interval = 50  # masked validation loss and three sample answers every 50 steps
+eval_interval = 40  # masked validation loss and three sample answers every 40 steps
 eval_iters = 4  # 4 x 16 = 64 validation conversations (all of them)
 log_interval = 10  # a progress line every 10 steps
-ckpt_interval = 100  # two checkpoints
+ckpt_interval = 60  # two checkpoints
 max_new_tokens = 96  # answers longer than this count as not ending

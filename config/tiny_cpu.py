@@ -9,9 +9,9 @@ mlp_hidden = 768  # 3x n_embd: SwiGLU's three matrices cost about what a 4x GELU
 block_size = 256  # tokens of context: a screenful of code
 batch_size = 16  # sequences per micro-batch
 gradient_accumulation_steps = 1  # 4096 tokens per step; small steps learn fastest at this scale
-max_iters = 300  # steps; ~1.2M tokens
+max_iters = 200  # steps; ~0.8M tokens: the Quick start, install included, within 10 minutes
 warmup_iters = 20  # short warmup for a short run
-eval_interval = 100  # validation loss at steps 0, 100, 200, 300
+eval_interval = 100  # validation loss at steps 0, 100, 200
 eval_iters = 10  # 10 x 16 x 256 = 41K validation tokens per evaluation
 log_interval = 20  # a progress line every 20 steps
 ckpt_interval = 100  # a checkpoint at each evaluation
