@@ -468,7 +468,7 @@ def compare_runs(run, others):
     rows = []
     ours = read_metrics(run)
     for other in [run, *others]:
-        records = read_metrics(other)
+        records = ours if other == run else read_metrics(other)
         final = next((r for r in reversed(records) if "val_loss" in r), None)
         if final is None or "tokens" not in final:
             raise UserError(f"{other}/metrics.jsonl has no validation loss with tokens; --compare takes train.py runs")
