@@ -375,8 +375,3 @@ def preference_pairs(conversations, split_of=lambda i: "train"):
             other = conversations[same[(k + len(same) // 2) % len(same)]][1]["content"]
             pairs[i] = {"prompt": question["content"], "chosen": answer["content"], "rejected": other}
     return [pairs[i] for i in range(len(conversations))]
-
-
-def stdlib_pairs():
-    """The offline DPO demo set: preference_pairs of the SFT demo set."""
-    return preference_pairs(stdlib_conversations())
