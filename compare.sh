@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Muon against AdamW in our stack, and against nanoGPT's GPT-2, on the reference corpus, the same tokens and GPU.
 #
-#     bash compare.sh                  # one H100: about 22 minutes; again after a stop: finished runs are skipped
-#     STEPS=480 bash compare.sh        # at the reference run's length (about 40 minutes)
+#     bash compare.sh                  # one H100: about 30 minutes; again after a stop: finished runs are skipped
+#     STEPS=480 bash compare.sh        # at the reference run's length (about 55 minutes)
 #
 # 1. the corpus of reference.sh (every .py file of this Python; reused when already prepared)
-# 2. ours with Muon: config/reference_137m.py for STEPS steps of 512K tokens -> $OUT_muon
+# 2. ours with Muon: config/reference_137m.py for STEPS steps of 512K tokens -> ${PREFIX}_muon
 # 3. AdamW's learning rate for our model, swept: SWEEP_LRS at SWEEP_STEPS steps each (warmup 10, full decay), widened
-#    while the best rate is at an edge
-# 4. ours with AdamW at the sweep's best rate for STEPS steps -> $OUT_adamw
-# 5. nanoGPT's GPT-2 (peer.py) as nanoGPT trains it: AdamW 6e-4, weight decay 0.1, decay to a tenth -> $OUT_nanogpt
+#    while the best rate is at an edge (three times at most)
+# 4. ours with AdamW for STEPS steps at the sweep's two best rates -> ${PREFIX}_adamw_<rate>: a short sweep can rank
+#    two close rates the other way round from a whole run (measured: 2.5e-4 won at 60 steps, 5e-4 at 160)
+# 5. nanoGPT's GPT-2 (peer.py) as nanoGPT trains it: AdamW 6e-4, weight decay 0.1, decay to a tenth -> ${PREFIX}_nanogpt
 # 6. eval.py --compare: loss against tokens and wall time on one figure, and the table of tokens and wall time each
-#    run took to reach the others' final validation loss -> $OUT_muon/report.md, curves.png
+#    run took to reach the others' final validation loss -> ${PREFIX}_muon/report.md, curves.png
 # Every run has the same data order, batch, schedule and validation windows; only model and optimizer differ. Each
 # of the three compared runs compiles into its own empty Inductor cache, so none starts with another's compiled code
 # (wall time counts from the start of training, compilation included). Arguments go to every train.py.
 set -euo pipefail
 cd "$(dirname "$0")"
-OUT=${OUT:-out/cmp}                        # run folders: ${OUT}_muon, ${OUT}_nanogpt, ${OUT}_adamw, ${OUT}_sweep_*
+PREFIX=${PREFIX:-out/cmp}                  # run folders: ${PREFIX}_muon, _nanogpt, _adamw_<rate>, _sweep_<rate>
 STEPS=${STEPS:-160}                        # 160 x 524,288 = 84M tokens: 0.72 passes over the corpus
 SWEEP_STEPS=${SWEEP_STEPS:-60}             # 31M tokens per sweep run
 SWEEP_LRS=${SWEEP_LRS:-"0.001 0.002 0.004"}
@@ -36,35 +37,39 @@ main() { # read whole before it runs: editing this file during a run changes not
     if [ ! -f "$DATA/manifest.json" ]; then
         python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir="$DATA"
     fi
-    train "${OUT}_muon" muon --max_iters="$STEPS" "$@"
+    train "${PREFIX}_muon" muon --max_iters="$STEPS" "$@"
     sweep=() lrs=$SWEEP_LRS
-    for _ in 1 2 3; do # a best rate at the edge of the sweep is not bracketed: extend it (twice at most)
+    for _ in 1 2 3 4; do # a best rate at the edge of the sweep is not bracketed: extend it (three times at most)
         for lr in $lrs; do
-            train "${OUT}_sweep_$lr" sweep --max_iters="$SWEEP_STEPS" --warmup_iters=10 --optimizer=adamw \
+            train "${PREFIX}_sweep_$lr" sweep --max_iters="$SWEEP_STEPS" --warmup_iters=10 --optimizer=adamw \
                 --learning_rate="$lr" "$@"
-            sweep+=("${OUT}_sweep_$lr")
+            sweep+=("${PREFIX}_sweep_$lr")
         done
-        read -r best lrs < <(python - "${sweep[@]}" <<'PY'
+        read -r best second lrs < <(python - "${sweep[@]}" <<'PY'
 import json, sys
 final = {}  # learning rate -> final validation loss of its sweep run
 for run in sys.argv[1:]:
     records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
     final[run.rsplit("_", 1)[1]] = [r["val_loss"] for r in records if "val_loss" in r][-1]
     print(f"sweep {run}: final val loss {final[run.rsplit('_', 1)[1]]:.4f}", file=sys.stderr)
-best = min(final, key=final.get)
+best, second = sorted(final, key=final.get)[:2]
 rates = sorted(final, key=float)
-print(best, f"{2 * float(best):g}" if best == rates[-1] else f"{float(best) / 2:g}" if best == rates[0] else "")
+print(best, second, f"{2 * float(best):g}" if best == rates[-1] else f"{float(best) / 2:g}" if best == rates[0] else "")
 PY
         )
-        [ -n "$best" ] || exit 1
+        [ -n "$second" ] || exit 1
         [ -z "$lrs" ] && break
     done
-    echo "== AdamW's best learning rate at $SWEEP_STEPS steps: $best"
-    train "${OUT}_adamw" adamw --max_iters="$STEPS" --optimizer=adamw --learning_rate="$best" "$@"
-    train "${OUT}_nanogpt" nanogpt --max_iters="$STEPS" --arch=nanogpt --optimizer=adamw --learning_rate=6e-4 \
+    echo "== AdamW's best learning rates at $SWEEP_STEPS steps: $best, then $second"
+    for lr in "$best" "$second"; do
+        train "${PREFIX}_adamw_$lr" "adamw_$lr" --max_iters="$STEPS" --optimizer=adamw --learning_rate="$lr" "$@"
+    done
+    train "${PREFIX}_nanogpt" nanogpt --max_iters="$STEPS" --arch=nanogpt --optimizer=adamw --learning_rate=6e-4 \
         --weight_decay=0.1 --min_lr_frac=0.1 "$@"
-    python eval.py --out_dir="${OUT}_muon" --compare="${OUT}_adamw,${OUT}_nanogpt" --tasks=curves
-    python eval.py --out_dir="${OUT}_adamw" --compare="$(IFS=,; echo "${sweep[*]}")" --tasks=curves
+    python eval.py --out_dir="${PREFIX}_muon" --compare="${PREFIX}_adamw_$best,${PREFIX}_adamw_$second,${PREFIX}_nanogpt" \
+        --tasks=curves
+    python eval.py --out_dir="${PREFIX}_adamw_$best" --compare="${PREFIX}_adamw_$second,$(IFS=,; echo "${sweep[*]}")" \
+        --tasks=curves
 }
 main "$@"
 exit

@@ -570,6 +570,24 @@ def write_report(run, report):
     return table(["value"], [report]) + ("\n\n" + comparison_table(report["compare"]) if "compare" in report else "")
 
 
+def write_curves(run, others):
+    """--tasks=curves alone: report.md/json with the curves and the comparison table, from metrics.jsonl files only
+    (no checkpoint, model or device), so runs whose checkpoints are gone or elsewhere compare too."""
+    if not (Path(run) / "metrics.jsonl").is_file():
+        raise UserError(f"{run}/metrics.jsonl not found; --out_dir takes a run folder written by train.py")
+    plot_curves([run, *others], Path(run) / "curves.png")
+    report = {"run": str(run), "date": date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
+    report["curves"] = "curves.png"
+    text = "curves.png written"
+    if others:
+        report["compare"] = compare_runs(run, others)
+        text = comparison_table(report["compare"])
+    (Path(run) / "report.json").write_text(json.dumps(report, indent=1))
+    md = [f"# Loss curves: {run}", "", f"{report['date']}: `{report['command']}`", "", "![loss curves](curves.png)"]
+    (Path(run) / "report.md").write_text("\n".join([*md, "", text]) + "\n")
+    return text
+
+
 def write_card(runs, folder):
     """One table from several runs' report.json (a column per run), with the stage wall times reference.sh
     appends to folder/stages.tsv (summed per stage: a resumed stage has several lines)."""
@@ -623,6 +641,9 @@ def main():
     unknown = [t for t in tasks.split(",") if t not in TASKS] if tasks != "all" else []
     if unknown:
         raise UserError(f"--tasks: unknown task {unknown[0]!r}; expected some of {','.join(TASKS)}, or all")
+    if tasks == "curves":  # metrics.jsonl is all it needs
+        print(write_curves(out_dir, [c for c in compare.split(",") if c]))
+        return
     t0 = time.time()
     env = runtime.setup_device(device, dtype)
     path = runtime.find_checkpoint(out_dir, ckpt)

@@ -268,3 +268,11 @@ def test_compare_runs_hand_worked(tmp_path):
     assert rows[2]["ours_tokens"] is None and rows[2]["tokens_ratio"] is None  # never reached: no ratio
     text = ev.comparison_table(rows)
     assert "| `adamw` | 5.0000 | 200 | 16 | 150 | 1.33x | 20 | 0.80x |" in text, text
+    # the command: metrics.jsonl is all --tasks=curves needs (these folders have no checkpoint)
+    result = run("eval.py", f"--out_dir={ours}", f"--compare={adamw},{slow}", "--tasks=curves")
+    assert "| `adamw` | 5.0000 | 200 | 16 | 150 | 1.33x | 20 | 0.80x |" in (ours / "report.md").read_text()
+    assert json.loads((ours / "report.json").read_text())["compare"][1]["tokens_ratio"] == pytest.approx(200 / 150)
+    assert (ours / "curves.png").stat().st_size > 10_000 and "1.33x" in result.stdout
+    result = run("eval.py", f"--out_dir={tmp_path}", "--tasks=curves", check=False)
+    expected = f"error: {tmp_path}/metrics.jsonl not found; --out_dir takes a run folder written by train.py"
+    assert result.returncode == 2 and result.stderr.strip() == expected
