@@ -45,7 +45,7 @@ weight_decay = 0.0  # decoupled weight decay
 # what to measure
 seq_lens = ""  # comma-separated training sequence lengths; "" = block_size/4, block_size/2, block_size
 compile_modes = (
-    "off,on"  # training rows: off (eager), on (torch.compile), graphs (compiled and replayed as CUDA graphs)
+    "off,on"  # training rows: off (eager), on (torch.compile), regions (compile_regions), graphs (CUDA graphs)
 )
 train_steps = 3  # timed optimizer steps per training row (after one warm-up step)
 optimizer_steps = 10  # timed steps of Muon alone and of AdamW alone
@@ -72,8 +72,10 @@ if graph_modes and prompt_len + new_tokens > block_size:
     raise runtime.UserError(
         f"prompt_len + new_tokens = {prompt_len + new_tokens} is over block_size={block_size}; lower them"
     )
-if not set(compile_modes.split(",")) <= {"", "off", "on", "graphs"}:
-    raise runtime.UserError(f"compile_modes={compile_modes}: expected a comma-separated list of off, on, graphs")
+if not set(compile_modes.split(",")) <= {"", "off", "on", "regions", "graphs"}:
+    raise runtime.UserError(
+        f"compile_modes={compile_modes}: expected a comma-separated list of off, on, regions, graphs"
+    )
 peak = runtime.peak_flops(dev)
 model_config = GPTConfig(**{k: config[k] for k in runtime.ARCH_KEYS}, activation_checkpointing=activation_checkpointing)
 
@@ -103,11 +105,17 @@ def reset_memory():
 
 def bench_training(T, mode):
     """tokens/s, MFU and peak memory of whole optimizer steps at sequence length T, as train.py runs them with
-    compile=false (mode off), compile=true (on) or compile=true cuda_graphs=true (graphs)."""
+    compile=false (mode off), compile=true (on), compile_regions=true (regions) or cuda_graphs=true (graphs)."""
     reset_memory()
     raw = GPT(model_config).to(dev)
     graphs = mode == "graphs"
-    model = torch.compile(raw, dynamic=False, mode="reduce-overhead" if graphs else None) if mode != "off" else raw
+    model = (
+        torch.compile(raw, dynamic=False, mode="reduce-overhead" if graphs else None)
+        if mode in ("on", "graphs")
+        else raw
+    )
+    if mode == "regions":
+        raw.compile_regions()
     optimizer = runtime.make_optimizer(raw, muon_lr, muon_momentum, learning_rate, (0.9, 0.95), weight_decay)
     if graphs:  # gradients accumulate into buffers of our own, never into a graph's outputs
         for p in raw.parameters():
@@ -268,18 +276,18 @@ Path(out).write_text(json.dumps(results, indent=1))
 
 # ----------------------------------------------------------------------------- table
 print(f"\n{results['device']} | {n_params / 1e6:.1f}M params | {env['ptdtype']} | full results in {out}")
-print("| training | compile | batch x T | tok/s | MFU | peak mem |")
-print("|---|---|---|---|---|---|")
+print("| training | compile | batch x T | tok/s | MFU | peak mem | first step (compiles) |")
+print("|---|---|---|---|---|---|---|")
 for r in results["training"]:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
     print(
         f"| T={r['seq_len']} | {r['compile']} | {r['batch_size']} x {r['seq_len']} "
-        f"| {r['tok_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} GiB |"
+        f"| {r['tok_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} GiB | {r['first_step_s']:.1f} s |"
     )
 if peer:
     p, mfu = results["peer"], f"{100 * results['peer']['mfu']:.1f}%" if results["peer"]["mfu"] else "-"
     name = f"peer: GPT-2 {p['params'] / 1e6:.1f}M as nanoGPT | {'on' if cuda else 'off'}"
-    print(f"| {name} | {p['batch_size']} x {p['seq_len']} | {p['tok_per_s']:,.0f} | {mfu} | - |")
+    print(f"| {name} | {p['batch_size']} x {p['seq_len']} | {p['tok_per_s']:,.0f} | {mfu} | - | - |")
 o = results["optimizer"]
 share = o["muon_share_of_step"]
 print(

@@ -54,7 +54,7 @@ rope_theta = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% more compute
 arch = "gpt"  # gpt (model.py) or nanogpt: the peer, nanoGPT's GPT-2 (peer.py), for comparisons on the same data
 # optimizer
-optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter at learning_rate (then ~1e-3)
+optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter at learning_rate (then ~5e-4)
 muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
 muon_momentum = 0.95  # Nesterov momentum of Muon
 learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains; all with adamw
@@ -70,6 +70,7 @@ min_lr_frac = 0.1  # final learning rate as a fraction of the peak
 device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu
 dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
 compile = True  # torch.compile the model (worth it on CUDA; slow to start on CPU)
+compile_regions = False  # with compile: each block (compiled once for all) and the loss head as graphs of their own
 cuda_graphs = False  # with compile on one CUDA GPU: replay each micro-step as CUDA graphs (for small micro-batches)
 seed = 1337  # model init and data order
 # -----------------------------------------------------------------------------
@@ -89,6 +90,8 @@ if arch == "nanogpt" and n_embd % 64:
     raise UserError(f"arch=nanogpt: n_embd={n_embd} must be a multiple of 64, GPT-2's head size")
 if cuda_graphs and not (compile and env["device_type"] == "cuda" and not env["ddp"]):
     raise UserError("cuda_graphs=true needs compile=true on a single CUDA GPU (no torchrun); drop it otherwise")
+if compile_regions and not (compile and arch == "gpt" and not cuda_graphs):
+    raise UserError("compile_regions=true needs compile=true, arch=gpt and no cuda_graphs; drop it otherwise")
 torch.manual_seed(seed)  # same init on every rank
 
 # ----------------------------------------------------------------------------- data
@@ -150,7 +153,11 @@ if compile:
     # launch instead of ~1000 per micro-step, which is what a micro-batch of 1 x 4096 is bound by (see PERF.md).
     # Gradients then accumulate into buffers of our own, kept between steps, never into a graph's outputs.
     # dynamic=False: a graph per shape; each length of block_size_schedule recompiles once, at its first step.
-    model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
+    # compile_regions: one block compiled and reused for all n_layer, a faster cold start (GPT.compile_regions).
+    if compile_regions:
+        model.compile_regions()
+    else:
+        model = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False)
     if cuda_graphs:
         for p in raw_model.parameters():
             p.grad = torch.zeros_like(p)

@@ -269,6 +269,9 @@ def test_data_guards(tiny_data, tmp_path):
         train(tiny_data, tmp_path / "c", "--vocab_size=1000", check=False), "512-token vocabulary", "vocab_size=1000"
     )
     assert not (tmp_path / "c").exists()  # nothing was written
+    proc = train(tiny_data, tmp_path / "d", "--compile_regions=true", check=False)  # the tests run compile=false
+    assert_one_line_error(proc, "compile_regions=true needs compile=true")
+    assert not (tmp_path / "d").exists()
 
 
 def test_adamw_trains_and_guards(tiny_data, tmp_path):
