@@ -102,19 +102,16 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, pos=None):
+    def forward(self, x, cos, sin, cache=None, pos=None, w_qkv=None):
         B, T, C = x.size()
         hd = C // self.n_head
-        # (B, T, C) -> (B, n_head, T, hd)
-        q = self.c_q(x).view(B, T, self.n_head, hd).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.n_head, hd).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.n_head, hd).transpose(1, 2)
+        # w_qkv: c_q, c_k and c_v's weights as one matrix (GPT.decode_weights), one product instead of three
+        qkv = F.linear(x, w_qkv).split(C, dim=-1) if w_qkv is not None else (self.c_q(x), self.c_k(x), self.c_v(x))
+        q, k, v = (t.view(B, T, self.n_head, hd).transpose(1, 2) for t in qkv)  # (B, T, C) -> (B, n_head, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if pos is not None:  # one token at position pos (a tensor) against the whole cache: see GPT.decode
             k, v = cache.write(self.layer_idx, pos, k, v)  # (B, n_head, max_len, hd)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, n_head, 1, max_len)
-            att = att.masked_fill(~cache.visible(pos.view(1), cache.max_len), float("-inf"))
-            y = att.float().softmax(dim=-1).to(v.dtype) @ v
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.visible(pos.view(1), cache.max_len))
             return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         past = cache.pos if cache is not None else 0
         if cache is not None:
@@ -135,8 +132,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
 
-    def forward(self, x):
-        return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
+    def forward(self, x, w_gate_up=None):
+        # w_gate_up: c_gate's and c_fc's weights as one matrix (GPT.decode_weights)
+        gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1) if w_gate_up is not None else (self.c_gate(x), self.c_fc(x))
+        return self.c_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -147,9 +146,10 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, pos=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, pos)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, cos, sin, cache=None, pos=None, fused=None):
+        w_qkv, w_gate_up = fused or (None, None)  # fused: this block's pair from GPT.decode_weights
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, pos, w_qkv)
+        return x + self.mlp(self.ln_2(x), w_gate_up)
 
 
 class GPT(nn.Module):
@@ -241,22 +241,39 @@ class GPT(nn.Module):
         ]
         return None, torch.cat(losses).view(B, T)
 
-    def decode(self, idx, cache, pos):
+    def decode_weights(self):
+        """Per block, (c_q | c_k | c_v) and (c_gate | c_fc) weights stacked into one matrix each, for decode():
+        4 matrix-vector products per block instead of 7, and at batch 1 each costs a few microseconds whatever its
+        size (PERF.md). A copy (~160 MB for the reference model in bf16), so made per generation, never kept."""
+        return [
+            (
+                torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]),
+                torch.cat([b.mlp.c_gate.weight, b.mlp.c_fc.weight]),
+            )
+            for b in self.transformer.h
+        ]
+
+    def decode(self, idx, cache, pos, fused=None):
         """fp32 logits (B, vocab_size) for one new token per row, idx (B, 1), at position pos (a 0-d tensor on
-        the device). Attention covers the whole cache under a mask, so no shape depends on pos: this is the
-        step that generate() compiles and captures in a CUDA graph."""
+        the device); fused: decode_weights(), optional. Attention covers the whole cache under a mask, so no shape
+        depends on pos: this is the step that generate() compiles and captures in a CUDA graph."""
         dtype = self.transformer.wte.weight.dtype
         cos = self.rope_cos.index_select(0, pos.view(1)).to(dtype)  # (1, head_dim)
         sin = self.rope_sin.index_select(0, pos.view(1)).to(dtype)
         x = self.transformer.wte(idx)  # (B, 1, C)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, cache, pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cos, sin, cache, pos, fused[i] if fused else None)
         return self.lm_head(self.transformer.ln_f(x[:, -1])).float()
 
     def capture_decode(self, cache):
         """decode() compiled and captured in a CUDA graph bound to this cache; returns step(next_id, position).
         A token then costs one graph replay instead of ~400 kernel launches from Python (CUDA only)."""
-        decode = torch.compile(self.decode, dynamic=False)
+        fused = self.decode_weights()  # held by the graph for as long as step is
+
+        def decode_fused(idx, cache, pos):
+            return self.decode(idx, cache, pos, fused)
+
+        decode = torch.compile(decode_fused, dynamic=False)
         idx = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         # warm-up runs write the last slot, which is always rewritten before a query can see it
         pos = torch.full((), cache.max_len - 1, dtype=torch.long, device=cache.device)

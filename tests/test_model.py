@@ -83,6 +83,27 @@ def test_kv_cache_generation_equals_full_recompute(monkeypatch):
     torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
 
 
+def test_decode_with_stacked_weights_equals_decode_without():
+    """decode() with decode_weights() (q|k|v and gate|up as one matrix each, the captured CUDA-graph step's path):
+    the same logits as with the separate matrices, token after token, on left-padded rows too."""
+    model = make_model()
+    idx = torch.randint(0, SMALL.vocab_size, (2, 6))
+    caches = [KVCache(SMALL, 2, 16, "cpu", torch.float32) for _ in range(2)]
+    for cache in caches:
+        cache.start = torch.tensor([0, 2])  # row 1's first two tokens are padding
+    with torch.no_grad():
+        logits = [model(idx, cache=cache)[0][:, -1] for cache in caches]
+        fused = model.decode_weights()
+        assert [w.shape for w in fused[0]] == [(3 * SMALL.n_embd, SMALL.n_embd), (2 * SMALL.mlp_hidden, SMALL.n_embd)]
+        for position in range(6, 16):
+            next_id = logits[0].argmax(-1, keepdim=True)
+            pos = torch.tensor(position)
+            logits = [model.decode(next_id, caches[0], pos), model.decode(next_id, caches[1], pos, fused)]
+            torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+            for cache in caches:
+                cache.pos += 1
+
+
 def test_cached_chunk_logits_match_full_forward():
     """Prefill 10 tokens, then feed 5 at once through the cache: logits equal a full forward pass."""
     model = make_model()
