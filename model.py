@@ -111,7 +111,9 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if pos is not None:  # one token at position pos (a tensor) against the whole cache: see GPT.decode
             k, v = cache.write(self.layer_idx, pos, k, v)  # (B, n_head, max_len, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.visible(pos.view(1), cache.max_len))
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, n_head, 1, max_len)
+            att = att.masked_fill(~cache.visible(pos.view(1), cache.max_len), float("-inf"))
+            y = att.float().softmax(dim=-1).to(v.dtype) @ v
             return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         past = cache.pos if cache is not None else 0
         if cache is not None:
