@@ -52,6 +52,8 @@ for run in sys.argv[1:]:
     records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
     final[run.rsplit("_", 1)[1]] = [r["val_loss"] for r in records if "val_loss" in r][-1]
     print(f"sweep {run}: final val loss {final[run.rsplit('_', 1)[1]]:.4f}", file=sys.stderr)
+if len(final) < 2:
+    sys.exit(f"compare.sh: SWEEP_LRS={' '.join(final)} needs two rates or more (AdamW runs at the best two)")
 best, second = sorted(final, key=final.get)[:2]
 rates = sorted(final, key=float)
 print(best, second, f"{2 * float(best):g}" if best == rates[-1] else f"{float(best) / 2:g}" if best == rates[0] else "")
