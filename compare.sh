@@ -34,6 +34,10 @@ train() { # train RUN CACHE ARGS...: train.py on CONFIG, resumed when RUN has a 
 }
 
 main() { # read whole before it runs: editing this file during a run changes nothing
+    if [ "$(wc -w <<<"$SWEEP_LRS")" -lt 2 ]; then
+        echo "error: SWEEP_LRS=\"$SWEEP_LRS\" needs two rates or more (AdamW runs at the best two)" >&2
+        exit 1
+    fi
     if [ ! -f "$DATA/manifest.json" ]; then
         python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir="$DATA"
     fi
@@ -52,8 +56,6 @@ for run in sys.argv[1:]:
     records = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
     final[run.rsplit("_", 1)[1]] = [r["val_loss"] for r in records if "val_loss" in r][-1]
     print(f"sweep {run}: final val loss {final[run.rsplit('_', 1)[1]]:.4f}", file=sys.stderr)
-if len(final) < 2:
-    sys.exit(f"compare.sh: SWEEP_LRS={' '.join(final)} needs two rates or more (AdamW runs at the best two)")
 best, second = sorted(final, key=final.get)[:2]
 rates = sorted(final, key=float)
 print(best, second, f"{2 * float(best):g}" if best == rates[-1] else f"{float(best) / 2:g}" if best == rates[0] else "")
