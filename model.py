@@ -105,7 +105,6 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cos, sin, cache=None, pos=None, w_qkv=None):
         B, T, C = x.size()
         hd = C // self.n_head
-        # w_qkv: c_q, c_k and c_v's weights as one matrix (GPT.decode_weights), one product instead of three
         qkv = F.linear(x, w_qkv).split(C, dim=-1) if w_qkv is not None else (self.c_q(x), self.c_k(x), self.c_v(x))
         q, k, v = (t.view(B, T, self.n_head, hd).transpose(1, 2) for t in qkv)  # (B, T, C) -> (B, n_head, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -135,7 +134,6 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
 
     def forward(self, x, w_gate_up=None):
-        # w_gate_up: c_gate's and c_fc's weights as one matrix (GPT.decode_weights)
         gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1) if w_gate_up is not None else (self.c_gate(x), self.c_fc(x))
         return self.c_proj(F.silu(gate) * up)
 
@@ -149,7 +147,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, cache=None, pos=None, fused=None):
-        w_qkv, w_gate_up = fused or (None, None)  # fused: this block's pair from GPT.decode_weights
+        w_qkv, w_gate_up = fused or (None, None)  # this block's stacked weights from GPT.decode_weights
         x = x + self.attn(self.ln_1(x), cos, sin, cache, pos, w_qkv)
         return x + self.mlp(self.ln_2(x), w_gate_up)
 
@@ -167,7 +165,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix, counted and stored once
-        self.loss_head = chunked_cross_entropy  # compile_regions() replaces it by its compiled version
+        self.loss_head = ChunkedCrossEntropy.apply  # compile_regions() replaces it by its compiled version
         # Computed once; not in the state dict, so a checkpoint holds only learned weights.
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -185,13 +183,12 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def compile_regions(self, backend="inductor"):
-        """torch.compile each block, and the output projection + loss, as graphs of their own, instead of the
-        whole model as one (train.py compile_regions=true). The blocks share their code and shapes, so Dynamo
-        traces one and Inductor compiles it once for all n_layer, as torchtitan compiles: a cold start of 19.8 s
-        against 57.8 s for 12 small layers on a 2-core CPU. What it gives up: fusions across block boundaries."""
+        """torch.compile each block and the loss head apart, not the whole model (train.py compile_regions):
+        Dynamo traces one block and all n_layer share its graph (as torchtitan compiles), so a cold start is
+        shorter (57.8 s -> 19.8 s for 12 small layers on a 2-core CPU); fusions across blocks are given up."""
         for block in self.transformer.h:
             block.compile(dynamic=False, backend=backend)
-        self.loss_head = torch.compile(chunked_cross_entropy, dynamic=False, backend=backend)
+        self.loss_head = torch.compile(ChunkedCrossEntropy.apply, dynamic=False, backend=backend)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are one parameter
@@ -244,9 +241,8 @@ class GPT(nn.Module):
         return None, torch.cat(losses).view(B, T)
 
     def decode_weights(self):
-        """Per block, (c_q | c_k | c_v) and (c_gate | c_fc) weights stacked into one matrix each, for decode():
-        4 matrix-vector products per block instead of 7, and at batch 1 each costs a few microseconds whatever its
-        size (PERF.md). A copy (~160 MB for the reference model in bf16), so made per generation, never kept."""
+        """Per block, (c_q | c_k | c_v) and (c_gate | c_fc) stacked, for decode(): 4 matrix-vector products per
+        block instead of 7, each a few microseconds at batch 1 whatever its size (PERF.md). A copy: made per use."""
         return [
             (
                 torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]),
@@ -384,11 +380,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None
-
-
-def chunked_cross_entropy(x, weight, targets, need_grad):
-    """ChunkedCrossEntropy as a function: what GPT.compile_regions compiles."""
-    return ChunkedCrossEntropy.apply(x, weight, targets, need_grad)
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):
