@@ -4,6 +4,7 @@ tests of tests/test_train.py, test_sft.py, test_dpo.py and test_mlx.py, through 
 out-of-memory error and an overfitting run on the CPU."""
 
 import gc
+import mmap
 import weakref
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -156,11 +157,15 @@ def test_block_size_schedule():
 def test_memory_stats_on_cpu():
     stats = runtime.memory_stats("cpu")
     assert 0.01 < stats["rss_gib"] < 64 and stats["mem_gib"] <= stats["peak_mem_gib"]
-    big = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched: resident
+    # A fresh anonymous mapping, written through: 64 MiB of new resident pages whatever the allocator holds (a
+    # torch tensor may reuse a freed, still-resident heap block left by an earlier test: CI saw no change at all)
+    block = mmap.mmap(-1, 64 << 20)
+    view = torch.frombuffer(block, dtype=torch.uint8)
+    view.fill_(1)
     more = runtime.memory_stats("cpu")
     assert more["rss_gib"] > stats["rss_gib"] + 0.05 and more["peak_mem_gib"] >= more["rss_gib"]
-    del big  # a large block goes back to the system at once: the resident set shrinks, its peak stays (the kernel's
-    # count of it lags by a few pages)
+    del view
+    block.close()  # unmapped: the resident set shrinks, its peak stays (the kernel's count lags by a few pages)
     after = runtime.memory_stats("cpu")
     assert after["rss_gib"] < more["rss_gib"] - 0.05 and after["peak_mem_gib"] > more["rss_gib"] - 0.01
     line = runtime.format_memory({"mem_gib": 17.31, "peak_mem_gib": 19.8, "rss_gib": 3.1})
