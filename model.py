@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -102,7 +103,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, pos=None, w_qkv=None):
+    def forward(self, x, cos, sin, cache=None, pos=None, w_qkv=None, mask=None):
         B, T, C = x.size()
         hd = C // self.n_head
         qkv = F.linear(x, w_qkv).split(C, dim=-1) if w_qkv is not None else (self.c_q(x), self.c_k(x), self.c_v(x))
@@ -117,7 +118,11 @@ class CausalSelfAttention(nn.Module):
         past = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # all keys/values so far: (B, n_head, past + T, hd)
-        if past == 0 and (cache is None or cache.start is None):
+        if isinstance(mask, BlockMask):  # attention inside documents (document_mask), on CUDA
+            y = attend_in_documents(q, k, v, mask)
+        elif mask is not None:  # the same as a dense (B, 1, T, T) mask: FlexAttention has no CPU backward
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif past == 0 and (cache is None or cache.start is None):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # after a prefill, or left-padded rows: query i sits at position past + i
             mask = cache.visible(past + torch.arange(T, device=x.device), past + T)
@@ -146,9 +151,9 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, pos=None, fused=None):
+    def forward(self, x, cos, sin, cache=None, pos=None, fused=None, mask=None):
         w_qkv, w_gate_up = fused or (None, None)  # this block's stacked weights from GPT.decode_weights
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, pos, w_qkv)
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, pos, w_qkv, mask)
         return x + self.mlp(self.ln_2(x), w_gate_up)
 
 
@@ -198,7 +203,7 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
-    def hidden(self, idx, cache=None):
+    def hidden(self, idx, cache=None, mask=None):
         """Final normed hidden states (B, T, C) of idx, continuing from the cache's position when given."""
         B, T = idx.size()
         start = cache.pos if cache is not None else 0
@@ -209,23 +214,24 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         for block in self.transformer.h:
             if self.config.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask=mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache)
+                x = block(x, cos, sin, cache, mask=mask)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def logits(self, idx, cache=None):
+    def logits(self, idx, cache=None, mask=None):
         """fp32 logits (B, T, vocab_size) at every position: for tests and analysis, not for training."""
-        return self.lm_head(self.hidden(idx, cache)).float()
+        return self.lm_head(self.hidden(idx, cache, mask)).float()
 
-    def forward(self, idx, targets=None, cache=None, reduction="mean"):
+    def forward(self, idx, targets=None, cache=None, reduction="mean", mask=None):
         """With targets: (None, loss), the mean cross-entropy over targets != -1 (reduction="mean"), or the
         per-token loss (B, T), 0 where the target is -1 (reduction="none", for DPO's sequence log-probs).
         The logits are never held for the whole batch (see ChunkedCrossEntropy).
-        Without targets: (logits of the last position (B, 1, vocab_size), None), what generation needs."""
-        x = self.hidden(idx, cache)
+        Without targets: (logits of the last position (B, 1, vocab_size), None), what generation needs.
+        mask: document_mask(idx, bos_id) to keep attention inside documents (train.py doc_mask)."""
+        x = self.hidden(idx, cache, mask)
         if targets is None:
             return self.lm_head(x[:, [-1], :]).float(), None
         B, T, C = x.size()
@@ -328,6 +334,35 @@ class GPT(nn.Module):
                 logits = step(next_id, cache.pos)
                 cache.pos += 1
         return torch.cat(out, dim=1)
+
+
+def document_mask(idx, bos_id, flex=None):
+    """Attention that stays inside a document: position i sees j <= i only if no bos_id (which starts every
+    document) lies in (j, i]. For idx (B, T): with flex (default: on CUDA) a FlexAttention BlockMask, whose kernel
+    skips the blocks the mask leaves empty; else the same mask dense, (B, 1, T, T) bool, for SDPA."""
+    B, T = idx.size()
+    doc = (idx == bos_id).cumsum(dim=1)  # (B, T): which document of the row each position is in
+    if idx.device.type == "cuda" if flex is None else flex:
+
+        def same_document(b, h, q, k):
+            return (k <= q) & (doc[b, q] == doc[b, k])
+
+        return create_block_mask(same_document, B, None, T, T, device=idx.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
+
+
+compiled_flex_attention = None  # made at the first use outside a compiled model (compiling it at import is slow)
+
+
+def attend_in_documents(q, k, v, block_mask):
+    """FlexAttention, which is a fused kernel only when compiled: inside a compiled model as it is, else compiled."""
+    global compiled_flex_attention
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if compiled_flex_attention is None:
+        compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return compiled_flex_attention(q, k, v, block_mask=block_mask)
 
 
 # ----------------------------------------------------------------------------- loss

@@ -20,11 +20,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, document_mask
 from peer import NanoGPT
 from runtime import UserError
 from shards import TokenWindows, find_shards, read_header
-from tokenizer import find_tokenizer
+from tokenizer import find_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- config
 # I/O
@@ -44,6 +44,7 @@ block_size = 1024  # sequence length in tokens (<= 4096): the model's context
 gradient_accumulation_steps = 8  # micro-batches per step, summed over all ranks (must divide by world size)
 global_batch_size = 0  # sequences per step, all ranks; sets gradient_accumulation_steps (0 = batch x accumulation)
 block_size_schedule = ""  # sequence-length curriculum, "T:share,..." e.g. "1024:0.8,4096:0.2"; "" = block_size only
+doc_mask = False  # attention stays inside documents (each starts with <|endoftext|>), not across the window
 # model
 vocab_size = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
 n_layer = 12  # transformer blocks
@@ -92,6 +93,8 @@ if cuda_graphs and not (compile and env["device_type"] == "cuda" and not env["dd
     raise UserError("cuda_graphs=true needs compile=true on a single CUDA GPU (no torchrun); drop it otherwise")
 if compile_regions and not (compile and arch == "gpt" and not cuda_graphs):
     raise UserError("compile_regions=true needs compile=true, arch=gpt and no cuda_graphs; drop it otherwise")
+if doc_mask and (arch != "gpt" or cuda_graphs):
+    raise UserError("doc_mask=true needs arch=gpt (the peer has no mask) and no cuda_graphs; drop one of them")
 torch.manual_seed(seed)  # same init on every rank
 
 # ----------------------------------------------------------------------------- data
@@ -101,6 +104,7 @@ if tokenizer_path is None:
     raise UserError(f"{data_dir} has no tokenizer.model; re-run prepare.py for it")
 vocab_size = vocab_size or read_header(train_shards[0])["vocab_size"]
 config["vocab_size"] = vocab_size
+bos_id = load_tokenizer(tokenizer_path).bos_id  # the document boundary, for doc_mask
 train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
 val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
 
@@ -119,6 +123,11 @@ def get_batches(T):
         yield x.to(env["device"], non_blocking=True), y.to(env["device"], non_blocking=True)
 
 
+def attention_mask(x):
+    """doc_mask: what keeps attention inside documents (model.document_mask); else None, causal over the window."""
+    return document_mask(x, bos_id) if doc_mask else None
+
+
 # ----------------------------------------------------------------------------- model
 ckpt, model_args = runtime.open_run(out_dir, init_from, overwrite, config, tokenizer_path, master)
 model_config = GPTConfig(**model_args, activation_checkpointing=activation_checkpointing)
@@ -133,7 +142,7 @@ optimizer = runtime.make_optimizer(
     model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
 )
 # batch_size=auto: dry runs of the new model find the largest micro-batch that fits (a resume keeps the checkpoint's)
-try_step = runtime.dry_run(env, model, optimizer, lambda x, y: model(x, y)[1], block_size)
+try_step = runtime.dry_run(env, model, optimizer, lambda x, y: model(x, y, mask=attention_mask(x))[1], block_size)
 batch_size, gradient_accumulation_steps = runtime.pick_batch(config, env, global_batch, ckpt, try_step)
 accum_steps = gradient_accumulation_steps // world_size  # micro-batches this rank runs per step
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # the same at every length of the schedule
@@ -185,10 +194,11 @@ def estimate_loss():
     losses = torch.zeros(eval_iters, device=env["device"])
     for k in range(eval_iters):
         x, y = val_data.gather(val_data.sample_starts(batch_size))
+        x, y = x.to(env["device"]), y.to(env["device"])
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with env["autocast"]:
-            _, loss = model(x.to(env["device"]), y.to(env["device"]))
+            _, loss = model(x, y, mask=attention_mask(x))
         losses[k] = loss
     model.train()
     mean = losses.mean()
@@ -226,7 +236,7 @@ while iter_num < max_iters and not early.stop:
         if cuda_graphs:  # a new replay: the previous micro-step's graph outputs are no longer used
             torch.compiler.cudagraph_mark_step_begin()
         with env["autocast"]:
-            _, loss = model(x, y)
+            _, loss = model(x, y, mask=attention_mask(x))
             loss = loss / accum_steps
         loss_sum += loss.detach()
         scaler.scale(loss).backward()

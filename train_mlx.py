@@ -26,7 +26,7 @@ import model as torch_model_lib
 import runtime
 from runtime import UserError
 from shards import TokenWindows, find_shards, read_header
-from tokenizer import find_tokenizer
+from tokenizer import find_tokenizer, load_tokenizer
 
 try:
     import mlx.core as mx
@@ -54,6 +54,7 @@ block_size = 1024  # sequence length in tokens (<= 4096): the model's context
 gradient_accumulation_steps = 8  # micro-batches per step
 global_batch_size = 0  # sequences per step; sets gradient_accumulation_steps (0 = batch x accumulation)
 block_size_schedule = ""  # sequence-length curriculum, "T:share,..." e.g. "1024:0.8,4096:0.2"; "" = block_size only
+doc_mask = False  # attention stays inside documents (each starts with <|endoftext|>), not across the window
 # model
 vocab_size = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
 n_layer = 12  # transformer blocks
@@ -110,7 +111,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, mask=None):
         B, T, C = x.shape
         hd = C // self.n_head
         # (B, T, C) -> (B, n_head, T, hd)
@@ -118,7 +119,8 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).reshape(B, T, self.n_head, hd).transpose(0, 2, 1, 3)
         v = self.c_v(x).reshape(B, T, self.n_head, hd).transpose(0, 2, 1, 3)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd), mask="causal")
+        mask = "causal" if mask is None else mask  # mask: document_mask's, to stay inside documents
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd), mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
         return self.c_proj(y)
 
@@ -142,8 +144,8 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def __call__(self, x, cos, sin):
-        x = x + self.attn(self.ln_1(x), cos, sin)
+    def __call__(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -166,35 +168,44 @@ class GPT(nn.Module):
         """The output head: tied, as in model.py, so it is the embedding matrix used as a linear layer."""
         return self.transformer["wte"].as_linear(x)
 
-    def hidden(self, idx):
-        """Final normed hidden states (B, T, C) of idx (B, T)."""
+    def hidden(self, idx, bos_id=None):
+        """Final normed hidden states (B, T, C) of idx (B, T); with bos_id, attention inside documents."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
         x = self.transformer["wte"](idx)  # (B, T, C)
         cos, sin = self._rope_cos[:T].astype(x.dtype), self._rope_sin[:T].astype(x.dtype)
+        mask = None if bos_id is None else document_mask(idx, bos_id)
         for block in self.transformer["h"]:
-            x = nn.utils.checkpoint(block)(x, cos, sin) if self.config.activation_checkpointing else block(x, cos, sin)
+            x = (nn.utils.checkpoint(block) if self.config.activation_checkpointing else block)(x, cos, sin, mask)
         return self.transformer["ln_f"](x)
 
-    def logits(self, idx):
+    def logits(self, idx, bos_id=None):
         """fp32 logits (B, T, vocab_size) at every position."""
-        return self.lm_head(self.hidden(idx)).astype(mx.float32)
+        return self.lm_head(self.hidden(idx, bos_id)).astype(mx.float32)
 
-    def __call__(self, idx, targets):
+    def __call__(self, idx, targets, bos_id=None):
         """Mean cross-entropy over targets != -1, as model.GPT.forward(idx, targets)[1]."""
         valid = targets >= 0
-        losses = nn.losses.cross_entropy(self.logits(idx), mx.maximum(targets, 0)) * valid  # (B, T)
+        losses = nn.losses.cross_entropy(self.logits(idx, bos_id), mx.maximum(targets, 0)) * valid  # (B, T)
         return losses.sum() / mx.maximum(valid.sum(), 1)
 
 
-def loss_with(model, params, x, y, dtype=mx.float32):
-    """The model's loss with the weights params (name -> fp32 array), computed in dtype. A pure function of
-    params, so mx.value_and_grad differentiates it (fp32 grads) and mx.compile compiles it."""
+def document_mask(idx, bos_id):
+    """model.document_mask's dense mask: (B, 1, T, T), True where j <= i and no bos_id lies in (j, i]."""
+    T = idx.shape[1]
+    doc = mx.cumsum(idx == bos_id, axis=1)  # (B, T): which document of the row each position is in
+    return ((doc[:, :, None] == doc[:, None, :]) & mx.tril(mx.ones((T, T), dtype=mx.bool_)))[:, None]
+
+
+def loss_with(model, params, x, y, dtype=mx.float32, bos_id=None):
+    """The model's loss with the weights params (name -> fp32 array), computed in dtype (bos_id: attention inside
+    documents). A pure function of params, so mx.value_and_grad differentiates it (fp32 grads) and mx.compile
+    compiles it."""
     if dtype != mx.float32:
         params = tree_map(lambda p: p.astype(dtype), params)
     model.update(tree_unflatten(list(params.items())))
-    return model(x, y)
+    return model(x, y, bos_id)
 
 
 def load_torch_weights(model, torch_model):
@@ -283,7 +294,7 @@ def optimizer_update(params, grads, state, lr_mult, groups, grad_clip):
     return params, state
 
 
-def dry_run(model, params, opt_state, groups, dtype, T, limit):
+def dry_run(model, params, opt_state, groups, dtype, T, limit, bos_id=None):
     """try_step for runtime.pick_batch (batch_size=auto): one micro-batch's loss and gradients and an optimizer update
     on size x T zero tokens, uncompiled, their results thrown away (nothing changes in place). Raises MemoryError
     where MLX's peak passes limit bytes: on a Mac, memory past it is swapped rather than refused."""
@@ -291,7 +302,7 @@ def dry_run(model, params, opt_state, groups, dtype, T, limit):
     def try_step(size):
         x = mx.zeros((size, T), dtype=mx.int32)
         mx.reset_peak_memory()
-        loss, grads = mx.value_and_grad(partial(loss_with, model, dtype=dtype))(params, x, x)
+        loss, grads = mx.value_and_grad(partial(loss_with, model, dtype=dtype, bos_id=bos_id))(params, x, x)
         mx.eval(loss, grads, optimizer_update(params, grads, opt_state, mx.array(0.0), groups, 0.0))
         if mx.get_peak_memory() > limit:
             raise MemoryError(
@@ -350,6 +361,7 @@ if __name__ == "__main__":
         raise UserError(f"{data_dir} has no tokenizer.model; re-run prepare.py for it")
     vocab_size = vocab_size or read_header(train_shards[0])["vocab_size"]
     config["vocab_size"] = vocab_size
+    bos_id = load_tokenizer(tokenizer_path).bos_id if doc_mask else None  # doc_mask: the document boundary
     train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
     val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
 
@@ -382,7 +394,7 @@ if __name__ == "__main__":
     opt_state = init_state(params, groups)
     # batch_size=auto: dry runs of the new model find the largest micro-batch that fits (a resume keeps its own)
     env = dict(device="mlx", world_size=1, ddp=False, master=True)
-    try_step = dry_run(model, params, opt_state, groups, compute_dtype, block_size, limit)
+    try_step = dry_run(model, params, opt_state, groups, compute_dtype, block_size, limit, bos_id)
     batch_size, gradient_accumulation_steps = runtime.pick_batch(
         config, env, global_batch, ckpt, try_step, mx.clear_cache
     )
@@ -400,7 +412,7 @@ if __name__ == "__main__":
         del ckpt
 
     # one micro-batch's loss (already divided for accumulation) and fp32 grads; validation; the optimizer step
-    eval_fn = partial(loss_with, model, dtype=compute_dtype)
+    eval_fn = partial(loss_with, model, dtype=compute_dtype, bos_id=bos_id)
     step_fn = mx.value_and_grad(lambda p, x, y: eval_fn(p, x, y) / gradient_accumulation_steps)
     update_fn = partial(optimizer_update, groups=groups, grad_clip=grad_clip)
     if compile:

@@ -103,6 +103,22 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def short_docs(tmp_path_factory):
+    """A data folder of short documents (each 6 lines of a standard-library module, ~40 tokens), so that most
+    64-token windows cross a document boundary: for doc_mask."""
+    root = tmp_path_factory.mktemp("short")
+    src = root / "src"
+    src.mkdir()
+    for name, text in stdlib_sample(20):
+        lines = text.splitlines(keepends=True)
+        for i in range(0, len(lines), 6):
+            (src / f"{name}_{i}.txt").write_text("".join(lines[i : i + 6]), encoding="utf-8")
+    data = root / "data"
+    run("prepare.py", f"--input={src}", f"--data_dir={data}", "--vocab_size=512", "--val_permille=100")
+    return data
+
+
+@pytest.fixture(scope="session")
 def sft_run(tiny_data, tmp_path_factory):
     """A tiny SFT run and DPO demo pairs made with its tokenizer: (sft run folder, dpo data folder). Shared by the
     DPO and export tests."""

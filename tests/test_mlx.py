@@ -16,6 +16,7 @@ from conftest import TINY, assert_memory_fields, patched, run  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from test_train import assert_one_line_error, metrics, records  # noqa: E402
 
+import model as model_lib  # noqa: E402
 import muon  # noqa: E402
 import runtime  # noqa: E402
 import train_mlx  # noqa: E402
@@ -54,6 +55,10 @@ def test_names_shapes_and_logits_match_torch():
     assert diff < 1e-4, diff
     assert abs(model(to_mx(x), to_mx(y)).item() - torch_model(x, y)[1].item()) < 1e-5
     assert abs(model(to_mx(x), to_mx(y)).item() - math.log(CONFIG.vocab_size)) < 0.5  # loss at init ~ ln(vocab)
+    x[:, ::7] = 1  # documents of 7 tokens: the mask that keeps attention inside each, in both libraries
+    mask = model_lib.document_mask(x, 1)
+    diff = np.abs(np.array(model.logits(to_mx(x), 1)) - torch_model.logits(x, mask=mask).detach().numpy()).max()
+    assert diff < 1e-4 and not np.allclose(np.array(model.logits(to_mx(x))), np.array(model.logits(to_mx(x), 1)))
 
 
 def test_newton_schulz_matches_muon(monkeypatch):
@@ -179,6 +184,18 @@ def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path, o
     c = metrics(mixed)
     assert all(c[step] == a[step] for step in range(1, 5))
     assert all(abs(c[step] - a[step]) < 0.02 for step in range(5, 13)), (a, c)
+
+
+def test_doc_mask_tracks_train_py(short_docs, tmp_path):
+    """doc_mask=true on short documents: train_mlx.py's losses are train.py's, from the same first evaluation."""
+    common = ["--max_iters=6", "--eval_interval=6", "--doc_mask=true"]
+    train("train.py", short_docs, tmp_path / "torch", *common)
+    train("train_mlx.py", short_docs, tmp_path / "mlx", *common)
+    a, b = metrics(tmp_path / "torch"), metrics(tmp_path / "mlx")
+    assert list(a) == list(b) == list(range(1, 7)) and a[6] < a[1] - 0.5
+    assert all(abs(a[step] - b[step]) < 0.02 for step in a), (a, b)
+    va, vb = metrics(tmp_path / "torch", "val_loss"), metrics(tmp_path / "mlx", "val_loss")
+    assert va[0] == pytest.approx(vb[0], abs=1e-5)
 
 
 def test_resume_matches_uninterrupted_run_and_samples(tiny_data, tmp_path):
