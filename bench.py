@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import runtime
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, document_mask
 from peer import NanoGPT
 from shards import TokenWindows, write_shard
 
@@ -47,6 +47,7 @@ seq_lens = ""  # comma-separated training sequence lengths; "" = block_size/4, b
 compile_modes = (
     "off,on"  # training rows: off (eager), on (torch.compile), regions (compile_regions), graphs (CUDA graphs)
 )
+doc_len = 0  # training rows: documents of this many tokens, attention kept inside them (train.py doc_mask); 0 = off
 train_steps = 3  # timed optimizer steps per training row (after one warm-up step)
 optimizer_steps = 10  # timed steps of Muon alone and of AdamW alone
 prompt_len = 512  # prefill length for the generation rows
@@ -76,6 +77,8 @@ if not set(compile_modes.split(",")) <= {"", "off", "on", "regions", "graphs"}:
     raise runtime.UserError(
         f"compile_modes={compile_modes}: expected a comma-separated list of off, on, regions, graphs"
     )
+if doc_len and "graphs" in compile_modes:
+    raise runtime.UserError("doc_len needs compile_modes without graphs (train.py refuses doc_mask with cuda_graphs)")
 peak = runtime.peak_flops(dev)
 model_config = GPTConfig(**{k: config[k] for k in runtime.ARCH_KEYS}, activation_checkpointing=activation_checkpointing)
 
@@ -122,6 +125,8 @@ def bench_training(T, mode):
             p.grad = torch.zeros_like(p)
     B = max(1, batch_size * block_size // T)
     batches = [torch.randint(0, vocab_size, (B, T + 1), device=dev) for _ in range(2)]
+    for xy in batches if doc_len else []:
+        xy[:, ::doc_len] = 1  # a document starts every doc_len tokens with the boundary, id 1 as prepare.py's
 
     def step():
         for k in range(gradient_accumulation_steps):
@@ -129,7 +134,7 @@ def bench_training(T, mode):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             with env["autocast"]:
-                _, loss = model(xy[:, :-1], xy[:, 1:])
+                _, loss = model(xy[:, :-1], xy[:, 1:], mask=document_mask(xy[:, :-1], 1) if doc_len else None)
             (loss / gradient_accumulation_steps).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=not graphs)
@@ -141,6 +146,7 @@ def bench_training(T, mode):
         "seq_len": T,
         "batch_size": B,
         "compile": mode,
+        "doc_len": doc_len,
         "tok_per_s": tok_s,
         "mfu": raw.flops_per_token(T) * tok_s / peak if peak else None,
         "peak_mem_gib": runtime.memory_stats(dev)["peak_mem_gib"],
@@ -281,7 +287,8 @@ print("|---|---|---|---|---|---|---|")
 for r in results["training"]:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
     print(
-        f"| T={r['seq_len']} | {r['compile']} | {r['batch_size']} x {r['seq_len']} "
+        f"| T={r['seq_len']}{f', docs of {doc_len}' if doc_len else ''} | {r['compile']} "
+        f"| {r['batch_size']} x {r['seq_len']} "
         f"| {r['tok_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} GiB | {r['first_step_s']:.1f} s |"
     )
 if peer:

@@ -51,11 +51,13 @@ def test_bench_takes_a_train_config_and_checks_the_command_line(tmp_path):
     cfg.write_text("out_dir = 'out/x'\nmax_iters = 5\nrope_theta = 500.0\n")
     proc = run("bench.py", str(cfg), *TINY_BENCH, "--n_layr=3", check=False)
     assert proc.returncode == 2 and "n_layer" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run("bench.py", str(cfg), *TINY_BENCH, "--seq_lens=32", "--graph_modes=", f"--out={tmp_path / 'b.json'}")
+    args = ["--seq_lens=32", "--graph_modes=", "--doc_len=8", f"--out={tmp_path / 'b.json'}"]
+    proc = run("bench.py", str(cfg), *TINY_BENCH, *args)
     r = json.loads((tmp_path / "b.json").read_text())
     assert (
         r["config"]["rope_theta"] == 500.0 and [t["seq_len"] for t in r["training"]] == [32] and r["generation"] == []
     )
+    assert r["training"][0]["doc_len"] == 8 and "| T=32, docs of 8 | off | 8 x 32 |" in proc.stdout
 
 
 def test_bench_and_train_refuse_settings_they_cannot_run(tmp_path):
@@ -63,6 +65,7 @@ def test_bench_and_train_refuse_settings_they_cannot_run(tmp_path):
     for args, words in [
         (["--compile_modes=on,fast"], "compile_modes=on,fast"),
         (["--prompt_len=60"], "over block_size=64"),
+        (["--doc_len=16", "--compile_modes=on,graphs"], "doc_len needs compile_modes without graphs"),
     ]:
         proc = run("bench.py", *TINY_BENCH, *args, f"--out={tmp_path / 'b.json'}", check=False)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 import model as model_module
@@ -285,3 +286,24 @@ def test_document_mask_gradients_stay_inside_documents():
         assert x.grad[:, :17].abs().max() == 0 and x.grad[:, 17:].abs().max() > 0
         grads.append(x.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's kernels (forward and backward) need CUDA")
+def test_flex_document_mask_equals_dense_on_cuda():
+    """On a GPU: the compiled FlexAttention path (what train.py runs there with doc_mask) against SDPA with the dense
+    mask, in bf16 autocast as trained: the loss within bf16 noise and every gradient close."""
+    config = GPTConfig(block_size=1024, vocab_size=512, n_layer=2, n_head=2, n_embd=256, mlp_hidden=512)
+    idx = torch.randint(2, 512, (2, 1024), device="cuda")
+    idx[0, ::100], idx[1, ::333] = 1, 1
+    targets = idx.roll(-1, dims=1)
+    results = []
+    for flex in (True, False):
+        model = make_model(config).cuda().train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, targets, mask=model_module.document_mask(idx, 1, flex=flex))
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    (loss_flex, grads_flex), (loss_dense, grads_dense) = results
+    assert abs(loss_flex - loss_dense) < 1e-2, (loss_flex, loss_dense)
+    for n, g in grads_dense.items():
+        assert (grads_flex[n] - g).norm() <= 0.02 * g.norm() + 1e-6, n
