@@ -119,7 +119,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # all keys/values so far: (B, n_head, past + T, hd)
         if isinstance(mask, BlockMask):  # attention inside documents (document_mask), on CUDA
-            y = attend_in_documents(q, k, v, mask)
+            y = compiled(flex_attention)(q, k, v, block_mask=mask)
         elif mask is not None:  # the same as a dense (B, 1, T, T) mask: FlexAttention has no CPU backward
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif past == 0 and (cache is None or cache.start is None):
@@ -347,22 +347,22 @@ def document_mask(idx, bos_id, flex=None):
         def same_document(b, h, q, k):
             return (k <= q) & (doc[b, q] == doc[b, k])
 
-        return create_block_mask(same_document, B, None, T, T, device=idx.device)
+        return compiled(create_block_mask)(same_document, B, None, T, T, device=idx.device)
     causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
 
 
-compiled_flex_attention = None  # made at the first use outside a compiled model (compiling it at import is slow)
+COMPILED = {}  # FlexAttention's functions compiled, made at their first use (compiling them at import is slow)
 
 
-def attend_in_documents(q, k, v, block_mask):
-    """FlexAttention, which is a fused kernel only when compiled: inside a compiled model as it is, else compiled."""
-    global compiled_flex_attention
+def compiled(fn):
+    """fn compiled once, as FlexAttention's functions must be: the attention is a fused kernel only then, and a
+    compiled create_block_mask never holds the (B, T, T) mask. Inside a compiled model, fn itself."""
     if torch.compiler.is_compiling():
-        return flex_attention(q, k, v, block_mask=block_mask)
-    if compiled_flex_attention is None:
-        compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
-    return compiled_flex_attention(q, k, v, block_mask=block_mask)
+        return fn
+    if fn not in COMPILED:
+        COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return COMPILED[fn]
 
 
 # ----------------------------------------------------------------------------- loss
