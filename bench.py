@@ -53,7 +53,7 @@ optimizer_steps = 10  # timed steps of Muon alone and of AdamW alone
 prompt_len = 512  # prefill length for the generation rows
 new_tokens = 256  # tokens decoded per generation row
 decode_batches = "1,8"  # batch sizes for generation
-graph_modes = "off,on"  # decoding: eager steps (off) and the compiled step replayed as a CUDA graph (on, CUDA only)
+graph_modes = "off,on"  # decoding: eager (off), compiled + CUDA graph (on), that with tuned kernels (tuned; CUDA)
 data_batches = 200  # batches drawn from the shard reader
 peer = False  # also time the issue's anchor: a GPT-2 as nanoGPT builds and benches it, at this config's depth/width
 out = "bench.json"  # full results
@@ -79,6 +79,8 @@ if not set(compile_modes.split(",")) <= {"", "off", "on", "regions", "graphs"}:
     )
 if doc_len and "graphs" in compile_modes:
     raise runtime.UserError("doc_len needs compile_modes without graphs (train.py refuses doc_mask with cuda_graphs)")
+if not set(graph_modes.split(",")) <= {"", "off", "on", "tuned"}:
+    raise runtime.UserError(f"graph_modes={graph_modes}: expected a comma-separated list of off, on, tuned")
 peak = runtime.peak_flops(dev)
 model_config = GPTConfig(**{k: config[k] for k in runtime.ARCH_KEYS}, activation_checkpointing=activation_checkpointing)
 
@@ -199,7 +201,7 @@ def bench_peer():
 
 
 @torch.no_grad()
-def bench_generation(B, graph):
+def bench_generation(B, mode):
     """Prefill tokens/s of a prompt_len prompt and greedy decode tokens/s over new_tokens, at batch B: the
     loop of GPT.generate, with the cache and (graph=True) the captured step set up once, outside the timing."""
     model = GPT(model_config).to(dev).eval()
@@ -207,7 +209,8 @@ def bench_generation(B, graph):
         model.to(env["ptdtype"])  # as sample.py: weights in the compute precision
     prompt = torch.randint(0, vocab_size, (B, prompt_len), device=dev)
     cache = KVCache(model_config, B, prompt_len + new_tokens, dev, env["ptdtype"])
-    step = model.capture_decode(cache) if graph else None
+    graph = mode != "off"
+    step = model.capture_decode(cache, tuned=mode == "tuned") if graph else None
 
     def prefill():
         cache.pos = 0
@@ -227,6 +230,7 @@ def bench_generation(B, graph):
     return {
         "batch_size": B,
         "graph": graph,
+        "tuned": mode == "tuned",
         "prefill_tok_per_s": B * prompt_len / t_prefill,
         "decode_tok_per_s": B * new_tokens / (t_total - t_prefill),
     }
@@ -270,10 +274,10 @@ steps = [r["step_s"] for r in results["training"] if r["seq_len"] == lengths[-1]
 results["optimizer"]["muon_share_of_step"] = results["optimizer"]["muon_step_s"] / min(steps) if steps else None
 results["generation"] = []
 for mode in [m for m in graph_modes.split(",") if m]:
-    if mode == "on" and not cuda:
+    if mode != "off" and not cuda:
         continue
     for B in [int(b) for b in decode_batches.split(",") if b]:
-        row = bench_generation(B, mode == "on")
+        row = bench_generation(B, mode)
         results["generation"].append(row)
         print(f"generate B={B} graph={mode}: decode {row['decode_tok_per_s']:,.0f} tok/s", flush=True)
 B_data = max(1, batch_size * block_size // lengths[-1])
@@ -303,7 +307,7 @@ print(
 )
 for r in results["generation"]:
     print(
-        f"generation B={r['batch_size']} graph={'on' if r['graph'] else 'off'}: prefill "
+        f"generation B={r['batch_size']} graph={'tuned' if r['tuned'] else 'on' if r['graph'] else 'off'}: prefill "
         f"{r['prefill_tok_per_s']:,.0f} tok/s, decode {r['decode_tok_per_s']:,.0f} tok/s"
     )
 d = results["data"]

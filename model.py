@@ -269,15 +269,18 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, pos, fused[i] if fused else None)
         return self.lm_head(self.transformer.ln_f(x[:, -1])).float()
 
-    def capture_decode(self, cache):
+    def capture_decode(self, cache, tuned=False):
         """decode() compiled and captured in a CUDA graph bound to this cache; returns step(next_id, position).
-        A token then costs one graph replay instead of ~400 kernel launches from Python (CUDA only)."""
+        A token then costs one graph replay instead of ~400 kernel launches from Python (CUDA only). tuned: Inductor
+        times launch settings for each kernel (coordinate descent, as gpt-fast decodes): a longer compile."""
         fused = self.decode_weights()  # held by the graph for as long as step is
 
         def decode_fused(idx, cache, pos):
             return self.decode(idx, cache, pos, fused)
 
-        decode = torch.compile(decode_fused, dynamic=False)
+        decode = torch.compile(
+            decode_fused, dynamic=False, options={"coordinate_descent_tuning": True} if tuned else None
+        )
         idx = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         # warm-up runs write the last slot, which is always rewritten before a query can see it
         pos = torch.full((), cache.max_len - 1, dtype=torch.long, device=cache.device)

@@ -66,6 +66,7 @@ def test_bench_and_train_refuse_settings_they_cannot_run(tmp_path):
         (["--compile_modes=on,fast"], "compile_modes=on,fast"),
         (["--prompt_len=60"], "over block_size=64"),
         (["--doc_len=16", "--compile_modes=on,graphs"], "doc_len needs compile_modes without graphs"),
+        (["--graph_modes=on,fast"], "graph_modes=on,fast"),
     ]:
         proc = run("bench.py", *TINY_BENCH, *args, f"--out={tmp_path / 'b.json'}", check=False)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
