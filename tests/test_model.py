@@ -290,20 +290,29 @@ def test_document_mask_gradients_stay_inside_documents():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's kernels (forward and backward) need CUDA")
 def test_flex_document_mask_equals_dense_on_cuda():
-    """On a GPU: the compiled FlexAttention path (what train.py runs there with doc_mask) against SDPA with the dense
-    mask, in bf16 autocast as trained: the loss within bf16 noise and every gradient close."""
+    """On a GPU: the FlexAttention path (what train.py runs there with doc_mask: eager, in a compiled model, and
+    compiled with activation checkpointing) against SDPA with the dense mask, in bf16 autocast as trained: the
+    losses within bf16 noise and every gradient close."""
     config = GPTConfig(block_size=1024, vocab_size=512, n_layer=2, n_head=2, n_embd=256, mlp_hidden=512)
     idx = torch.randint(2, 512, (2, 1024), device="cuda")
     idx[0, ::100], idx[1, ::333] = 1, 1
     targets = idx.roll(-1, dims=1)
-    results = []
-    for flex in (True, False):
-        model = make_model(config).cuda().train()
+    results = {}
+    for name, flex, compile, checkpointing in [
+        ("dense", False, False, False),
+        ("flex", True, False, False),
+        ("flex compiled", True, True, False),
+        ("flex compiled, checkpointed", True, True, True),
+    ]:
+        torch.compiler.reset()
+        model = make_model(GPTConfig(**{**config.__dict__, "activation_checkpointing": checkpointing})).cuda().train()
+        run = torch.compile(model, dynamic=False) if compile else model
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = model(idx, targets, mask=model_module.document_mask(idx, 1, flex=flex))
+            _, loss = run(idx, targets, mask=model_module.document_mask(idx, 1, flex=flex))
         loss.backward()
-        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}))
-    (loss_flex, grads_flex), (loss_dense, grads_dense) = results
-    assert abs(loss_flex - loss_dense) < 1e-2, (loss_flex, loss_dense)
-    for n, g in grads_dense.items():
-        assert (grads_flex[n] - g).norm() <= 0.02 * g.norm() + 1e-6, n
+        results[name] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters()})
+    loss_dense, grads_dense = results.pop("dense")
+    for name, (loss, grads) in results.items():
+        assert abs(loss - loss_dense) < 1e-2, (name, loss, loss_dense)
+        for n, g in grads_dense.items():
+            assert (grads[n] - g).norm() <= 0.02 * g.norm() + 1e-6, (name, n)
