@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoints
 import runtime
 from model import GPT, GPTConfig, KVCache, document_mask
 from peer import NanoGPT
@@ -82,7 +83,9 @@ if doc_len and "graphs" in compile_modes:
 if not set(graph_modes.split(",")) <= {"", "off", "on", "tuned"}:
     raise runtime.UserError(f"graph_modes={graph_modes}: expected a comma-separated list of off, on, tuned")
 peak = runtime.peak_flops(dev)
-model_config = GPTConfig(**{k: config[k] for k in runtime.ARCH_KEYS}, activation_checkpointing=activation_checkpointing)
+model_config = GPTConfig(
+    **{k: config[k] for k in checkpoints.ARCH_KEYS}, activation_checkpointing=activation_checkpointing
+)
 
 
 def sync():

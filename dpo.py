@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import chat
+import checkpoints
 import runtime
 from runtime import UserError
 from shards import collate_pairs, pair_rows
@@ -82,19 +83,19 @@ out = Path(out_dir)
 resume = init_from == "resume"
 base = out if resume else Path(init_from)
 flag = "--out_dir" if resume else "--init_from"  # where the user named base: error messages say which to check
-ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best", flag)
-ckpt = runtime.load_checkpoint(ckpt_path)
+ckpt_path = checkpoints.find_checkpoint(base, "latest" if resume else "best", flag)
+ckpt = checkpoints.load_checkpoint(ckpt_path)
 if resume:  # checkpoints keep naming the run this one started from (eval.py follows it back)
     config["init_from"] = ckpt["config"]["init_from"]
 runtime.check_optimizer(optimizer, ckpt if resume else None, out_dir)  # a new run starts with fresh state: either one
-model = runtime.build_model(ckpt, ckpt_path).to(env["device"])
+model = checkpoints.build_model(ckpt, ckpt_path).to(env["device"])
 if resume and not (out / REF).is_file():
     raise UserError(f"{out} has no {REF} (the frozen reference); it was not written by dpo.py")
 ref_path = out / REF if resume else ckpt_path
-ref_model = runtime.build_model(runtime.load_checkpoint(ref_path) if resume else ckpt, ref_path)
+ref_model = checkpoints.build_model(checkpoints.load_checkpoint(ref_path) if resume else ckpt, ref_path)
 ref_model = ref_model.to(env["device"]).eval().requires_grad_(False)
 tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "dpo", flag)
-if not resume and runtime.step_checkpoints(out) and not overwrite:
+if not resume and checkpoints.step_checkpoints(out) and not overwrite:
     raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
 
 
@@ -193,24 +194,24 @@ if precompute_ref:  # every rank computes all of them: any rank may draw any pai
     if master:
         print(f"reference log-probabilities of {len(train_rows) + len(val_rows)} pairs in {time.time() - t0:.1f}s")
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
-iter_num, early = 0, runtime.EarlyStopping(patience)
+iter_num, early = 0, checkpoints.EarlyStopping(patience)
 if resume:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
     iter_num = ckpt["iter_num"]
-    early = runtime.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
+    early = checkpoints.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
 model_config = model.config
 if master:
     if not resume:
-        for old in [*runtime.step_checkpoints(out), out / runtime.BEST, out / "metrics.jsonl", out / REF]:
+        for old in [*checkpoints.step_checkpoints(out), out / checkpoints.BEST, out / "metrics.jsonl", out / REF]:
             old.unlink(missing_ok=True)
         shutil.rmtree(out / "tb", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # on resume out_dir is the base and already holds them
         shutil.copyfile(base_tokenizer, out / base_tokenizer.name)
-        runtime.atomic_save({"model": ckpt["model"], "model_args": ckpt["model_args"]}, out / REF)
+        checkpoints.atomic_save({"model": ckpt["model"], "model_args": ckpt["model_args"]}, out / REF)
 del ckpt
 raw_model = model
 if compile:
@@ -355,7 +356,7 @@ while iter_num < max_iters and not early.stop:
             rng=runtime.get_rng_state(env["device"]),
             data=generator.get_state(),
         )
-        path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
+        path = checkpoints.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
         print(f"saved {path}" + (" (best so far)" if is_best else ""))
     t_log += time.time() - t_pause
 if early.stop:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import runtime
 from chat import END, ROLES, render_prompt
 from model import KVCache, sample_next
@@ -627,8 +628,8 @@ def lineage(run, config):
     chain = [(Path(run), config)]
     while run_kind(chain[-1][1]) != "pretrain" and chain[-1][1].get("init_from", "resume") != "resume":
         base = Path(chain[-1][1]["init_from"])
-        path = runtime.find_checkpoint(base, "best", f"the init_from that {chain[-1][0]}'s checkpoint names")
-        chain.append((base, runtime.load_checkpoint(path)["config"]))
+        path = checkpoints.find_checkpoint(base, "best", f"the init_from that {chain[-1][0]}'s checkpoint names")
+        chain.append((base, checkpoints.load_checkpoint(path)["config"]))
     return chain
 
 
@@ -646,9 +647,9 @@ def main():
         return
     t0 = time.time()
     env = runtime.setup_device(device, dtype)
-    path = runtime.find_checkpoint(out_dir, ckpt)
-    checkpoint = runtime.load_checkpoint(path)
-    model = runtime.build_model(checkpoint, path).eval().to(env["device"])
+    path = checkpoints.find_checkpoint(out_dir, ckpt)
+    checkpoint = checkpoints.load_checkpoint(path)
+    model = checkpoints.build_model(checkpoint, path).eval().to(env["device"])
     if env["ptdtype"] != torch.float32:
         model.to(env["ptdtype"])  # inference only: the weights in the compute precision
     tok_path = find_tokenizer(out_dir)
@@ -708,7 +709,7 @@ def main():
             report["chat"] = chat_scores(model, tok, sft_data, chat_questions, chat_max_new_tokens)
         elif task == "dpo":
             ref_path = Path(out_dir) / "ref.safetensors"
-            ref = runtime.build_model(runtime.load_checkpoint(ref_path), ref_path).eval().to(env["device"])
+            ref = checkpoints.build_model(checkpoints.load_checkpoint(ref_path), ref_path).eval().to(env["device"])
             ref.to(model.lm_head.weight.dtype)
             report["dpo"] = {
                 "pairs_data": run_config["data_dir"],

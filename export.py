@@ -44,6 +44,7 @@ import safetensors.torch
 import torch
 
 import chat
+import checkpoints
 import runtime
 import tokenizer
 from model import GPTConfig
@@ -369,8 +370,8 @@ else:
 check_target(target)
 
 # ----------------------------------------------------------------------------- model and tokenizer
-path = runtime.find_checkpoint(out_dir, ckpt)
-checkpoint = runtime.load_checkpoint(path)
+path = checkpoints.find_checkpoint(out_dir, ckpt)
+checkpoint = checkpoints.load_checkpoint(path)
 tokenizer_path = tokenizer.find_tokenizer(out_dir)
 if tokenizer_path is None:
     raise UserError(f"{out_dir} has no tokenizer.model; copy the data folder's tokenizer into the run folder")
@@ -384,7 +385,7 @@ eos_ids = [tok.bos_id, tok.special[chat.END]]  # a new document, the end of a tu
 hf_config = llama_config(checkpoint["model_args"], tok, eos_ids)
 if dtype == "q8_0":
     check_q8_0(GPTConfig(**checkpoint["model_args"]))
-model = runtime.build_model(checkpoint, path)
+model = checkpoints.build_model(checkpoint, path)
 
 # ----------------------------------------------------------------------------- write
 # everything goes to a temporary name beside the target, renamed into place at the end: a failure leaves nothing

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import runtime
 from chat import END, render_prompt
 from runtime import UserError
@@ -42,9 +43,9 @@ config = runtime.configure(globals(), sys.argv[1:])
 env = runtime.setup_device(device, dtype)
 
 # ----------------------------------------------------------------------------- model
-path = runtime.find_checkpoint(out_dir, ckpt)
-checkpoint = runtime.load_checkpoint(path)
-model = runtime.build_model(checkpoint, path)
+path = checkpoints.find_checkpoint(out_dir, ckpt)
+checkpoint = checkpoints.load_checkpoint(path)
+model = checkpoints.build_model(checkpoint, path)
 model.eval().to(env["device"])
 if env["ptdtype"] != torch.float32:
     model.to(env["ptdtype"])  # inference only: keep the weights in the compute precision

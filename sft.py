@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import chat
+import checkpoints
 import runtime
 from runtime import UserError
 from shards import find_shards, open_shard
@@ -78,14 +79,14 @@ out = Path(out_dir)
 resume = init_from == "resume"
 base = out if resume else Path(init_from)
 flag = "--out_dir" if resume else "--init_from"  # where the user named base: error messages say which to check
-ckpt_path = runtime.find_checkpoint(base, "latest" if resume else "best", flag)
-ckpt = runtime.load_checkpoint(ckpt_path)
+ckpt_path = checkpoints.find_checkpoint(base, "latest" if resume else "best", flag)
+ckpt = checkpoints.load_checkpoint(ckpt_path)
 if resume:  # checkpoints keep naming the run this one started from (eval.py follows it back)
     config["init_from"] = ckpt["config"]["init_from"]
 runtime.check_optimizer(optimizer, ckpt if resume else None, out_dir)  # a new run starts with fresh state: either one
-model = runtime.build_model(ckpt, ckpt_path).to(env["device"])
+model = checkpoints.build_model(ckpt, ckpt_path).to(env["device"])
 tok, base_tokenizer = chat.load_run_tokenizer(base, data_dir, "sft", flag)
-if not resume and runtime.step_checkpoints(out) and not overwrite:
+if not resume and checkpoints.step_checkpoints(out) and not overwrite:
     raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
 
 
@@ -153,19 +154,19 @@ batch_size, gradient_accumulation_steps = runtime.pick_batch(
 )
 accum_steps = gradient_accumulation_steps // world_size
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
-iter_num, early = 0, runtime.EarlyStopping(patience)
+iter_num, early = 0, checkpoints.EarlyStopping(patience)
 if resume:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
     iter_num = ckpt["iter_num"]
-    early = runtime.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
+    early = checkpoints.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
 model_config = model.config
 del ckpt
 if master:
     if not resume:
-        for old in [*runtime.step_checkpoints(out), out / runtime.BEST, out / "metrics.jsonl"]:
+        for old in [*checkpoints.step_checkpoints(out), out / checkpoints.BEST, out / "metrics.jsonl"]:
             old.unlink(missing_ok=True)
         shutil.rmtree(out / "tb", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +311,7 @@ while iter_num < max_iters and not early.stop:
             rng=runtime.get_rng_state(env["device"]),
             data=generator.get_state(),
         )
-        path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
+        path = checkpoints.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
         print(f"saved {path}" + (" (best so far)" if is_best else ""))
     t_log += time.time() - t_pause
 if early.stop:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 import runtime
 from model import GPT, GPTConfig, document_mask
 from peer import NanoGPT
@@ -129,11 +130,11 @@ def attention_mask(x):
 
 
 # ----------------------------------------------------------------------------- model
-ckpt, model_args = runtime.open_run(out_dir, init_from, overwrite, config, tokenizer_path, master)
+ckpt, model_args = checkpoints.open_run(out_dir, init_from, overwrite, config, tokenizer_path, master)
 model_config = GPTConfig(**model_args, activation_checkpointing=activation_checkpointing)
 model = (GPT if arch == "gpt" else NanoGPT)(model_config).to(env["device"])
 if ckpt is not None:
-    runtime.load_model_state(model, ckpt["model"], out_dir)
+    checkpoints.load_model_state(model, ckpt["model"], out_dir)
 raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module
 
 # ----------------------------------------------------------------------------- optimizer
@@ -147,14 +148,14 @@ batch_size, gradient_accumulation_steps = runtime.pick_batch(config, env, global
 accum_steps = gradient_accumulation_steps // world_size  # micro-batches this rank runs per step
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # the same at every length of the schedule
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
-iter_num, elapsed_before, early = 0, 0.0, runtime.EarlyStopping(patience)
+iter_num, elapsed_before, early = 0, 0.0, checkpoints.EarlyStopping(patience)
 if ckpt is not None:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     train_data.generator.set_state(ckpt["data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
     iter_num = ckpt["iter_num"]
-    early = runtime.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
+    early = checkpoints.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
     elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
     del ckpt
 if compile:
@@ -317,7 +318,7 @@ while iter_num < max_iters and not early.stop:
             rng=runtime.get_rng_state(env["device"]),
             data=train_data.generator.get_state(),
         )
-        path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
+        path = checkpoints.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
         print(f"saved {path}" + (" (best so far)" if is_best else ""))
     t_log += time.time() - t_pause
 

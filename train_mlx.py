@@ -22,6 +22,7 @@ from functools import partial
 import numpy as np
 import torch
 
+import checkpoints
 import model as torch_model_lib
 import runtime
 from runtime import UserError
@@ -375,13 +376,13 @@ if __name__ == "__main__":
             yield mx.array(x.numpy(), dtype=mx.int32), mx.array(y.numpy(), dtype=mx.int32)
 
     # ------------------------------------------------------------------------- model
-    ckpt, model_args = runtime.open_run(out_dir, init_from, overwrite, config, tokenizer_path)
+    ckpt, model_args = checkpoints.open_run(out_dir, init_from, overwrite, config, tokenizer_path)
     model_config = torch_model_lib.GPTConfig(**model_args, activation_checkpointing=activation_checkpointing)
     # model.py's GPT stays beside the MLX one: it makes the initial weights, checks and loads checkpoints, and
     # carries the weights into each checkpoint under their PyTorch names
     torch_model = torch_model_lib.GPT(model_config)
     if ckpt is not None:
-        runtime.load_model_state(torch_model, ckpt["model"], out_dir)
+        checkpoints.load_model_state(torch_model, ckpt["model"], out_dir)
     model = GPT(model_config)
     load_torch_weights(model, torch_model)
     params = dict(tree_flatten(model.parameters()))  # name -> fp32 array: the weights the loop updates
@@ -400,14 +401,14 @@ if __name__ == "__main__":
     )
     mx.reset_peak_memory()  # the metrics' peak is training's
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # the same at every length
-    iter_num, elapsed_before, early = 0, 0.0, runtime.EarlyStopping(patience)
+    iter_num, elapsed_before, early = 0, 0.0, checkpoints.EarlyStopping(patience)
     if ckpt is not None:
         runtime.load_optimizer_state(torch_optimizer, ckpt["optimizer"])
         opt_state = load_torch_state(torch_optimizer, torch_model)
         train_data.generator.set_state(ckpt["data"])
         runtime.set_rng_state(ckpt["rng"], "cpu")
         iter_num = ckpt["iter_num"]
-        early = runtime.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
+        early = checkpoints.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
         elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
         del ckpt
 
@@ -529,7 +530,7 @@ if __name__ == "__main__":
                 rng=runtime.get_rng_state("cpu"),
                 data=train_data.generator.get_state(),
             )
-            path = runtime.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
+            path = checkpoints.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
             print(f"saved {path}" + (" (best so far)" if is_best else ""))
         t_log += time.time() - t_pause
 

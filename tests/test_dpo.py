@@ -12,7 +12,7 @@ from conftest import assert_memory_fields, patched, run
 from test_train import assert_one_line_error
 
 import chat
-import runtime
+import checkpoints
 from shards import open_pairs
 from tokenizer import Tokenizer
 
@@ -153,8 +153,8 @@ def reference_loss(policy, reference, pairs, beta):
 
 
 def load(path):
-    ckpt = runtime.load_checkpoint(path)
-    return runtime.build_model(ckpt, path).eval(), ckpt
+    ckpt = checkpoints.load_checkpoint(path)
+    return checkpoints.build_model(ckpt, path).eval(), ckpt
 
 
 def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
@@ -176,7 +176,7 @@ def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
         tokenizer,
         "--block_size=64",
     )
-    sft_ckpt = sft / runtime.BEST
+    sft_ckpt = sft / checkpoints.BEST
     sft_bytes = hashlib.sha256(sft_ckpt.read_bytes()).hexdigest()
     out = tmp_path / "dpo"
     args = ["--max_iters=24", "--eval_interval=24", "--batch_size=16", "--muon_lr=0.003"]
@@ -208,7 +208,7 @@ def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
 
     # the reference never changed: the SFT checkpoint is untouched and ref.safetensors holds its weights, bit for bit
     assert hashlib.sha256(sft_ckpt.read_bytes()).hexdigest() == sft_bytes
-    ref = runtime.load_checkpoint(out / "ref.safetensors")["model"]
+    ref = checkpoints.load_checkpoint(out / "ref.safetensors")["model"]
     assert ref.keys() == ref_ckpt["model"].keys()
     assert all(torch.equal(ref[k], ref_ckpt["model"][k]) for k in ref)
 
@@ -250,7 +250,7 @@ def test_dpo_resume_matches_uninterrupted(sft_run, tmp_path):
     proc = dpo(sft, data, full, *common, "--max_iters=9", "--batch_size=auto", **seams)
     assert "batch_size=auto: 4 (8 ran out of memory) -> gradient_accumulation_steps=2" in proc.stdout
     assert "early stop at step 6" in proc.stdout and "held-out preference accuracy" in proc.stdout
-    assert runtime.load_checkpoint(full / runtime.BEST)["iter_num"] == 3
+    assert checkpoints.load_checkpoint(full / checkpoints.BEST)["iter_num"] == 3
     assert records(full)[-2]["early_stop"] and records(full)[-2]["best_step"] == 3
     dpo(sft, data, split, *common, "--max_iters=3", "--batch_size=4", **seams)
     proc = dpo("resume", data, split, *common, "--max_iters=6", "--optimizer=adamw", check=False)

@@ -13,7 +13,7 @@ from test_train import assert_one_line_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import chat
-import runtime
+import checkpoints
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -47,8 +47,10 @@ def export(run_dir, hf_dir, *args, check=True):
 
 def load_run(run_dir):
     """(our model in eval mode, our tokenizer) of a run folder: what every export is compared with."""
-    path = runtime.find_checkpoint(run_dir, "best")
-    return runtime.build_model(runtime.load_checkpoint(path), path).eval(), Tokenizer(str(run_dir / "tokenizer.model"))
+    path = checkpoints.find_checkpoint(run_dir, "best")
+    return checkpoints.build_model(checkpoints.load_checkpoint(path), path).eval(), Tokenizer(
+        str(run_dir / "tokenizer.model")
+    )
 
 
 def digests(folder):
@@ -125,7 +127,7 @@ def tiny_run(folder, tokenizer, config=TINY_CONFIG, **changes):
     folder.mkdir()
     shutil.copyfile(tokenizer, folder / "tokenizer.model")
     state = dict(model=model.state_dict(), model_args={**asdict(config), **changes})
-    runtime.save_checkpoint(folder, 1, state, keep_last=1, is_best=True)
+    checkpoints.save_checkpoint(folder, 1, state, keep_last=1, is_best=True)
     return folder
 
 
@@ -178,6 +180,6 @@ def test_bad_input(tiny_data, tmp_path):
 
     # a run whose tokenizer is tiktoken's: transformers would need its files, which we do not have
     (tmp_path / "tiktoken").mkdir()
-    shutil.copyfile(good / runtime.BEST, tmp_path / "tiktoken" / runtime.BEST)
+    shutil.copyfile(good / checkpoints.BEST, tmp_path / "tiktoken" / checkpoints.BEST)
     (tmp_path / "tiktoken" / "tokenizer.tiktoken").write_text("gpt2\n")
     assert_one_line_error(export(tmp_path / "tiktoken", tmp_path / "b", check=False), "only SentencePiece")

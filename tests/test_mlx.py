@@ -16,6 +16,7 @@ from conftest import TINY, assert_memory_fields, patched, run  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from test_train import assert_one_line_error, metrics, records  # noqa: E402
 
+import checkpoints  # noqa: E402
 import model as model_lib  # noqa: E402
 import muon  # noqa: E402
 import runtime  # noqa: E402
@@ -135,18 +136,18 @@ def test_dry_run_measures_mlx_peak_and_changes_nothing():
 def test_checkpoint_round_trip_torch_mlx_torch(tmp_path):
     torch_model, _ = twins(2)
     state = {"model": torch_model.state_dict(), "model_args": vars(CONFIG)}
-    runtime.atomic_save(state, tmp_path / "torch.safetensors")
-    ckpt = runtime.load_checkpoint(tmp_path / "torch.safetensors")
+    checkpoints.atomic_save(state, tmp_path / "torch.safetensors")
+    ckpt = checkpoints.load_checkpoint(tmp_path / "torch.safetensors")
     model = train_mlx.GPT(GPTConfig(**ckpt["model_args"]))
-    train_mlx.load_torch_weights(model, runtime.build_model(ckpt, "torch.safetensors"))
+    train_mlx.load_torch_weights(model, checkpoints.build_model(ckpt, "torch.safetensors"))
     x, _ = batch(3)
     expected = torch_model.logits(x).detach()
     assert np.abs(np.array(model.logits(to_mx(x))) - expected.numpy()).max() < 1e-4
     torch.manual_seed(99)
     back = GPT(CONFIG)  # other weights, overwritten by the MLX ones
     train_mlx.store_torch_weights(dict(tree_flatten(model.parameters())), back)
-    runtime.atomic_save({"model": back.state_dict(), "model_args": vars(CONFIG)}, tmp_path / "back.safetensors")
-    again = runtime.build_model(runtime.load_checkpoint(tmp_path / "back.safetensors"), "back.safetensors")
+    checkpoints.atomic_save({"model": back.state_dict(), "model_args": vars(CONFIG)}, tmp_path / "back.safetensors")
+    again = checkpoints.build_model(checkpoints.load_checkpoint(tmp_path / "back.safetensors"), "back.safetensors")
     assert torch.equal(again.logits(x), expected)  # bit for bit: fp32 weights, stored once (lm_head is wte)
 
 
@@ -222,9 +223,9 @@ def test_resume_matches_uninterrupted_run_and_samples(tiny_data, tmp_path):
     assert list(a) == list(range(1, 9)) and a == b  # the same losses, to the last bit
     assert metrics(full, "val_loss")[8] == metrics(split, "val_loss")[8]
     assert list(metrics(full, "seq_len").values()) == [32] * 6 + [64] * 2
-    assert runtime.load_checkpoint(full / runtime.BEST)["iter_num"] == 4
+    assert checkpoints.load_checkpoint(full / checkpoints.BEST)["iter_num"] == 4
     assert_memory_fields(records(full))
-    saved = runtime.load_checkpoint(split / "ckpt_0000006.safetensors")["elapsed_s"]
+    saved = checkpoints.load_checkpoint(split / "ckpt_0000006.safetensors")["elapsed_s"]
     assert metrics(split, "elapsed_s")[7] > saved >= metrics(split, "elapsed_s")[6]  # wall time goes on over a resume
     names = sorted(p.name for p in full.glob("ckpt_*"))  # each new best, and where it stopped
     assert names == [f"ckpt_000000{i}.safetensors" for i in (2, 4, 8)] + ["ckpt_best.safetensors"]

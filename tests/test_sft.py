@@ -14,7 +14,7 @@ from conftest import TINY, assert_memory_fields, patched, run
 from test_train import assert_one_line_error
 
 import chat
-import runtime
+import checkpoints
 from model import GPT, GPTConfig
 from shards import open_shard
 from tokenizer import Tokenizer
@@ -171,7 +171,7 @@ def test_sft_batches_train_only_on_assistant_text(tiny_data, tmp_path):
     )
     config = GPTConfig(block_size=128, vocab_size=512, n_layer=1, n_head=2, n_embd=32, mlp_hidden=64)
     base.mkdir()
-    runtime.save_checkpoint(base, 1, dict(model=GPT(config).state_dict(), model_args=asdict(config)), 1, True)
+    checkpoints.save_checkpoint(base, 1, dict(model=GPT(config).state_dict(), model_args=asdict(config)), 1, True)
     shutil.copyfile(tokenizer, base / "tokenizer.model")
     args = [
         "--device=cpu",
@@ -286,7 +286,7 @@ def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
     proc = patched("sft.py", *common, f"--out_dir={full}", "--max_iters=9", "--batch_size=auto", **seams)
     assert "batch_size=auto: 2 (4 ran out of memory) -> gradient_accumulation_steps=2" in proc.stdout
     assert "early stop at step 6" in proc.stdout and "end-of-turn:" in proc.stdout
-    assert runtime.load_checkpoint(full / runtime.BEST)["iter_num"] == 3
+    assert checkpoints.load_checkpoint(full / checkpoints.BEST)["iter_num"] == 3
     patched("sft.py", *common, f"--out_dir={split}", "--max_iters=3", "--batch_size=2", **seams)
     resume = [*[a for a in common if not a.startswith("--init_from")], "--init_from=resume", "--batch_size=2"]
     proc = run("sft.py", *resume, f"--out_dir={split}", "--max_iters=6", "--optimizer=adamw", check=False)
@@ -301,7 +301,7 @@ def test_sft_resume_matches_uninterrupted(tiny_data, tmp_path):
     assert losses(full) == losses(split)
     assert_memory_fields([json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()])
     # the resumed run's checkpoints still name the pretrained run it started from (eval.py follows it back)
-    latest = runtime.load_checkpoint(runtime.find_checkpoint(split, "latest"))
+    latest = checkpoints.load_checkpoint(checkpoints.find_checkpoint(split, "latest"))
     assert latest["iter_num"] == 6 and latest["config"]["init_from"] == str(base)
 
 

@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from conftest import REPO, TINY, assert_memory_fields, patched, run
 
-import runtime
+import checkpoints
 
 
 def train(data, out, *extra, check=True):
@@ -67,18 +67,18 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert list(a) == list(range(1, 7)) and a == b and a[6] < a[1]  # the same losses, to the last bit
     val = metrics(full, "val_loss")
     assert val == metrics(split, "val_loss") and min(val[s] for s in (2, 4, 6)) == val[2] < val[4] < val[6]
-    best = runtime.load_checkpoint(full / runtime.BEST)
+    best = checkpoints.load_checkpoint(full / checkpoints.BEST)
     assert best["iter_num"] == 2 and best["val_loss"] == val[2]
     assert records(full)[-1] == {"step": 6, "early_stop": True, "best_val_loss": val[2], "best_step": 2}
     assert list(metrics(full, "seq_len").values()) == [32] * 4 + [64] * 2
-    assert runtime.load_checkpoint(full / "ckpt_0000006.safetensors")["config"]["batch_size"] == 4
+    assert checkpoints.load_checkpoint(full / "ckpt_0000006.safetensors")["config"]["batch_size"] == 4
     assert_memory_fields(records(full))
     # val records carry tokens seen (8 x 4 x 64 a step at every length) and wall time, which a resume continues
     val = [r for r in records(split) if "val_loss" in r]
     assert [(r["step"], r["tokens"]) for r in val] == [(s, s * 2048) for s in (0, 2, 4, 6)]
     elapsed = [r["elapsed_s"] for r in records(split) if "elapsed_s" in r]
     assert elapsed == sorted(elapsed) and 0 <= val[0]["elapsed_s"] < val[1]["elapsed_s"]
-    saved = runtime.load_checkpoint(split / "ckpt_0000004.safetensors")["elapsed_s"]
+    saved = checkpoints.load_checkpoint(split / "ckpt_0000004.safetensors")["elapsed_s"]
     assert metrics(split, "elapsed_s")[5] > saved >= val[2]["elapsed_s"]  # step 5 is the resumed run's first
     # rotation keeps the last keep_last=2 step checkpoints (each new best and the last are saved) plus the best
     names = sorted(p.name for p in full.glob("ckpt_*"))
@@ -108,13 +108,13 @@ def test_ddp_two_ranks_match_one_rank(tiny_data, tmp_path):
     proc = run("torchrun", f"--data_dir={tiny_data}", f"--out_dir={two}", *TINY, *common, *auto, cmd=torchrun, env=env)
     assert "batch_size=auto: 2 (the whole step's share fits; 4 fits here but not on every rank) -> " in proc.stdout
     assert "-> gradient_accumulation_steps=4 for a global batch of 8" in proc.stdout
-    assert runtime.load_checkpoint(two / "ckpt_0000004.safetensors")["config"]["batch_size"] == 2
+    assert checkpoints.load_checkpoint(two / "ckpt_0000004.safetensors")["config"]["batch_size"] == 2
     one, two = metrics(tmp_path / "one"), metrics(two)
     assert list(one) == [1, 2, 3, 4]
     for step in one:
         assert math.isclose(one[step], two[step], rel_tol=1e-4), (step, one[step], two[step])
-    w1 = runtime.load_checkpoint(tmp_path / "one" / "ckpt_0000004.safetensors")["model"]
-    w2 = runtime.load_checkpoint(tmp_path / "two" / "ckpt_0000004.safetensors")["model"]
+    w1 = checkpoints.load_checkpoint(tmp_path / "one" / "ckpt_0000004.safetensors")["model"]
+    w2 = checkpoints.load_checkpoint(tmp_path / "two" / "ckpt_0000004.safetensors")["model"]
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=2e-3 if w1[k].ndim == 2 and "wte" not in k else 1e-4), k
 
@@ -172,14 +172,14 @@ def test_checkpoint_guards(tiny_data, tmp_path):
     assert ckpt.stat().st_size == len(data) // 2
 
     # a checkpoint of another architecture (nanoGPT-style model_args, or mismatched weights)
-    good = runtime.load_checkpoint(out / "ckpt_0000002.safetensors")
+    good = checkpoints.load_checkpoint(out / "ckpt_0000002.safetensors")
     alien = {"model": good["model"], "model_args": {**good["model_args"], "bias": False}}
-    runtime.atomic_save(alien, out / "alien.safetensors")
+    checkpoints.atomic_save(alien, out / "alien.safetensors")
     assert_one_line_error(
         run("sample.py", f"--out_dir={out}", "--ckpt=alien.safetensors", check=False), "another architecture"
     )
     good["model"]["transformer.h.0.mlp.c_fc.weight"] = torch.zeros(3, 3)
-    runtime.atomic_save(good, out / "reshaped.safetensors")
+    checkpoints.atomic_save(good, out / "reshaped.safetensors")
     assert_one_line_error(
         run("sample.py", f"--out_dir={out}", "--ckpt=reshaped.safetensors", check=False), "another architecture", "c_fc"
     )
@@ -212,10 +212,10 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_on
     out, common = tmp_path / "run", ["--ckpt_interval=2", "--eval_interval=2", "--lr_decay_iters=6"]
     train(tiny_data, out, "--max_iters=4", *common)
 
-    def checkpoints():
+    def saved_files():
         return {p.name: digest(p) for p in out.glob("ckpt_*.safetensors")}
 
-    before = checkpoints()
+    before = saved_files()
     assert sorted(before) == ["ckpt_0000002.safetensors", "ckpt_0000004.safetensors", "ckpt_best.safetensors"]
     limit = (out / "ckpt_0000004.safetensors").stat().st_size // 2
     assert (out / "tokenizer.model").stat().st_size < limit  # the resumed run copies it in before training
@@ -224,13 +224,13 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_on
     killed = run("train.py", *args, cmd=killer, check=False)
     assert killed.returncode == -signal.SIGXFSZ, (killed.returncode, killed.stderr[-2000:])
     assert "step 6: val loss" in killed.stdout and "saved" not in killed.stdout  # killed while saving step 6
-    assert checkpoints() == before
-    assert all(runtime.load_checkpoint(out / name)["iter_num"] in (2, 4) for name in before)
+    assert saved_files() == before
+    assert all(checkpoints.load_checkpoint(out / name)["iter_num"] in (2, 4) for name in before)
     train(tiny_data, out, "--max_iters=6", "--init_from=resume", *common)
     losses = [(r["step"], r["loss"]) for r in records(out) if "loss" in r]
     assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 6, 5, 6]  # metrics.jsonl: started, killed, resumed
     assert losses[4:6] == losses[6:8]
-    assert runtime.load_checkpoint(out / "ckpt_0000006.safetensors")["iter_num"] == 6
+    assert checkpoints.load_checkpoint(out / "ckpt_0000006.safetensors")["iter_num"] == 6
 
 
 def test_best_checkpoint_survives_a_copy_that_stops_halfway(tmp_path, monkeypatch):
@@ -240,24 +240,24 @@ def test_best_checkpoint_survives_a_copy_that_stops_halfway(tmp_path, monkeypatc
     def state(step):
         return {"model": {"w": torch.full((1 << 16,), float(step))}, "model_args": {}, "iter_num": step}
 
-    runtime.save_checkpoint(tmp_path, 1, state(1), keep_last=3, is_best=True)
+    checkpoints.save_checkpoint(tmp_path, 1, state(1), keep_last=3, is_best=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    half = (tmp_path / runtime.BEST).stat().st_size // 2
-    save = runtime.atomic_save
+    half = (tmp_path / checkpoints.BEST).stat().st_size // 2
+    save = checkpoints.atomic_save
 
     def save_then_limit(state, path):
         save(state, path)
         resource.setrlimit(resource.RLIMIT_FSIZE, (half, hard))
 
-    monkeypatch.setattr(runtime, "atomic_save", save_then_limit)
+    monkeypatch.setattr(checkpoints, "atomic_save", save_then_limit)
     try:
         with pytest.raises(OSError, match="File too large"):
-            runtime.save_checkpoint(tmp_path, 2, state(2), keep_last=3, is_best=True)
+            checkpoints.save_checkpoint(tmp_path, 2, state(2), keep_last=3, is_best=True)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert runtime.load_checkpoint(tmp_path / runtime.BEST)["iter_num"] == 1
+    assert checkpoints.load_checkpoint(tmp_path / checkpoints.BEST)["iter_num"] == 1
     for step in (1, 2):
-        assert runtime.load_checkpoint(tmp_path / f"ckpt_{step:07d}.safetensors")["iter_num"] == step
+        assert checkpoints.load_checkpoint(tmp_path / f"ckpt_{step:07d}.safetensors")["iter_num"] == step
 
 
 def test_data_guards(tiny_data, tmp_path):
@@ -285,7 +285,7 @@ def test_adamw_trains_and_guards(tiny_data, tmp_path):
     steps = [r for r in records(out) if "loss" in r]
     assert all("muon_lr" not in r and r["adamw_lr"] == 0.01 * r["lr_mult"] for r in steps)
     ckpt = out / "ckpt_0000008.safetensors"
-    state = runtime.load_checkpoint(ckpt)
+    state = checkpoints.load_checkpoint(ckpt)
     assert state["config"]["optimizer"] == "adamw"
     moments = state["optimizer"]["state"].values()
     assert len(moments) == len(state["model"]) - 1 and all("exp_avg_sq" in m for m in moments)  # lm_head is wte
@@ -308,7 +308,7 @@ def test_nanogpt_peer_trains_and_stays_a_peer(tiny_data, tmp_path):
     train(tiny_data, out, "--arch=nanogpt", "--optimizer=adamw", "--learning_rate=0.01", "--max_iters=8")
     val = metrics(out, "val_loss")
     assert abs(val[0] - math.log(512)) < 0.3 and val[8] < val[0] - 1.0, val
-    state = runtime.load_checkpoint(out / "ckpt_0000008.safetensors")
+    state = checkpoints.load_checkpoint(out / "ckpt_0000008.safetensors")
     assert state["config"]["arch"] == "nanogpt" and "transformer.wpe.weight" in state["model"]
     assert "transformer.h.0.attn.c_attn.bias" in state["model"]
     proc = train(tiny_data, out, "--max_iters=12", "--init_from=resume", check=False)
@@ -331,7 +331,7 @@ def test_doc_mask_trains_inside_documents(short_docs, tmp_path):
     assert abs(docs[0] - causal[0]) > 1e-5 and docs[8] < docs[0] - 0.5, (causal, docs)
     loss = metrics(tmp_path / "docs")
     assert loss[8] < loss[1] - 0.5 and abs(loss[8] - metrics(tmp_path / "causal")[8]) > 1e-3, loss
-    state = runtime.load_checkpoint(tmp_path / "docs" / "ckpt_0000008.safetensors")
+    state = checkpoints.load_checkpoint(tmp_path / "docs" / "ckpt_0000008.safetensors")
     assert state["config"]["doc_mask"] is True
     proc = train(short_docs, tmp_path / "peer", "--arch=nanogpt", "--doc_mask=true", check=False)
     assert_one_line_error(proc, "doc_mask=true needs arch=gpt")

@@ -1,5 +1,5 @@
 """What the training scripts do for their user besides training: batch_size=auto, early stopping, the sequence-length
-curriculum and memory monitoring: the helpers in runtime.py, in process. The scripts themselves run in the resume
+curriculum and memory monitoring: the helpers in runtime.py and checkpoints.py, in process. The scripts themselves run in the resume
 tests of tests/test_train.py, test_sft.py, test_dpo.py and test_mlx.py, through tests/patched.py, which fakes a GPU's
 out-of-memory error and an overfitting run on the CPU."""
 
@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoints
 import runtime
 from model import GPT, GPTConfig
 from runtime import UserError
@@ -124,7 +125,7 @@ def test_auto_is_accepted_for_batch_size_only():
 
 
 def test_early_stopping_counts_evaluations_since_the_best_checkpoint():
-    early = runtime.EarlyStopping(patience=2)
+    early = checkpoints.EarlyStopping(patience=2)
     saved = []
     for step, val in enumerate([5.0, 4.0, 4.5, 3.9, 4.1, 4.2, 3.0], start=1):
         early.evaluated(val)
@@ -134,10 +135,10 @@ def test_early_stopping_counts_evaluations_since_the_best_checkpoint():
             break
     assert early.stop and step == 6 and early.best == 3.9 and early.best_step == 4
     assert saved == [(1, True), (2, True), (4, True), (6, False)]
-    resumed = runtime.EarlyStopping(2, 3.9, {"bad_evals": 1, "best_step": 4})
+    resumed = checkpoints.EarlyStopping(2, 3.9, {"bad_evals": 1, "best_step": 4})
     resumed.evaluated(4.0)
     assert resumed.stop
-    off = runtime.EarlyStopping(patience=0)
+    off = checkpoints.EarlyStopping(patience=0)
     for val in [1.0, 2.0, 3.0, 4.0]:
         off.evaluated(val)
     assert not off.stop and not off.must_save

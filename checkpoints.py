@@ -1,0 +1,254 @@
+"""Checkpoint files and run folders, for every stage script.
+
+A checkpoint is one safetensors file: every tensor of the nested state dict (weights, optimizer moments, RNG
+and data-generator states) under its path ("model/transformer.wte.weight", "optimizer/state/0/exp_avg"), and
+the rest of the dict (numbers, strings, the config) as JSON in the file's metadata, each tensor replaced by
+its name. Loading runs no pickled code, and MLX or any safetensors reader sees the weights by name.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+
+from model import GPT, GPTConfig
+from runtime import UserError, check_optimizer
+
+CKPT_GLOB = "ckpt_[0-9]*.safetensors"
+BEST = "ckpt_best.safetensors"
+FORMAT = "anarchobot-checkpoint-1"  # metadata["format"]: what load_checkpoint accepts
+
+
+def step_checkpoints(out_dir):
+    """Step checkpoints in out_dir, oldest first."""
+    return sorted(Path(out_dir).glob(CKPT_GLOB))
+
+
+def flatten_state(obj, prefix, tensors, seen):
+    """obj with every tensor replaced by {"tensor": name}, the tensors collected in `tensors`. A tensor met
+    twice (the tied wte/lm_head weight) is stored once and named twice: safetensors refuses shared memory."""
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
+        if key not in seen or obj.numel() == 0:
+            seen[key] = prefix.rstrip("/")
+            tensors[seen[key]] = obj.detach().cpu().contiguous()
+        return {"tensor": seen[key]}
+    if isinstance(obj, dict):  # JSON keys are strings: keep each key's type (optimizer state uses int keys)
+        items = [[k, flatten_state(v, f"{prefix}{k}/", tensors, seen)] for k, v in obj.items()]
+        if all(isinstance(k, str) for k in obj):
+            return {"dict": dict(items)}
+        return {"items": items}
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__: [flatten_state(v, f"{prefix}{i}/", tensors, seen) for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"value": obj}
+    raise TypeError(f"cannot store a {type(obj).__name__} at {prefix} in a checkpoint")
+
+
+def unflatten_state(node, tensors):
+    """The inverse of flatten_state."""
+    ((kind, body),) = node.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "dict":
+        return {k: unflatten_state(v, tensors) for k, v in body.items()}
+    if kind == "items":
+        return {k: unflatten_state(v, tensors) for k, v in body}
+    if kind in ("list", "tuple"):
+        values = [unflatten_state(v, tensors) for v in body]
+        return values if kind == "list" else tuple(values)
+    return body
+
+
+def atomic_save(state, path):
+    """Write a checkpoint to a temporary file, fsync, then rename: a crash leaves the old file or the new one."""
+    tensors = {}
+    structure = flatten_state(state, "", tensors, {})
+    data = safetensors.torch.save(tensors, metadata={"format": FORMAT, "structure": json.dumps(structure)})
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir, step, state, keep_last, is_best):
+    """Write ckpt_<step>.safetensors, copy it to ckpt_best.safetensors when is_best, keep the last keep_last."""
+    path = Path(out_dir) / f"ckpt_{step:07d}.safetensors"
+    atomic_save(state, path)
+    if is_best:
+        tmp = Path(out_dir) / f"{BEST}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, Path(out_dir) / BEST)
+    for old in step_checkpoints(out_dir)[:-keep_last]:
+        old.unlink()
+    return path
+
+
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta")  # GPTConfig's
+
+
+def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True):
+    """The run folder of train.py / train_mlx.py: returns (checkpoint to resume or None, model args from config).
+    A resume must have the checkpoint's architecture and optimizer; a new run refuses a folder that holds one unless
+    overwrite, and then clears what the old run left. The tokenizer is copied in: sample.py reads it from the run
+    folder."""
+    model_args = {k: config[k] for k in ARCH_KEYS}
+    out, ckpt = Path(out_dir), None
+    if init_from == "resume":
+        ckpt = load_checkpoint(find_checkpoint(out_dir, "latest"))
+        for k, v in model_args.items():
+            if ckpt["model_args"].get(k) != v:
+                raise UserError(
+                    f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
+                    f"says {k}={v}; resume with the run's own config"
+                )
+        if ckpt["config"].get("arch", "gpt") != config.get("arch", "gpt"):  # train.py's peer (peer.py) or ours
+            raise UserError(
+                f"{out_dir} holds an arch={ckpt['config'].get('arch', 'gpt')} run; resume it with that --arch"
+            )
+    elif step_checkpoints(out) and not overwrite:
+        raise UserError(f"{out_dir} already holds a run; use --init_from=resume, --overwrite=true or another --out_dir")
+    check_optimizer(config["optimizer"], ckpt, out_dir)
+    if master:
+        if init_from == "scratch":
+            for old in [*step_checkpoints(out), out / BEST, out / "metrics.jsonl"]:
+                old.unlink(missing_ok=True)
+            shutil.rmtree(out / "tb", ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(tokenizer_path, out / Path(tokenizer_path).name)
+    return ckpt, model_args
+
+
+def find_checkpoint(out_dir, which="latest", flag="--out_dir"):
+    """Path of the checkpoint to load: `latest`, `best` (falls back to latest) or a file name in out_dir. `flag` is
+    where the user gave out_dir (--out_dir, or --init_from for sft.py and dpo.py), for the error messages."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise UserError(f"run folder {out_dir} does not exist; check {flag}")
+    if which == "best" and (out_dir / BEST).exists():
+        return out_dir / BEST
+    if which in ("best", "latest"):
+        steps = step_checkpoints(out_dir)
+        if not steps and list(out_dir.glob("ckpt_[0-9]*.pt")):  # written by torch.save before safetensors
+            raise UserError(
+                f'{out_dir} holds only ckpt_*.pt files of the old format; convert one with python -c "import '
+                f"checkpoints, torch; checkpoints.atomic_save(torch.load('OLD.pt', weights_only=True), "
+                f"'NEW.safetensors')\""
+            )
+        if not steps:
+            raise UserError(f"no checkpoint (ckpt_*.safetensors) in {out_dir}; check {flag}, or train one there first")
+        return steps[-1]
+    if not (out_dir / which).is_file():
+        raise UserError(f"checkpoint {out_dir / which} not found; check --ckpt (best, latest or a file in {out_dir})")
+    return out_dir / which
+
+
+def load_checkpoint(path):
+    """Load a checkpoint to CPU memory without unpickling code; refuse anything not ours.
+    (CPU first: RNG states must be CPU tensors, and load_state_dict copies weights to the model's device.)"""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(
+            f"checkpoint {path} is truncated or corrupted ({type(e).__name__}); "
+            f"delete it to fall back to an older one, or retrain"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{path} is not an AnarchoBot checkpoint (a safetensors file without our metadata)")
+    try:
+        ckpt = unflatten_state(json.loads(metadata["structure"]), tensors)
+    except (KeyError, ValueError) as e:  # metadata that names a missing tensor or is not our JSON
+        raise UserError(f"checkpoint {path} is corrupted ({type(e).__name__} in its structure); retrain") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} is not an AnarchoBot checkpoint (no model/model_args entries)")
+    return ckpt
+
+
+def load_model_state(model, state, path):
+    """load_state_dict(strict=True) with a one-line error when the checkpoint's architecture differs."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state]
+    extra = [k for k in state if k not in ours]
+    shapes = [k for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or extra or shapes:
+        detail = (
+            (missing and f"missing {missing[0]}")
+            or (extra and f"unexpected {extra[0]}")
+            or (f"{shapes[0]} is {tuple(state[shapes[0]].shape)}, model has {tuple(ours[shapes[0]].shape)}")
+        )
+        raise UserError(f"{path} holds another architecture ({detail}); load it with the config it was trained with")
+    model.load_state_dict(state, strict=True)
+
+
+def build_model(ckpt, path):
+    """The GPT a checkpoint describes, with its weights; a UserError if it is not one of ours."""
+    unknown = set(ckpt["model_args"]) - {f.name for f in dataclasses.fields(GPTConfig)}
+    if unknown:
+        raise UserError(
+            f"{path} holds another architecture (model_args has {sorted(unknown)[0]!r}); "
+            f"it was not written by this project's train.py"
+        )
+    if ckpt.get("config", {}).get("arch", "gpt") != "gpt":
+        raise UserError(
+            f"{path} is a run of the nanoGPT peer (train.py --arch={ckpt['config']['arch']}), kept for its loss "
+            f"curve; compare it with: python eval.py --out_dir=RUN --compare={Path(path).parent} --tasks=curves"
+        )
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    load_model_state(model, ckpt["model"], path)
+    return model
+
+
+class EarlyStopping:
+    """Stop a run once its validation loss has not beaten the best checkpoint's for `patience` evaluations in a row
+    (0 = never). best is the lowest validation loss of a saved checkpoint, as without it; with patience on, every
+    evaluation that beats it is saved too (must_save), so ckpt_best holds the lowest of them all. Every rank keeps
+    the count (the validation loss is averaged over ranks), so all stop together; state() goes into each checkpoint
+    and a resumed run counts on from it."""
+
+    def __init__(self, patience, best=math.inf, state=None):
+        self.patience, self.best = patience, best
+        self.bad_evals, self.best_step = (state or {}).get("bad_evals", 0), (state or {}).get("best_step", 0)
+        self.improved = False  # the last evaluation beat best and no checkpoint holds it yet
+
+    def evaluated(self, val_loss):
+        """Count an evaluation during training (step 0's is not one: no checkpoint holds it)."""
+        self.improved = val_loss < self.best
+        self.bad_evals = 0 if self.improved else self.bad_evals + 1
+
+    @property
+    def stop(self):
+        return 0 < self.patience <= self.bad_evals
+
+    @property
+    def must_save(self):
+        """Save now, whatever ckpt_interval says: to keep a new best, or the state the run stops in."""
+        return self.patience > 0 and (self.improved or self.stop)
+
+    def saved(self, step, val_loss):
+        """A checkpoint of val_loss is written at step: whether it is the best so far (then copied to ckpt_best)."""
+        is_best = val_loss < self.best
+        if is_best:
+            self.best, self.best_step = val_loss, step
+        self.improved = False
+        return is_best
+
+    def state(self):
+        return {"bad_evals": self.bad_evals, "best_step": self.best_step}
+
+    def record(self, step):
+        """The metrics record, and the line printed, when the run stops early."""
+        line = (
+            f"early stop at step {step}: validation loss {self.best:.4f} (step {self.best_step}) not beaten in "
+            f"{self.bad_evals} evaluations (patience={self.patience}); {BEST} holds step {self.best_step}"
+        )
+        return {"step": step, "early_stop": True, "best_val_loss": self.best, "best_step": self.best_step}, line
