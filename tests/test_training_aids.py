@@ -1,7 +1,7 @@
 """What the training scripts do for their user besides training: batch_size=auto, early stopping, the sequence-length
-curriculum and memory monitoring: the helpers in runtime.py and checkpoints.py, in process. The scripts themselves run in the resume
-tests of tests/test_train.py, test_sft.py, test_dpo.py and test_mlx.py, through tests/patched.py, which fakes a GPU's
-out-of-memory error and an overfitting run on the CPU."""
+curriculum and memory monitoring: the helpers in runtime.py and checkpoints.py, in process. The scripts themselves
+run in the resume tests of tests/test_train.py, test_sft.py, test_dpo.py and test_mlx.py, through tests/patched.py,
+which fakes a GPU's out-of-memory error and an overfitting run on the CPU."""
 
 import gc
 import mmap
