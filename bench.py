@@ -4,12 +4,15 @@
     python bench.py config/pretrain_137m.py --seq_lens=4096 --batch_size=1 --activation_checkpointing=true \\
         --gradient_accumulation_steps=128 --compile_modes=on,graphs   # low memory at 4K context
     python bench.py config/tiny_cpu.py --compile_modes=off --prompt_len=64 --new_tokens=64   # CPU
+    torchrun --standalone --nproc_per_node=8 bench.py config/pretrain_137m.py --compile_modes= --graph_modes=
+        # the distributed Muon step: each rank orthogonalises its share and the updates are all-gathered
 
 Training rows time whole optimizer steps (gradient_accumulation_steps micro-batches + the optimizer) on random
 tokens, with the tokens of a micro-batch held at batch_size x block_size for every sequence length. MFU =
 flops_per_token (6N + 12 L d T) x tokens/s over the device's dense bf16 peak (runtime.PEAK_FLOPS). The full
 figures go to a JSON file; a short table is printed last. A train.py config file works as it is: the keys
-bench.py has no use for (out_dir, max_iters, ...) are skipped.
+bench.py has no use for (out_dir, max_iters, ...) are skipped. Under torchrun every rank measures its own GPU at
+the same time and the Muon step is the distributed one; rank 0 prints and writes the results.
 """
 
 import json
@@ -66,6 +69,7 @@ runtime.install_error_handler()
 config = runtime.configure(globals(), sys.argv[1:], skip_foreign=True)
 env = runtime.setup_device(device, dtype)
 dev, cuda = env["device"], env["device_type"] == "cuda"
+log = print if env["master"] else lambda *args, **kwargs: None  # under torchrun, rank 0 speaks for all
 torch.manual_seed(seed)
 lengths = [int(t) for t in seq_lens.split(",")] if seq_lens else [block_size // 4, block_size // 2, block_size]
 if max(lengths) > block_size:
@@ -258,7 +262,7 @@ def bench_data(B, T):
 
 # ----------------------------------------------------------------------------- run
 n_params = GPT(model_config).num_params()
-print(f"bench: {n_params / 1e6:.1f}M parameters | {dev} {env['ptdtype']} | peak {peak and peak / 1e12} TFLOP/s")
+log(f"bench: {n_params / 1e6:.1f}M parameters | {dev} {env['ptdtype']} | peak {peak and peak / 1e12} TFLOP/s")
 results = {"config": config, "device": torch.cuda.get_device_name(dev) if cuda else dev, "params": n_params}
 results["training"] = []
 for mode in [m for m in compile_modes.split(",") if m]:
@@ -268,10 +272,10 @@ for mode in [m for m in compile_modes.split(",") if m]:
         row = bench_training(T, mode)
         torch._dynamo.reset()  # compiled graphs hold on to their model: free it before the next row
         results["training"].append(row)
-        print(f"train T={T} compile={mode}: {row['tok_per_s']:,.0f} tok/s, {row['peak_mem_gib']:.2f} GiB", flush=True)
+        log(f"train T={T} compile={mode}: {row['tok_per_s']:,.0f} tok/s, {row['peak_mem_gib']:.2f} GiB", flush=True)
 if peer:
     results["peer"] = bench_peer()
-    print(f"peer GPT-2 (nanoGPT) T={results['peer']['seq_len']}: {results['peer']['tok_per_s']:,.0f} tok/s", flush=True)
+    log(f"peer GPT-2 (nanoGPT) T={results['peer']['seq_len']}: {results['peer']['tok_per_s']:,.0f} tok/s", flush=True)
 results["optimizer"] = bench_optimizer()
 steps = [r["step_s"] for r in results["training"] if r["seq_len"] == lengths[-1]]
 results["optimizer"]["muon_share_of_step"] = results["optimizer"]["muon_step_s"] / min(steps) if steps else None
@@ -282,9 +286,13 @@ for mode in [m for m in graph_modes.split(",") if m]:
     for B in [int(b) for b in decode_batches.split(",") if b]:
         row = bench_generation(B, mode)
         results["generation"].append(row)
-        print(f"generate B={B} graph={mode}: decode {row['decode_tok_per_s']:,.0f} tok/s", flush=True)
+        log(f"generate B={B} graph={mode}: decode {row['decode_tok_per_s']:,.0f} tok/s", flush=True)
 B_data = max(1, batch_size * block_size // lengths[-1])
 results["data"] = bench_data(B_data, lengths[-1])
+if env["ddp"]:
+    torch.distributed.destroy_process_group()
+if not env["master"]:
+    sys.exit(0)
 Path(out).write_text(json.dumps(results, indent=1))
 
 # ----------------------------------------------------------------------------- table

@@ -1,8 +1,9 @@
 """bench.py on the CPU with a tiny config: every section runs, the JSON holds consistent figures."""
 
 import json
+import sys
 
-from conftest import run
+from conftest import REPO, run
 
 TINY_BENCH = [
     "--device=cpu",
@@ -74,3 +75,15 @@ def test_bench_and_train_refuse_settings_they_cannot_run(tmp_path):
     proc = run("train.py", "config/tiny_cpu.py", "--cuda_graphs=true", f"--out_dir={tmp_path / 'run'}", check=False)
     assert proc.returncode == 2 and "cuda_graphs=true needs compile=true" in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_under_torchrun_times_the_distributed_muon_step(tmp_path):
+    """Two ranks (gloo): both measure, the Muon step is the distributed one (each rank orthogonalises half the
+    matrices and all-gathers), and rank 0 alone prints the table and writes the JSON."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = tmp_path / "bench.json"
+    args = ["--compile_modes=", "--graph_modes=", f"--out={out}"]
+    proc = run("torchrun", *TINY_BENCH, *args, cmd=[*torchrun, str(REPO / "bench.py")])
+    assert proc.stdout.count("optimizer step: Muon+AdamW") == 1 and proc.stdout.count("bench: ") == 1, proc.stdout
+    r = json.loads(out.read_text())
+    assert r["optimizer"]["muon_step_s"] > 0 and r["training"] == [] and r["generation"] == []
