@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import batching
 import chat
 import checkpoints
 import runtime
@@ -74,7 +75,7 @@ config = runtime.configure(globals(), sys.argv[1:], auto=("batch_size",))
 # ----------------------------------------------------------------------------- device / DDP
 env = runtime.setup_device(device, dtype)
 master, world_size, rank = env["master"], env["world_size"], env["rank"]
-global_batch = runtime.check_batch(config, world_size, runtime.memory_limit(env["device"]))  # pairs a step
+global_batch = batching.check_batch(config, world_size, batching.memory_limit(env["device"]))  # pairs a step
 torch.manual_seed(seed)
 
 # ----------------------------------------------------------------------------- policy, reference and tokenizer
@@ -181,8 +182,8 @@ optimizer = runtime.make_optimizer(
 )
 # batch_size=auto: dry runs at the longest pair find the largest micro-batch that fits (a resume keeps its own);
 # with precompute_ref the reference is still there, and its forward pass still in them: a cautious choice
-try_step = runtime.dry_run(env, model, optimizer, dry_loss, longest, rows=2)
-batch_size, gradient_accumulation_steps = runtime.pick_batch(
+try_step = batching.dry_run(env, model, optimizer, dry_loss, longest, rows=2)
+batch_size, gradient_accumulation_steps = batching.pick_batch(
     config, env, global_batch, ckpt if resume else None, try_step
 )
 accum_steps = gradient_accumulation_steps // world_size

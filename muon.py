@@ -64,7 +64,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, local=False):
         """local=True: every rank does all the Newton-Schulz work itself and talks to no other, as without DDP
-        (runtime.dry_run: each rank tries batch sizes of its own)."""
+        (batching.dry_run: each rank tries batch sizes of its own)."""
         for group in self.param_groups:
             if group["use_muon"]:
                 self._muon_step(group, local)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import batching
 import chat
 import checkpoints
 import runtime
@@ -71,7 +72,7 @@ config = runtime.configure(globals(), sys.argv[1:], auto=("batch_size",))
 # ----------------------------------------------------------------------------- device / DDP
 env = runtime.setup_device(device, dtype)
 master, world_size, rank = env["master"], env["world_size"], env["rank"]
-global_batch = runtime.check_batch(config, world_size, runtime.memory_limit(env["device"]))  # conversations a step
+global_batch = batching.check_batch(config, world_size, batching.memory_limit(env["device"]))  # conversations a step
 torch.manual_seed(seed)
 
 # ----------------------------------------------------------------------------- model and tokenizer
@@ -148,8 +149,8 @@ optimizer = runtime.make_optimizer(
     model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
 )
 # batch_size=auto: dry runs at the longest conversation find the largest micro-batch that fits (a resume keeps its own)
-try_step = runtime.dry_run(env, model, optimizer, lambda x, y: model(x, y)[1], longest)
-batch_size, gradient_accumulation_steps = runtime.pick_batch(
+try_step = batching.dry_run(env, model, optimizer, lambda x, y: model(x, y)[1], longest)
+batch_size, gradient_accumulation_steps = batching.pick_batch(
     config, env, global_batch, ckpt if resume else None, try_step
 )
 accum_steps = gradient_accumulation_steps // world_size

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import batching
 import checkpoints
 import runtime
 from model import GPT, GPTConfig, document_mask
@@ -84,8 +85,8 @@ env = runtime.setup_device(device, dtype)
 master, world_size, rank = env["master"], env["world_size"], env["rank"]
 if init_from not in ("scratch", "resume"):
     raise UserError(f"init_from={init_from}: expected scratch or resume")
-global_batch = runtime.check_batch(config, world_size, runtime.memory_limit(env["device"]))  # sequences a step
-stages = runtime.parse_schedule(block_size_schedule, block_size)  # [(sequence length, share of the run)]
+global_batch = batching.check_batch(config, world_size, batching.memory_limit(env["device"]))  # sequences a step
+stages = batching.parse_schedule(block_size_schedule, block_size)  # [(sequence length, share of the run)]
 if arch not in ("gpt", "nanogpt"):
     raise UserError(f"arch={arch}: expected gpt (model.py) or nanogpt (peer.py)")
 if arch == "nanogpt" and n_embd % 64:
@@ -143,8 +144,8 @@ optimizer = runtime.make_optimizer(
     model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
 )
 # batch_size=auto: dry runs of the new model find the largest micro-batch that fits (a resume keeps the checkpoint's)
-try_step = runtime.dry_run(env, model, optimizer, lambda x, y: model(x, y, mask=attention_mask(x))[1], block_size)
-batch_size, gradient_accumulation_steps = runtime.pick_batch(config, env, global_batch, ckpt, try_step)
+try_step = batching.dry_run(env, model, optimizer, lambda x, y: model(x, y, mask=attention_mask(x))[1], block_size)
+batch_size, gradient_accumulation_steps = batching.pick_batch(config, env, global_batch, ckpt, try_step)
 accum_steps = gradient_accumulation_steps // world_size  # micro-batches this rank runs per step
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size  # the same at every length of the schedule
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)  # fp16 needs it
@@ -228,7 +229,7 @@ loss_sum = torch.zeros((), device=env["device"])  # summed step losses since the
 steps_since_log, t_log = 0, time.time()
 while iter_num < max_iters and not early.stop:
     lr_mult = get_lr(iter_num)
-    T = runtime.block_size_at(stages, iter_num, lr_decay_iters or max_iters)  # this step's sequence length
+    T = batching.block_size_at(stages, iter_num, lr_decay_iters or max_iters)  # this step's sequence length
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * lr_mult
     for micro_step, (x, y) in enumerate(get_batches(T)):

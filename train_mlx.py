@@ -22,6 +22,7 @@ from functools import partial
 import numpy as np
 import torch
 
+import batching
 import checkpoints
 import model as torch_model_lib
 import runtime
@@ -296,7 +297,7 @@ def optimizer_update(params, grads, state, lr_mult, groups, grad_clip):
 
 
 def dry_run(model, params, opt_state, groups, dtype, T, limit, bos_id=None):
-    """try_step for runtime.pick_batch (batch_size=auto): one micro-batch's loss and gradients and an optimizer update
+    """try_step for batching.pick_batch (batch_size=auto): one micro-batch's loss and gradients and an optimizer update
     on size x T zero tokens, uncompiled, their results thrown away (nothing changes in place). Raises MemoryError
     where MLX's peak passes limit bytes: on a Mac, memory past it is swapped rather than refused."""
 
@@ -350,9 +351,9 @@ if __name__ == "__main__":
     # what a batch_size=auto dry run may peak at: a share of the Mac GPU's recommended working set (MLX's own limit
     # is 1.5 times that, and memory past it is swapped), or of MLX's limit on the CPU (from the RAM)
     working_set = mx.device_info().get("max_recommended_working_set_size") if on_gpu else None
-    limit = runtime.AUTO_HEADROOM * (working_set or mx.get_memory_limit())
-    global_batch = runtime.check_batch(config, 1, limit)  # sequences a step
-    stages = runtime.parse_schedule(block_size_schedule, block_size)  # [(sequence length, share of the run)]
+    limit = batching.AUTO_HEADROOM * (working_set or mx.get_memory_limit())
+    global_batch = batching.check_batch(config, 1, limit)  # sequences a step
+    stages = batching.parse_schedule(block_size_schedule, block_size)  # [(sequence length, share of the run)]
     torch.manual_seed(seed)  # the initial weights are model.py's: the same as train.py's for this seed
 
     # ------------------------------------------------------------------------- data
@@ -396,7 +397,7 @@ if __name__ == "__main__":
     # batch_size=auto: dry runs of the new model find the largest micro-batch that fits (a resume keeps its own)
     env = dict(device="mlx", world_size=1, ddp=False, master=True)
     try_step = dry_run(model, params, opt_state, groups, compute_dtype, block_size, limit, bos_id)
-    batch_size, gradient_accumulation_steps = runtime.pick_batch(
+    batch_size, gradient_accumulation_steps = batching.pick_batch(
         config, env, global_batch, ckpt, try_step, mx.clear_cache
     )
     mx.reset_peak_memory()  # the metrics' peak is training's
@@ -456,7 +457,7 @@ if __name__ == "__main__":
     steps_since_log, t_log = 0, time.time()
     while iter_num < max_iters and not early.stop:
         lr_mult = get_lr(iter_num)
-        T = runtime.block_size_at(stages, iter_num, lr_decay_iters or max_iters)  # this step's sequence length
+        T = batching.block_size_at(stages, iter_num, lr_decay_iters or max_iters)  # this step's sequence length
         grads = None
         for x, y in get_batches(T):
             loss, micro_grads = step_fn(params, x, y)

@@ -2,7 +2,7 @@
 environment turns on, each optional:
 
 FAKE_OOM=N (or N0,N1,... one per DDP rank): a training micro-batch of more than N tokens runs out of memory, as on
-    a GPU, and batch_size=auto may search on the CPU (runtime.memory_limit gives no limit of its own there).
+    a GPU, and batch_size=auto may search on the CPU (batching.memory_limit gives no limit of its own there).
 FORCE_VAL=S:D: validation losses rise by D for every optimizer step after step S, as when a run overfits (the step
     count is the optimizer's own, or in train_mlx.py the schedule's, so a resumed run goes on with it)
 RECORD_SHAPES=PATH: append the (rows, length) of every training micro-batch to PATH, one JSON list a line.
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import batching  # noqa: E402
 import model  # noqa: E402
 import runtime  # noqa: E402
 
@@ -67,7 +68,7 @@ def patch_mlx():
     import mlx.core as mx
     import mlx.nn
 
-    cross_entropy, stack, block_size_at, steps = mlx.nn.losses.cross_entropy, mx.stack, runtime.block_size_at, [0]
+    cross_entropy, stack, block_size_at, steps = mlx.nn.losses.cross_entropy, mx.stack, batching.block_size_at, [0]
 
     def fake_cross_entropy(logits, targets, **kwargs):
         if "FAKE_OOM" in os.environ and targets.size > fake_oom_tokens():
@@ -83,7 +84,7 @@ def patch_mlx():
         steps[0] = it + 1  # the step being trained; estimate_loss follows it
         return block_size_at(stages, it, horizon)
 
-    mlx.nn.losses.cross_entropy, mx.stack, runtime.block_size_at = (
+    mlx.nn.losses.cross_entropy, mx.stack, batching.block_size_at = (
         fake_cross_entropy,
         forced_stack,
         counted_block_size_at,
@@ -94,7 +95,7 @@ model.GPT.forward = patched_forward
 make, runtime.make_optimizer = runtime.make_optimizer, make_optimizer
 logsigmoid, F.logsigmoid = F.logsigmoid, patched_logsigmoid
 if "FAKE_OOM" in os.environ:
-    runtime.memory_limit = lambda device: 2.0**50
+    batching.memory_limit = lambda device: 2.0**50
 if sys.argv[1].endswith("train_mlx.py"):
     patch_mlx()
 sys.argv = sys.argv[1:]

@@ -1,7 +1,7 @@
 """What the training scripts do for their user besides training: batch_size=auto, early stopping, the sequence-length
-curriculum and memory monitoring: the helpers in runtime.py and checkpoints.py, in process. The scripts themselves
-run in the resume tests of tests/test_train.py, test_sft.py, test_dpo.py and test_mlx.py, through tests/patched.py,
-which fakes a GPU's out-of-memory error and an overfitting run on the CPU."""
+curriculum and memory monitoring: the helpers in runtime.py, checkpoints.py and batching.py, in process. The scripts
+themselves run in the resume tests of tests/test_train.py, test_sft.py, test_dpo.py and test_mlx.py, through
+tests/patched.py, which fakes a GPU's out-of-memory error and an overfitting run on the CPU."""
 
 import gc
 import mmap
@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import batching
 import checkpoints
 import runtime
 from model import GPT, GPTConfig
@@ -36,17 +37,17 @@ def test_find_batch_size_halves_to_divisors_and_frees_each_try():
     def free():  # by now the failed try's tensors are gone: the except block (its traceback) has been left
         assert alive[-1]() is None
 
-    assert runtime.find_batch_size(try_step, 32, free) == (4, [32, 16, 8, 4])
-    assert runtime.find_batch_size(try_step, 24, free) == (3, [24, 12, 6, 3])  # 24's divisors, so 8 x 3 = 24
-    assert runtime.find_batch_size(try_step, 5, free) == (5, [5])
+    assert batching.find_batch_size(try_step, 32, free) == (4, [32, 16, 8, 4])
+    assert batching.find_batch_size(try_step, 24, free) == (3, [24, 12, 6, 3])  # 24's divisors, so 8 x 3 = 24
+    assert batching.find_batch_size(try_step, 5, free) == (5, [5])
 
     def never_fits(size):
         raise MemoryError("[metal::malloc] out of memory")
 
     with pytest.raises(UserError, match="even a micro-batch of 1"):
-        runtime.find_batch_size(never_fits, 4, gc.collect)
+        batching.find_batch_size(never_fits, 4, gc.collect)
     with pytest.raises(ValueError):  # any other error is not memory: it goes through
-        runtime.find_batch_size(lambda size: int("x"), 4, free)
+        batching.find_batch_size(lambda size: int("x"), 4, free)
 
 
 def test_dry_run_leaves_model_and_optimizer_as_they_were(monkeypatch):
@@ -54,15 +55,15 @@ def test_dry_run_leaves_model_and_optimizer_as_they_were(monkeypatch):
     model = GPT(CONFIG)
     optimizer = runtime.make_optimizer(model, 0.02, 0.95, 0.006, (0.9, 0.95), 0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(runtime, "memory_limit", lambda device: 2.0**50)
-    try_step = runtime.dry_run(CPU, model, optimizer, lambda x, y: model(x, y)[1], CONFIG.block_size)
+    monkeypatch.setattr(batching, "memory_limit", lambda device: 2.0**50)
+    try_step = batching.dry_run(CPU, model, optimizer, lambda x, y: model(x, y)[1], CONFIG.block_size)
     try_step(3)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
     assert [g["lr"] for g in optimizer.param_groups] == [0.02, 0.006, 0.006]
-    monkeypatch.setattr(runtime, "memory_limit", lambda device: 1.0)  # a peak past the limit is out of memory too
+    monkeypatch.setattr(batching, "memory_limit", lambda device: 1.0)  # a peak past the limit is out of memory too
     with pytest.raises(MemoryError, match="over the"):
-        runtime.dry_run(CPU, model, optimizer, lambda x, y: model(x, y)[1], CONFIG.block_size)(3)
+        batching.dry_run(CPU, model, optimizer, lambda x, y: model(x, y)[1], CONFIG.block_size)(3)
     assert not optimizer.state and [g["lr"] for g in optimizer.param_groups] == [0.02, 0.006, 0.006]
 
 
@@ -73,18 +74,18 @@ def test_pick_batch_keeps_the_global_batch_and_a_resume_keeps_its_choice(capsys)
         if size > 10:
             raise torch.OutOfMemoryError
 
-    assert runtime.pick_batch(config, CPU, 48, None, try_step, gc.collect) == (6, 8)
+    assert batching.pick_batch(config, CPU, 48, None, try_step, gc.collect) == (6, 8)
     assert config["batch_size"] == 6 and config["gradient_accumulation_steps"] == 8  # what checkpoints store
     assert (
         "batch_size=auto: 6 (48, 24, 12 ran out of memory; sizes that divide the 48 per rank)"
         in capsys.readouterr().out
     )
     resumed = dict(config, batch_size="auto")
-    assert runtime.pick_batch(resumed, CPU, 48, {"config": {"batch_size": 12}}, None) == (12, 4)
+    assert batching.pick_batch(resumed, CPU, 48, {"config": {"batch_size": 12}}, None) == (12, 4)
     two_ranks = dict(CPU, world_size=2)
-    assert runtime.pick_batch(dict(config, batch_size=4), two_ranks, 48, None, None) == (4, 12)  # 6 each, per rank
+    assert batching.pick_batch(dict(config, batch_size=4), two_ranks, 48, None, None) == (4, 12)  # 6 each, per rank
     with pytest.raises(UserError, match="does not divide the 24 sequences per rank"):
-        runtime.pick_batch(dict(config, batch_size="auto"), two_ranks, 48, {"config": {"batch_size": 16}}, None)
+        batching.pick_batch(dict(config, batch_size="auto"), two_ranks, 48, {"config": {"batch_size": 16}}, None)
 
 
 @pytest.mark.parametrize(
@@ -99,15 +100,15 @@ def test_pick_batch_keeps_the_global_batch_and_a_resume_keeps_its_choice(capsys)
 def test_check_batch_refuses(keys, limit, message):
     config = dict(dict(batch_size=8, gradient_accumulation_steps=2, global_batch_size=0), **keys)
     with pytest.raises(UserError, match=message):
-        runtime.check_batch(config, 2, limit)
+        batching.check_batch(config, 2, limit)
 
 
 def test_check_batch_global_batch():
-    assert runtime.memory_limit("cpu") is None  # so check_batch refuses batch_size=auto on the CPU, before any work
+    assert batching.memory_limit("cpu") is None  # so check_batch refuses batch_size=auto on the CPU, before any work
     config = dict(batch_size=8, gradient_accumulation_steps=2, global_batch_size=0)
-    assert runtime.check_batch(config, 2, None) == 16
-    assert runtime.check_batch(dict(config, global_batch_size=64), 2, None) == 64
-    assert runtime.check_batch(dict(config, batch_size="auto", global_batch_size=64), 2, 1e9) == 64
+    assert batching.check_batch(config, 2, None) == 16
+    assert batching.check_batch(dict(config, global_batch_size=64), 2, None) == 64
+    assert batching.check_batch(dict(config, batch_size="auto", global_batch_size=64), 2, 1e9) == 64
 
 
 def test_auto_is_accepted_for_batch_size_only():
@@ -145,14 +146,14 @@ def test_early_stopping_counts_evaluations_since_the_best_checkpoint():
 
 
 def test_block_size_schedule():
-    stages = runtime.parse_schedule("1024:0.8,4096:0.2", 4096)
+    stages = batching.parse_schedule("1024:0.8,4096:0.2", 4096)
     assert stages == [(1024, 0.8), (4096, 0.2)]
-    lengths = [runtime.block_size_at(stages, it, 10) for it in range(12)]
+    lengths = [batching.block_size_at(stages, it, 10) for it in range(12)]
     assert lengths == [1024] * 8 + [4096] * 4  # the last stage goes on past the horizon
-    assert runtime.parse_schedule("", 4096) == [(4096, 1.0)]
+    assert batching.parse_schedule("", 4096) == [(4096, 1.0)]
     for text, message in [("1000:1", "must divide"), ("1024:0.5", "add up to 0.5"), ("1024", "length:share")]:
         with pytest.raises(UserError, match=message):
-            runtime.parse_schedule(text, 4096)
+            batching.parse_schedule(text, 4096)
 
 
 def test_memory_stats_on_cpu():
@@ -184,11 +185,11 @@ def test_memory_readings_on_cuda_and_mps(monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(f"reset {device}"))
     stats = runtime.memory_stats("cuda:1")
     assert (stats["mem_gib"], stats["peak_mem_gib"]) == (3, 5) and stats["rss_gib"] > 0.01
-    assert runtime.memory_limit("cuda:1") == 72 * gib
-    runtime.free_memory("cuda:1")
+    assert batching.memory_limit("cuda:1") == 72 * gib
+    batching.free_memory("cuda:1")
     assert calls == ["empty_cache", "reset cuda:1"]
     monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 2 * gib)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 4 * gib)  # with the allocator's cache
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 10 * gib)
     stats = runtime.memory_stats("mps")
-    assert (stats["mem_gib"], stats["peak_mem_gib"]) == (2, 4) and runtime.memory_limit("mps") == 9 * gib
+    assert (stats["mem_gib"], stats["peak_mem_gib"]) == (2, 4) and batching.memory_limit("mps") == 9 * gib
