@@ -106,7 +106,7 @@ if tokenizer_path is None:
     raise UserError(f"{data_dir} has no tokenizer.model; re-run prepare.py for it")
 vocab_size = vocab_size or read_header(train_shards[0])["vocab_size"]
 config["vocab_size"] = vocab_size
-bos_id = load_tokenizer(tokenizer_path).bos_id  # the document boundary, for doc_mask
+bos_id = load_tokenizer(tokenizer_path).bos_id if doc_mask else None  # doc_mask: the document boundary
 train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
 val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
 
