@@ -14,6 +14,7 @@ import torch
 from conftest import run
 
 import eval as ev
+import reports
 import runtime
 from model import GPT, GPTConfig, KVCache
 from sandbox import run_program
@@ -258,15 +259,15 @@ def test_compare_runs_hand_worked(tmp_path):
     ours = write("muon", [(0, 0, 10.0), (100, 10, 6.0), (200, 30, 4.0)])
     adamw = write("adamw", [(0, 0, 10.0), (100, 8, 7.0), (200, 16, 5.0)])
     slow = write("slow", [(0, 0, 10.0), (200, 40, 3.5)])
-    records = ev.read_metrics(ours)
-    assert ev.reach(records, 5.0, "tokens") == pytest.approx(150)  # halfway from 6.0 to 4.0
-    assert ev.reach(records, 11.0, "tokens") == 0 and ev.reach(records, 3.9, "tokens") is None
-    rows = ev.compare_runs(ours, [adamw, slow])
+    records = reports.read_metrics(ours)
+    assert reports.reach(records, 5.0, "tokens") == pytest.approx(150)  # halfway from 6.0 to 4.0
+    assert reports.reach(records, 11.0, "tokens") == 0 and reports.reach(records, 3.9, "tokens") is None
+    rows = reports.compare_runs(ours, [adamw, slow])
     assert [r["val_loss"] for r in rows] == [4.0, 5.0, 3.5] and rows[0].get("tokens_ratio") is None
     assert rows[1]["ours_tokens"] == pytest.approx(150) and rows[1]["tokens_ratio"] == pytest.approx(200 / 150)
     assert rows[1]["ours_wall_s"] == pytest.approx(20) and rows[1]["wall_s_ratio"] == pytest.approx(16 / 20)
     assert rows[2]["ours_tokens"] is None and rows[2]["tokens_ratio"] is None  # never reached: no ratio
-    text = ev.comparison_table(rows)
+    text = reports.comparison_table(rows)
     assert "| `adamw` | 5.0000 | 200 | 16 | 150 | 1.33x | 20 | 0.80x |" in text, text
     # the command: metrics.jsonl is all --tasks=curves needs (these folders have no checkpoint)
     result = run("eval.py", f"--out_dir={ours}", f"--compare={adamw},{slow}", "--tasks=curves")
