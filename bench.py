@@ -210,7 +210,7 @@ def bench_peer():
 @torch.no_grad()
 def bench_generation(B, mode):
     """Prefill tokens/s of a prompt_len prompt and greedy decode tokens/s over new_tokens, at batch B: the
-    loop of GPT.generate, with the cache and (graph=True) the captured step set up once, outside the timing."""
+    loop of GPT.generate, with the cache and (mode on or tuned) the captured step set up once, outside the timing."""
     model = GPT(model_config).to(dev).eval()
     if env["ptdtype"] != torch.float32:
         model.to(env["ptdtype"])  # as sample.py: weights in the compute precision
