@@ -1,4 +1,5 @@
-"""Checkpoint files and run folders, for every stage script.
+"""Checkpoint files, run folders and early stopping (which decides when ckpt_best is written), for every stage
+script.
 
 A checkpoint is one safetensors file: every tensor of the nested state dict (weights, optimizer moments, RNG
 and data-generator states) under its path ("model/transformer.wte.weight", "optimizer/state/0/exp_avg"), and
