@@ -59,6 +59,7 @@ temperature = 0.8  # sampling temperature for pass@k (the Codex paper's for pass
 top_p = 0.95  # nucleus sampling for pass@k, as in the Codex paper
 max_new_tokens = 512  # tokens generated per completion (HumanEval and chat)
 gen_batch = 128  # sequences decoded at once
+gen_graph = False  # CUDA: the one-token step compiled and replayed as a CUDA graph (wins at gen_batch=128, not 512)
 exec_timeout = 10.0  # seconds of wall clock per program
 exec_memory_mb = 2048  # address-space limit per program
 exec_workers = 8  # programs run at once
@@ -74,6 +75,9 @@ TASKS = ["bpb", "humaneval", "contamination", "chat", "dpo", "curves"]
 
 
 # ----------------------------------------------------------------------------- generation
+STEPS = {}  # (model id, rows, cache length) -> (KVCache, captured step): the greedy and the sampled pass share one
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -91,52 +95,84 @@ def generate(
     """Completions of many prompts (lists of token ids) with the KV cache, batch_size rows at a time, similar
     lengths together. Rows are left-padded and the padding is masked (KVCache.start), so each row decodes as it
     would alone. A row ends at a token of stop_ids (not included) or once its decoded text holds one of
-    stop_texts. Returns a list of (token ids, ended by a stop token). A progress bar on a terminal (not in logs)."""
+    stop_texts. Returns a list of (token ids, ended by a stop token). A progress bar on a terminal (not in logs).
+
+    Every batch decodes into one cache of the longest prompt + max_new positions (a shorter batch's rows leave
+    its end unused; what an earlier batch left there is masked). A fixed shape lets CUDA replay the one-token step
+    as a graph (gen_graph): eager, a step is ~420 kernel launches, and at 128 rows launching them took ~5x the
+    GPU's work; at 512 rows the eager step is faster overall, as a graph compiles once per shape (PERF.md)."""
+    dev, c = model.lm_head.weight.device, model.config
+    max_new = min(max_new, c.block_size - 1)
+    prompts = [p[-(c.block_size - max_new) :] for p in prompts]  # longer prompts keep their end
+    rows, max_len = min(batch_size, len(prompts)), max(map(len, prompts)) + max_new
+    key = (id(model), rows, max_len)
+    if key in STEPS:
+        cache, step = STEPS[key]
+    else:
+        cache = KVCache(c, rows, max_len, dev, model.lm_head.weight.dtype)
+        cache.start = torch.zeros(rows, dtype=torch.long, device=dev)
+        pos = torch.zeros((), dtype=torch.long, device=dev)
+
+        def step(next_id, position):  # fill_ from a Python int: no copy from host memory, which would wait for the GPU
+            return model.decode(next_id, cache, pos.fill_(position))
+
+        if gen_graph and dev.type == "cuda":
+            step = model.capture_decode(cache)
+            STEPS[key] = cache, step  # the graph keeps the model alive, so its id stays its own
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=None, leave=False)
-    for a in range(0, len(order), batch_size):
-        rows = order[a : a + batch_size]
-        for i, r in zip(
-            rows,
-            generate_batch(
-                model, [prompts[i] for i in rows], max_new, stop_ids, tok, stop_texts, temperature, top_p, generator
-            ),
-            strict=True,
-        ):
+    for a in range(0, len(order), rows):
+        batch = order[a : a + rows]
+        done = generate_batch(
+            model,
+            cache,
+            step,
+            [prompts[i] for i in batch],
+            max_new,
+            stop_ids,
+            tok,
+            stop_texts,
+            temperature,
+            top_p,
+            generator,
+        )
+        for i, r in zip(batch, done, strict=True):
             results[i] = r
-        bar.update(len(rows))
+        bar.update(len(batch))
     bar.close()
     return results
 
 
-def generate_batch(model, prompts, max_new, stop_ids, tok, stop_texts, temperature, top_p, generator):
-    dev, c = model.lm_head.weight.device, model.config
-    max_new = min(max_new, c.block_size - 1)
-    prompts = [p[-(c.block_size - max_new) :] for p in prompts]  # longer prompts keep their end
+def generate_batch(model, cache, step, prompts, max_new, stop_ids, tok, stop_texts, temperature, top_p, generator):
+    """One batch into cache (rows, max_len): the prompts, then rows filled up with copies of the last prompt
+    (decoded and dropped: every batch has the cache's shape)."""
+    dev, n = cache.device, len(prompts)
+    prompts = prompts + [prompts[-1]] * (cache.batch_size - n)
     B, T = len(prompts), max(len(p) for p in prompts)
     x = torch.zeros(B, T, dtype=torch.long)
     for i, p in enumerate(prompts):
         x[i, T - len(p) :] = torch.tensor(p)
-    cache = KVCache(c, B, T + max_new, dev, model.lm_head.weight.dtype)
-    cache.start = torch.tensor([T - len(p) for p in prompts], device=dev)
+    cache.pos = 0
+    cache.start.copy_(torch.tensor([T - len(p) for p in prompts]))
     logits = model(x.to(dev), cache=cache)[0][:, -1]
     stops = torch.tensor(stop_ids, device=dev)
-    new, hit, done = [], torch.zeros(B, dtype=torch.bool, device=dev), [False] * B
-    for step in range(max_new):
+    tail = 8 + max(map(len, stop_texts), default=0)  # tokens that hold any stop text ending in the last 8 tokens
+    new, hit, done = [], torch.zeros(B, dtype=torch.bool, device=dev), [False] * n + [True] * (B - n)
+    for i in range(max_new):
         next_id = sample_next(logits, temperature, 0, top_p, generator)  # (B, 1)
         new.append(next_id)
         hit |= torch.isin(next_id[:, 0], stops)
-        if step % 8 == 7 or step == max_new - 1:  # look at the host's copy now and then, not every token
-            ids, hits = torch.cat(new, dim=1).tolist(), hit.tolist()
-            for i in range(B):
-                done[i] = done[i] or hits[i] or bool(stop_texts and any(s in tok.decode(ids[i]) for s in stop_texts))
+        if i % 8 == 7 or i == max_new - 1:  # look at the host's copy now and then, not every token
+            ids, hits = torch.cat(new[-tail:], dim=1).tolist(), hit.tolist()
+            for r in range(B):  # a stop text ending in the last 8 tokens lies in the decoded tail
+                done[r] = done[r] or hits[r] or bool(stop_texts and any(s in tok.decode(ids[r]) for s in stop_texts))
             if all(done):
                 break
-        logits = model.decode(next_id, cache, torch.tensor(cache.pos, device=dev))
+        logits = step(next_id, cache.pos)
         cache.pos += 1
     out = []
-    for row in torch.cat(new, dim=1).tolist():
+    for row in torch.cat(new, dim=1)[:n].tolist():
         cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
         out.append((row if cut is None else row[:cut], cut is not None))
     return out

@@ -273,7 +273,7 @@ class GPT(nn.Module):
         """decode() compiled and captured in a CUDA graph bound to this cache; returns step(next_id, position).
         A token then costs one graph replay instead of ~400 kernel launches from Python (CUDA only). tuned: Inductor
         times launch settings for each kernel (coordinate descent, as gpt-fast decodes): a longer compile."""
-        fused = self.decode_weights()  # held by the graph for as long as step is
+        fused = self.decode_weights()  # kept alive by step (below)
 
         def decode_fused(idx, cache, pos):
             return self.decode(idx, cache, pos, fused)
@@ -300,6 +300,7 @@ class GPT(nn.Module):
             graph.replay()
             return logits
 
+        step.weights = fused  # a graph holds addresses, not tensors: freed, their memory would be reused under it
         return step
 
     @torch.no_grad()

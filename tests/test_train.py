@@ -269,9 +269,6 @@ def test_data_guards(tiny_data, tmp_path):
         train(tiny_data, tmp_path / "c", "--vocab_size=1000", check=False), "512-token vocabulary", "vocab_size=1000"
     )
     assert not (tmp_path / "c").exists()  # nothing was written
-    proc = train(tiny_data, tmp_path / "d", "--compile_regions=true", check=False)  # the tests run compile=false
-    assert_one_line_error(proc, "compile_regions=true needs compile=true")
-    assert not (tmp_path / "d").exists()
 
 
 def test_adamw_trains_and_guards(tiny_data, tmp_path):
@@ -303,9 +300,11 @@ def test_adamw_trains_and_guards(tiny_data, tmp_path):
 def test_nanogpt_peer_trains_and_stays_a_peer(tiny_data, tmp_path):
     """arch=nanogpt trains peer.py's GPT-2 in the same loop: it starts at about ln(vocab), its loss falls, its
     parameters are GPT-2's (learned positions, biases); resuming it as our GPT, or loading it where our GPT is
-    expected, is refused with one line that says what to do."""
+    expected, is refused with one line that says what to do. compile_regions (the reference config's) is set
+    aside for it, with a line that says so."""
     out = tmp_path / "peer"
-    train(tiny_data, out, "--arch=nanogpt", "--optimizer=adamw", "--learning_rate=0.01", "--max_iters=8")
+    args = ["--arch=nanogpt", "--optimizer=adamw", "--learning_rate=0.01", "--max_iters=8", "--compile_regions=true"]
+    assert "compile_regions: set aside" in train(tiny_data, out, *args).stdout
     val = metrics(out, "val_loss")
     assert abs(val[0] - math.log(512)) < 0.3 and val[8] < val[0] - 1.0, val
     state = checkpoints.load_checkpoint(out / "ckpt_0000008.safetensors")
