@@ -101,6 +101,8 @@ def generate(
     its end unused; what an earlier batch left there is masked). A fixed shape lets CUDA replay the one-token step
     as a graph (gen_graph): eager, a step is ~420 kernel launches, and at 128 rows launching them took ~5x the
     GPU's work; at 512 rows the eager step is faster overall, as a graph compiles once per shape (PERF.md)."""
+    if not prompts:
+        return []
     dev, c = model.lm_head.weight.device, model.config
     max_new = min(max_new, c.block_size - 1)
     prompts = [p[-(c.block_size - max_new) :] for p in prompts]  # longer prompts keep their end
@@ -113,7 +115,7 @@ def generate(
         cache.start = torch.zeros(rows, dtype=torch.long, device=dev)
         pos = torch.zeros((), dtype=torch.long, device=dev)
 
-        def step(next_id, position):  # fill_ from a Python int: no copy from host memory, which would wait for the GPU
+        def step(next_id, position):  # fill_, as GPT.generate's eager step: no copy that waits for the GPU
             return model.decode(next_id, cache, pos.fill_(position))
 
         if gen_graph and dev.type == "cuda":

@@ -319,8 +319,10 @@ class GPT(nn.Module):
         max_len = min(c.block_size, -(-(T + max_new_tokens) // 256) * 256)
         cache = KVCache(c, B, max_len, idx.device, self.transformer.wte.weight.dtype)
 
-        def step(next_id, position):
-            return self.decode(next_id, cache, torch.tensor(position, device=idx.device))
+        pos = torch.zeros((), dtype=torch.long, device=idx.device)
+
+        def step(next_id, position):  # fill_, not torch.tensor(position, device=...): no copy that waits for the GPU
+            return self.decode(next_id, cache, pos.fill_(position))
 
         if graph:
             step = self.capture_decode(cache)  # noqa: F811 (the same step, captured)

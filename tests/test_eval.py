@@ -173,6 +173,7 @@ def test_generate_batched_equals_unbatched(tiny_model):
     alone = [ev.generate(tiny_model, [p], 12, stop_ids=[1])[0] for p in prompts]
     assert together == alone
     assert any(len(ids) > 0 for ids, _ in together)
+    assert ev.generate(tiny_model, [], 12, stop_ids=[1]) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
