@@ -113,13 +113,9 @@ def generate(
     else:
         cache = KVCache(c, rows, max_len, dev, model.lm_head.weight.dtype)
         cache.start = torch.zeros(rows, dtype=torch.long, device=dev)
-        pos = torch.zeros((), dtype=torch.long, device=dev)
-
-        def step(next_id, position):  # fill_, as GPT.generate's eager step: no copy that waits for the GPU
-            return model.decode(next_id, cache, pos.fill_(position))
-
-        if gen_graph and dev.type == "cuda":
-            step = model.capture_decode(cache)
+        graph = gen_graph and dev.type == "cuda"
+        step = model.capture_decode(cache) if graph else model.decode_step(cache)
+        if graph:
             STEPS[key] = cache, step  # the graph keeps the model alive, so its id stays its own
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results = [None] * len(prompts)

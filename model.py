@@ -269,6 +269,13 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, pos, fused[i] if fused else None)
         return self.lm_head(self.transformer.ln_f(x[:, -1])).float()
 
+    def decode_step(self, cache):
+        """decode() as step(next_id, position), capture_decode's step without a graph. The position is filled into
+        one device tensor: a tensor made from a Python int per token is a copy from host memory that waits for the
+        GPU, so no kernel of the next token could be queued early (eval.py's sampling: 144 -> 69 s, PERF.md)."""
+        pos = torch.zeros((), dtype=torch.long, device=cache.device)
+        return lambda next_id, position: self.decode(next_id, cache, pos.fill_(position))
+
     def capture_decode(self, cache, tuned=False):
         """decode() compiled and captured in a CUDA graph bound to this cache; returns step(next_id, position).
         A token then costs one graph replay instead of ~400 kernel launches from Python (CUDA only). tuned: Inductor
@@ -319,13 +326,7 @@ class GPT(nn.Module):
         max_len = min(c.block_size, -(-(T + max_new_tokens) // 256) * 256)
         cache = KVCache(c, B, max_len, idx.device, self.transformer.wte.weight.dtype)
 
-        pos = torch.zeros((), dtype=torch.long, device=idx.device)
-
-        def step(next_id, position):  # fill_, not torch.tensor(position, device=...): no copy that waits for the GPU
-            return self.decode(next_id, cache, pos.fill_(position))
-
-        if graph:
-            step = self.capture_decode(cache)  # noqa: F811 (the same step, captured)
+        step = self.capture_decode(cache) if graph else self.decode_step(cache)
         logits = self(idx, cache=cache)[0][:, -1]
         out = [idx]
         for _ in range(max_new_tokens):
