@@ -1,0 +1,161 @@
+"""What a config key accepts, declared where the key is defined, as the annotation of the script's global:
+
+    block_size: between(1, 4096) = 1024  # sequence length in tokens: the model's context
+    data_dir: folder = "data/stdlib"  # folder made by prepare.py
+    batch_size: auto | at_least(1) = 8  # either: auto, or an integer from 1
+
+runtime.configure checks every final value against its key's declaration before any work starts, and answers a
+value outside it with `error: KEY=VALUE: expected WHAT`. A key with no declaration is only type-checked; the fuzz
+test (tests/test_fuzz_config.py) names it. Importing this module has no side effects.
+"""
+
+import math
+from pathlib import Path
+
+import torch
+
+
+class Accepts:
+    """A set of values: test(value) says whether value is in it, what completes "expected ..." in the error."""
+
+    def __init__(self, test, what, literals=()):
+        self.test, self._what, self.literals = test, what, tuple(literals)
+
+    @property
+    def what(self):
+        return self._what() if callable(self._what) else self._what  # a function: read when an error is raised
+
+    def __call__(self, value):
+        try:
+            return bool(self.test(value))
+        except (TypeError, ValueError, OverflowError, OSError):  # a wrong type, a path too long: not in the set
+            return False
+
+    def __or__(self, other):
+        other = as_accepts(other)
+        return Accepts(lambda v: self(v) or other(v), f"{self.what}, or {other.what}", self.literals + other.literals)
+
+    def __ror__(self, other):
+        return as_accepts(other) | self
+
+    def __repr__(self):
+        return f"<accepts {self.what}>"
+
+
+def as_accepts(x):
+    """A declaration, or a plain value (a literal: exactly that value)."""
+    return x if isinstance(x, Accepts) else one_of(x)
+
+
+def show(v):
+    return repr(v) if v == "" or not isinstance(v, str) else v
+
+
+def number(v):
+    """A real number that is not a bool, NaN or infinite."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def between(lo, hi):
+    kind = "an integer" if isinstance(lo, int) and isinstance(hi, int) else "a number"
+    return Accepts(lambda v: number(v) and lo <= v <= hi, f"{kind} from {lo} to {hi}")
+
+
+def at_least(lo, below=None):
+    """lo <= value, and value < below where given (AdamW's betas: at_least(0, below=1))."""
+    if below is None:
+        return Accepts(lambda v: number(v) and v >= lo, f"a number >= {lo}")
+    return Accepts(lambda v: number(v) and lo <= v < below, f"a number >= {lo} and below {below}")
+
+
+def above(lo, most=None):
+    """value > lo, and value <= most where given (a share of a learning rate: above(0, most=1))."""
+    if most is None:
+        return Accepts(lambda v: number(v) and v > lo, f"a number > {lo}")
+    return Accepts(lambda v: number(v) and lo < v <= most, f"a number > {lo} and <= {most}")
+
+
+def one_of(*choices):
+    what = choices[0] if len(choices) == 1 else ", ".join(map(str, choices[:-1])) + f" or {choices[-1]}"
+    # True == 1 in Python: compare types too, so a bool key's choices do not take 1, nor an int key's take True
+    return Accepts(lambda v: any(v == c and type(v) is type(c) for c in choices), show(what), choices)
+
+
+def comma_list(*choices):
+    """A non-empty comma-separated list, each item one of choices."""
+    return Accepts(
+        lambda v: isinstance(v, str) and all(item in choices for item in v.split(",")),
+        f"a comma-separated list of {', '.join(choices)}",
+    )
+
+
+auto = one_of("auto")  # batch_size: auto | at_least(1) (a bare "auto" in an annotation reads as a type's name)
+empty = one_of("")  # hf_dir: empty | writable
+precision = one_of("auto", "float32", "bfloat16", "float16")  # the PyTorch scripts' dtype
+ns_precision = one_of("auto", "float32", "bfloat16")  # Muon's Newton-Schulz arithmetic (ns_dtype)
+finite = Accepts(number, "a finite number")
+int_list = Accepts(  # "" is none
+    lambda v: all(p.isdigit() and 0 < int(p) < 2**31 for p in v.split(",") if v), "comma-separated positive integers"
+)
+any_text = Accepts(lambda v: isinstance(v, str), "any text")
+nonempty = Accepts(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty text")
+folder = Accepts(lambda v: isinstance(v, str) and v != "" and Path(v).is_dir(), "a folder that exists")
+folders = Accepts(  # "" is none
+    lambda v: isinstance(v, str) and all(p != "" and Path(p).is_dir() for p in v.split(",") if v),
+    "comma-separated folders that exist (or none)",
+)
+file = Accepts(lambda v: isinstance(v, str) and v != "" and Path(v).is_file(), "a file that exists")
+
+
+def can_write(v):
+    """A path a script may create: not empty, not an existing non-folder, and its nearest existing parent a folder."""
+    if not isinstance(v, str) or not v.strip() or "\0" in v:
+        return False
+    path = Path(v)
+    if path.exists():
+        return path.is_dir()
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    return parent is not None and parent.is_dir()
+
+
+writable = Accepts(can_write, "a path to write (not an existing file, under a folder)")
+
+
+def has_device(v):
+    """A PyTorch device that exists on this machine: auto, cpu, cuda or cuda:N with an NVIDIA GPU, mps on a Mac."""
+    if not isinstance(v, str):
+        return False
+    kind, _, index = v.partition(":")
+    if v in ("auto", "cpu"):
+        return True
+    if kind == "cuda" and (not index or index.isdigit()):
+        return torch.cuda.is_available() and int(index or 0) < torch.cuda.device_count()
+    return v == "mps" and torch.backends.mps.is_available()
+
+
+def device_type(device):
+    """cuda, mps or cpu: the kind of a device torch_device accepts, auto resolved as runtime.setup_device does."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return device.split(":")[0]
+
+
+def devices_here():
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    return "a device this machine has: " + ", ".join(["auto", "cpu", *(["cuda"] if cuda else []), *cuda, *mps])
+
+
+torch_device = Accepts(has_device, devices_here)
+
+
+def has_mlx_device(v):
+    """auto or cpu, or gpu where MLX has Metal (not mlx[cpu] on Linux)."""
+    if v == "gpu":
+        import mlx.core as mx  # here, not at the top: only train_mlx.py needs MLX
+
+        return mx.metal.is_available()
+    return v in ("auto", "cpu")
+
+
+mlx_device = Accepts(has_mlx_device, "auto, cpu, or gpu where MLX has a Metal GPU (not mlx[cpu] on Linux)")
