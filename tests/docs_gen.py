@@ -261,6 +261,7 @@ def configuration_page():
         else:
             lines += ["| key | default | what it is |", "|---|---|---|"]
         for key, default, rest in rows:
+            rest = rest or ("true or false" if default in ("True", "False") else "")
             middle = f" {cell(rest)} |" if extra else ""
             lines.append(f"| `{key}` | {code(default) if default else '`` (empty)'} |{middle} {cell(comments.get(key, ''))} |")
     return "\n".join(lines) + "\n"
@@ -335,7 +336,7 @@ def advice_for(message):
     if hits:
         return " ".join(hits)
     if "; " in message:
-        return "As it says: " + message.split("; ", 1)[1].rstrip(".") + "."
+        return "(Its own advice, after the `;`.)"
     if ": expected " in message:
         return "Give a value of the kind it names after `expected`."
     return ""
