@@ -47,30 +47,36 @@ import chat
 import checkpoints
 import runtime
 import tokenizer
+from accepts import empty, folder, nonempty, one_of, writable
 from model import GPTConfig
 from runtime import UserError
 
 # -----------------------------------------------------------------------------
-out_dir = "out/run"  # run folder written by train.py, train_mlx.py, sft.py or dpo.py
-ckpt = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
-format = "hf"  # hf: a transformers folder; gguf: one file for llama.cpp (and Ollama, LM Studio)
-hf_dir = ""  # folder --format=hf writes; empty = <out_dir>/hf
-gguf_file = ""  # file --format=gguf writes; empty = <out_dir>/<run folder name>-<type>.gguf
-dtype = "float32"  # float32 (exact), bfloat16 or float16 (half the size); q8_0 (gguf only, ~a quarter)
+out_dir: folder = "out/run"  # run folder written by train.py, train_mlx.py, sft.py or dpo.py
+ckpt: nonempty = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
+format: one_of("hf", "gguf") = "hf"  # hf: a transformers folder; gguf: one file for llama.cpp (and Ollama, LM Studio)
+hf_dir: empty | writable = ""  # folder --format=hf writes; empty = <out_dir>/hf
+gguf_file: empty | writable = ""  # file --format=gguf writes; empty = <out_dir>/<run folder name>-<type>.gguf
+dtype: one_of("float32", "bfloat16", "float16", "q8_0") = "float32"  # 16-bit: half the size; q8_0 (gguf): a quarter
 overwrite = False  # replace hf_dir or gguf_file when it holds an earlier export
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
-config = runtime.configure(globals(), sys.argv[1:])
+config = runtime.configure(
+    globals(),
+    sys.argv[1:],
+    rules=[
+        (lambda c: c.format == "gguf" or c.dtype != "q8_0", "dtype=q8_0 is for --format=gguf; hf writes 16/32 bits"),
+        (
+            lambda c: c.format == "gguf" or not c.gguf_file,
+            "gguf_file={gguf_file} is written by --format=gguf; add --format=gguf, or give --hf_dir",
+        ),
+        (
+            lambda c: c.format == "hf" or not c.hf_dir,
+            "hf_dir={hf_dir} is written by --format=hf; --format=gguf writes --gguf_file",
+        ),
+    ],
+)
 GGUF_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}  # dtype -> GGML type
-DTYPES = {"hf": ("float32", "bfloat16", "float16"), "gguf": tuple(GGUF_TYPES)}
-if format not in DTYPES:
-    raise UserError(f"format={format}: expected hf or gguf")
-if dtype not in DTYPES[format]:
-    raise UserError(f"dtype={dtype}: --format={format} writes {', '.join(DTYPES[format])}")
-if format == "hf" and gguf_file:
-    raise UserError(f"gguf_file={gguf_file} is written by --format=gguf; add --format=gguf, or give --hf_dir")
-if format == "gguf" and hf_dir:
-    raise UserError(f"hf_dir={hf_dir} is written by --format=hf; --format=gguf writes --gguf_file")
 if format == "gguf":
     try:
         import gguf

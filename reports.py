@@ -16,7 +16,13 @@ def read_metrics(run):
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} not found; --compare takes run folders written by train.py")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError as e:  # a line cut short (a run killed mid-write), or an edited file
+            raise UserError(f"{path} line {i} is not JSON ({e.msg}); delete or mend that line") from None
+    return records
 
 
 def plot_curves(runs, path):

@@ -11,10 +11,12 @@ import resource
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
+from accepts import Accepts, show
 from muon import Muon
 from shards import ShardError
 
@@ -39,8 +41,13 @@ def install_error_handler():
 
 
 def config_keys(namespace):
-    """The overridable globals of a script: public names bound to int, float, bool or str."""
-    return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+    """The overridable globals of a script: public lower-case names bound to int, float, bool or str (an upper-case
+    name is a constant, often imported: sample.py's END is chat.py's end-of-turn marker, not a setting)."""
+    return [
+        k
+        for k, v in namespace.items()
+        if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str))
+    ]
 
 
 def check_value(key, value, default, auto=()):
@@ -53,7 +60,7 @@ def check_value(key, value, default, auto=()):
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
     elif isinstance(default, float):
-        ok = isinstance(value, (int, float))
+        ok = isinstance(value, float) or (isinstance(value, int) and abs(value) < 2**1023)  # float() of more overflows
         value = float(value) if ok else value
     else:
         ok = type(value) is type(default)
@@ -88,22 +95,34 @@ def unknown_key(key, known, source):
     return UserError(f"unknown config key {key!r} in {source}{hint}")
 
 
-def configure(namespace, argv, skip_foreign=False, auto=()):
+def declarations(namespace, keys):
+    """What each key accepts: the annotations of the script's globals (accepts.py), for the keys that have one."""
+    notes = namespace.get("__annotations__", {})
+    return {k: notes[k] for k in keys if isinstance(notes.get(k), Accepts)}
+
+
+def configure(namespace, argv, skip_foreign=False, auto=(), rules=()):
     """Apply config files (`path.py`, plain assignments) then `--key=value` overrides to a script's globals.
 
-    Every key must already exist in the script and keep its type; the keys in auto may also be "auto" (batch_size,
-    in the scripts that search for it). Returns the final config as a dict.
+    Every key must already exist in the script and keep its type; the keys in auto, or whose declaration takes the
+    literal "auto", may also be "auto" (batch_size, in the scripts that search for it). Then every final value is
+    checked against its key's declaration (accepts.py), and rules, the relations between keys: (test(c), message)
+    pairs or functions of c that raise UserError; c holds the config as attributes and world_size (torchrun's, else
+    1), and the message is formatted with them.
+    Returns the final config as a dict.
     skip_foreign=True (bench.py) skips a config file's keys the script does not have: a train.py config holds
     run settings (out_dir, max_iters, ...) a benchmark has no use for. The command line stays strict.
     """
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
+    accepts = declarations(namespace, keys)
+    auto = (*auto, *(k for k, a in accepts.items() if "auto" in a.literals and not isinstance(defaults[k], str)))
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
             print("config keys (default values):")
             for k in keys:
-                print(f"  --{k}={defaults[k]}")
+                print(f"  --{k}={defaults[k]}" + (f"  (takes {accepts[k].what})" if k in accepts else ""))
             sys.exit(0)
         if not arg.startswith("--"):
             path = Path(arg)
@@ -129,8 +148,22 @@ def configure(namespace, argv, skip_foreign=False, auto=()):
             if not eq and not isinstance(defaults[key], bool):
                 raise UserError(f"{arg}: overrides are written --key=value (a bare --flag sets a bool to true)")
             config[key] = parse_value(key, text, defaults[key], auto) if eq else True
+    check_config(config, accepts, rules)
     namespace.update(config)
     return config
+
+
+def check_config(config, accepts, rules):
+    """Each value against its key's declaration, then the rules relating keys (see configure); a UserError names
+    the first that fails, with what it got and what it takes."""
+    for k, a in accepts.items():
+        if not a(config[k]):
+            raise UserError(f"{k}={show(config[k])}: expected {a.what}")
+    c = SimpleNamespace(**config, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    for rule in rules:  # (test, message), or a function that raises UserError itself (batching.parse_schedule)
+        test, message = rule if isinstance(rule, tuple) else (rule, None)
+        if not test(c) and message is not None:
+            raise UserError(message.format(**vars(c)))
 
 
 # ----------------------------------------------------------------------------- device, precision, DDP

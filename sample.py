@@ -19,27 +19,37 @@ import torch
 
 import checkpoints
 import runtime
+from accepts import above, any_text, at_least, between, folder, nonempty, precision, torch_device
 from chat import END, render_prompt
 from runtime import UserError
 from tokenizer import find_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
-out_dir = "out/run"  # run folder written by train.py
-ckpt = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
-start = ""  # prompt text, or FILE:path to read it from a file; empty = start a new document
-num_samples = 2  # samples to draw (decoded as one batch)
-max_new_tokens = 200  # tokens generated per sample
-temperature = 0.8  # 0 = greedy; below 1 is more conservative, above 1 more random
-top_k = 200  # keep only the k most likely tokens (0 = off)
-top_p = 0.95  # keep the smallest set of tokens whose probability reaches p (1.0 = off)
-seed = 1337  # sampling seed
+out_dir: folder = "out/run"  # run folder written by train.py
+ckpt: nonempty = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
+start: any_text = ""  # prompt text, or FILE:path to read it from a file; empty = start a new document
+num_samples: at_least(1) = 2  # samples to draw (decoded as one batch)
+max_new_tokens: at_least(1) = 200  # tokens generated per sample
+temperature: at_least(0) = 0.8  # 0 = greedy; below 1 is more conservative, above 1 more random
+top_k: at_least(0) = 200  # keep only the k most likely tokens (0 = off)
+top_p: above(0, most=1) = 0.95  # keep the smallest set of tokens whose probability reaches p (1.0 = off)
+seed: between(0, 2**32 - 1) = 1337  # sampling seed
 chat = False  # chat with an SFT run: answer --start, or each stdin line, or talk in the terminal
 compile = False  # CUDA: compile the one-token step and replay it as a CUDA graph (~1 min to start, then ~20x faster)
-device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
-dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
+dtype: precision = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
-config = runtime.configure(globals(), sys.argv[1:])
+config = runtime.configure(
+    globals(),
+    sys.argv[1:],
+    rules=[
+        (
+            lambda c: not c.start.startswith("FILE:") or Path(c.start[5:]).is_file(),
+            "start={start}: FILE: names a file that is not there",
+        )
+    ],
+)
 env = runtime.setup_device(device, dtype)
 
 # ----------------------------------------------------------------------------- model

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from runtime import UserError
+
 # Fixed ids 1..5 (0 is <unk>, which byte fallback makes unreachable). SFT uses the chat ones.
 BOS = "<|endoftext|>"  # document boundary: every document starts with it
 SPECIAL_TOKENS = [BOS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -78,15 +80,22 @@ class Tokenizer:
     file_name = "tokenizer.model"
 
     def __init__(self, path=None, model_proto=None):
-        self.sp = (
-            spm.SentencePieceProcessor(model_file=path) if path else spm.SentencePieceProcessor(model_proto=model_proto)
-        )
+        try:
+            self.sp = (
+                spm.SentencePieceProcessor(model_file=path)
+                if path
+                else spm.SentencePieceProcessor(model_proto=model_proto)
+            )
+        except (RuntimeError, OSError) as e:  # SentencePiece's "could not parse ModelProto": a file handed over
+            raise UserError(
+                f"{path} is not a tokenizer ({str(e).split(':')[0]}); use a tokenizer.model of prepare.py"
+            ) from None
         self.vocab_size = self.sp.vocab_size()
         self.special = {}
         for name in SPECIAL_TOKENS:
             i = self.sp.piece_to_id(name)
             if i == self.sp.unk_id():
-                raise ValueError(f"tokenizer has no special token {name}; re-run prepare.py to rebuild it")
+                raise UserError(f"tokenizer {path or ''} has no special token {name}; re-run prepare.py to rebuild it")
             self.special[name] = i
         self.bos_id = self.special[BOS]
         self._meta_space_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]

@@ -52,21 +52,21 @@ class ReachedWork(Exception):
 CODE = {}
 
 
-def run_in_process(script, argv, cwd):
+def run_in_process(script, argv, cwd, stop=True):
     """(exit status, stdout, stderr) of `python script argv` run in this process until runtime.configure returns
-    (status 0 then), as the script's error handler answers: UserError and ShardError are one `error:` line and
-    status 2. Any other exception propagates: a traceback a user would see."""
+    (status 0 then; to the end with stop=False), as the script's error handler answers: UserError and ShardError
+    are one `error:` line and status 2. Any other exception propagates: a traceback a user would see."""
     path = REPO / script
     if script not in CODE:
         CODE[script] = compile(path.read_text(), str(path), "exec")
     configure, hook, argv0, old_cwd = runtime.configure, sys.excepthook, sys.argv, os.getcwd()
 
-    def stop(namespace, args, **kwargs):
+    def stopped(namespace, args, **kwargs):
         configure(namespace, args, **kwargs)
         raise ReachedWork
 
     out, err = io.StringIO(), io.StringIO()
-    runtime.configure, sys.argv = stop, [str(path), *argv]
+    runtime.configure, sys.argv = stopped if stop else configure, [str(path), *argv]
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
