@@ -136,12 +136,15 @@ ADVICE = {
     "made with a larger tokenizer. Re-run prepare.py, or set vocab_size to the shards'.",
     "is truncated or padded": "The shard's size does not match its header: it was cut short (a full disk, an "
     "interrupted copy). Re-run prepare.py; it rebuilds the folder or continues it.",
-    "must be a multiple of 64": "The peer has GPT-2's heads of 64. Give an n_embd that is a "
-    "multiple of 64.",
+    "must be a multiple of 64": "The peer has GPT-2's heads of 64. Give an n_embd that is a multiple of 64.",
     "expected auto, float32 or bfloat16": "Pick auto, float32 or bfloat16 (MLX has no loss scaling, so no fp16).",
     "MLX is not installed": "Install MLX as the message says.",
     "x an even head size": "Each head's size n_embd / n_head must be a whole, even number (RoPE rotates halves of "
     "it). Change n_embd or n_head; 128 per head is the reference.",
+    "a file cannot be read": "One of the --input files is not valid .txt/.jsonl/.parquet (the reader's reason "
+    "follows). Fix or remove that file.",
+    "expected a list of {role, content} messages": "A conversation field holds something other than a list of "
+    "messages with role and content. Check --messages_field, or fix the records.",
     "names a file that is not there": "--start=FILE:path reads the prompt from a file; check the path.",
     "must be at most samples=": "pass@k needs at least k samples per problem: raise samples or lower pass_k.",
     ": expected {a.what}": "The value is outside what the key accepts (each key's declaration, the annotation on "
@@ -150,8 +153,7 @@ ADVICE = {
     "(0, 1].",
     "leaves no row for replay or none for SFT": "replay is a share of each batch's rows given to pretraining text. "
     "Lower replay, or raise batch_size so both kinds get a row.",
-    "has a length over block_size": "bench.py's seq_lens must fit the model's context. Lower them or raise "
-    "block_size.",
+    "has a length over block_size": "bench.py's seq_lens must fit the model's context. Lower them or raise block_size.",
     "doc_len needs compile_modes without graphs": "Drop graphs from --compile_modes when timing --doc_len.",
 }
 # The printers themselves (runtime's excepthook and configure's rule check) print other messages: not listed.
@@ -227,7 +229,6 @@ def cell(text):
 
 def code(text):
     """Inline code that survives backticks inside."""
-    text = text.replace("|", "\\|")
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
@@ -263,7 +264,8 @@ def configuration_page():
         for key, default, rest in rows:
             rest = rest or ("true or false" if default in ("True", "False") else "")
             middle = f" {cell(rest)} |" if extra else ""
-            lines.append(f"| `{key}` | {code(default) if default else '`` (empty)'} |{middle} {cell(comments.get(key, ''))} |")
+            shown = cell(code(default)) if default else "(empty)"
+            lines.append(f"| `{key}` | {shown} |{middle} {cell(comments.get(key, ''))} |")
     return "\n".join(lines) + "\n"
 
 

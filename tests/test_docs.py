@@ -37,7 +37,9 @@ def read(rel):
 def test_generated_page_is_current(rel):
     want, have = docs_gen.PAGES[rel](), read(rel) if (REPO / rel).exists() else ""
     if want != have:
-        diff = "\n".join(list(difflib.unified_diff(have.splitlines(), want.splitlines(), rel, "generated", lineterm=""))[:40])
+        diff = "\n".join(
+            list(difflib.unified_diff(have.splitlines(), want.splitlines(), rel, "generated", lineterm=""))[:40]
+        )
         pytest.fail(f"{rel} differs from the code; regenerate it with: {docs_gen.REGENERATE}\n{diff}")
 
 
