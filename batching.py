@@ -8,6 +8,7 @@ import gc
 import torch
 import torch.distributed as dist
 
+from backends import OOM_TEXTS
 from runtime import UserError, memory_stats
 
 AUTO_HEADROOM = 0.9  # batch_size=auto: a dry run may peak at this share of the device's memory; the rest is for
@@ -18,11 +19,11 @@ def memory_limit(device):
     """Bytes a batch_size=auto dry run may peak at, or None on the CPU, where running out of memory cannot be
     caught: the kernel's out-of-memory killer ends the process instead of an error being raised."""
     device = str(device)
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # run on H100 and H200
         return AUTO_HEADROOM * torch.cuda.get_device_properties(device).total_memory
-    if device.startswith("mps"):
+    if device.startswith("mps"):  # never run: Metal's recommended working set (the MPS allocator raises past 1.7x it)
         return AUTO_HEADROOM * torch.mps.recommended_max_memory()
-    return None
+    return None  # run on x86 CPUs
 
 
 def check_batch(config, world_size, limit):
@@ -52,20 +53,21 @@ def check_batch(config, world_size, limit):
 
 
 def out_of_memory(e):
-    """Whether an exception is a device running out of memory (CUDA's and MPS's errors, cuBLAS failing to allocate
-    its workspace, MLX's, a dry run's peak past the limit)."""
+    """Whether an exception is a device running out of memory: backends.OOM_TEXTS' messages (CUDA's, cuBLAS failing
+    to allocate its workspace, MPS's allocator and its buffer-size limit, MLX's) or a dry run's peak past the limit."""
     text = str(e).lower()
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "alloc_failed" in text
+    texts = {t for kinds in OOM_TEXTS.values() for t in kinds}
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(t in text for t in texts)
 
 
 def free_memory(device):
     """Return what a try left to the device: collect garbage, empty the allocator's cache, and start CUDA's peak
     count anew (the metrics' peak is training's)."""
     gc.collect()
-    if str(device).startswith("cuda"):
+    if str(device).startswith("cuda"):  # run on H100 and H200
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    elif str(device).startswith("mps"):
+    elif str(device).startswith("mps"):  # never run (documented in torch.mps)
         torch.mps.empty_cache()
 
 
@@ -100,7 +102,7 @@ def dry_run(env, model, optimizer, loss_of, T, rows=1):
     device, limit = env["device"], memory_limit(env["device"])
 
     def try_step(size):
-        if device.startswith("cuda"):
+        if device.startswith("cuda"):  # run on H100 and H200; MPS keeps no peak to reset (runtime.memory_stats)
             torch.cuda.reset_peak_memory_stats(device)
         x = torch.zeros(rows * size, T, dtype=torch.long, device=device)
         lrs = [g["lr"] for g in optimizer.param_groups]

@@ -349,13 +349,13 @@ def document_mask(idx, bos_id, flex=None):
     skips the blocks the mask leaves empty; else the same mask dense, (B, 1, T, T) bool, for SDPA."""
     B, T = idx.size()
     doc = (idx == bos_id).cumsum(dim=1)  # (B, T): which document of the row each position is in
-    if idx.device.type == "cuda" if flex is None else flex:
+    if idx.device.type == "cuda" if flex is None else flex:  # run on H100 (FlexAttention's kernels are CUDA's)
 
         def same_document(b, h, q, k):
             return (k <= q) & (doc[b, q] == doc[b, k])
 
         return compiled(create_block_mask)(same_document, B, None, T, T, device=idx.device)
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # run on CPUs; MPS never run (same ops)
     return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
 
 

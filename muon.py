@@ -2,9 +2,9 @@
 
 Muon (Keller Jordan, 2024, https://kellerjordan.github.io/posts/muon/) takes the Nesterov momentum of a
 matrix's gradient and replaces it by the nearest semi-orthogonal matrix (U V^T of its SVD), found with a few
-Newton-Schulz iterations in bf16. Every direction of the update then moves by the same amount, which is what
-lets it train hidden layers faster than AdamW. Embeddings, the (tied) output head and the 1-D norm gains are
-not hidden matrices and keep AdamW.
+Newton-Schulz iterations (bf16 on a GPU, fp32 on a CPU or a Mac: a group's `ns_dtype`). Every direction of the
+update then moves by the same amount, which is what lets it train hidden layers faster than AdamW. Embeddings,
+the (tied) output head and the 1-D norm gains are not hidden matrices and keep AdamW.
 
 Param groups carry `use_muon`. Under DDP (torch.distributed initialised) the gradients are already averaged;
 each rank orthogonalises its slice of every same-shape bucket (one batched Newton-Schulz) and the updates are
@@ -16,18 +16,21 @@ whole state.
 import torch
 import torch.distributed as dist
 
-NS_DTYPE = torch.bfloat16  # precision of the Newton-Schulz iteration (tests set float32 to compare arithmetic)
+NS_DTYPE = torch.bfloat16  # Newton-Schulz precision of a group without ns_dtype (tests set float32 for arithmetic)
+# The scripts give every Muon group its device's ns_dtype (backends.device_defaults): bf16 where tensor cores make it
+# fast, fp32 on a CPU, where bf16 matmuls without bf16 instructions are emulated 50-100x slower, and on a Mac
 
 
-def zeropower_via_newtonschulz5(G, steps=5):
-    """Approximate U V^T for G = U S V^T (G is 2-D, or batched 3-D) by a quintic Newton-Schulz iteration.
+def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
+    """Approximate U V^T for G = U S V^T (G is 2-D, or batched 3-D) by a quintic Newton-Schulz iteration in dtype
+    (default NS_DTYPE).
 
     The coefficients (3.4445, -4.7750, 2.0315) maximise the slope at zero, so small singular values rise
     fast; the price is that the result's singular values land in roughly [0.7, 1.2] rather than exactly 1,
     which does not hurt training.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.to(NS_DTYPE)
+    X = G.to(dtype or NS_DTYPE)
     batched = X.ndim == 3
     if not batched:
         X = X.unsqueeze(0)
@@ -46,7 +49,8 @@ def zeropower_via_newtonschulz5(G, steps=5):
 
 class Muon(torch.optim.Optimizer):
     """param_groups: dicts with `params`, `use_muon`, `lr`, `weight_decay`, and for Muon groups `momentum`,
-    `nesterov`, `ns_steps`; for AdamW groups `betas`, `eps`. Weight decay is decoupled (scaled by lr)."""
+    `nesterov`, `ns_steps`, `ns_dtype` (a torch dtype's name, e.g. "float32"; default NS_DTYPE); for AdamW groups
+    `betas`, `eps`. Weight decay is decoupled (scaled by lr)."""
 
     def __init__(self, param_groups):
         for group in param_groups:
@@ -84,20 +88,21 @@ class Muon(torch.optim.Optimizer):
         bufs = [self.state[p]["momentum_buffer"] for p in params]
         torch._foreach_lerp_(bufs, [p.grad for p in params], 1 - group["momentum"])  # buf = m*buf + (1-m)*g
         # 2) orthogonalise each same-shape bucket as one batched Newton-Schulz (a few large matmuls instead of
-        # one small one per matrix), a bucket at a time so that only one bucket's bf16 copies are alive. Under
+        # one small one per matrix), a bucket at a time so that only one bucket's copies are alive. Under
         # DDP rank r takes the r-th slice of the bucket; slices are padded with zeros to equal size and
         # all-gathered asynchronously, overlapping the next bucket's Newton-Schulz.
+        dtype = getattr(torch, group["ns_dtype"]) if group.get("ns_dtype") else NS_DTYPE
         buckets = {}
         for p in params:
             buckets.setdefault(p.shape, []).append(p)
         pending = []
         for bucket in buckets.values():
             per_rank = -(-len(bucket) // world)  # ceil
-            stack = torch.zeros(per_rank, *bucket[0].shape, dtype=NS_DTYPE, device=bucket[0].device)
+            stack = torch.zeros(per_rank, *bucket[0].shape, dtype=dtype, device=bucket[0].device)
             for i, p in enumerate(bucket[rank * per_rank : (rank + 1) * per_rank]):
                 buf = self.state[p]["momentum_buffer"]
                 stack[i] = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-            update = zeropower_via_newtonschulz5(stack, group["ns_steps"])  # (per_rank, rows, cols) in NS_DTYPE
+            update = zeropower_via_newtonschulz5(stack, group["ns_steps"], dtype)  # (per_rank, rows, cols)
             del stack
             if world == 1:
                 self._apply(group, bucket, update)
@@ -113,7 +118,7 @@ class Muon(torch.optim.Optimizer):
     def _apply(group, params, updates):
         """Decoupled weight decay, then the update scaled so that its RMS does not shrink for tall matrices
         (max(1, rows/cols)^0.5, as in Keller Jordan's reference implementation). updates: (>= len(params), r, c)
-        in bf16, added to the fp32 weights one matrix at a time (no fp32 copy of the bucket)."""
+        in the Newton-Schulz precision, added to the fp32 weights one matrix at a time (no fp32 copy of the bucket)."""
         lr, wd = group["lr"], group["weight_decay"]
         scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
         if wd:
