@@ -113,7 +113,7 @@ def generate(
     else:
         cache = KVCache(c, rows, max_len, dev, model.lm_head.weight.dtype)
         cache.start = torch.zeros(rows, dtype=torch.long, device=dev)
-        graph = gen_graph and dev.type == "cuda"
+        graph = gen_graph and dev.type == "cuda"  # run on H100; elsewhere (CPU run, MPS never) the eager step
         step = model.capture_decode(cache) if graph else model.decode_step(cache)
         if graph:
             STEPS[key] = cache, step  # the graph keeps the model alive, so its id stays its own

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+import backends
 from accepts import Accepts, show
 from muon import Muon
 from shards import ShardError
@@ -116,7 +117,11 @@ def configure(namespace, argv, skip_foreign=False, auto=(), rules=()):
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
     accepts = declarations(namespace, keys)
-    auto = (*auto, *(k for k, a in accepts.items() if "auto" in a.literals and not isinstance(defaults[k], str)))
+    # the type each key keeps: its default's, but a key that defaults to "auto" and takes True (compile=auto: the
+    # device decides, backends.py) is a bool that also takes "auto"
+    takes_true = {k for k, a in accepts.items() if True in a.literals}
+    kinds = {k: False if v == "auto" and k in takes_true else v for k, v in defaults.items()}
+    auto = (*auto, *(k for k, a in accepts.items() if "auto" in a.literals and not isinstance(kinds[k], str)))
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -140,14 +145,14 @@ def configure(namespace, argv, skip_foreign=False, auto=(), rules=()):
                     continue
                 if k not in defaults:
                     raise unknown_key(k, keys, arg)
-                config[k] = check_value(k, v, defaults[k], auto)
+                config[k] = check_value(k, v, kinds[k], auto)
         else:
             key, eq, text = arg[2:].partition("=")
             if key not in defaults:
                 raise unknown_key(key, keys, "the command line")
-            if not eq and not isinstance(defaults[key], bool):
+            if not eq and not isinstance(kinds[key], bool):
                 raise UserError(f"{arg}: overrides are written --key=value (a bare --flag sets a bool to true)")
-            config[key] = parse_value(key, text, defaults[key], auto) if eq else True
+            config[key] = parse_value(key, text, kinds[key], auto) if eq else True
     check_config(config, accepts, rules)
     namespace.update(config)
     return config
@@ -169,10 +174,12 @@ def check_config(config, accepts, rules):
 # ----------------------------------------------------------------------------- device, precision, DDP
 
 
-def setup_device(device="auto", dtype="auto"):
-    """Pick the device (CUDA, then MPS, then CPU unless given), precision and, under torchrun, DDP.
+def setup_device(device="auto", dtype="auto", compile=False, ns_dtype="auto"):
+    """Pick the device (CUDA, then MPS, then CPU unless given), precision and, under torchrun, DDP. What each device
+    type gets where a key says auto (dtype, compile, ns_dtype) is backends.device_defaults', and so is what is refused.
 
-    Returns a dict: device, device_type, ptdtype, autocast (a context manager), ddp, rank, local_rank,
+    Returns a dict: device, device_type, ptdtype, autocast (a context manager), compile (a bool), ns_dtype (Muon's
+    Newton-Schulz precision, a dtype's name), defaults (backends.device_defaults'), ddp, rank, local_rank,
     world_size, master (rank 0 prints and saves).
     """
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -194,12 +201,26 @@ def setup_device(device="auto", dtype="auto"):
     device_type = device.split(":")[0]
     if device_type not in ("cuda", "mps", "cpu"):
         raise UserError(f"device={device}: expected auto, cuda, cuda:N, mps or cpu")
-    if dtype == "auto":  # bf16 where the hardware has it; MPS has fp16 only; plain fp32 is fastest on CPU
-        dtype = {"cuda": "bfloat16", "mps": "float16", "cpu": "float32"}[device_type]
+    defaults = backends.device_defaults(device_type, torch.__version__)
+    dtype = defaults["dtype"] if dtype == "auto" else dtype
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if ptdtype is None:
         raise UserError(f"dtype={dtype}: expected auto, float32, bfloat16 or float16")
-    if device_type == "cuda":
+    if dtype not in defaults["dtypes"]:
+        raise UserError(
+            f"dtype={dtype} on {device_type} with torch {torch.__version__}: expected auto or "
+            f"{' or '.join(defaults['dtypes'])} (docs/backends.md says why)"
+        )
+    ns_dtype = defaults["ns_dtype"] if ns_dtype == "auto" else ns_dtype
+    if ns_dtype not in ("float32", "bfloat16"):
+        raise UserError(f"ns_dtype={ns_dtype}: expected auto, float32 or bfloat16")
+    if compile == "auto":
+        compile = defaults["compile"]
+    elif compile and defaults["compile_refused"]:
+        raise UserError(f"compile=true on {device_type}: {defaults['compile_refused']}; use compile=auto (off there)")
+    elif compile and defaults["compile_note"] and rank == 0:
+        print(defaults["compile_note"])
+    if defaults["tf32"]:  # run on CUDA (H100, H200)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
@@ -208,6 +229,9 @@ def setup_device(device="auto", dtype="auto"):
         device_type=device_type,
         ptdtype=ptdtype,
         autocast=autocast,
+        compile=compile,
+        ns_dtype=ns_dtype,
+        defaults=defaults,
         ddp=ddp,
         rank=rank,
         local_rank=local_rank,
@@ -233,7 +257,7 @@ PEAK_FLOPS = [
 
 def peak_flops(device):
     """The device's bf16 peak, or None where unknown (MFU is then not printed)."""
-    if not str(device).startswith("cuda"):
+    if not str(device).startswith("cuda"):  # run on H100, H200 and the CPU (no peak there, nor on MPS)
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
@@ -271,11 +295,11 @@ def memory_stats(device):
     allocator's cache, so it stays near the highest use. CPU: the device's memory is the process's, so mem_gib is
     the resident set size and peak_mem_gib its highest so far."""
     device = str(device)
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):  # run on H100 and H200
         return memory_record(torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device))
-    if device.startswith("mps"):
+    if device.startswith("mps"):  # never run: torch.mps's documented readings (tested with them faked)
         return memory_record(torch.mps.current_allocated_memory(), torch.mps.driver_allocated_memory())
-    return memory_record(rss_bytes(), peak_rss_bytes())
+    return memory_record(rss_bytes(), peak_rss_bytes())  # run on x86 CPUs (Linux)
 
 
 def format_memory(record):
@@ -285,6 +309,8 @@ def format_memory(record):
 
 def get_rng_state(device):
     state = {"torch": torch.get_rng_state()}
+    # run on CUDA and the CPU. MPS (never run) draws nothing from its own generator in training: the weights are made
+    # on the CPU and the data order is the shard reader's, so the CPU's state resumes a run exactly there too
     if str(device).startswith("cuda"):
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -317,15 +343,18 @@ def check_optimizer(optimizer, ckpt=None, out_dir=None):
         )
 
 
-def make_optimizer(model, muon_lr, muon_momentum, learning_rate, betas, weight_decay, optimizer="muon"):
+def make_optimizer(model, muon_lr, muon_momentum, learning_rate, betas, weight_decay, optimizer="muon", ns_dtype=None):
     """optimizer="muon": Muon for the attention and MLP matrices, AdamW for the embedding (= output head) and the
     norm gains. optimizer="adamw": AdamW at learning_rate for all of them (muon_lr, muon_momentum unused), still
     in muon.Muon's three groups, so checkpoints and train_mlx.py's mirror are the same code. Norm gains never
-    decay. Each group remembers its peak learning rate for the schedule."""
+    decay. Each group remembers its peak learning rate for the schedule. ns_dtype: the Newton-Schulz precision of
+    the Muon group ("float32", "bfloat16": setup_device's env["ns_dtype"]); None leaves muon.NS_DTYPE."""
     check_optimizer(optimizer)
     matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
     adamw = dict(use_muon=False, lr=learning_rate, betas=betas)
     hidden = dict(use_muon=True, lr=muon_lr, momentum=muon_momentum) if optimizer == "muon" else adamw
+    if optimizer == "muon" and ns_dtype:
+        hidden["ns_dtype"] = ns_dtype
     muon = Muon(
         [
             dict(params=matrices, weight_decay=weight_decay, **hidden),

@@ -37,7 +37,7 @@ seed: between(0, 2**32 - 1) = 1337  # sampling seed
 chat = False  # chat with an SFT run: answer --start, or each stdin line, or talk in the terminal
 compile = False  # CUDA: compile the one-token step and replay it as a CUDA graph (~1 min to start, then ~20x faster)
 device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
-dtype: precision = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+dtype: precision = "auto"  # auto (bfloat16 on CUDA, float32 on MPS and CPU: backends.py), float32, bfloat16, float16
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
 config = runtime.configure(
@@ -71,7 +71,7 @@ if tok.vocab_size != model.config.vocab_size:
 
 # ----------------------------------------------------------------------------- chat
 generator = torch.Generator(env["device"]).manual_seed(seed)
-graph = compile and env["device_type"] == "cuda"  # CUDA graphs exist only on CUDA; elsewhere the eager step runs
+graph = compile and env["defaults"]["cuda_graphs"]  # run on H100; elsewhere (CPU run, MPS never) the eager step
 block_size = model.config.block_size
 
 
