@@ -12,9 +12,12 @@ and two completions, each an answer followed by <|end|>.
 """
 
 import ast
+import builtins
 import importlib
 import inspect
 import re
+import sys
+import textwrap
 import warnings
 import zlib
 from pathlib import Path, PurePosixPath
@@ -34,6 +37,9 @@ class ConversationError(ValueError):
 def normalize(messages):
     """[{role, content}] with roles mapped to system/user/assistant; raise on a role we do not know."""
     out = []
+    shape = isinstance(messages, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)
+    if not shape:  # a record of the user's file: a string, or messages without a role or content
+        raise ConversationError(f"expected a list of {{role, content}} messages, got {str(messages)[:60]!r}")
     for m in messages:
         role = ROLE_ALIASES.get(m["role"], m["role"])
         if role not in ROLES:
@@ -205,6 +211,8 @@ def render_dpo(tok, rows, block_size, split_of):
     data = {s: {"tokens": [], "lengths": []} for s in ("train", "val")}
     end = tok.special[END]
     for i, row in enumerate(rows):
+        if row is None:  # dropped by eval.sampled_code_pairs; its index keeps the others' split
+            continue
         counts["pairs"] += 1
         try:
             context, chosen, rejected = pair_messages(row)
@@ -333,18 +341,10 @@ def source_conversations(rows):
     conversations, seen, answers = [], set(), set()
     counts = {"files": 0, "not_modules": 0, "unparsed": 0, "too_long": 0, "same_answer": 0}
     for row in rows:
-        counts["files"] += 1
+        tree = parse_module(row, counts)
+        if tree is None:
+            continue
         module = module_name(row["name"])
-        if module is None or row["text"] is None:
-            counts["not_modules"] += 1
-            continue
-        try:
-            with warnings.catch_warnings():  # invalid escapes ("\d") in old packages' strings warn at parse time
-                warnings.simplefilter("ignore")
-                tree = ast.parse(row["text"])
-        except (SyntaxError, ValueError, RecursionError, MemoryError):  # Python 2 files; null bytes; generated
-            counts["unparsed"] += 1
-            continue
         for qualname, node in public_defs(tree):
             name, answer = f"{module}.{qualname}", first_prose(ast.get_docstring(node))
             if answer is None or name in seen:
@@ -375,3 +375,130 @@ def preference_pairs(conversations, split_of=lambda i: "train"):
             other = conversations[same[(k + len(same) // 2) % len(same)]][1]["content"]
             pairs[i] = {"prompt": question["content"], "chosen": answer["content"], "rejected": other}
     return [pairs[i] for i in range(len(conversations))]
+
+
+# ----------------------------------------------------------------------------- the coding task
+CODE_REQUEST = "Complete the following Python function:\n```python\n{prompt}```"  # HumanEval asks the same (eval.py)
+CODE_ANSWER = "```python\n{code}```"  # the whole function, imports first; eval.py runs the first such block
+MAX_CODE = 1500  # characters of a function's source: longer ones (and their docstring, asked too) outgrow 1024 tokens
+STDLIB = frozenset(getattr(sys, "stdlib_module_names", ())) | {"typing", "collections", "itertools", "math"}
+BUILTINS = frozenset(dir(builtins))
+
+
+def code_block(text):
+    """The code of an answer: its first ```python fenced block (to the end where it was cut off), else all of it."""
+    match = re.search(r"```(?:python|py)?\n(.*?)(?:```|\Z)", text, re.S)
+    return match.group(1) if match else text
+
+
+def stdlib_imports(tree):
+    """{bound name: import line} of a module's top-level imports from the standard library."""
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+            roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if all(r.split(".")[0] in STDLIB for r in roots):
+                for alias in node.names:
+                    if alias.name != "*":
+                        found[alias.asname or alias.name.split(".")[0]] = ast.unparse(
+                            type(node)(**{**node.__dict__, "names": [alias]})
+                        )
+    return found
+
+
+def free_names(node):
+    """Names a function reads that it does not bind itself (parameters, assignments, imports, nested defs)."""
+    bound, loaded = set(), set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.arg):
+            bound.add(sub.arg)
+        elif isinstance(sub, ast.Name):
+            (loaded if isinstance(sub.ctx, ast.Load) else bound).add(sub.id)
+        elif isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and sub is not node:
+            bound.add(sub.name)
+        elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in sub.names)
+        elif isinstance(sub, ast.ExceptHandler) and sub.name:
+            bound.add(sub.name)
+    return loaded - bound - BUILTINS - {node.name}
+
+
+def is_stub(node):
+    """A body that is only the docstring and pass, ..., or raise NotImplementedError: nothing to learn from."""
+    rest = node.body[1:]
+    return not rest or all(
+        isinstance(s, ast.Pass)
+        or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+        or (isinstance(s, ast.Raise) and "NotImplementedError" in ast.unparse(s))
+        for s in rest
+    )
+
+
+def code_conversations(rows, scope="self_contained"):
+    """The coding task: for each public function (scope=all: and method) with a docstring in Python files, the user
+    gives its signature and docstring as HumanEval gives a problem (CODE_REQUEST) and the assistant answers with the
+    whole function (CODE_ANSWER). Files are parsed with ast, never imported. scope=self_contained keeps module-level
+    functions that read no name but builtins and standard-library modules the file imports (those imports open
+    the prompt and the answer, as `from typing import List` opens HumanEval's); scope=all keeps every one. Stubs,
+    functions over MAX_CODE characters and copies of a function seen before are left out and counted.
+    Returns (conversations, counts); a conversation's user turn also carries the function's name ("function") and,
+    where its docstring has examples (>>>), the docstring ("doc"), so that answers can be judged by its doctests."""
+    conversations, seen = [], set()
+    counts = {"files": 0, "functions": 0, "not_self_contained": 0, "stubs": 0, "too_long": 0, "same_code": 0}
+    for row in rows:
+        tree = parse_module(row, counts)
+        if tree is None:
+            continue
+        lines, imports = row["text"].splitlines(keepends=True), stdlib_imports(tree)
+        defs = public_defs(tree) if scope == "all" else [(n.name, n) for n in tree.body if is_function(n)]
+        for _, node in defs:
+            doc = ast.get_docstring(node)
+            if not doc or len(doc.strip()) < 20:
+                continue
+            counts["functions"] += 1
+            free = free_names(node)
+            if scope != "all" and not free <= set(imports):
+                counts["not_self_contained"] += 1
+                continue
+            if is_stub(node):
+                counts["stubs"] += 1
+                continue
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            code = textwrap.dedent("".join(lines[start - 1 : node.end_lineno]))
+            head = textwrap.dedent("".join(lines[start - 1 : node.body[0].end_lineno]))
+            header = "".join(f"{imports[n]}\n" for n in sorted(free & set(imports)))
+            header += "\n\n" if header else ""
+            if len(code) > MAX_CODE:
+                counts["too_long"] += 1
+                continue
+            if code in seen:
+                counts["same_code"] += 1
+                continue
+            seen.add(code)
+            conversations.append(
+                [
+                    {"role": "user", "content": CODE_REQUEST.format(prompt=header + head.rstrip() + "\n")},
+                    {"role": "assistant", "content": CODE_ANSWER.format(code=header + code.rstrip() + "\n")},
+                ]
+            )
+            conversations[-1][0].update(function=node.name, doc=doc if ">>>" in doc else None)
+    return conversations, counts
+
+
+def is_function(node):
+    return isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_")
+
+
+def parse_module(row, counts):
+    """The ast of a corpus file that is a module (module_name), or None (counted: not_modules, unparsed)."""
+    counts["files"] += 1
+    if module_name(row["name"]) is None or row["text"] is None:
+        counts["not_modules"] = counts.get("not_modules", 0) + 1
+        return None
+    try:
+        with warnings.catch_warnings():  # invalid escapes ("\d") in old packages' strings warn at parse time
+            warnings.simplefilter("ignore")
+            return ast.parse(row["text"])
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # Python 2 files; null bytes; generated
+        counts["unparsed"] = counts.get("unparsed", 0) + 1
+        return None

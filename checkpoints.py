@@ -175,6 +175,35 @@ def load_checkpoint(path):
     return ckpt
 
 
+def read_config(path):
+    """The config stored in a checkpoint, read from its metadata alone (no tensor is loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return unflatten_state(json.loads(metadata["structure"])["dict"]["config"], {})  # the config holds no tensor
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
+        raise UserError(
+            f"checkpoint {path} is truncated, corrupted or not ours ({type(e).__name__}); retrain"
+        ) from None
+
+
+def run_kind(config):
+    """pretrain, sft or dpo, from the manifest of the data a run trained on."""
+    manifest = Path(config.get("data_dir", "")) / "manifest.json"
+    return json.loads(manifest.read_text()).get("mode", "pretrain") if manifest.is_file() else "pretrain"
+
+
+def lineage(run, config):
+    """[(run folder, config)] from this run back to its pretraining run, following init_from (as far as the
+    checkpoints tell: a resumed SFT or DPO run records init_from=resume)."""
+    chain = [(Path(run), config)]
+    while run_kind(chain[-1][1]) != "pretrain" and chain[-1][1].get("init_from", "resume") != "resume":
+        base = Path(chain[-1][1]["init_from"])
+        path = find_checkpoint(base, "best", f"the init_from that {chain[-1][0]}'s checkpoint names")
+        chain.append((base, read_config(path)))
+    return chain
+
+
 def load_model_state(model, state, path):
     """load_state_dict(strict=True) with a one-line error when the checkpoint's architecture differs."""
     ours = model.state_dict()

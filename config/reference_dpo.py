@@ -1,7 +1,8 @@
-# The reference run's DPO stage (reference.sh): prefer the right docstring to another function's or a cut one.
+# The reference run's DPO stage (reference.sh): prefer the right docstring or function to another function's, at
+# dpo.py's default rates (5% of the SFT run's) with its NLL term on the chosen answer (PERF.md, issue 25).
 out_dir = "out/ref_dpo"  # chat with: python sample.py --out_dir=out/ref_dpo --chat
 init_from = "out/ref_sft"  # the reference SFT run
-data_dir = "data/dpo_python32k"  # made by: python prepare.py --mode=dpo --corpus=python --tokenizer=out/ref/...
+data_dir = "data/dpo_python32k"  # made by: python prepare.py --mode=dpo --corpus=python --task=both ...
 precompute_ref = False  # a live frozen reference: 150 steps need fewer passes than all ~43K pairs up front
 batch_size = 32  # pairs per step (64 rows)
 max_iters = 150  # ~5K pairs seen: a small move from the SFT model, as DPO should be

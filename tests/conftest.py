@@ -139,8 +139,7 @@ def sft_run(tiny_data, tmp_path_factory):
         "--eval_iters=1",
         "--max_new_tokens=4",
         "--num_samples=1",
-        "--learning_rate=0.01",
-        "--muon_lr=0.02",
+        "--lr_frac=1.0",
     )
     run("prepare.py", "--mode=dpo", f"--data_dir={dpo_data}", tokenizer, "--block_size=64")
     return sft, dpo_data

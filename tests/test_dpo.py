@@ -16,7 +16,7 @@ import checkpoints
 from shards import open_pairs
 from tokenizer import Tokenizer
 
-STATS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
+STATS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "nll"]
 
 
 def dpo(sft, data, out, *args, check=True, **seams):
@@ -31,8 +31,7 @@ def dpo(sft, data, out, *args, check=True, **seams):
         "--eval_iters=2",
         "--log_interval=1",
         "--warmup_iters=2",
-        "--learning_rate=0.003",
-        "--muon_lr=0.01",
+        "--lr_frac=0.5",
         *args,
         check=check,
         **seams,
@@ -152,6 +151,17 @@ def reference_loss(policy, reference, pairs, beta):
     return sum(losses) / n, sum(chosen_rewards) / n, sum(rejected_rewards) / n
 
 
+def reference_nll(policy, pairs):
+    """The chosen completions' negative log-likelihood per token, pooled over the pairs (RPO's term), in float64."""
+    nats = tokens = 0
+    for p, c, _ in pairs:
+        logits = policy.logits(torch.tensor([p + c])[:, :-1]).double()
+        logprobs = F.log_softmax(logits, dim=-1)[0, len(p) - 1 :]
+        nats -= logprobs.gather(1, torch.tensor(c)[:, None]).sum().item()
+        tokens += len(c)
+    return nats / tokens
+
+
 def load(path):
     ckpt = checkpoints.load_checkpoint(path)
     return checkpoints.build_model(ckpt, path).eval(), ckpt
@@ -179,13 +189,14 @@ def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
     sft_ckpt = sft / checkpoints.BEST
     sft_bytes = hashlib.sha256(sft_ckpt.read_bytes()).hexdigest()
     out = tmp_path / "dpo"
-    args = ["--max_iters=24", "--eval_interval=24", "--batch_size=16", "--muon_lr=0.003"]
+    args = ["--max_iters=24", "--eval_interval=24", "--batch_size=16", "--lr_frac=0.15", "--nll_weight=0.5"]
     proc = dpo(sft, data, out, *args)
     log = records(out)
     first_eval, last_eval = [r for r in log if "val_loss" in r][0], [r for r in log if "val_loss" in r][-1]
     steps = [r for r in log if "loss" in r]
-    # at the start the policy is the reference: loss ln 2, rewards 0
-    assert abs(first_eval["val_loss"] - math.log(2)) < 1e-5 and abs(steps[0]["loss"] - math.log(2)) < 1e-5
+    # at the start the policy is the reference: DPO's loss ln 2, rewards 0; plus half the chosen answers' NLL
+    assert abs(first_eval["val_loss"] - math.log(2) - 0.5 * first_eval["val_nll"]) < 1e-5
+    assert abs(steps[0]["loss"] - math.log(2) - 0.5 * steps[0]["nll"]) < 1e-5 and steps[0]["nll"] > 1
     for r in (first_eval, steps[0]):
         assert all(abs(r[k]) < 1e-6 for k in r if "rewards/" in k and "accuracies" not in k)
     # on the training pairs, chosen rewards rise relative to rejected ones
@@ -195,14 +206,17 @@ def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
     assert sum(r["rewards/accuracies"] for r in late) / 8 > 0.55
     assert "held-out preference accuracy" in proc.stdout
 
-    # the logged held-out loss equals an independent computation with the SFT weights as the reference
+    # the logged held-out loss equals an independent computation with the SFT weights as the reference: DPO's loss
+    # plus nll_weight x the chosen answers' NLL per token, per batch of 16 pairs (each batch weighs its pairs)
     policy, _ = load(out / "ckpt_0000024.safetensors")
     reference, ref_ckpt = load(sft_ckpt)
     tok = Tokenizer(str(out / "tokenizer.model"))
     pairs = read_pairs(data, tok, ["val"])[: 2 * 16]  # eval_iters x batch_size; all fit the model's 64 tokens
     with torch.no_grad():
         loss, chosen, rejected = reference_loss(policy, reference, pairs, beta=0.1)
-    assert abs(loss - last_eval["val_loss"]) < 1e-5 and abs(loss - math.log(2)) > 1e-3
+        nll = [reference_nll(policy, pairs[a : a + 16]) for a in (0, 16)]
+    assert abs(sum(nll) / 2 - last_eval["val_nll"]) < 1e-5
+    assert abs(loss + 0.5 * sum(nll) / 2 - last_eval["val_loss"]) < 1e-5 and abs(loss - math.log(2)) > 1e-3
     assert abs(chosen - last_eval["val_rewards/chosen"]) < 1e-5
     assert abs(rejected - last_eval["val_rewards/rejected"]) < 1e-5
 

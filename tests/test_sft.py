@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import shutil
 import sys
 from dataclasses import asdict
@@ -158,7 +159,9 @@ def expected_targets(tok, x):
 
 def test_sft_batches_train_only_on_assistant_text(tiny_data, tmp_path):
     """On the batches sft.py builds (train and validation), the targets are -1 on the system and user turns,
-    the role tokens and the padding, and are the next token on assistant text and its closing <|end|>."""
+    the role tokens and the padding, and are the next token on assistant text and its closing <|end|>. With
+    replay=0.5, half of each training batch's rows are windows of the pretraining data, the batch's length, with
+    every target the next token."""
     rows = [{"prompt_id": str(i), "messages": CONVERSATION if i % 2 else CONVERSATION[1:3]} for i in range(40)]
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenizer, data, base = tiny_data / "tokenizer.model", tmp_path / "data", tmp_path / "base"
@@ -171,7 +174,9 @@ def test_sft_batches_train_only_on_assistant_text(tiny_data, tmp_path):
     )
     config = GPTConfig(block_size=128, vocab_size=512, n_layer=1, n_head=2, n_embd=32, mlp_hidden=64)
     base.mkdir()
-    checkpoints.save_checkpoint(base, 1, dict(model=GPT(config).state_dict(), model_args=asdict(config)), 1, True)
+    pretrained = dict(muon_lr=0.02, learning_rate=0.006, data_dir=str(tiny_data))  # what sft.py reads of it
+    state = dict(model=GPT(config).state_dict(), model_args=asdict(config), config=pretrained)
+    checkpoints.save_checkpoint(base, 1, state, 1, True)
     shutil.copyfile(tokenizer, base / "tokenizer.model")
     args = [
         "--device=cpu",
@@ -180,6 +185,7 @@ def test_sft_batches_train_only_on_assistant_text(tiny_data, tmp_path):
         "--eval_iters=2",
         "--num_samples=0",
         "--max_new_tokens=1",
+        "--replay=0.5",
     ]
     cmd = [sys.executable, "-c", RECORD_BATCHES, tmp_path / "batches.pt"]
     run("sft.py", f"--init_from={base}", f"--data_dir={data}", f"--out_dir={tmp_path / 'sft'}", *args, cmd=cmd)
@@ -187,13 +193,24 @@ def test_sft_batches_train_only_on_assistant_text(tiny_data, tmp_path):
     tok = Tokenizer(str(tokenizer))
     assert len(batches) >= 3 + 2  # three steps, and validation at steps 0 and 3
     prompter = {tok.special[r] for r in ("<|system|>", "<|user|>")}
-    seen_system = False
+    seen_system, mixed = False, 0
     for x, y in batches:
-        for row_x, row_y in zip(x, y, strict=True):
+        windows = [
+            (y[:, :-1] == x[:, 1:]).all(1) & (y != -1).all(1) & ~torch.isin(x, torch.tensor(sorted(prompter))).any(1)
+        ]
+        windows = windows[0].tolist()  # which rows are pretraining windows
+        if len(x) == 4 and windows == [False, False, True, True]:
+            mixed += 1  # a training batch: two conversations, then two replayed windows
+        for row_x, row_y, window in zip(x, y, windows, strict=True):
+            if window:
+                continue
             torch.testing.assert_close(row_y, expected_targets(tok, row_x.numpy()), rtol=0, atol=0)
             seen_system |= tok.special["<|system|>"] in row_x.tolist()
             assert prompter & set(row_x.tolist()) and (row_y != -1).any()  # not vacuous: both kinds of text
-    assert seen_system
+    assert seen_system and mixed == 3
+    records = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["replay_loss"] > 1 for r in records if "loss" in r)  # ~ln(512) for an untrained model
+    assert all(math.isfinite(r["pretrain_val_loss"]) for r in records if "val_loss" in r)
 
 
 def test_sft_learns_the_demo_set_and_chat_answers(tiny_data, tmp_path):
@@ -218,8 +235,7 @@ def test_sft_learns_the_demo_set_and_chat_answers(tiny_data, tmp_path):
         "--eval_iters=2",
         "--max_new_tokens=8",
         "--log_interval=5",
-        "--learning_rate=0.01",
-        "--muon_lr=0.02",
+        "--lr_frac=1.0",
     )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
