@@ -27,11 +27,15 @@ class UserError(Exception):
 
 
 def install_error_handler():
-    """Turn UserError / ShardError escaping a script into one clear line on stderr and exit status 2."""
+    """Turn UserError / ShardError escaping a script into one clear line on stderr and exit status 2; so too running
+    out of memory (settings too large for this machine: the fuzz test met num_samples=1000000 in sample.py)."""
 
     def hook(kind, value, tb):
         if issubclass(kind, (UserError, ShardError)):
             print(f"error: {value}", file=sys.stderr)
+            sys.exit(2)
+        if issubclass(kind, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(value):
+            print(f"error: out of memory ({str(value).splitlines()[0][:160]}); lower the sizes given", file=sys.stderr)
             sys.exit(2)
         sys.__excepthook__(kind, value, tb)
 

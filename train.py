@@ -22,6 +22,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import batching
 import checkpoints
 import runtime
+from accepts import (
+    above,
+    any_text,
+    at_least,
+    auto,
+    between,
+    device_type,
+    folder,
+    one_of,
+    precision,
+    torch_device,
+    writable,
+)
 from model import GPT, GPTConfig, document_mask
 from peer import NanoGPT
 from runtime import UserError
@@ -30,73 +43,80 @@ from tokenizer import find_tokenizer, load_tokenizer
 
 # ----------------------------------------------------------------------------- config
 # I/O
-out_dir = "out/run"  # run folder: checkpoints, metrics.jsonl, tb/, a copy of the tokenizer
-data_dir = "data/stdlib"  # folder made by prepare.py: tokenizer.model, train_*.bin, val_*.bin
-init_from = "scratch"  # 'scratch' or 'resume' (from the latest checkpoint in out_dir)
+out_dir: writable = "out/run"  # run folder: checkpoints, metrics.jsonl, tb/, a copy of the tokenizer
+data_dir: folder = "data/stdlib"  # folder made by prepare.py: tokenizer.model, train_*.bin, val_*.bin
+init_from: one_of("scratch", "resume") = "scratch"  # resume: from the latest checkpoint in out_dir
 overwrite = False  # allow init_from=scratch to replace a run already in out_dir
-eval_interval = 250  # steps between validation-loss evaluations
-eval_iters = 20  # micro-batches per evaluation (per rank)
-log_interval = 10  # steps between progress lines / metrics records
-ckpt_interval = 500  # steps between checkpoints (one is also written at the end)
-keep_last = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
-patience = 0  # stop after this many evaluations without a new best validation loss (0 = never)
+eval_interval: at_least(1) = 250  # steps between validation-loss evaluations
+eval_iters: at_least(1) = 20  # micro-batches per evaluation (per rank)
+log_interval: at_least(1) = 10  # steps between progress lines / metrics records
+ckpt_interval: at_least(1) = 500  # steps between checkpoints (one is also written at the end)
+keep_last: at_least(1) = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
+patience: at_least(0) = 0  # stop after this many evaluations without a new best validation loss (0 = never)
 # data
-batch_size = 8  # sequences per micro-batch, per rank; auto: the largest that fits the GPU (needs global_batch_size)
-block_size = 1024  # sequence length in tokens (<= 4096): the model's context
-gradient_accumulation_steps = 8  # micro-batches per step, summed over all ranks (must divide by world size)
-global_batch_size = 0  # sequences per step, all ranks; sets gradient_accumulation_steps (0 = batch x accumulation)
-block_size_schedule = ""  # sequence-length curriculum, "T:share,..." e.g. "1024:0.8,4096:0.2"; "" = block_size only
+batch_size: auto | at_least(1) = 8  # sequences per micro-batch and rank; auto: the most that fit (+ global_batch_size)
+block_size: between(1, 4096) = 1024  # sequence length in tokens: the model's context
+gradient_accumulation_steps: at_least(1) = 8  # micro-batches per step, all ranks (a multiple of the world size)
+global_batch_size: at_least(0) = 0  # sequences per step, all ranks; sets gradient_accumulation_steps if > 0
+block_size_schedule: any_text = ""  # length curriculum, "T:share,...", e.g. "1024:0.8,4096:0.2"; "" = block_size only
 doc_mask = False  # attention stays inside documents (each starts with <|endoftext|>), not across the window
 # model
-vocab_size = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
-n_layer = 12  # transformer blocks
-n_head = 6  # attention heads (n_embd / n_head is the head size: 128 runs attention ~3% faster than 64)
-n_embd = 768  # residual width
-mlp_hidden = 3072  # SwiGLU hidden width
-rope_theta = 10000.0  # RoPE base
+vocab_size: between(0, 2**32) = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
+n_layer: at_least(1) = 12  # transformer blocks
+n_head: at_least(1) = 6  # attention heads (n_embd / n_head is the head size: 128 runs attention ~3% faster than 64)
+n_embd: at_least(1) = 768  # residual width
+mlp_hidden: at_least(1) = 3072  # SwiGLU hidden width
+rope_theta: above(0) = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% more compute
-arch = "gpt"  # gpt (model.py) or nanogpt: the peer, nanoGPT's GPT-2 (peer.py), for comparisons on the same data
+arch: one_of("gpt", "nanogpt") = "gpt"  # model.py's, or nanoGPT's GPT-2 (peer.py), to compare on the same data
 # optimizer
-optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter at learning_rate (then ~5e-4)
-muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
-muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains; all with adamw
-beta1 = 0.9  # AdamW
-beta2 = 0.95  # AdamW
-weight_decay = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
-grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
-max_iters = 5000  # optimizer steps in the whole run
-warmup_iters = 100  # linear warmup steps
-lr_decay_iters = 0  # cosine decay ends here (0 = max_iters)
-min_lr_frac = 0.1  # final learning rate as a fraction of the peak
+optimizer: one_of("muon", "adamw") = "muon"  # Muon + AdamW (below), or AdamW for all at learning_rate (then ~5e-4)
+muon_lr: at_least(0) = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
+muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+learning_rate: at_least(0) = 0.006  # AdamW learning rate for the embedding (= the head) and norm gains; all with adamw
+beta1: at_least(0, below=1) = 0.9  # AdamW
+beta2: at_least(0, below=1) = 0.95  # AdamW
+weight_decay: at_least(0) = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
+grad_clip: at_least(0) = 1.0  # clip the global gradient norm to this (0 = off)
+max_iters: at_least(1) = 5000  # optimizer steps in the whole run
+warmup_iters: at_least(0) = 100  # linear warmup steps
+lr_decay_iters: at_least(0) = 0  # cosine decay ends here (0 = max_iters)
+min_lr_frac: between(0.0, 1.0) = 0.1  # final learning rate as a fraction of the peak
 # system
-device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu
-dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
+device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu; one this machine has
+dtype: precision = "auto"  # auto: bfloat16 on CUDA, float16 on MPS, float32 on CPU
 compile = True  # torch.compile the model (worth it on CUDA; slow to start on CPU)
 compile_regions = False  # with compile, arch=gpt, no cuda_graphs: each block (one graph for all) and the loss apart
 cuda_graphs = False  # with compile on one CUDA GPU: replay each micro-step as CUDA graphs (for small micro-batches)
-seed = 1337  # model init and data order
+seed: between(0, 2**32 - 1) = 1337  # model init and data order
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
-config = runtime.configure(globals(), sys.argv[1:], auto=("batch_size",))
+config = runtime.configure(
+    globals(),
+    sys.argv[1:],
+    rules=[  # the relations between keys, checked with the values (see runtime.configure)
+        (lambda c: c.n_embd % (2 * c.n_head) == 0, "n_embd={n_embd} must be n_head={n_head} x an even head size"),
+        (lambda c: c.arch == "gpt" or c.n_embd % 64 == 0, "arch=nanogpt: n_embd={n_embd} must be a multiple of 64"),
+        lambda c: batching.check_batch(vars(c), c.world_size, 1),  # and batch_size=auto against the device, below
+        lambda c: batching.parse_schedule(c.block_size_schedule, c.block_size),
+        (
+            lambda c: not c.cuda_graphs or (c.compile and device_type(c.device) == "cuda" and c.world_size == 1),
+            "cuda_graphs=true needs compile=true on a single CUDA GPU (no torchrun); drop it otherwise",
+        ),
+        (
+            lambda c: not c.doc_mask or (c.arch == "gpt" and not c.cuda_graphs),
+            "doc_mask=true needs arch=gpt (the peer has no mask) and no cuda_graphs; drop one of them",
+        ),
+    ],
+)
 
 # ----------------------------------------------------------------------------- device / DDP
 env = runtime.setup_device(device, dtype)
 master, world_size, rank = env["master"], env["world_size"], env["rank"]
-if init_from not in ("scratch", "resume"):
-    raise UserError(f"init_from={init_from}: expected scratch or resume")
 global_batch = batching.check_batch(config, world_size, batching.memory_limit(env["device"]))  # sequences a step
 stages = batching.parse_schedule(block_size_schedule, block_size)  # [(sequence length, share of the run)]
-if arch not in ("gpt", "nanogpt"):
-    raise UserError(f"arch={arch}: expected gpt (model.py) or nanogpt (peer.py)")
-if arch == "nanogpt" and n_embd % 64:
-    raise UserError(f"arch=nanogpt: n_embd={n_embd} must be a multiple of 64, GPT-2's head size")
-if cuda_graphs and not (compile and env["device_type"] == "cuda" and not env["ddp"]):
-    raise UserError("cuda_graphs=true needs compile=true on a single CUDA GPU (no torchrun); drop it otherwise")
 # compile_regions is a way of compiling (config/reference_137m.py sets it): where it cannot apply, it is set aside
 regions = compile_regions and compile and arch == "gpt" and not cuda_graphs
-if doc_mask and (arch != "gpt" or cuda_graphs):
-    raise UserError("doc_mask=true needs arch=gpt (the peer has no mask) and no cuda_graphs; drop one of them")
 torch.manual_seed(seed)  # same init on every rank
 
 # ----------------------------------------------------------------------------- data

@@ -26,6 +26,7 @@ import batching
 import checkpoints
 import model as torch_model_lib
 import runtime
+from accepts import above, any_text, at_least, auto, between, folder, mlx_device, one_of, writable
 from runtime import UserError
 from shards import TokenWindows, find_shards, read_header
 from tokenizer import find_tokenizer, load_tokenizer
@@ -40,49 +41,49 @@ except ImportError:  # the MLX extra is optional: one line, not a traceback
 
 # ----------------------------------------------------------------------------- config
 # I/O
-out_dir = "out/run"  # run folder: checkpoints, metrics.jsonl, tb/, a copy of the tokenizer
-data_dir = "data/stdlib"  # folder made by prepare.py: tokenizer.model, train_*.bin, val_*.bin
-init_from = "scratch"  # 'scratch' or 'resume' (from the latest checkpoint in out_dir, written by either trainer)
+out_dir: writable = "out/run"  # run folder: checkpoints, metrics.jsonl, tb/, a copy of the tokenizer
+data_dir: folder = "data/stdlib"  # folder made by prepare.py: tokenizer.model, train_*.bin, val_*.bin
+init_from: one_of("scratch", "resume") = "scratch"  # resume: from out_dir's last checkpoint, of either trainer
 overwrite = False  # allow init_from=scratch to replace a run already in out_dir
-eval_interval = 250  # steps between validation-loss evaluations
-eval_iters = 20  # micro-batches per evaluation
-log_interval = 10  # steps between progress lines / metrics records
-ckpt_interval = 500  # steps between checkpoints (one is also written at the end)
-keep_last = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
-patience = 0  # stop after this many evaluations without a new best validation loss (0 = never)
+eval_interval: at_least(1) = 250  # steps between validation-loss evaluations
+eval_iters: at_least(1) = 20  # micro-batches per evaluation
+log_interval: at_least(1) = 10  # steps between progress lines / metrics records
+ckpt_interval: at_least(1) = 500  # steps between checkpoints (one is also written at the end)
+keep_last: at_least(1) = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
+patience: at_least(0) = 0  # stop after this many evaluations without a new best validation loss (0 = never)
 # data
-batch_size = 8  # sequences per micro-batch; auto: the largest that fits MLX's memory limit (needs global_batch_size)
-block_size = 1024  # sequence length in tokens (<= 4096): the model's context
-gradient_accumulation_steps = 8  # micro-batches per step
-global_batch_size = 0  # sequences per step; sets gradient_accumulation_steps (0 = batch x accumulation)
-block_size_schedule = ""  # sequence-length curriculum, "T:share,..." e.g. "1024:0.8,4096:0.2"; "" = block_size only
+batch_size: auto | at_least(1) = 8  # sequences per micro-batch; auto: the most MLX's memory fits (+ global_batch_size)
+block_size: between(1, 4096) = 1024  # sequence length in tokens: the model's context
+gradient_accumulation_steps: at_least(1) = 8  # micro-batches per step
+global_batch_size: at_least(0) = 0  # sequences per step; sets gradient_accumulation_steps (0 = batch x accumulation)
+block_size_schedule: any_text = ""  # length curriculum, "T:share,...", e.g. "1024:0.8,4096:0.2"; "" = block_size only
 doc_mask = False  # attention stays inside documents (each starts with <|endoftext|>), not across the window
 # model
-vocab_size = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
-n_layer = 12  # transformer blocks
-n_head = 12  # attention heads (n_embd / n_head is the head size)
-n_embd = 768  # residual width
-mlp_hidden = 3072  # SwiGLU hidden width
-rope_theta = 10000.0  # RoPE base
+vocab_size: between(0, 2**32) = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
+n_layer: at_least(1) = 12  # transformer blocks
+n_head: at_least(1) = 12  # attention heads (n_embd / n_head is the head size)
+n_embd: at_least(1) = 768  # residual width
+mlp_hidden: at_least(1) = 3072  # SwiGLU hidden width
+rope_theta: above(0) = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward (mx.checkpoint): less memory, more compute
 # optimizer
-optimizer = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter at learning_rate (then ~1e-3)
-muon_lr = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
-muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.006  # AdamW learning rate for the embedding (= output head) and norm gains; all with adamw
-beta1 = 0.9  # AdamW
-beta2 = 0.95  # AdamW
-weight_decay = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
-grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
-max_iters = 5000  # optimizer steps in the whole run
-warmup_iters = 100  # linear warmup steps
-lr_decay_iters = 0  # cosine decay ends here (0 = max_iters)
-min_lr_frac = 0.1  # final learning rate as a fraction of the peak
+optimizer: one_of("muon", "adamw") = "muon"  # Muon + AdamW (below), or AdamW for all at learning_rate (then ~1e-3)
+muon_lr: at_least(0) = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
+muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+learning_rate: at_least(0) = 0.006  # AdamW learning rate for the embedding (= the head) and norm gains; all with adamw
+beta1: at_least(0, below=1) = 0.9  # AdamW
+beta2: at_least(0, below=1) = 0.95  # AdamW
+weight_decay: at_least(0) = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
+grad_clip: at_least(0) = 1.0  # clip the global gradient norm to this (0 = off)
+max_iters: at_least(1) = 5000  # optimizer steps in the whole run
+warmup_iters: at_least(0) = 100  # linear warmup steps
+lr_decay_iters: at_least(0) = 0  # cosine decay ends here (0 = max_iters)
+min_lr_frac: between(0.0, 1.0) = 0.1  # final learning rate as a fraction of the peak
 # system
-device = "auto"  # auto (MLX's default: the GPU on a Mac, the CPU with mlx[cpu]), gpu, cpu
-dtype = "auto"  # auto (bfloat16 on the GPU, float32 on the CPU), float32, bfloat16: compute; weights stay fp32
+device: mlx_device = "auto"  # auto (MLX's default: the GPU on a Mac, the CPU with mlx[cpu]), gpu, cpu
+dtype: one_of("auto", "float32", "bfloat16") = "auto"  # compute (auto: bf16 on a GPU; no fp16: loss scaling)
 compile = True  # mx.compile the training step and the optimizer update
-seed = 1337  # model init (model.py's, through torch) and data order
+seed: between(0, 2**32 - 1) = 1337  # model init (model.py's, through torch) and data order
 
 
 # ----------------------------------------------------------------------------- model (mirrors model.py)
@@ -331,23 +332,23 @@ def store_torch_state(state, torch_optimizer, torch_model):
 # ----------------------------------------------------------------------------- the run (when not imported)
 if __name__ == "__main__":
     runtime.install_error_handler()
-    config = runtime.configure(globals(), sys.argv[1:], auto=("batch_size",))
+    config = runtime.configure(
+        globals(),
+        sys.argv[1:],
+        rules=[  # the relations between keys, checked with the values (see runtime.configure)
+            (lambda c: c.n_embd % (2 * c.n_head) == 0, "n_embd={n_embd} must be n_head={n_head} x an even head size"),
+            lambda c: batching.check_batch(vars(c), 1, 1),  # and batch_size=auto, against MLX's limit, below
+            lambda c: batching.parse_schedule(c.block_size_schedule, c.block_size),
+        ],
+    )
 
     # ------------------------------------------------------------------------- device
-    if init_from not in ("scratch", "resume"):
-        raise UserError(f"init_from={init_from}: expected scratch or resume")
-    if device not in ("auto", "gpu", "cpu"):
-        raise UserError(f"device={device}: expected auto, gpu or cpu (train_mlx.py runs on MLX's devices)")
-    if device == "gpu" and not mx.metal.is_available():
-        raise UserError("device=gpu: this MLX has no GPU backend (mlx[cpu] on Linux); use --device=cpu or auto")
     if device != "auto":
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     on_gpu = mx.default_device() == mx.gpu
     if dtype == "auto":  # bf16 where the GPU has it; plain fp32 is fastest on a CPU
         dtype = "bfloat16" if on_gpu else "float32"
-    compute_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}.get(dtype)
-    if compute_dtype is None:
-        raise UserError(f"dtype={dtype}: expected auto, float32 or bfloat16 (fp16 would need loss scaling)")
+    compute_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}[dtype]
     # what a batch_size=auto dry run may peak at: a share of the Mac GPU's recommended working set (MLX's own limit
     # is 1.5 times that, and memory past it is swapped), or of MLX's limit on the CPU (from the RAM)
     working_set = mx.device_info().get("max_recommended_working_set_size") if on_gpu else None

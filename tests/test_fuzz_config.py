@@ -278,6 +278,8 @@ def test_a_sample_as_real_processes(tree):
     ],
 )
 def test_issue_examples_unstopped(tree, argv, message):
-    """The issue's two examples, as a user types them (nothing stopped): one error line each, exit 2."""
-    status, stdout, stderr = run_process("train.py", ["config/tiny_cpu.py", *argv], REPO, stop=False)
+    """The issue's two examples, as a user types them (nothing stopped; a data folder that exists, as after the Quick
+    start's prepare.py): one error line each, exit 2."""
+    argv = ["config/tiny_cpu.py", f"--data_dir={tree / 'folder'}", *argv]
+    status, stdout, stderr = run_process("train.py", argv, REPO, stop=False)
     assert (status, stderr.strip()) == (2, message)
