@@ -73,6 +73,7 @@ arch: one_of("gpt", "nanogpt") = "gpt"  # model.py's, or nanoGPT's GPT-2 (peer.p
 optimizer: one_of("muon", "adamw") = "muon"  # Muon + AdamW (below), or AdamW for all at learning_rate (then ~5e-4)
 muon_lr: at_least(0) = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
 muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+ns_dtype: one_of("auto", "float32", "bfloat16") = "auto"  # Muon's Newton-Schulz; auto: bf16 on CUDA, else fp32
 learning_rate: at_least(0) = 0.006  # AdamW learning rate for the embedding (= the head) and norm gains; all with adamw
 beta1: at_least(0, below=1) = 0.9  # AdamW
 beta2: at_least(0, below=1) = 0.95  # AdamW
@@ -84,8 +85,8 @@ lr_decay_iters: at_least(0) = 0  # cosine decay ends here (0 = max_iters)
 min_lr_frac: between(0.0, 1.0) = 0.1  # final learning rate as a fraction of the peak
 # system
 device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu; one this machine has
-dtype: precision = "auto"  # auto: bfloat16 on CUDA, float16 on MPS, float32 on CPU
-compile = True  # torch.compile the model (worth it on CUDA; slow to start on CPU)
+dtype: precision = "auto"  # auto: bfloat16 on CUDA, float32 on MPS and CPU (backends.py says why)
+compile: auto | one_of(True, False) = "auto"  # torch.compile the model; auto: on CUDA only (backends.py says why)
 compile_regions = False  # with compile, arch=gpt, no cuda_graphs: each block (one graph for all) and the loss apart
 cuda_graphs = False  # with compile on one CUDA GPU: replay each micro-step as CUDA graphs (for small micro-batches)
 seed: between(0, 2**32 - 1) = 1337  # model init and data order
@@ -111,12 +112,13 @@ config = runtime.configure(
 )
 
 # ----------------------------------------------------------------------------- device / DDP
-env = runtime.setup_device(device, dtype)
+env = runtime.setup_device(device, dtype, compile, ns_dtype)
+config.update(compile=env["compile"], ns_dtype=env["ns_dtype"])  # what auto chose, printed and stored
 master, world_size, rank = env["master"], env["world_size"], env["rank"]
 global_batch = batching.check_batch(config, world_size, batching.memory_limit(env["device"]))  # sequences a step
 stages = batching.parse_schedule(block_size_schedule, block_size)  # [(sequence length, share of the run)]
 # compile_regions is a way of compiling (config/reference_137m.py sets it): where it cannot apply, it is set aside
-regions = compile_regions and compile and arch == "gpt" and not cuda_graphs
+regions = compile_regions and env["compile"] and arch == "gpt" and not cuda_graphs
 torch.manual_seed(seed)  # same init on every rank
 
 # ----------------------------------------------------------------------------- data
@@ -140,7 +142,7 @@ def get_batches(T):
     mine = starts[rank * accum_steps * B : (rank + 1) * accum_steps * B]
     for j in range(accum_steps):
         x, y = train_data.gather(mine[j * B : (j + 1) * B], T)
-        if env["device_type"] == "cuda":  # pinned host memory lets the copy overlap the GPU's work
+        if env["defaults"]["pin_memory"]:  # run on CUDA: pinned host memory lets the copy overlap the GPU's work
             x, y = x.pin_memory(), y.pin_memory()
         yield x.to(env["device"], non_blocking=True), y.to(env["device"], non_blocking=True)
 
@@ -161,7 +163,7 @@ raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module
 # ----------------------------------------------------------------------------- optimizer
 # from here on `optimizer` is the optimizer itself; config["optimizer"] keeps its name
 optimizer = runtime.make_optimizer(
-    model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
+    model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer, env["ns_dtype"]
 )
 # batch_size=auto: dry runs of the new model find the largest micro-batch that fits (a resume keeps the checkpoint's)
 try_step = batching.dry_run(env, model, optimizer, lambda x, y: model(x, y, mask=attention_mask(x))[1], block_size)
@@ -179,7 +181,7 @@ if ckpt is not None:
     early = checkpoints.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
     elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
     del ckpt
-if compile:
+if env["compile"]:
     # cuda_graphs: torch.compile's "reduce-overhead" replays the compiled forward and backward as CUDA graphs, one
     # launch instead of ~1000 per micro-step, which is what a micro-batch of 1 x 4096 is bound by (see PERF.md).
     # Gradients then accumulate into buffers of our own, kept between steps, never into a graph's outputs.
@@ -193,6 +195,7 @@ if compile:
         for p in raw_model.parameters():
             p.grad = torch.zeros_like(p)
 if env["ddp"]:
+    # run on CUDA (2 H200s, NCCL) and the CPU (2 gloo processes, tests/test_train.py)
     model = DDP(model, device_ids=[env["local_rank"]] if env["device_type"] == "cuda" else None)
 
 
@@ -234,8 +237,9 @@ log = runtime.MetricsLog(out_dir, enabled=master)
 peak = runtime.peak_flops(env["device"])
 if master:
     print("config:", " ".join(f"{k}={v}" for k, v in config.items()))
+    ns = f" | Muon's Newton-Schulz in {env['ns_dtype']}" if config["optimizer"] == "muon" else ""
     print(
-        f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {env['device']} {env['ptdtype']} | "
+        f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {env['device']} {env['ptdtype']}{ns} | "
         f"{world_size} rank(s) | {tokens_per_iter:,} tokens/step | {train_data.n_tokens:,} train tokens"
     )
     if compile_regions and not regions:

@@ -22,6 +22,7 @@ from functools import partial
 import numpy as np
 import torch
 
+import backends
 import batching
 import checkpoints
 import model as torch_model_lib
@@ -70,6 +71,7 @@ activation_checkpointing = False  # recompute blocks in backward (mx.checkpoint)
 optimizer: one_of("muon", "adamw") = "muon"  # Muon + AdamW (below), or AdamW for all at learning_rate (then ~1e-3)
 muon_lr: at_least(0) = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
 muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+ns_dtype: one_of("auto", "float32", "bfloat16") = "auto"  # Muon's Newton-Schulz (auto: float32, backends.py)
 learning_rate: at_least(0) = 0.006  # AdamW learning rate for the embedding (= the head) and norm gains; all with adamw
 beta1: at_least(0, below=1) = 0.9  # AdamW
 beta2: at_least(0, below=1) = 0.95  # AdamW
@@ -82,7 +84,7 @@ min_lr_frac: between(0.0, 1.0) = 0.1  # final learning rate as a fraction of the
 # system
 device: mlx_device = "auto"  # auto (MLX's default: the GPU on a Mac, the CPU with mlx[cpu]), gpu, cpu
 dtype: one_of("auto", "float32", "bfloat16") = "auto"  # compute (auto: bf16 on a GPU; no fp16: loss scaling)
-compile = True  # mx.compile the training step and the optimizer update
+compile: auto | one_of(True, False) = "auto"  # mx.compile the training step and the update (auto: on, backends.py)
 seed: between(0, 2**32 - 1) = 1337  # model init (model.py's, through torch) and data order
 
 
@@ -226,9 +228,12 @@ def store_torch_weights(params, torch_model):
 
 
 # ----------------------------------------------------------------------------- optimizer (mirrors muon.py)
+MX_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}  # a Muon group's ns_dtype, in MLX
+
+
 def zeropower_via_newtonschulz5(G, steps=5, dtype=mx.bfloat16):
-    """muon.zeropower_via_newtonschulz5: the same quintic coefficients, iteration count and bf16 arithmetic
-    (dtype=mx.float32 is for the tests, which compare it with muon.py's run in fp32)."""
+    """muon.zeropower_via_newtonschulz5: the same quintic coefficients, iteration count and arithmetic in dtype
+    (muon.NS_DTYPE's bf16 by default; training passes its group's ns_dtype, float32 unless set)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.astype(dtype)
     transposed = G.shape[-2] > G.shape[-1]
@@ -282,7 +287,8 @@ def optimizer_update(params, grads, state, lr_mult, groups, grad_clip):
                 m = hyper["momentum"]
                 buf = s["momentum_buffer"] + (1 - m) * (g - s["momentum_buffer"])  # buf.lerp_(g, 1 - m)
                 direction = g + m * (buf - g) if hyper["nesterov"] else buf
-                update = zeropower_via_newtonschulz5(direction, hyper["ns_steps"])
+                ns = {"dtype": MX_DTYPES[hyper["ns_dtype"]]} if "ns_dtype" in hyper else {}  # the device's
+                update = zeropower_via_newtonschulz5(direction, hyper["ns_steps"], **ns)
                 scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
                 params[n] = p * (1 - lr * wd) - (lr * scale) * update.astype(p.dtype)
                 state[n] = {"momentum_buffer": buf}
@@ -346,8 +352,12 @@ if __name__ == "__main__":
     if device != "auto":
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     on_gpu = mx.default_device() == mx.gpu
-    if dtype == "auto":  # bf16 where the GPU has it; plain fp32 is fastest on a CPU
-        dtype = "bfloat16" if on_gpu else "float32"
+    # what auto means on MLX's GPU (never run) or CPU (run with mlx[cpu] on Linux): backends.device_defaults
+    defaults = backends.device_defaults("mlx-gpu" if on_gpu else "mlx-cpu", torch.__version__)
+    dtype = defaults["dtype"] if dtype == "auto" else dtype
+    compile = defaults["compile"] if compile == "auto" else compile
+    ns_dtype = defaults["ns_dtype"] if ns_dtype == "auto" else ns_dtype
+    config.update(compile=compile, ns_dtype=ns_dtype)  # what auto chose, printed and stored
     compute_dtype = {"float32": mx.float32, "bfloat16": mx.bfloat16}[dtype]
     # what a batch_size=auto dry run may peak at: a share of the Mac GPU's recommended working set (MLX's own limit
     # is 1.5 times that, and memory past it is swapped), or of MLX's limit on the CPU (from the RAM)
@@ -391,7 +401,7 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------------- optimizer
     torch_optimizer = runtime.make_optimizer(
-        torch_model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer
+        torch_model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer, ns_dtype
     )
     groups = make_groups(torch_optimizer, torch_model)
     opt_state = init_state(params, groups)
@@ -446,6 +456,7 @@ if __name__ == "__main__":
     print("config:", " ".join(f"{k}={v}" for k, v in config.items()))
     print(
         f"model: {sum(v.size for v in params.values()) / 1e6:.2f}M parameters | MLX {mx.default_device()} {dtype} | "
+        f"Muon's Newton-Schulz in {ns_dtype} | "
         f"{tokens_per_iter:,} tokens/step | {train_data.n_tokens:,} train tokens"
     )
     t_start, start_iter = time.time(), iter_num  # elapsed_s: elapsed_before + time since t_start (over resumes)

@@ -17,4 +17,4 @@ eval_iters = 20  # 20 x 32K = 655K validation tokens per rank per evaluation
 log_interval = 10  # progress line every 10 steps
 ckpt_interval = 500  # a checkpoint every ~260M tokens
 activation_checkpointing = False  # an 80 GB GPU fits batch_size=8 at 4K without it
-compile = True  # torch.compile: a large win on CUDA
+compile = "auto"  # torch.compile on CUDA (a large win there), not on a Mac or a CPU (backends.py)

@@ -18,5 +18,5 @@ eval_iters = 20  # 655K validation tokens per evaluation
 log_interval = 10  # a progress line every ~12 s
 ckpt_interval = 40  # a checkpoint every ~50 s: a command stopped at its time limit loses less than a minute
 keep_last = 1  # 1.6 GB each (weights and optimizer state); ckpt_best.safetensors is kept besides
-compile = True  # torch.compile: a large win on CUDA
+compile = "auto"  # torch.compile on CUDA (a large win there), not on a Mac or a CPU (backends.py)
 compile_regions = True  # each block compiled apart: first step 22 s instead of 60 s, 0.5% slower after (PERF.md)

@@ -15,4 +15,4 @@ eval_interval = 100  # validation loss at steps 0, 100, 200
 eval_iters = 10  # 10 x 16 x 256 = 41K validation tokens per evaluation
 log_interval = 20  # a progress line every 20 steps
 ckpt_interval = 100  # a checkpoint at each evaluation
-compile = False  # compiling takes longer than this whole run on a CPU
+compile = False  # compiling takes longer than this whole run on a CPU (and on a GPU: 200 small steps)
