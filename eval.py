@@ -571,7 +571,7 @@ def main():
         globals(),
         sys.argv[1:],
         rules=[
-            (lambda c: c.card or Path(c.out_dir).is_dir(), "out_dir={out_dir}: expected a run folder that exists"),
+            (lambda c: c.card or Path(c.out_dir).is_dir(), "out_dir={out_dir} does not exist; check --out_dir"),
             (lambda c: not c.samples or c.pass_k <= c.samples, "pass_k={pass_k} must be at most samples={samples}"),
         ],
     )

@@ -167,7 +167,9 @@ def check_config(config, accepts, rules):
     the first that fails, with what it got and what it takes."""
     for k, a in accepts.items():
         if not a(config[k]):
-            raise UserError(f"{k}={show(config[k])}: expected {a.what}")
+            v = config[k]
+            missing = isinstance(v, str) and ("folder" in a.what or "file" in a.what) and not os.path.lexists(v)
+            raise UserError(f"{k}={show(v)}: expected {a.what}" + ("; it does not exist" if missing else ""))
     c = SimpleNamespace(**config, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     for rule in rules:  # (test, message), or a function that raises UserError itself (batching.parse_schedule)
         test, message = rule if isinstance(rule, tuple) else (rule, None)

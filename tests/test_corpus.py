@@ -233,7 +233,7 @@ def test_prepare_corpus_python_on_a_fake_tree(tree, tiny_data, tmp_path):
 
 def test_corpus_errors(tmp_path):
     for args, fragment in [
-        (["--corpus=pypi"], "--corpus=pypi: expected stdlib or python"),
+        (["--corpus=pypi"], "corpus=pypi: expected stdlib or python"),
         (["--corpus=python", f"--input={tmp_path}"], "--corpus picks the local source"),
         (["--corpus=stdlib", "--dataset=allenai/c4"], "--corpus picks the local source"),
     ]:

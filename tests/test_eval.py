@@ -282,7 +282,7 @@ def test_bad_input_is_one_line(tmp_path):
     for args, words in [
         ([f"--out_dir={tmp_path / 'none'}"], "check --out_dir"),
         ([f"--card={tmp_path}"], "report.json not found"),
-        (["--tasks=bpb,mmlu", f"--out_dir={tmp_path}"], "unknown task 'mmlu'"),
+        (["--tasks=bpb,mmlu", f"--out_dir={tmp_path}"], "tasks=bpb,mmlu: expected all, or a comma"),
     ]:
         proc = run("eval.py", *args, check=False)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

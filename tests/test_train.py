@@ -262,7 +262,7 @@ def test_best_checkpoint_survives_a_copy_that_stops_halfway(tmp_path, monkeypatc
 
 def test_data_guards(tiny_data, tmp_path):
     proc = train(tmp_path / "nowhere", tmp_path / "a", check=False)
-    assert_one_line_error(proc, "does not exist", "prepare.py")
+    assert_one_line_error(proc, "does not exist", "data_dir=")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(train(tmp_path / "empty", tmp_path / "b", check=False), "no train_*.bin")
     assert_one_line_error(
