@@ -3,7 +3,7 @@
     python bench.py config/pretrain_137m.py --peer=true           # the 137M reference (GPU), and nanoGPT's GPT-2
     python bench.py config/pretrain_137m.py --seq_lens=4096 --batch_size=1 --activation_checkpointing=true \\
         --gradient_accumulation_steps=128 --compile_modes=on,graphs   # low memory at 4K context
-    python bench.py config/tiny_cpu.py --compile_modes=off --prompt_len=64 --new_tokens=64   # CPU
+    python bench.py config/tiny_cpu.py                            # CPU; on a Mac add --device=mps (docs/backends.md)
     torchrun --standalone --nproc_per_node=8 bench.py config/pretrain_137m.py --compile_modes= --graph_modes=
         # the distributed Muon step: each rank orthogonalises its share and the updates are all-gathered
 
@@ -26,66 +26,92 @@ import torch
 
 import checkpoints
 import runtime
+from accepts import (
+    above,
+    at_least,
+    auto,
+    between,
+    comma_list,
+    empty,
+    int_list,
+    ns_precision,
+    precision,
+    torch_device,
+    writable,
+)
 from model import GPT, GPTConfig, KVCache, document_mask
 from peer import NanoGPT
 from shards import TokenWindows, write_shard
 
 # ----------------------------------------------------------------------------- config
 # model (a train.py config file sets these)
-vocab_size = 32000  # tokens in the vocabulary
-n_layer = 12  # transformer blocks
-n_head = 6  # attention heads (head size 128)
-n_embd = 768  # residual width
-mlp_hidden = 3072  # SwiGLU hidden width
-block_size = 4096  # longest sequence, and the model's context
-rope_theta = 10000.0  # RoPE base
+vocab_size: between(1, 2**32) = 32000  # tokens in the vocabulary
+n_layer: at_least(1) = 12  # transformer blocks
+n_head: at_least(1) = 6  # attention heads (head size 128)
+n_embd: at_least(1) = 768  # residual width
+mlp_hidden: at_least(1) = 3072  # SwiGLU hidden width
+block_size: between(4, 4096) = 4096  # longest sequence, and the model's context
+rope_theta: above(0) = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward
-batch_size = 8  # sequences of block_size per micro-batch; shorter sequences get as many tokens per micro-batch
-gradient_accumulation_steps = 16  # micro-batches per optimizer step (the config's own = its reference batch)
-muon_lr = 0.02  # optimizer settings, as train.py (they do not change the speed)
-muon_momentum = 0.95  # Nesterov momentum of Muon
-learning_rate = 0.006  # AdamW learning rate
-weight_decay = 0.0  # decoupled weight decay
+batch_size: at_least(1) = 8  # sequences of block_size per micro-batch; shorter ones get as many tokens per micro-batch
+gradient_accumulation_steps: at_least(1) = 16  # micro-batches per optimizer step (the config's = its reference batch)
+muon_lr: at_least(0) = 0.02  # optimizer settings, as train.py (they do not change the speed)
+muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+learning_rate: at_least(0) = 0.006  # AdamW learning rate
+weight_decay: at_least(0) = 0.0  # decoupled weight decay
+ns_dtype: ns_precision = "auto"  # Muon's Newton-Schulz precision (auto: bfloat16 on CUDA, float32 on CPU and MPS)
 # what to measure
-seq_lens = ""  # comma-separated training sequence lengths; "" = block_size/4, block_size/2, block_size
-compile_modes = (
-    "off,on"  # training rows: off (eager), on (torch.compile), regions (compile_regions), graphs (CUDA graphs)
-)
-doc_len = 0  # training rows: documents of this many tokens, attention kept inside them (train.py doc_mask); 0 = off
-train_steps = 3  # timed optimizer steps per training row (after one warm-up step)
-optimizer_steps = 10  # timed steps of Muon alone and of AdamW alone
-prompt_len = 512  # prefill length for the generation rows
-new_tokens = 256  # tokens decoded per generation row
-decode_batches = "1,8"  # batch sizes for generation
-graph_modes = "off,on"  # decoding: eager (off), compiled + CUDA graph (on), that with tuned kernels (tuned; CUDA)
-data_batches = 200  # batches drawn from the shard reader
+seq_lens: int_list = ""  # training sequence lengths; "" = block_size/4, block_size/2, block_size
+compile_modes: auto | empty | comma_list("off", "on", "regions", "graphs") = "auto"  # auto: off,on on CUDA, else off
+doc_len: at_least(0) = 0  # training rows: documents of this many tokens, attention inside them (doc_mask); 0 = off
+train_steps: at_least(1) = 3  # timed optimizer steps per training row (after one warm-up step)
+optimizer_steps: at_least(1) = 10  # timed steps of Muon alone and of AdamW alone
+prompt_len: at_least(0) = 0  # prefill length for the generation rows (0: block_size / 2, at most 512)
+new_tokens: at_least(0) = 0  # tokens decoded per generation row (0: block_size / 4, at most 256)
+decode_batches: int_list = "1,8"  # batch sizes for generation
+graph_modes: empty | comma_list("off", "on", "tuned") = "off,on"  # decoding: eager, CUDA graph, graph + tuned kernels
+data_batches: at_least(1) = 200  # batches drawn from the shard reader
 peer = False  # also time the anchor: a GPT-2 as nanoGPT builds and benches it, at this config's depth/width
-out = "bench.json"  # full results
-device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu
-dtype = "auto"  # auto (bfloat16 on CUDA, float16 on MPS, float32 on CPU), float32, bfloat16, float16
-seed = 0  # weights and random tokens
+out: writable = "bench.json"  # full results
+device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu; one this machine has
+dtype: precision = "auto"  # auto (bfloat16 on CUDA, float32 on MPS and CPU: backends.py), float32, bfloat16, float16
+seed: between(0, 2**32 - 1) = 0  # weights and random tokens
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
-config = runtime.configure(globals(), sys.argv[1:], skip_foreign=True)
-env = runtime.setup_device(device, dtype)
+config = runtime.configure(
+    globals(),
+    sys.argv[1:],
+    skip_foreign=True,
+    rules=[  # the relations between keys, checked with the values (see runtime.configure)
+        (lambda c: c.n_embd % (2 * c.n_head) == 0, "n_embd={n_embd} must be n_head={n_head} x an even head size"),
+        (
+            lambda c: not c.seq_lens or max(map(int, c.seq_lens.split(","))) <= c.block_size,
+            "seq_lens={seq_lens} has a length over block_size={block_size}",
+        ),
+        (
+            lambda c: (
+                not c.graph_modes
+                or (c.prompt_len or min(512, c.block_size // 2)) + (c.new_tokens or min(256, c.block_size // 4))
+                <= c.block_size
+            ),
+            "prompt_len + new_tokens is over block_size={block_size}; lower them",
+        ),
+        (
+            lambda c: not c.doc_len or "graphs" not in c.compile_modes,
+            "doc_len needs compile_modes without graphs (train.py refuses doc_mask with cuda_graphs)",
+        ),
+    ],
+)
+env = runtime.setup_device(device, dtype, ns_dtype=ns_dtype)
 dev, cuda = env["device"], env["device_type"] == "cuda"
+if compile_modes == "auto":  # eager everywhere, and compiled where compile=auto compiles (backends.py: CUDA)
+    compile_modes = "off,on" if env["defaults"]["compile"] else "off"
+prompt_len = prompt_len or min(512, block_size // 2)
+new_tokens = new_tokens or min(256, block_size // 4)
+config.update(compile_modes=compile_modes, ns_dtype=env["ns_dtype"], prompt_len=prompt_len, new_tokens=new_tokens)
 log = print if env["master"] else lambda *args, **kwargs: None  # under torchrun, rank 0 speaks for all
 torch.manual_seed(seed)
 lengths = [int(t) for t in seq_lens.split(",")] if seq_lens else [block_size // 4, block_size // 2, block_size]
-if max(lengths) > block_size:
-    raise runtime.UserError(f"seq_lens={seq_lens} has a length over block_size={block_size}")
-if graph_modes and prompt_len + new_tokens > block_size:
-    raise runtime.UserError(
-        f"prompt_len + new_tokens = {prompt_len + new_tokens} is over block_size={block_size}; lower them"
-    )
-if not set(compile_modes.split(",")) <= {"", "off", "on", "regions", "graphs"}:
-    raise runtime.UserError(
-        f"compile_modes={compile_modes}: expected a comma-separated list of off, on, regions, graphs"
-    )
-if doc_len and "graphs" in compile_modes:
-    raise runtime.UserError("doc_len needs compile_modes without graphs (train.py refuses doc_mask with cuda_graphs)")
-if not set(graph_modes.split(",")) <= {"", "off", "on", "tuned"}:
-    raise runtime.UserError(f"graph_modes={graph_modes}: expected a comma-separated list of off, on, tuned")
 peak = runtime.peak_flops(dev)
 model_config = GPTConfig(
     **{k: config[k] for k in checkpoints.ARCH_KEYS}, activation_checkpointing=activation_checkpointing
@@ -93,9 +119,9 @@ model_config = GPTConfig(
 
 
 def sync():
-    if cuda:
+    if cuda:  # run on H100 and H200
         torch.cuda.synchronize()
-    elif env["device_type"] == "mps":
+    elif env["device_type"] == "mps":  # never run (torch.mps.synchronize, as documented)
         torch.mps.synchronize()
 
 
@@ -110,7 +136,7 @@ def timed(fn, n):
 
 
 def reset_memory():
-    if cuda:
+    if cuda:  # run on H100 and H200; MPS and the CPU keep no peak to reset
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -128,7 +154,9 @@ def bench_training(T, mode):
     )
     if mode == "regions":
         raw.compile_regions()
-    optimizer = runtime.make_optimizer(raw, muon_lr, muon_momentum, learning_rate, (0.9, 0.95), weight_decay)
+    optimizer = runtime.make_optimizer(
+        raw, muon_lr, muon_momentum, learning_rate, (0.9, 0.95), weight_decay, ns_dtype=env["ns_dtype"]
+    )
     if graphs:  # gradients accumulate into buffers of our own, never into a graph's outputs
         for p in raw.parameters():
             p.grad = torch.zeros_like(p)
@@ -169,7 +197,9 @@ def bench_optimizer():
     model = GPT(model_config).to(dev)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    muon = runtime.make_optimizer(model, muon_lr, muon_momentum, learning_rate, (0.9, 0.95), weight_decay)
+    muon = runtime.make_optimizer(
+        model, muon_lr, muon_momentum, learning_rate, (0.9, 0.95), weight_decay, ns_dtype=env["ns_dtype"]
+    )
     adamw = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=cuda)
     result = {}
     for name, opt in (("muon", muon), ("adamw", adamw)):
@@ -252,7 +282,7 @@ def bench_data(B, T):
 
         def get_batch():
             x, y = data.gather(data.sample_starts(B))
-            if cuda:
+            if env["defaults"]["pin_memory"]:  # run on CUDA
                 x, y = x.pin_memory(), y.pin_memory()
             return x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
 
@@ -262,11 +292,14 @@ def bench_data(B, T):
 
 # ----------------------------------------------------------------------------- run
 n_params = GPT(model_config).num_params()
-log(f"bench: {n_params / 1e6:.1f}M parameters | {dev} {env['ptdtype']} | peak {peak and peak / 1e12} TFLOP/s")
+log(
+    f"bench: {n_params / 1e6:.1f}M parameters | {dev} {env['ptdtype']} | Muon's Newton-Schulz in {env['ns_dtype']} | "
+    f"compile_modes {compile_modes} | peak {peak and peak / 1e12} TFLOP/s"
+)
 results = {"config": config, "device": torch.cuda.get_device_name(dev) if cuda else dev, "params": n_params}
 results["training"] = []
 for mode in [m for m in compile_modes.split(",") if m]:
-    if mode == "graphs" and not cuda:
+    if mode == "graphs" and not env["defaults"]["cuda_graphs"]:  # run on CUDA only
         continue
     for T in lengths:
         row = bench_training(T, mode)
@@ -281,7 +314,7 @@ steps = [r["step_s"] for r in results["training"] if r["seq_len"] == lengths[-1]
 results["optimizer"]["muon_share_of_step"] = results["optimizer"]["muon_step_s"] / min(steps) if steps else None
 results["generation"] = []
 for mode in [m for m in graph_modes.split(",") if m]:
-    if mode != "off" and not cuda:
+    if mode != "off" and not env["defaults"]["cuda_graphs"]:  # captured decode steps: run on CUDA only
         continue
     for B in [int(b) for b in decode_batches.split(",") if b]:
         row = bench_generation(B, mode)
@@ -313,7 +346,8 @@ if peer:
 o = results["optimizer"]
 share = o["muon_share_of_step"]
 print(
-    f"optimizer step: Muon+AdamW {1e3 * o['muon_step_s']:.1f} ms, AdamW alone {1e3 * o['adamw_step_s']:.1f} ms"
+    f"optimizer step: Muon+AdamW {1e3 * o['muon_step_s']:.1f} ms (Newton-Schulz in {env['ns_dtype']}), "
+    f"AdamW alone {1e3 * o['adamw_step_s']:.1f} ms"
     + (f"; Muon = {100 * share:.1f}% of a training step at T={lengths[-1]}" if share else "")
 )
 for r in results["generation"]:
