@@ -76,7 +76,7 @@ def load_run_tokenizer(run, data_dir, mode, flag="--init_from"):
         )
     try:
         tok = load_tokenizer(path)
-    except ValueError as e:  # e.g. a SentencePiece model without our reserved special tokens
+    except (ValueError, UserError) as e:  # e.g. a SentencePiece model without our reserved special tokens
         raise UserError(f"{path}: {e}; {mode.upper()} needs the chat tokens that prepare.py reserves") from None
     missing = [t for t in [*ROLES.values(), END] if t not in tok.special]
     if missing:

@@ -203,9 +203,9 @@ batch_size, gradient_accumulation_steps = batching.pick_batch(
     config, env, global_batch, ckpt if resume else None, try_step
 )
 accum_steps = gradient_accumulation_steps // world_size
-n_replay = round(replay * batch_size)  # replay rows per micro-batch
-if replay and not 0 < n_replay < batch_size:
-    raise UserError(f"replay={replay} of batch_size={batch_size} rows leaves no row for replay or none for SFT")
+n_replay = min(max(round(replay * batch_size), 1), batch_size - 1) if replay else 0  # at least one row of each kind
+if replay and batch_size < 2:
+    raise UserError(f"replay={replay} needs batch_size >= 2 (a conversation and a replayed window); or --replay=0")
 scaler = torch.amp.GradScaler(env["device_type"], enabled=env["ptdtype"] == torch.float16)
 iter_num, early = 0, checkpoints.EarlyStopping(patience)
 if resume:

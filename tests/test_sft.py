@@ -327,7 +327,7 @@ def test_errors_name_the_flag_the_user_set(tmp_path):
     (tmp_path / "empty").mkdir()
     for script in ("sft.py", "dpo.py"):
         for args, words in [
-            ([f"--init_from={tmp_path / 'none'}"], ["does not exist", "check --init_from"]),
+            ([f"--init_from={tmp_path / 'none'}"], ["does not exist", "init_from="]),  # runtime.configure's check
             ([f"--init_from={tmp_path / 'empty'}"], ["no checkpoint", "check --init_from"]),
             (["--init_from=resume", f"--out_dir={tmp_path / 'none'}"], ["does not exist", "check --out_dir"]),
         ]:
