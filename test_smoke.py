@@ -78,7 +78,7 @@ def test_prepare_train_sample_sft_dpo_chat(tmp_path):
     )
     assert "held-out preference accuracy" in proc.stdout
     records = [json.loads(line) for line in (dpo / "metrics.jsonl").read_text().splitlines()]
-    assert abs(records[0]["val_loss"] - math.log(2)) < 1e-5
+    assert abs(records[0]["val_loss"] - math.log(2) - 0.2 * records[0]["val_nll"]) < 1e-5  # DPO's ln 2 + RPO's term
     assert all(
         {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(r)
         for r in records
