@@ -98,4 +98,6 @@ def test_prepare_train_sample_sft_dpo_chat(tmp_path):
     assert report["chat"]["questions"] > 0 and 0 <= report["chat"]["rouge_l"] <= 1
     assert 0 <= report["dpo"]["policy"] <= 1 and (dpo / "curves.png").stat().st_size > 10_000
     assert len((dpo / "humaneval_samples.jsonl").read_text().splitlines()) == 4 * 2
-    assert proc.stdout.rstrip().endswith("|") and "| bits per byte |" in proc.stdout  # the table is printed last
+    assert proc.stdout.rstrip().endswith("|") and "| bits per byte, held-out pretraining data |" in proc.stdout
+    assert report["humaneval"]["format"] == "chat" and 0.3 < report["humaneval"]["canonical_bpb"] < 8  # asked as chat
+    assert 0 <= report["chat"]["loop_rate"] <= 1

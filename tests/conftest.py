@@ -140,6 +140,7 @@ def sft_run(tiny_data, tmp_path_factory):
         "--max_new_tokens=4",
         "--num_samples=1",
         "--lr_frac=1.0",
+        "--replay=0",  # the model the DPO and export tests start from, as before replay (tested in test_sft.py)
     )
     run("prepare.py", "--mode=dpo", f"--data_dir={dpo_data}", tokenizer, "--block_size=64")
     return sft, dpo_data
