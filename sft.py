@@ -212,7 +212,7 @@ if resume:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     generator.set_state(ckpt["data"])
-    if replay_train:
+    if replay_train and ckpt.get("replay_data") is not None:  # runs from before replay have no such state
         replay_train.generator.set_state(ckpt["replay_data"])
     runtime.set_rng_state(ckpt["rng"], env["device"])
     iter_num = ckpt["iter_num"]
