@@ -151,8 +151,6 @@ ADVICE = {
     "the line that defines it). Give a value the message names.",
     "lr_frac={lr_frac}: expected": "lr_frac scales the base run's learning rates for fine-tuning: give a fraction in "
     "(0, 1].",
-    "leaves no row for replay or none for SFT": "replay is a share of each batch's rows given to pretraining text. "
-    "Lower replay, or raise batch_size so both kinds get a row.",
     "has a length over block_size": "bench.py's seq_lens must fit the model's context. Lower them or raise block_size.",
     "doc_len needs compile_modes without graphs": "Drop graphs from --compile_modes when timing --doc_len.",
 }
