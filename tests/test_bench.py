@@ -72,7 +72,11 @@ def test_bench_and_train_refuse_settings_they_cannot_run(tmp_path):
         proc = run("bench.py", *TINY_BENCH, *args, f"--out={tmp_path / 'b.json'}", check=False)
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "b.json").exists()
-    proc = run("train.py", "config/tiny_cpu.py", "--cuda_graphs=true", f"--out_dir={tmp_path / 'run'}", check=False)
+    tail = [
+        f"--out_dir={tmp_path / 'run'}",
+        f"--data_dir={tmp_path}",
+    ]  # a folder that exists: a fresh clone has no data/
+    proc = run("train.py", "config/tiny_cpu.py", "--cuda_graphs=true", *tail, check=False)
     assert proc.returncode == 2 and "cuda_graphs=true needs compile=true" in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
 

@@ -270,7 +270,8 @@ def test_base_tokenizer_without_chat_tokens_is_refused(tiny_data, tmp_path):
         sentence_iterator=iter(["plain text without specials"] * 50), model_writer=model, vocab_size=19, minloglevel=2
     )
     (base / "tokenizer.model").write_bytes(model.getvalue())
-    proc = run("sft.py", f"--init_from={base}", f"--out_dir={tmp_path / 'sft'}", "--device=cpu", check=False)
+    args = [f"--init_from={base}", f"--out_dir={tmp_path / 'sft'}", f"--data_dir={tmp_path}", "--device=cpu"]
+    proc = run("sft.py", *args, check=False)  # data_dir exists (a fresh clone has no data/): the tokenizer is refused
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "chat tokens" in proc.stderr
 
@@ -331,6 +332,6 @@ def test_errors_name_the_flag_the_user_set(tmp_path):
             ([f"--init_from={tmp_path / 'empty'}"], ["no checkpoint", "check --init_from"]),
             (["--init_from=resume", f"--out_dir={tmp_path / 'none'}"], ["does not exist", "check --out_dir"]),
         ]:
-            proc = run(script, *args, "--device=cpu", check=False)
+            proc = run(script, *args, f"--data_dir={tmp_path}", "--device=cpu", check=False)  # a folder that exists
             assert_one_line_error(proc, *words)
             assert "--out_dir" not in proc.stderr or "resume" in args[0], proc.stderr
