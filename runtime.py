@@ -375,9 +375,8 @@ def make_optimizer(model, muon_lr, muon_momentum, learning_rate, betas, weight_d
 
 def fine_tuning_lrs(base_config, lr_frac, resume, path):
     """(muon_lr, learning_rate) of an SFT or DPO run: lr_frac of the peak rates in the config of the run it starts
-    from, or, on resume, the run's own (stored in its checkpoint's config when it started)."""
-    if not resume and not 0 < lr_frac <= 1:
-        raise UserError(f"lr_frac={lr_frac}: expected a fraction of the base run's learning rates, in (0, 1]")
+    from, or, on resume, the run's own (stored in its checkpoint's config when it started). lr_frac's range is its
+    key's declaration, checked by configure."""
     missing = [k for k in ("muon_lr", "learning_rate") if not isinstance(base_config.get(k), (int, float))]
     if missing:
         raise UserError(f"{path} records no {missing[0]} in its config, so lr_frac has nothing to scale; retrain it")

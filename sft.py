@@ -152,6 +152,7 @@ replay_T = min(model.config.block_size, 512)  # tokens per held-out window
 replay_train = pretrain_dir and TokenWindows(
     pretrain_dir, "train", model.config.block_size, model.config.vocab_size, seed
 )
+replay_val = pretrain_dir and TokenWindows(pretrain_dir, "val", replay_T, model.config.vocab_size, seed)
 
 
 def collate(rows):
@@ -271,9 +272,9 @@ def pretrain_loss():
         return float("nan")
     model.eval()
     total = torch.zeros((), device=env["device"])
-    windows = TokenWindows(pretrain_dir, "val", replay_T, model_config.vocab_size, seed + rank)
+    replay_val.generator.manual_seed(seed + rank)  # the same windows at every evaluation
     for _ in range(eval_iters):
-        x, y = windows.gather(windows.sample_starts(batch_size))
+        x, y = replay_val.gather(replay_val.sample_starts(batch_size))
         with env["autocast"]:
             _, loss = model(x.to(env["device"]), y.to(env["device"]))
         total += loss.float()

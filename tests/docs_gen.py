@@ -149,8 +149,6 @@ ADVICE = {
     "must be at most samples=": "pass@k needs at least k samples per problem: raise samples or lower pass_k.",
     ": expected {a.what}": "The value is outside what the key accepts (each key's declaration, the annotation on "
     "the line that defines it). Give a value the message names.",
-    "lr_frac={lr_frac}: expected": "lr_frac scales the base run's learning rates for fine-tuning: give a fraction in "
-    "(0, 1].",
     "has a length over block_size": "bench.py's seq_lens must fit the model's context. Lower them or raise block_size.",
     "doc_len needs compile_modes without graphs": "Drop graphs from --compile_modes when timing --doc_len.",
 }
