@@ -323,7 +323,7 @@ for mode in [m for m in graph_modes.split(",") if m]:
 B_data = max(1, batch_size * block_size // lengths[-1])
 results["data"] = bench_data(B_data, lengths[-1])
 if env["ddp"]:
-    torch.distributed.destroy_process_group()
+    runtime.end_distributed()
 if not env["master"]:
     sys.exit(0)
 Path(out).write_text(json.dumps(results, indent=1))

@@ -401,4 +401,4 @@ log.close()
 if master:
     print(f"done: {iter_num} steps, best held-out loss {early.best:.4f}, checkpoints in {out_dir}")
 if env["ddp"]:
-    dist.destroy_process_group()
+    runtime.end_distributed()

@@ -359,4 +359,4 @@ log.close()
 if master:
     print(f"done: {iter_num} steps, best val loss {early.best:.4f}, checkpoints in {out_dir}")
 if env["ddp"]:
-    dist.destroy_process_group()
+    runtime.end_distributed()
