@@ -22,9 +22,11 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ import chat
 import pysource
 import runtime
 from accepts import above, any_text, at_least, between, empty, file, finite, folder, nonempty, one_of, writable
+from quality import RULES, NearDuplicates, failed_rule
 from runtime import UserError
 from shards import read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
@@ -71,19 +74,36 @@ block_size: between(1, 4096) = 1024  # sft: longer conversations dropped; dpo: l
 task: one_of("docstring", "code", "both") = "docstring"  # local corpus: what does f do? (docstring), write f, or both
 code_scope: one_of("self_contained", "all") = "self_contained"  # coding task's functions: self_contained: stdlib only
 sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose answers are the rejected ones (GPU)
+# filters of the training split (quality.py); validation documents are kept as they are, so that runs made with and
+# without them are scored on the same held-out set
+quality: one_of("off", "auto", "code", "web") = "off"  # code: StarCoder's; web: Gopher's, C4's; auto: code for --corpus
+quality_skip: any_text = ""  # rules left out, comma-separated (e.g. literals,long_lines): see quality.py
+near_dup: 0.0 | between(0.5, 0.95) = 0.0  # drop documents about this similar (MinHash Jaccard) to one kept; 0 = off
+dedup_ngram: between(1, 64) = 5  # tokens per MinHash shingle, for near_dup
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
 config = runtime.configure(globals(), sys.argv[1:])
 RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "overwrite")
 # the corpus keys are recorded only for corpus=python: folders made before they existed still resume
 CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
+FILTER_KEYS = ("quality", "quality_skip", "near_dup", "dedup_ngram")  # recorded only when a filter is on, likewise
+filtering = mode == "pretrain" and (quality != "off" or near_dup > 0)
 SETTINGS = [
     k
     for k in config
     if k not in RUN_KEYS
     and (corpus == "python" or k not in ("corpus", "max_file_bytes"))
     and (mode != "pretrain" or k not in CHAT_KEYS)
+    and (filtering or k not in FILTER_KEYS)
 ]
+kind = "off" if mode != "pretrain" else quality if quality != "auto" else "web" if input or dataset else "code"
+rules = {k: f for k, f in RULES.get(kind, {}).items() if k not in quality_skip.split(",")}
+unknown = set(filter(None, quality_skip.split(","))) - set(RULES.get(kind, {}))
+if unknown:
+    raise UserError(
+        f"quality_skip={quality_skip}: {sorted(unknown)} not among the {kind} rules "
+        f"({', '.join(RULES[kind]) if kind in RULES else 'set --quality=code or web first'})"
+    )
 
 
 def open_stream():
@@ -211,7 +231,8 @@ def get_tokenizer(out, rows, field):
             raise UserError(f"--tokenizer={tokenizer} not found (a tokenizer.model path, or gpt2)")
         return Tokenizer(tokenizer)
     t0 = time.time()
-    texts = [text for _, _, text in itertools.islice((d for d in documents(rows, field) if d[2]), tokenizer_docs)]
+    sample = (text for _, _, text in documents(rows, field) if text and failed_rule(text, rules) is None)
+    texts = list(itertools.islice(sample, tokenizer_docs))
     if not texts:
         raise UserError(f"no document passed the filter ({score_field} >= {score_min}); lower --score_min")
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
@@ -269,7 +290,50 @@ def cut_shard(split, n):
     buffers[split] = rest
     row, before, offset, _ = rest[0] if rest else last[split]  # empty buffer: resume after the last document
     manifest["resume"][split] = {"row": row, "offset": offset, "counts": before}
+    if near:  # the decisions made so far, before the manifest that points past them
+        with open(out / "near_dup.keys", "ab") as f:
+            f.write(near.records().tobytes())
     save_manifest()
+
+
+def left_out(row, text, ids, signature):
+    """Whether the training document at row fails a quality rule or is a near-duplicate of one kept before it; each
+    counted with its bytes (and tokens) under the rule's name, so that the manifest says what every filter took."""
+    rule = failed_rule(text, rules)
+    if rule is None and near and near.check(row, signature):
+        rule = "near_dup"
+        counts["near_dup_tokens"] = counts.get("near_dup_tokens", 0) + len(ids)
+    if near:
+        counts["near_dup_clusters"] = near.clusters
+    if rule is None:
+        return False
+    counts[rule] = counts.get(rule, 0) + 1
+    counts[f"{rule}_bytes"] = counts.get(f"{rule}_bytes", 0) + len(text.encode())
+    return True
+
+
+def describe_filtered(counts):
+    """What the filters left out of the training split, per rule, in documents and MB."""
+    taken = [(rule, counts.get(rule, 0), counts.get(f"{rule}_bytes", 0)) for rule in [*rules, "near_dup"]]
+    if not near:
+        taken = taken[:-1]
+    text = ", ".join(f"{rule} {n:,} ({b / 1e6:.1f} MB)" for rule, n, b in taken)
+    total = sum(n for _, n, _ in taken), sum(b for _, _, b in taken) / 1e6
+    clusters, tokens = counts.get("near_dup_clusters", 0), counts.get("near_dup_tokens", 0)
+    dups = f"; near-duplicates: {clusters:,} clusters, {tokens:,} tokens" if near else ""
+    return f"{total[0]:,} training documents left out ({total[1]:.1f} MB): {text}{dups}"
+
+
+def restore_near_duplicates(near, path, row):
+    """Load the near-duplicate decisions made before row from path (cut_shard appends them), and cut the file there:
+    what a stopped run decided after its resume point is decided again."""
+    data = np.fromfile(path, dtype=np.uint64) if path.is_file() else np.zeros(0, np.uint64)
+    width = 2 + near.bands
+    records = data[: len(data) // width * width].reshape(-1, width)  # a record cut short by a stop is dropped
+    keep = int(np.searchsorted(records[:, 0], row)) if len(records) else 0  # rows are in stream order
+    near.restore(records[:keep], row)
+    with open(path, "wb") as f:
+        f.write(records[:keep].tobytes())
 
 
 def build_chat_data():
@@ -418,7 +482,7 @@ if not chat_data:  # the documents' fields and a reused tokenizer checked before
         load_tokenizer(tokenizer)
 out.mkdir(parents=True, exist_ok=True)
 stale = [*out.glob("*.tmp")] + (
-    [*out.glob("*.bin"), *out.glob("*.mask"), *out.glob("*.pairs"), out / "manifest.json"]
+    [*out.glob("*.bin"), *out.glob("*.mask"), *out.glob("*.pairs"), out / "manifest.json", out / "near_dup.keys"]
     + [*map(out.joinpath, TOKENIZER_FILES)]
     if overwrite or not manifest
     else []
@@ -461,6 +525,10 @@ rows = rows.skip(start["row"]) if hasattr(rows, "skip") else rows[start["row"] :
 total = len(rows) + start["row"] if hasattr(rows, "__len__") else None  # a local corpus's size; a stream's unknown
 bar = tqdm(total=total, initial=start["row"], unit="doc", disable=None)  # on a terminal; the lines below go to logs
 docs = documents(rows, field, first_row=start["row"])
+near = NearDuplicates(near_dup, dedup_ngram) if near_dup else None
+if near:  # the index as it stood at the resume point; decisions past it are made again
+    restore_near_duplicates(near, out / "near_dup.keys", start["row"])
+pool = ThreadPoolExecutor(num_threads or os.cpu_count())  # MinHash signatures: numpy releases the GIL
 buffers, last = {"train": [], "val": []}, {s: (r["row"], r["counts"], r["offset"], None) for s, r in resume.items()}
 new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()
 stopped = reached = False  # --max_shards written in this run / the token target assigned
@@ -469,16 +537,21 @@ while not (stopped or reached):
     if not batch:
         break
     kept = [text for _, _, text in batch if text]
-    encoded = iter(tok.encode_batch(kept, num_threads=num_threads))
+    dtype = token_dtype(tok.vocab_size)
+    encoded = [np.asarray([tok.bos_id] + ids, dtype=dtype) for ids in tok.encode_batch(kept, num_threads)]
+    signatures = iter(pool.map(near.signature, encoded) if near else [None] * len(encoded))
+    encoded = iter(encoded)
     for row, name, text in batch:
         before = dict(counts)
         counts["rows"] += 1
         if text is None:
             counts["empty" if not score_field else "filtered"] += 1
             continue
-        ids = np.asarray([tok.bos_id] + next(encoded), dtype=token_dtype(tok.vocab_size))
-        counts["kept"] += 1
+        ids, signature = next(encoded), next(signatures)
         s = "val" if is_val(name) and counts["val_assigned"] < val_tokens else "train"
+        if s == "train" and left_out(row, text, ids, signature):
+            continue
+        counts["kept"] += 1
         counts[f"{s}_assigned"] += len(ids)
         skip = len(ids) if row < resume[s]["row"] else resume[s]["offset"] if row == resume[s]["row"] else 0
         last[s] = (row, before, len(ids), None)  # the resume point if this split's buffer empties here
@@ -504,6 +577,7 @@ while not (stopped or reached):
         )
 
 bar.close()
+pool.shutdown()
 if stopped:  # the manifest already records where to continue
     print(f"stopped after {new_shards} shards (--max_shards); run the same command to continue")
     sys.exit(0)
@@ -512,6 +586,9 @@ if counts["kept"] == 0:
 for s in ("val", "train"):  # the stream or the target ended: the rest of each buffer is the last shard
     if buffers[s]:
         cut_shard(s, sum(len(p[3]) for p in buffers[s]))
+if near:
+    with open(out / "near_dup.keys", "ab") as f:
+        f.write(near.records().tobytes())
 manifest["docs"], manifest["complete"] = counts, True
 save_manifest()
 totals = {s: sum(sh["tokens"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}
@@ -521,3 +598,5 @@ print(
     f"{counts['filtered']:,} filtered | train {totals['train']:,} tokens, val {totals['val']:,} tokens in "
     f"{len(manifest['shards'])} shards | {new_tokens / dt:,.0f} tok/s over {dt:.1f}s"
 )
+if filtering:
+    print(f"filters: {describe_filtered(counts)}")
