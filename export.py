@@ -1,5 +1,5 @@
 """Export a run to a Hugging Face transformers folder (a standard LlamaForCausalLM with its tokenizer, tested in
-transformers, mlx-lm and lm-evaluation-harness) or to one GGUF file (tested in llama.cpp; see README, Export).
+transformers, mlx-lm and lm-evaluation-harness) or to one GGUF file (tested in llama.cpp; see docs/export.md).
 
     python export.py --out_dir=out/tiny_sft --hf_dir=out/tiny_sft_hf            # fp32, exact
     python export.py --out_dir=out/pretrain_137m --hf_dir=hf/137m --dtype=bfloat16
@@ -7,7 +7,7 @@ transformers, mlx-lm and lm-evaluation-harness) or to one GGUF file (tested in l
     python export.py --out_dir=out/tiny_sft --format=gguf --dtype=float16       # out/tiny_sft/tiny_sft-f16.gguf
     python export.py --out_dir=out/tiny_sft --format=gguf --dtype=q8_0 --gguf_file=tiny-q8_0.gguf
 
-The folder loads with AutoTokenizer / AutoModelForCausalLM and no custom code (see README, Export), and holds:
+The folder loads with AutoTokenizer / AutoModelForCausalLM and no custom code (see docs/export.md), and holds:
 config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 special_tokens_map.json, and our tokenizer.model (for tools that read SentencePiece).
 

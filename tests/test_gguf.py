@@ -291,7 +291,7 @@ def test_llama_cpp_tokenizer_chat_template_and_stops(llama_cpp, sft_run, tmp_pat
     export_gguf(sft, file, "--dtype=float16")
     with open_llama(llama_cpp, file) as llm:
         for text in [*TEXTS, *(text for _, text in stdlib_sample(8))]:
-            ids = tok.encode(text.replace(META_SPACE, " "))  # the one difference (README, Export)
+            ids = tok.encode(text.replace(META_SPACE, " "))  # the one difference (docs/export.md)
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
             assert llm.tokenize(text.encode()) == [tok.bos_id, *ids]
             assert llm.detokenize(tok.encode(text)).decode() == text

@@ -32,7 +32,7 @@ def our_loglikelihood(ours, tok, context, continuation):
     return logp.gather(1, targets[:, None]).sum().item(), bool((logp.argmax(-1) == targets).all())
 
 
-@pytest.mark.export_tools  # ~20 s: run by CI's second step (README, Export), not in the Quick start's suite
+@pytest.mark.export_tools  # ~20 s: run by CI's second step (docs/export.md), not in the Quick start's suite
 def test_lm_eval_log_likelihoods_equal_ours(tiny_data, tmp_path, capsys):
     pytest.importorskip("lm_eval", reason='lm-eval is not installed: pip install -e ".[export-tools]"')
     # a random model with a 256-token context: with this 512-token vocabulary most problems (prompt and solution)
