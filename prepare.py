@@ -36,7 +36,7 @@ import chat
 import pysource
 import runtime
 from accepts import above, any_text, at_least, between, empty, file, finite, folder, nonempty, one_of, writable
-from quality import RULES, NearDuplicates, failed_rule
+from quality import NearDuplicates, failed_rule, select_rules
 from runtime import UserError
 from shards import read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
@@ -82,7 +82,9 @@ near_dup: 0.0 | between(0.5, 0.95) = 0.0  # drop documents about this similar (M
 dedup_ngram: between(1, 64) = 5  # tokens per MinHash shingle, for near_dup
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
-config = runtime.configure(globals(), sys.argv[1:])
+config = runtime.configure(  # quality_skip's names: rules of the kind --quality picks
+    globals(), sys.argv[1:], rules=[lambda c: select_rules(c.quality, c.quality_skip, bool(c.input or c.dataset))]
+)
 RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "overwrite")
 # the corpus keys are recorded only for corpus=python: folders made before they existed still resume
 CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
@@ -96,14 +98,7 @@ SETTINGS = [
     and (mode != "pretrain" or k not in CHAT_KEYS)
     and (filtering or k not in FILTER_KEYS)
 ]
-kind = "off" if mode != "pretrain" else quality if quality != "auto" else "web" if input or dataset else "code"
-rules = {k: f for k, f in RULES.get(kind, {}).items() if k not in quality_skip.split(",")}
-unknown = set(filter(None, quality_skip.split(","))) - set(RULES.get(kind, {}))
-if unknown:
-    raise UserError(
-        f"quality_skip={quality_skip}: {sorted(unknown)} not among the {kind} rules "
-        f"({', '.join(RULES[kind]) if kind in RULES else 'set --quality=code or web first'})"
-    )
+rules = select_rules(quality if mode == "pretrain" else "off", quality_skip, bool(input or dataset))
 
 
 def open_stream():

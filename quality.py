@@ -9,13 +9,13 @@ as Python). `web` for prose, after FineWeb (Penedo et al. 2024), which runs Goph
 (Rae et al. 2021) and C4's (Raffel et al. 2020) line rules document by document. Each rule is a function of the
 text that returns True when the document fails it; the first rule failed is the one counted.
 
-Near-duplicates (`--near_dup=J`): MinHash over n-grams of the document's token ids (128 hash functions) with
-locality-sensitive hashing in bands, as FineWeb and The Stack (Kocetkov et al. 2022) do. A document whose
-signature shares a band with a document kept before it is dropped: the pair's estimated Jaccard similarity is then
-likely above J (the bands and rows are chosen so that the S-curve's midpoint is J). The first document of each
-cluster, in stream order, is kept, so the outcome does not depend on batching or on where a run was resumed.
-MinHash estimates Jaccard similarity: a small file copied whole into a much larger one is not found (their
-similarity is small); a copy with a few lines changed or a header added is.
+Near-duplicates (`--near_dup=J`): MinHash signatures of 128 values over n-grams of the document's token ids, by
+one-permutation hashing, with locality-sensitive hashing in bands, as FineWeb and The Stack (Kocetkov et al. 2022) do
+with 112 and 256 permutations. A document whose signature shares a band with a document kept before it is dropped:
+the pair's Jaccard similarity is then likely above J (the bands and rows are chosen so that the S-curve's midpoint is
+J). The first document of each cluster, in stream order, is kept, so the outcome does not depend on batching or on
+where a run was resumed. MinHash estimates Jaccard similarity: a small file copied whole into a much larger one is
+not found (their similarity is small); a copy with a few lines changed or a header added is.
 """
 
 import re
@@ -162,6 +162,20 @@ WEB_RULES = {
 RULES = {"code": CODE_RULES, "web": WEB_RULES}
 
 
+def select_rules(quality, skip, from_files):
+    """{name: test} of the rules prepare.py's --quality and --quality_skip pick; auto means code for the local corpus,
+    web for files and datasets (from_files). A name in skip that is not one of them is a UserError."""
+    from runtime import UserError  # imported here: the rules themselves need nothing but re and numpy
+
+    kind = "web" if quality == "auto" and from_files else "code" if quality == "auto" else quality
+    names = [name for name in skip.split(",") if name]
+    unknown = sorted(set(names) - set(RULES.get(kind, {})))
+    if unknown:
+        known = ", ".join(RULES[kind]) if kind in RULES else "none while --quality=off"
+        raise UserError(f"quality_skip={skip}: {', '.join(unknown)} not among the {kind} rules ({known})")
+    return {name: test for name, test in RULES.get(kind, {}).items() if name not in names}
+
+
 def failed_rule(text, rules):
     """The name of the first rule in rules (name -> test) that text fails, or None."""
     return next((name for name, fails in rules.items() if fails(text)), None)
@@ -169,8 +183,17 @@ def failed_rule(text, rules):
 
 # ----------------------------------------------------------------------------- near-duplicates
 
-NUM_PERM = 128  # hash functions per signature (FineWeb: 112, The Stack: 256)
+BIN_BITS = 7
+NUM_PERM = 1 << BIN_BITS  # values per signature (FineWeb: 112 hash functions, The Stack: 256)
 MASK64 = (1 << 64) - 1
+
+
+def mix64(h):
+    """SplitMix64's finaliser, on a uint64 array: every output bit depends on every input bit."""
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
 
 
 def lsh_shape(threshold, num_perm=NUM_PERM):
@@ -189,8 +212,7 @@ class NearDuplicates:
         self.ngram = ngram
         self.bands, self.rows = lsh_shape(threshold)
         rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, 2**63, NUM_PERM, dtype=np.uint64) * 2 + 1  # odd multipliers: multiply-shift hashing
-        self.b = rng.integers(0, 2**63, NUM_PERM, dtype=np.uint64)
+        self.probes = rng.integers(0, NUM_PERM, (64, NUM_PERM))  # densification's probe sequence, per bin
         self.powers = rng.integers(1, 2**63, ngram, dtype=np.uint64) * 2 + 1  # n-gram -> 64-bit hash
         self.band_mix = rng.integers(1, 2**63, self.rows, dtype=np.uint64) * 2 + 1
         self.owner = {}  # band key -> row of the kept document that holds it
@@ -198,18 +220,30 @@ class NearDuplicates:
         self.new = []  # (row, matched row or -1, band keys) since the last records()
 
     def signature(self, ids):
-        """The MinHash signature (NUM_PERM,) uint64 of the set of ngram-token shingles of ids."""
+        """The MinHash signature (NUM_PERM,) uint64 of the set of ngram-token shingles of ids, by one-permutation
+        hashing (Li, Owen and Zhang 2012): a shingle's 64-bit hash picks one of the 128 bins by its top 7 bits, and
+        each bin keeps its smallest hash. An empty bin (a short document) takes the value of the first non-empty bin
+        on a probe sequence that is the same for every document (optimal densification, Shrivastava 2017). Two
+        documents' signatures agree in a bin with probability about their Jaccard similarity, as with 128 separate
+        permutations, for one hash per shingle instead of 128."""
         ids = np.asarray(ids, dtype=np.uint64)
         if len(ids) < self.ngram:  # a short document is one shingle
             ids = np.concatenate([ids, np.zeros(self.ngram - len(ids), dtype=np.uint64)])
-        windows = np.lib.stride_tricks.sliding_window_view(ids, self.ngram)
+        windows = np.lib.stride_tricks.sliding_window_view(ids, self.ngram)  # (shingles, ngram), no copy
         with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64, as intended
-            h = (windows * self.powers).sum(axis=1, dtype=np.uint64)
-            h ^= h >> np.uint64(31)  # mix the high bits into the low ones before the permutations
-            sig = np.full(NUM_PERM, MASK64, dtype=np.uint64)
-            for i in range(0, len(h), 4096):  # (NUM_PERM, 4096) at a time: 4 MB
-                chunk = h[i : i + 4096]
-                sig = np.minimum(sig, ((self.a[:, None] * chunk[None, :] + self.b[:, None]) >> np.uint64(32)).min(1))
+            h = mix64((windows * self.powers).sum(axis=1, dtype=np.uint64))
+        sig = np.full(NUM_PERM, MASK64, dtype=np.uint64)
+        np.minimum.at(sig, (h >> np.uint64(64 - BIN_BITS)).astype(np.intp), h & np.uint64(MASK64 >> BIN_BITS))
+        filled = sig != MASK64
+        empty = np.flatnonzero(~filled)
+        for probe in self.probes:  # (NUM_PERM,) bins to borrow from, one row per attempt
+            if len(empty) == 0:
+                break
+            found = filled[probe[empty]]
+            sig[empty[found]] = sig[probe[empty[found]]]
+            empty = empty[~found]
+        for i in empty:  # past the probes (a document of very few shingles): the next filled bin to the right
+            sig[i] = sig[(i + np.flatnonzero(np.roll(filled, -i))[0]) % NUM_PERM]
         return sig
 
     def band_keys(self, sig):

@@ -4,6 +4,8 @@
 #     bash reference.sh                                    # one H100: about 25 minutes in all
 #     bash reference.sh                                    # after a stop: finished stages are skipped, training resumes
 #     RUN=out/ref_adamw STAGES=pretrain bash reference.sh --optimizer=adamw --learning_rate=0.002   # a variant
+#     RUN=out/ref_filtered DATA=data/python32k_filtered PREPARE="--quality=code --near_dup=0.7" STAGES=pretrain \
+#         bash reference.sh                               # the same budget on filtered data (docs/data.md)
 #
 # Stages: every .py file of this Python (standard library and site-packages, deduplicated) -> a 32K tokenizer and
 # shards -> pretraining (config/reference_137m.py, ~10 minutes on an H100) -> docstring questions and coding requests
@@ -15,7 +17,8 @@ cd "$(dirname "$0")"
 RUN=${RUN:-out/ref}        # pretraining run folder; SFT and DPO go to ${RUN}_sft and ${RUN}_dpo
 STAGES=${STAGES:-all}      # all, or pretrain (prepare, pretrain and evaluate only)
 CARD=${RUN}_card
-DATA=data/python32k
+DATA=${DATA:-data/python32k}  # the pretraining data; PREPARE adds prepare.py keys (filters) to its command
+PREPARE=${PREPARE:-}
 mkdir -p "$CARD"
 
 stage() { # stage NAME COMMAND...: run the command and record its wall time
@@ -34,7 +37,7 @@ evaluate() { # evaluate RUN ARGS...: eval.py unless its report is newer than the
 }
 
 main() { # read whole before it runs: editing this file during a run changes nothing
-    stage "prepare corpus" python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir=$DATA
+    stage "prepare corpus" python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir=$DATA $PREPARE
     if has_checkpoint "$RUN"; then init=--init_from=resume; else init=--init_from=scratch; fi
     stage "pretrain" python train.py config/reference_137m.py --out_dir="$RUN" --data_dir=$DATA $init "$@"
     evaluate "$RUN" --gen_batch=512
