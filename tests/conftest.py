@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny prepared dataset and a helper that runs a script as a user would."""
 
+import atexit
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import forkserver
 import numpy as np
 import pytest
 
@@ -32,13 +34,22 @@ TINY = [
 ]
 
 
-def run(script, *args, check=True, timeout=300, cmd=None, env=None, stdin=None):
-    """Run a repo script in a subprocess (cwd = repo) and return the CompletedProcess."""
+FORK_SERVER = []  # the one forkserver.ForkServer of this session, started by the first run()
+
+
+def run(script, *args, check=True, timeout=300, cmd=None, env=None, stdin=None, fresh=False):
+    """Run a repo script in a new process (cwd = repo) and return the CompletedProcess. The process is a fork of
+    tests/forkserver.py's server, which has imported torch already, unless fresh=True, the command is not a python
+    script, or the environment differs where the interpreter reads it at start: then a plain subprocess."""
     env = dict(env or os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    argv = cmd or [sys.executable, str(REPO / script)]
-    proc = subprocess.run(
-        [*argv, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, input=stdin
-    )
+    argv = [*(cmd or [sys.executable, str(REPO / script)]), *map(str, args)]
+    if not FORK_SERVER:
+        FORK_SERVER.append(forkserver.ForkServer(dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")))
+        atexit.register(FORK_SERVER[0].close)
+    if not fresh and forkserver.forkable(argv, env, FORK_SERVER[0].env):
+        proc = FORK_SERVER[0].run(argv, REPO, env, stdin, timeout)
+    else:
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -1,0 +1,133 @@
+"""Script runs as real processes without paying torch's import each time: a server process imports torch and
+numpy once, then forks a child per run, and the child runs the script as `python script.py args` would (its own
+argv, working folder, environment, stdin/stdout/stderr, exit status; an uncaught exception goes through its
+sys.excepthook). torch's import was 1.6-2 s of every one of the suite's ~190 script runs.
+
+What a fork cannot give is set aside: an environment that differs where the interpreter or torch read it at start
+(PYTHON*, OMP_*, ONEDNN_*, ...) runs as a plain subprocess (conftest.run decides), and repo modules are never
+imported by the server, so each run still imports the repo's code fresh (no side effects at import is still tested).
+"""
+
+import json
+import locale
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+
+# read when the interpreter or torch starts: a run whose environment differs here cannot be a fork of the server
+STARTUP_VARS = ("PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "GOMP_", "ONEDNN_", "DNNL_", "ATEN_", "CUDA_", "TORCH")
+STARTUP_VARS += ("PYTORCH_", "NVIDIA_", "MALLOC", "MLX_")
+
+
+def forkable(argv, env, server_env):
+    """True when `argv` (python script.py ... or python -c code ...) in `env` can run as a fork of the server."""
+    if len(argv) < 2 or argv[0] != sys.executable or not (argv[1] == "-c" or argv[1].endswith(".py")):
+        return False
+    keys = {k for k in (*env, *server_env) if k.startswith(STARTUP_VARS)}
+    return all(env.get(k) == server_env.get(k) for k in keys)
+
+
+class ForkServer:
+    """The client: run(argv, cwd, env, stdin_text, timeout) -> subprocess.CompletedProcess, as subprocess.run with
+    capture_output=True, text=True."""
+
+    def __init__(self, env):
+        self.env = dict(env)
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, str(theirs.fileno())], pass_fds=[theirs.fileno()], env=self.env
+        )
+        theirs.close()
+        self.sock = ours
+
+    def run(self, argv, cwd, env, stdin_text, timeout):
+        encoding = locale.getpreferredencoding(False)  # as subprocess's text mode
+        with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
+            fin.write((stdin_text or "").encode(encoding))
+            fin.seek(0)
+            request = json.dumps({"argv": [str(a) for a in argv], "cwd": str(cwd), "env": env}).encode()
+            self.sock.settimeout(None)
+            socket.send_fds(self.sock, [struct.pack("q", len(request))], [fin.fileno(), fout.fileno(), ferr.fileno()])
+            self.sock.sendall(request)
+            (pid,) = struct.unpack("q", receive(self.sock, 8))
+            self.sock.settimeout(timeout)
+            try:
+                (status,) = struct.unpack("q", receive(self.sock, 8))
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                self.sock.settimeout(None)
+                receive(self.sock, 8)
+                raise subprocess.TimeoutExpired(argv, timeout) from None
+            out, err = (read_text(f, encoding) for f in (fout, ferr))
+        return subprocess.CompletedProcess(argv, status, out, err)
+
+    def close(self):
+        self.sock.close()  # the server's recv sees the end and it exits
+        self.proc.wait(timeout=30)
+
+
+def receive(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the fork server is gone")
+        data += chunk
+    return data
+
+
+def read_text(f, encoding):
+    f.seek(0)
+    return f.read().decode(encoding).replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as subprocess
+
+
+def serve(sock):
+    """Forks a child per request; the child returns to become the script, the server loops."""
+    while True:
+        try:
+            header, fds, _, _ = socket.recv_fds(sock, 8, 3)
+        except OSError:
+            sys.exit(0)
+        if not header:
+            sys.exit(0)
+        header += receive(sock, 8 - len(header))
+        request = json.loads(receive(sock, struct.unpack("q", header)[0]))
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            for i, fd in enumerate(fds):
+                os.dup2(fd, i)
+                os.close(fd)
+            return request
+        for fd in fds:
+            os.close(fd)
+        sock.sendall(struct.pack("q", pid))
+        _, status = os.waitpid(pid, 0)
+        sock.sendall(struct.pack("q", os.waitstatus_to_exitcode(status)))
+
+
+if __name__ == "__main__":
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+
+    request = serve(socket.socket(fileno=int(sys.argv[1])))
+    # the child: become `python argv[1:]` in the request's folder and environment; from here on an exception or
+    # sys.exit ends this process exactly as it would end the script's own interpreter
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv = request["argv"][1:]
+    if argv[0] == "-c":
+        sys.argv, sys.path[0] = ["-c", *argv[2:]], ""
+        main = type(sys)("__main__")
+        sys.modules["__main__"] = main
+        exec(compile(argv[1], "<string>", "exec"), main.__dict__)
+    else:
+        import runpy
+
+        sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
+        runpy.run_path(argv[0], run_name="__main__")
