@@ -22,11 +22,9 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -291,11 +289,11 @@ def cut_shard(split, n):
     save_manifest()
 
 
-def left_out(row, text, ids, signature):
+def left_out(row, text, ids):
     """Whether the training document at row fails a quality rule or is a near-duplicate of one kept before it; each
     counted with its bytes (and tokens) under the rule's name, so that the manifest says what every filter took."""
     rule = failed_rule(text, rules)
-    if rule is None and near and near.check(row, signature):
+    if rule is None and near and near.check(row, near.signature(ids)):
         rule = "near_dup"
         counts["near_dup_tokens"] = counts.get("near_dup_tokens", 0) + len(ids)
     if near:
@@ -523,7 +521,6 @@ docs = documents(rows, field, first_row=start["row"])
 near = NearDuplicates(near_dup, dedup_ngram) if near_dup else None
 if near:  # the index as it stood at the resume point; decisions past it are made again
     restore_near_duplicates(near, out / "near_dup.keys", start["row"])
-pool = ThreadPoolExecutor(num_threads or os.cpu_count())  # MinHash signatures: numpy releases the GIL
 buffers, last = {"train": [], "val": []}, {s: (r["row"], r["counts"], r["offset"], None) for s, r in resume.items()}
 new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()
 stopped = reached = False  # --max_shards written in this run / the token target assigned
@@ -534,7 +531,6 @@ while not (stopped or reached):
     kept = [text for _, _, text in batch if text]
     dtype = token_dtype(tok.vocab_size)
     encoded = [np.asarray([tok.bos_id] + ids, dtype=dtype) for ids in tok.encode_batch(kept, num_threads)]
-    signatures = iter(pool.map(near.signature, encoded) if near else [None] * len(encoded))
     encoded = iter(encoded)
     for row, name, text in batch:
         before = dict(counts)
@@ -542,9 +538,9 @@ while not (stopped or reached):
         if text is None:
             counts["empty" if not score_field else "filtered"] += 1
             continue
-        ids, signature = next(encoded), next(signatures)
+        ids = next(encoded)
         s = "val" if is_val(name) and counts["val_assigned"] < val_tokens else "train"
-        if s == "train" and left_out(row, text, ids, signature):
+        if s == "train" and left_out(row, text, ids):
             continue
         counts["kept"] += 1
         counts[f"{s}_assigned"] += len(ids)
@@ -572,7 +568,6 @@ while not (stopped or reached):
         )
 
 bar.close()
-pool.shutdown()
 if stopped:  # the manifest already records where to continue
     print(f"stopped after {new_shards} shards (--max_shards); run the same command to continue")
     sys.exit(0)
