@@ -30,6 +30,10 @@ LITERAL = re.compile(  # a string, number or constant: what a row of a data tabl
     r"""|None|True|False)\b"""
 )
 SEPARATORS = " \t,:;()[]{}+-."
+NOT_ALNUM = re.compile(r"[\W_]+")  # \w is letters, digits and "_"
+ASCII_NOT_ALNUM = bytes(c for c in range(128) if not chr(c).isalnum())
+NONBLANK = re.compile(r"^[ \t]*\S", re.M)
+DATA_START = re.compile(r"^[ \t]*(?:[rRbBuU]{0,2}['\"]|[-+.,:;()\[\]{}\d]|None|True|False)", re.M)  # can begin a row
 
 
 def auto_generated(text):
@@ -46,14 +50,20 @@ def long_lines(text):
 
 def alphanumeric(text):
     """Under 25% letters and digits (StarCoder): encoded blobs, ASCII art, tables of symbols."""
-    return sum(c.isalnum() for c in text) < 0.25 * len(text)
+    if text.isascii():  # most code: bytes.translate counts at memory speed
+        return len(text.encode("ascii").translate(None, ASCII_NOT_ALNUM)) < 0.25 * len(text)
+    return len(NOT_ALNUM.sub("", text)) < 0.25 * len(text)
 
 
 def literals(text):
     """Over half of 20 or more non-blank lines hold only literals (strings, numbers, brackets, commas): a data table
     written as Python, such as a Unicode mapping or generated test vectors."""
-    lines = [line for line in text.split("\n") if line.strip()]
-    data = sum(not LITERAL.sub("", line).strip(SEPARATORS) for line in lines)  # nothing left but separators
+    nonblank = len(NONBLANK.findall(text))
+    if nonblank < 20 or len(DATA_START.findall(text)) <= nonblank / 2:  # too few lines could be rows: no closer look
+        return False
+    bare = LITERAL.sub("", text).split("\n")  # line for line: no literal it removes spans a newline
+    lines = [b for line, b in zip(text.split("\n"), bare, strict=True) if line.strip()]
+    data = sum(not b.strip(SEPARATORS) for b in lines)  # nothing left but separators
     return len(lines) >= 20 and data > len(lines) / 2
 
 
