@@ -181,8 +181,10 @@ def select_rules(quality, skip, from_files):
     names = [name for name in skip.split(",") if name]
     unknown = sorted(set(names) - set(RULES.get(kind, {})))
     if unknown:
-        known = ", ".join(RULES[kind]) if kind in RULES else "none while --quality=off"
-        raise UserError(f"quality_skip={skip}: {', '.join(unknown)} not among the {kind} rules ({known})")
+        if kind not in RULES:
+            raise UserError(f"quality_skip={skip}: --quality=off has no rules to leave out; set --quality=code or web")
+        rules = ", ".join(RULES[kind])
+        raise UserError(f"quality_skip={skip}: {', '.join(unknown)}: not {kind} rules; name some of {rules}")
     return {name: test for name, test in RULES.get(kind, {}).items() if name not in names}
 
 
