@@ -34,20 +34,25 @@ TINY = [
 ]
 
 
-FORK_SERVER = []  # the one forkserver.ForkServer of this session, started by the first run()
+# startup environment -> forkserver.ForkServer started in it: one for each environment met twice (torch.compile,
+# run in this process by some tests, sets TORCHINDUCTOR_* for every later run; a one-off environment gets none)
+FORK_SERVERS, SEEN = {}, set()
 
 
 def run(script, *args, check=True, timeout=300, cmd=None, env=None, stdin=None, fresh=False):
-    """Run a repo script in a new process (cwd = repo) and return the CompletedProcess. The process is a fork of
-    tests/forkserver.py's server, which has imported torch already, unless fresh=True, the command is not a python
-    script, or the environment differs where the interpreter reads it at start: then a plain subprocess."""
+    """Run a repo script in a new process (cwd = repo) and return the CompletedProcess. The process is a fork of a
+    tests/forkserver.py server, which has imported torch already, unless fresh=True or the command is not a python
+    script: then a plain subprocess, as for a first run in an environment that differs where Python and torch read it
+    at start."""
     env = dict(env or os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     argv = [*(cmd or [sys.executable, str(REPO / script)]), *map(str, args)]
-    if not FORK_SERVER:
-        FORK_SERVER.append(forkserver.ForkServer(dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")))
-        atexit.register(FORK_SERVER[0].close)
-    if not fresh and forkserver.forkable(argv, env, FORK_SERVER[0].env):
-        proc = FORK_SERVER[0].run(argv, REPO, env, stdin, timeout)
+    key, forkable = forkserver.startup_env(env), not fresh and forkserver.forkable(argv)
+    if forkable and key in SEEN and key not in FORK_SERVERS:
+        FORK_SERVERS[key] = forkserver.ForkServer(env)
+        atexit.register(FORK_SERVERS[key].close)
+    SEEN.add(key)
+    if forkable and key in FORK_SERVERS:
+        proc = FORK_SERVERS[key].run(argv, REPO, env, stdin, timeout)
     else:
         proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, input=stdin)
     if check and proc.returncode != 0:
@@ -130,14 +135,29 @@ def short_docs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def sft_run(tiny_data, tmp_path_factory):
+def sft_base(tiny_data, tmp_path_factory):
+    """A 20-step base run on tiny_data and the demo SFT conversations prepared with its tokenizer: (base run folder,
+    SFT data folder). Shared by sft_run and tests/test_sft.py, which only read them."""
+    root = tmp_path_factory.mktemp("sft_base")
+    base, sft_data = root / "base", root / "sft_data"
+    run("train.py", f"--data_dir={tiny_data}", f"--out_dir={base}", *TINY, "--max_iters=20", "--eval_interval=20")
+    run(
+        "prepare.py",
+        "--mode=sft",
+        f"--data_dir={sft_data}",
+        f"--tokenizer={base / 'tokenizer.model'}",
+        "--block_size=64",
+    )
+    return base, sft_data
+
+
+@pytest.fixture(scope="session")
+def sft_run(sft_base, tmp_path_factory):
     """A tiny SFT run and DPO demo pairs made with its tokenizer: (sft run folder, dpo data folder). Shared by the
     DPO and export tests."""
     root = tmp_path_factory.mktemp("dpo")
-    base, sft_data, sft, dpo_data = root / "base", root / "sft_data", root / "sft", root / "dpo_data"
-    run("train.py", f"--data_dir={tiny_data}", f"--out_dir={base}", *TINY, "--max_iters=20", "--eval_interval=20")
+    (base, sft_data), sft, dpo_data = sft_base, root / "sft", root / "dpo_data"
     tokenizer = f"--tokenizer={base / 'tokenizer.model'}"
-    run("prepare.py", "--mode=sft", f"--data_dir={sft_data}", tokenizer, "--block_size=64")
     run(
         "sft.py",
         f"--init_from={base}",

@@ -3,8 +3,9 @@ numpy once, then forks a child per run, and the child runs the script as `python
 argv, working folder, environment, stdin/stdout/stderr, exit status; an uncaught exception goes through its
 sys.excepthook). torch's import was 1.6-2 s of every one of the suite's ~190 script runs.
 
-What a fork cannot give is set aside: an environment that differs where the interpreter or torch read it at start
-(PYTHON*, OMP_*, ONEDNN_*, ...) runs as a plain subprocess (conftest.run decides), and repo modules are never
+What a fork cannot give is set aside: a run needs a server started in the same environment where the interpreter
+or torch read it at start (PYTHON*, OMP_*, ONEDNN_*, TORCH*, ...; conftest.run keeps one server per such
+environment met twice, and runs the rest as plain subprocesses), and repo modules are never
 imported by the server, so each run still imports the repo's code fresh (no side effects at import is still tested).
 """
 
@@ -23,12 +24,15 @@ STARTUP_VARS = ("PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "GOMP_", "ONEDNN_", "DN
 STARTUP_VARS += ("PYTORCH_", "NVIDIA_", "MALLOC", "MLX_")
 
 
-def forkable(argv, env, server_env):
-    """True when `argv` (python script.py ... or python -c code ...) in `env` can run as a fork of the server."""
-    if len(argv) < 2 or argv[0] != sys.executable or not (argv[1] == "-c" or argv[1].endswith(".py")):
-        return False
-    keys = {k for k in (*env, *server_env) if k.startswith(STARTUP_VARS)}
-    return all(env.get(k) == server_env.get(k) for k in keys)
+def forkable(argv):
+    """True when argv is `python script.py ...` or `python -c code ...`."""
+    return len(argv) > 1 and argv[0] == sys.executable and (argv[1] == "-c" or argv[1].endswith(".py"))
+
+
+def startup_env(env):
+    """The part of an environment that the interpreter or torch read at start: a server serves only runs that agree
+    with its own."""
+    return frozenset((k, v) for k, v in env.items() if k.startswith(STARTUP_VARS))
 
 
 class ForkServer:
