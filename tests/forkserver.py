@@ -5,8 +5,8 @@ sys.excepthook). torch's import was 1.6-2 s of every one of the suite's ~190 scr
 
 What a fork cannot give is set aside: a run needs a server started in the same environment where the interpreter
 or torch read it at start (PYTHON*, OMP_*, ONEDNN_*, TORCH*, ...; conftest.run keeps one server per such
-environment met twice, and runs the rest as plain subprocesses), and repo modules are never
-imported by the server, so each run still imports the repo's code fresh (no side effects at import is still tested).
+environment met twice and runs the rest, other commands, and everything off Linux, as plain subprocesses); the
+server never imports the repo's modules, so each run imports them fresh (no side effects at import is still tested).
 """
 
 import json
@@ -25,8 +25,10 @@ STARTUP_VARS += ("PYTORCH_", "NVIDIA_", "MALLOC", "MLX_")
 
 
 def forkable(argv):
-    """True when argv is `python script.py ...` or `python -c code ...`."""
-    return len(argv) > 1 and argv[0] == sys.executable and (argv[1] == "-c" or argv[1].endswith(".py"))
+    """True when argv is `python script.py ...` or `python -c code ...`, on Linux (on macOS a fork after frameworks
+    have loaded is not safe: Objective-C's runtime may abort the child)."""
+    python = len(argv) > 1 and argv[0] == sys.executable and (argv[1] == "-c" or argv[1].endswith(".py"))
+    return python and sys.platform == "linux"
 
 
 def startup_env(env):
