@@ -131,15 +131,24 @@ def test_prepare_dpo_reads_both_schemas_cuts_and_counts(tiny_data, tmp_path):
     assert {f.name: f.read_bytes() for f in a.iterdir()} == before
 
 
+def logp(model, prompt, completion):
+    """The summed log-probability of completion after prompt, in float64 from full logits: no padding, no batching."""
+    seq = torch.tensor([prompt + completion])
+    logits = model.logits(seq[:, :-1]).double()  # (1, T, V)
+    logprobs = F.log_softmax(logits, dim=-1)[0, len(prompt) - 1 :]  # the positions that predict the completion
+    return logprobs.gather(1, torch.tensor(completion)[:, None]).sum().item()
+
+
+def chosen_nll(model, pairs, batch_size):
+    """The chosen completions' NLL per token as dpo.py's evaluation weighs it: per token within each batch of
+    batch_size consecutive pairs, then the batches' mean weighted by their number of pairs."""
+    batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
+    per_batch = [-sum(logp(model, p, c) for p, c, _ in b) / sum(len(c) for _, c, _ in b) for b in batches]
+    return sum(len(b) * nll for b, nll in zip(batches, per_batch, strict=True)) / len(pairs)
+
+
 def reference_loss(policy, reference, pairs, beta):
     """The DPO loss and mean rewards, computed pair by pair in float64 from full logits: no padding, no batching."""
-
-    def logp(model, prompt, completion):
-        seq = torch.tensor([prompt + completion])
-        logits = model.logits(seq[:, :-1]).double()  # (1, T, V)
-        logprobs = F.log_softmax(logits, dim=-1)[0, len(prompt) - 1 :]  # the positions that predict the completion
-        return logprobs.gather(1, torch.tensor(completion)[:, None]).sum().item()
-
     losses, chosen_rewards, rejected_rewards = [], [], []
     for p, c, r in pairs:
         chosen = beta * (logp(policy, p, c) - logp(reference, p, c))
@@ -204,6 +213,8 @@ def test_dpo_loss_rewards_and_frozen_reference(sft_run, tmp_path):
     with torch.no_grad():
         loss, chosen, rejected = reference_loss(policy, reference, pairs, beta=0.1)
     assert abs(loss + 0.5 * last_eval["val_nll"] - last_eval["val_loss"]) < 1e-5 and abs(loss - math.log(2)) > 1e-3
+    with torch.no_grad():
+        assert abs(chosen_nll(policy, pairs, 16) - last_eval["val_nll"]) < 1e-5, len(pairs)
     assert abs(chosen - last_eval["val_rewards/chosen"]) < 1e-5
     assert abs(rejected - last_eval["val_rewards/rejected"]) < 1e-5
 
