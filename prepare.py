@@ -283,9 +283,7 @@ def cut_shard(split, n):
     buffers[split] = rest
     row, before, offset, _ = rest[0] if rest else last[split]  # empty buffer: resume after the last document
     manifest["resume"][split] = {"row": row, "offset": offset, "counts": before}
-    if near:  # the decisions made so far, before the manifest that points past them
-        with open(out / "near_dup.keys", "ab") as f:
-            f.write(near.records().tobytes())
+    save_near_duplicates()  # the decisions made so far, before the manifest that points past them
     save_manifest()
 
 
@@ -307,14 +305,20 @@ def left_out(row, text, ids):
 
 def describe_filtered(counts):
     """What the filters left out of the training split, per rule, in documents and MB."""
-    taken = [(rule, counts.get(rule, 0), counts.get(f"{rule}_bytes", 0)) for rule in [*rules, "near_dup"]]
-    if not near:
-        taken = taken[:-1]
+    names = [*rules, *(["near_dup"] if near else [])]
+    taken = [(rule, counts.get(rule, 0), counts.get(f"{rule}_bytes", 0)) for rule in names]
     text = ", ".join(f"{rule} {n:,} ({b / 1e6:.1f} MB)" for rule, n, b in taken)
     total = sum(n for _, n, _ in taken), sum(b for _, _, b in taken) / 1e6
     clusters, tokens = counts.get("near_dup_clusters", 0), counts.get("near_dup_tokens", 0)
     dups = f"; near-duplicates: {clusters:,} clusters, {tokens:,} tokens" if near else ""
     return f"{total[0]:,} training documents left out ({total[1]:.1f} MB): {text}{dups}"
+
+
+def save_near_duplicates():
+    """Append the near-duplicate decisions made since the last call to data_dir/near_dup.keys."""
+    if near:
+        with open(out / "near_dup.keys", "ab") as f:
+            f.write(near.records().tobytes())
 
 
 def restore_near_duplicates(near, path, row):
@@ -529,16 +533,14 @@ while not (stopped or reached):
     if not batch:
         break
     kept = [text for _, _, text in batch if text]
-    dtype = token_dtype(tok.vocab_size)
-    encoded = [np.asarray([tok.bos_id] + ids, dtype=dtype) for ids in tok.encode_batch(kept, num_threads)]
-    encoded = iter(encoded)
+    encoded = iter(tok.encode_batch(kept, num_threads=num_threads))
     for row, name, text in batch:
         before = dict(counts)
         counts["rows"] += 1
         if text is None:
             counts["empty" if not score_field else "filtered"] += 1
             continue
-        ids = next(encoded)
+        ids = np.asarray([tok.bos_id] + next(encoded), dtype=token_dtype(tok.vocab_size))
         s = "val" if is_val(name) and counts["val_assigned"] < val_tokens else "train"
         if s == "train" and left_out(row, text, ids):
             continue
@@ -576,9 +578,7 @@ if counts["kept"] == 0:
 for s in ("val", "train"):  # the stream or the target ended: the rest of each buffer is the last shard
     if buffers[s]:
         cut_shard(s, sum(len(p[3]) for p in buffers[s]))
-if near:
-    with open(out / "near_dup.keys", "ab") as f:
-        f.write(near.records().tobytes())
+save_near_duplicates()
 manifest["docs"], manifest["complete"] = counts, True
 save_manifest()
 totals = {s: sum(sh["tokens"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}

@@ -217,9 +217,9 @@ def lsh_shape(threshold, num_perm=NUM_PERM):
 
 
 class NearDuplicates:
-    """MinHash LSH over token n-grams, for one pass over a stream: check(ids) says whether a document is a near
-    duplicate of one kept before and records it. The state is the band keys of the documents kept and, to count
-    clusters, which of them have absorbed a duplicate; records() / restore() carry it across a resume."""
+    """MinHash LSH over token n-grams, for one pass over a stream: check(row, signature(ids)) says whether a document
+    is a near duplicate of one kept before and records it. The state is the band keys of the documents kept and, to
+    count clusters, which of them have absorbed a duplicate; records() / restore() carry it across a resume."""
 
     def __init__(self, threshold, ngram=5, seed=0):
         self.ngram = ngram
