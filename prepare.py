@@ -34,7 +34,7 @@ import chat
 import pysource
 import runtime
 from accepts import above, any_text, at_least, between, empty, file, finite, folder, nonempty, one_of, writable
-from quality import NearDuplicates, failed_rule, select_rules
+from quality import Filters, failed_rule, select_rules
 from runtime import UserError
 from shards import read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
@@ -283,54 +283,8 @@ def cut_shard(split, n):
     buffers[split] = rest
     row, before, offset, _ = rest[0] if rest else last[split]  # empty buffer: resume after the last document
     manifest["resume"][split] = {"row": row, "offset": offset, "counts": before}
-    save_near_duplicates()  # the decisions made so far, before the manifest that points past them
+    filters.save()  # the near-duplicate decisions made so far, before the manifest that points past them
     save_manifest()
-
-
-def left_out(row, text, ids):
-    """Whether the training document at row fails a quality rule or is a near-duplicate of one kept before it; each
-    counted with its bytes (and tokens) under the rule's name, so that the manifest says what every filter took."""
-    rule = failed_rule(text, rules)
-    if rule is None and near and near.check(row, near.signature(ids)):
-        rule = "near_dup"
-        counts["near_dup_tokens"] = counts.get("near_dup_tokens", 0) + len(ids)
-    if near:
-        counts["near_dup_clusters"] = near.clusters
-    if rule is None:
-        return False
-    counts[rule] = counts.get(rule, 0) + 1
-    counts[f"{rule}_bytes"] = counts.get(f"{rule}_bytes", 0) + len(text.encode())
-    return True
-
-
-def describe_filtered(counts):
-    """What the filters left out of the training split, per rule, in documents and MB."""
-    names = [*rules, *(["near_dup"] if near else [])]
-    taken = [(rule, counts.get(rule, 0), counts.get(f"{rule}_bytes", 0)) for rule in names]
-    text = ", ".join(f"{rule} {n:,} ({b / 1e6:.1f} MB)" for rule, n, b in taken)
-    total = sum(n for _, n, _ in taken), sum(b for _, _, b in taken) / 1e6
-    clusters, tokens = counts.get("near_dup_clusters", 0), counts.get("near_dup_tokens", 0)
-    dups = f"; near-duplicates: {clusters:,} clusters, {tokens:,} tokens" if near else ""
-    return f"{total[0]:,} training documents left out ({total[1]:.1f} MB): {text}{dups}"
-
-
-def save_near_duplicates():
-    """Append the near-duplicate decisions made since the last call to data_dir/near_dup.keys."""
-    if near:
-        with open(out / "near_dup.keys", "ab") as f:
-            f.write(near.records().tobytes())
-
-
-def restore_near_duplicates(near, path, row):
-    """Load the near-duplicate decisions made before row from path (cut_shard appends them), and cut the file there:
-    what a stopped run decided after its resume point is decided again."""
-    data = np.fromfile(path, dtype=np.uint64) if path.is_file() else np.zeros(0, np.uint64)
-    width = 2 + near.bands
-    records = data[: len(data) // width * width].reshape(-1, width)  # a record cut short by a stop is dropped
-    keep = int(np.searchsorted(records[:, 0], row)) if len(records) else 0  # rows are in stream order
-    near.restore(records[:keep], row)
-    with open(path, "wb") as f:
-        f.write(records[:keep].tobytes())
 
 
 def build_chat_data():
@@ -522,9 +476,8 @@ rows = rows.skip(start["row"]) if hasattr(rows, "skip") else rows[start["row"] :
 total = len(rows) + start["row"] if hasattr(rows, "__len__") else None  # a local corpus's size; a stream's unknown
 bar = tqdm(total=total, initial=start["row"], unit="doc", disable=None)  # on a terminal; the lines below go to logs
 docs = documents(rows, field, first_row=start["row"])
-near = NearDuplicates(near_dup, dedup_ngram) if near_dup else None
-if near:  # the index as it stood at the resume point; decisions past it are made again
-    restore_near_duplicates(near, out / "near_dup.keys", start["row"])
+filters = Filters(rules, near_dup, dedup_ngram, out / "near_dup.keys")
+filters.restore(start["row"])  # the near-duplicate index as it stood at the resume point; later decisions are redone
 buffers, last = {"train": [], "val": []}, {s: (r["row"], r["counts"], r["offset"], None) for s, r in resume.items()}
 new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()
 stopped = reached = False  # --max_shards written in this run / the token target assigned
@@ -542,7 +495,7 @@ while not (stopped or reached):
             continue
         ids = np.asarray([tok.bos_id] + next(encoded), dtype=token_dtype(tok.vocab_size))
         s = "val" if is_val(name) and counts["val_assigned"] < val_tokens else "train"
-        if s == "train" and left_out(row, text, ids):
+        if s == "train" and filters.left_out(row, text, ids, counts):
             continue
         counts["kept"] += 1
         counts[f"{s}_assigned"] += len(ids)
@@ -578,7 +531,7 @@ if counts["kept"] == 0:
 for s in ("val", "train"):  # the stream or the target ended: the rest of each buffer is the last shard
     if buffers[s]:
         cut_shard(s, sum(len(p[3]) for p in buffers[s]))
-save_near_duplicates()
+filters.save()
 manifest["docs"], manifest["complete"] = counts, True
 save_manifest()
 totals = {s: sum(sh["tokens"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}
@@ -589,4 +542,4 @@ print(
     f"{len(manifest['shards'])} shards | {new_tokens / dt:,.0f} tok/s over {dt:.1f}s"
 )
 if filtering:
-    print(f"filters: {describe_filtered(counts)}")
+    print(f"filters: {filters.describe(counts)}")

@@ -297,3 +297,57 @@ class NearDuplicates:
                 self.owner.update(dict.fromkeys(keys, row))
             else:
                 self.absorbed.add(match - 1)
+
+
+class Filters:
+    """What prepare.py leaves out of its training split: documents that fail one of rules (select_rules) and, when
+    near_dup > 0, near-duplicates of documents kept before them, each counted with its bytes under the rule's name
+    in counts (the manifest's document counts). The near-duplicate decisions are appended to path (save) so that a
+    stopped run resumes with the index it had (restore)."""
+
+    def __init__(self, rules, near_dup, ngram, path):
+        self.rules, self.path = rules, path
+        self.near = NearDuplicates(near_dup, ngram) if near_dup else None
+
+    def left_out(self, row, text, ids, counts):
+        """Whether the training document at stream position row (its text and token ids) is left out."""
+        rule = failed_rule(text, self.rules)
+        if rule is None and self.near and self.near.check(row, self.near.signature(ids)):
+            rule = "near_dup"
+            counts["near_dup_tokens"] = counts.get("near_dup_tokens", 0) + len(ids)
+        if self.near:
+            counts["near_dup_clusters"] = self.near.clusters
+        if rule is None:
+            return False
+        counts[rule] = counts.get(rule, 0) + 1
+        counts[f"{rule}_bytes"] = counts.get(f"{rule}_bytes", 0) + len(text.encode())
+        return True
+
+    def save(self):
+        """Append the near-duplicate decisions made since the last call to path."""
+        if self.near:
+            with open(self.path, "ab") as f:
+                f.write(self.near.records().tobytes())
+
+    def restore(self, row):
+        """Replay the saved decisions made before row, and cut the file there: what a stopped run decided after its
+        resume point is decided again."""
+        if not self.near:
+            return
+        data = np.fromfile(self.path, dtype=np.uint64) if self.path.is_file() else np.zeros(0, np.uint64)
+        width = 2 + self.near.bands
+        records = data[: len(data) // width * width].reshape(-1, width)  # a record cut short by a stop is dropped
+        keep = int(np.searchsorted(records[:, 0], row))  # rows are in stream order
+        self.near.restore(records[:keep], row)
+        with open(self.path, "wb") as f:
+            f.write(records[:keep].tobytes())
+
+    def describe(self, counts):
+        """What was left out, per rule, in documents and MB, and the near-duplicate clusters and tokens."""
+        names = [*self.rules, *(["near_dup"] if self.near else [])]
+        taken = [(rule, counts.get(rule, 0), counts.get(f"{rule}_bytes", 0)) for rule in names]
+        text = ", ".join(f"{rule} {n:,} ({b / 1e6:.1f} MB)" for rule, n, b in taken)
+        total = sum(n for _, n, _ in taken), sum(b for _, _, b in taken) / 1e6
+        clusters, tokens = counts.get("near_dup_clusters", 0), counts.get("near_dup_tokens", 0)
+        dups = f"; near-duplicates: {clusters:,} clusters, {tokens:,} tokens" if self.near else ""
+        return f"{total[0]:,} training documents left out ({total[1]:.1f} MB): {text}{dups}"
