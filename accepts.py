@@ -121,6 +121,15 @@ def can_write(v):
 writable = Accepts(can_write, "a path to write (not an existing file, under a folder)")
 
 
+def can_write_file(v):
+    """A file a script may write or replace (bench.py's results, export.py's GGUF file, whose own guard asks for
+    --overwrite): not empty, not an existing folder, and its nearest existing parent a folder."""
+    return isinstance(v, str) and not Path(v).is_dir() and (Path(v).is_file() or can_write(v))
+
+
+writable_file = Accepts(can_write_file, "a file path to write (not a folder, under a folder)")
+
+
 def has_device(v):
     """A PyTorch device that exists on this machine: auto, cpu, cuda or cuda:N with an NVIDIA GPU, mps on a Mac."""
     if not isinstance(v, str):

@@ -37,7 +37,7 @@ from accepts import (
     ns_precision,
     precision,
     torch_device,
-    writable,
+    writable_file,
 )
 from model import GPT, GPTConfig, KVCache, document_mask
 from peer import NanoGPT
@@ -72,7 +72,7 @@ decode_batches: int_list = "1,8"  # batch sizes for generation
 graph_modes: empty | comma_list("off", "on", "tuned") = "off,on"  # decoding: eager, CUDA graph, graph + tuned kernels
 data_batches: at_least(1) = 200  # batches drawn from the shard reader
 peer = False  # also time the anchor: a GPT-2 as nanoGPT builds and benches it, at this config's depth/width
-out: writable = "bench.json"  # full results
+out: writable_file = "bench.json"  # full results
 device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu; one this machine has
 dtype: precision = "auto"  # auto (bfloat16 on CUDA, float32 on MPS and CPU: backends.py), float32, bfloat16, float16
 seed: between(0, 2**32 - 1) = 0  # weights and random tokens

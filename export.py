@@ -47,7 +47,7 @@ import chat
 import checkpoints
 import runtime
 import tokenizer
-from accepts import empty, folder, nonempty, one_of, writable
+from accepts import empty, folder, nonempty, one_of, writable, writable_file
 from model import GPTConfig
 from runtime import UserError
 
@@ -56,7 +56,7 @@ out_dir: folder = "out/run"  # run folder written by train.py, train_mlx.py, sft
 ckpt: nonempty = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
 format: one_of("hf", "gguf") = "hf"  # hf: a transformers folder; gguf: one file for llama.cpp (and Ollama, LM Studio)
 hf_dir: empty | writable = ""  # folder --format=hf writes; empty = <out_dir>/hf
-gguf_file: empty | writable = ""  # file --format=gguf writes; empty = <out_dir>/<run folder name>-<type>.gguf
+gguf_file: empty | writable_file = ""  # file --format=gguf writes; empty = <out_dir>/<run folder name>-<type>.gguf
 dtype: one_of("float32", "bfloat16", "float16", "q8_0") = "float32"  # 16-bit: half the size; q8_0 (gguf): a quarter
 overwrite = False  # replace hf_dir or gguf_file when it holds an earlier export
 # -----------------------------------------------------------------------------
@@ -65,7 +65,10 @@ config = runtime.configure(
     globals(),
     sys.argv[1:],
     rules=[
-        (lambda c: c.format == "gguf" or c.dtype != "q8_0", "dtype=q8_0 is for --format=gguf; hf writes 16/32 bits"),
+        (
+            lambda c: c.format == "gguf" or c.dtype != "q8_0",
+            "dtype=q8_0 is for --format=gguf; --format=hf writes float32, bfloat16, float16",
+        ),
         (
             lambda c: c.format == "gguf" or not c.gguf_file,
             "gguf_file={gguf_file} is written by --format=gguf; add --format=gguf, or give --hf_dir",

@@ -61,3 +61,16 @@ def test_shipped_configs_are_valid():
     for script, cfg in [("train.py", "config/tiny_cpu.py"), ("train.py", "config/pretrain_137m.py")]:
         proc = run(script, cfg, "--help")
         assert "--n_layer=" in proc.stdout
+
+
+def test_an_output_file_that_exists_may_be_replaced(tmp_path):
+    """bench.py's results file and export.py's GGUF file are files a run replaces: the declaration accepts an existing
+    one (a second `python bench.py` was refused before; export.py's own guard asks for --overwrite), not a folder, a
+    path under a file or nothing; a run folder's path (writable) still cannot be an existing file."""
+    from accepts import writable, writable_file
+
+    existing = tmp_path / "bench.json"
+    existing.write_text("{}")
+    assert writable_file(str(existing)) and writable_file(str(tmp_path / "new" / "bench.json"))
+    assert not any(writable_file(v) for v in (str(tmp_path), str(existing / "x.json"), "", None))
+    assert not writable(str(existing)) and writable(str(tmp_path / "run"))

@@ -211,7 +211,7 @@ def test_more_bad_input(tiny_data, tmp_path):
     export_gguf(good, file, "--overwrite=true")
     assert read_gguf(file)[0]["general.file_type"] == 0 and not list(tmp_path.glob(".m.gguf*"))
     (tmp_path / "dir.gguf").mkdir()
-    assert_one_line_error(export_gguf(good, tmp_path / "dir.gguf", "--overwrite=true", check=False), "is not a file")
+    assert_one_line_error(export_gguf(good, tmp_path / "dir.gguf", "--overwrite=true", check=False), "not a folder")
     proc = run("export.py", f"--out_dir={good}", "--format=gguf", "--dtype=bfloat16")
     assert (good / "good-bf16.gguf").is_file() and "good-bf16.gguf" in proc.stdout
 
