@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import sys
 import time
 import zlib
@@ -33,7 +34,7 @@ from tqdm import tqdm
 import chat
 import pysource
 import runtime
-from accepts import above, any_text, at_least, between, empty, file, finite, folder, nonempty, one_of, writable
+from accepts import above, any_text, at_least, auto, between, empty, file, finite, folder, nonempty, one_of, writable
 from quality import Filters, failed_rule, select_rules
 from runtime import UserError
 from shards import read_header, token_dtype, write_shard, write_split
@@ -73,10 +74,11 @@ task: one_of("docstring", "code", "both") = "docstring"  # local corpus: what do
 code_scope: one_of("self_contained", "all") = "self_contained"  # coding task's functions: self_contained: stdlib only
 sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose answers are the rejected ones (GPU)
 # filters of the training split (quality.py); validation documents are kept as they are, so that runs made with and
-# without them are scored on the same held-out set
-quality: one_of("off", "auto", "code", "web") = "off"  # code: StarCoder's; web: Gopher's, C4's; auto: code for --corpus
+# without them are scored on the same held-out set. auto: on for the local Python corpus, where the reference run
+# measured them (docs/data.md), off for text files and datasets (--quality=web and --near_dup=0.7 turn them on)
+quality: one_of("off", "auto", "code", "web") = "auto"  # code: StarCoder's; web: Gopher's and C4's; off
 quality_skip: any_text = ""  # rules left out, comma-separated (e.g. literals,long_lines): see quality.py
-near_dup: 0.0 | between(0.5, 0.95) = 0.0  # drop documents about this similar (MinHash Jaccard) to one kept; 0 = off
+near_dup: auto | 0.0 | between(0.5, 0.95) = "auto"  # drop documents this similar (MinHash Jaccard) to one kept; 0 = off
 dedup_ngram: between(1, 64) = 5  # tokens per MinHash shingle, for near_dup
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
@@ -87,6 +89,9 @@ RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", 
 # the corpus keys are recorded only for corpus=python: folders made before they existed still resume
 CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
 FILTER_KEYS = ("quality", "quality_skip", "near_dup", "dedup_ngram")  # recorded only when a filter is on, likewise
+local = not (input or dataset)
+config["quality"] = quality = ("code" if local else "off") if quality == "auto" else quality  # as recorded
+config["near_dup"] = near_dup = (0.7 if local else 0.0) if near_dup == "auto" else near_dup
 filtering = mode == "pretrain" and (quality != "off" or near_dup > 0)
 SETTINGS = [
     k
@@ -96,7 +101,7 @@ SETTINGS = [
     and (mode != "pretrain" or k not in CHAT_KEYS)
     and (filtering or k not in FILTER_KEYS)
 ]
-rules = select_rules(quality if mode == "pretrain" else "off", quality_skip, bool(input or dataset))
+rules = select_rules(quality if mode == "pretrain" else "off", quality_skip, not local)
 
 
 def open_stream():
@@ -231,8 +236,12 @@ def get_tokenizer(out, rows, field):
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
     try:
         tok = Tokenizer(model_proto=train_tokenizer(lines, vocab_size))
-    except RuntimeError as e:  # SentencePiece refuses e.g. a vocabulary larger than the text supports
-        raise UserError(f"tokenizer training failed: {str(e).splitlines()[-1]}; lower --vocab_size") from None
+    except RuntimeError as e:  # SentencePiece refuses a vocabulary larger than the text supports, or too small
+        # to hold every character it must keep ("Vocabulary size is smaller than required_chars. 300 vs 307.")
+        why = str(e).splitlines()[-1]
+        need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", why)
+        advice = f"raise --vocab_size to at least {need[1]}" if need else "lower --vocab_size"
+        raise UserError(f"tokenizer training failed: {why.split(' Increase vocab_size')[0]}; {advice}") from None
     bad = sum(tok.decode(ids) != text for text, ids in zip(texts, tok.encode_batch(texts), strict=True))
     if bad:
         raise UserError(f"the new tokenizer does not round-trip {bad} of its training documents; please report it")
@@ -411,6 +420,11 @@ if manifest and not overwrite:
     changed = [k for k in SETTINGS if manifest["settings"].get(k) != settings[k]]
     if changed:
         k = changed[0]
+        if k in FILTER_KEYS and k not in manifest["settings"]:  # made unfiltered, or before the filters' defaults
+            raise UserError(
+                f"{out} holds shards made without filters, and {k}={settings[k]!r} is on; --quality=off "
+                f"--near_dup=0 continues it as it was, or --overwrite=true / another --data_dir"
+            )
         raise UserError(
             f"{out} holds shards made with {k}={manifest['settings'].get(k)!r}, not {settings[k]!r}; "
             f"rerun with the same settings to continue it, or --overwrite=true / another --data_dir"

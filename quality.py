@@ -174,16 +174,17 @@ RULES = {"code": CODE_RULES, "web": WEB_RULES}
 
 
 def select_rules(quality, skip, from_files):
-    """{name: test} of the rules prepare.py's --quality and --quality_skip pick; auto means code for the local corpus,
-    web for files and datasets (from_files). A name in skip that is not one of them is a UserError."""
+    """{name: test} of the rules prepare.py's --quality and --quality_skip pick; auto means code for the local Python
+    corpus and none for text files and datasets (from_files), where the web rules were not measured (docs/data.md).
+    A name in skip that is not one of them is a UserError."""
     from runtime import UserError  # imported here: the rules themselves need nothing but re and numpy
 
-    kind = "web" if quality == "auto" and from_files else "code" if quality == "auto" else quality
+    kind = ("off" if from_files else "code") if quality == "auto" else quality
     names = [name for name in skip.split(",") if name]
     unknown = sorted(set(names) - set(RULES.get(kind, {})))
     if unknown:
         if kind not in RULES:
-            raise UserError(f"quality_skip={skip}: --quality=off has no rules to leave out; set --quality=code or web")
+            raise UserError(f"quality_skip={skip}: no quality rules are on to leave out; set --quality=code or web")
         rules = ", ".join(RULES[kind])
         raise UserError(f"quality_skip={skip}: {', '.join(unknown)}: not {kind} rules; name some of {rules}")
     return {name: test for name, test in RULES.get(kind, {}).items() if name not in names}

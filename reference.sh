@@ -4,10 +4,10 @@
 #     bash reference.sh                                    # one H100: about 25 minutes in all
 #     bash reference.sh                                    # after a stop: finished stages are skipped, training resumes
 #     RUN=out/ref_adamw STAGES=pretrain bash reference.sh --optimizer=adamw --learning_rate=0.002   # a variant
-#     RUN=out/ref_filtered DATA=data/python32k_filtered PREPARE="--quality=code --near_dup=0.7" STAGES=pretrain \
-#         bash reference.sh                               # the same budget on filtered data (docs/data.md)
+#     RUN=out/ref_unfiltered DATA=data/python32k_unfiltered PREPARE="--quality=off --near_dup=0" STAGES=pretrain \
+#         bash reference.sh                               # the same budget without the filters (docs/data.md)
 #
-# Stages: every .py file of this Python (standard library and site-packages, deduplicated) -> a 32K tokenizer and
+# Stages: every .py file of this Python (stdlib and site-packages, deduplicated, filtered) -> a 32K tokenizer and
 # shards -> pretraining (config/reference_137m.py, ~10 minutes on an H100) -> docstring questions and coding requests
 # (write this function) from the same files -> SFT -> preference pairs -> DPO -> eval.py on each stage, HumanEval
 # included (asked in the chat format after SFT) -> $RUN_card/card.md, the report card.

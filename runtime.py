@@ -121,10 +121,16 @@ def configure(namespace, argv, skip_foreign=False, auto=(), rules=()):
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
     accepts = declarations(namespace, keys)
+
     # the type each key keeps: its default's, but a key that defaults to "auto" and takes True (compile=auto: the
-    # device decides, backends.py) is a bool that also takes "auto"
-    takes_true = {k for k, a in accepts.items() if True in a.literals}
-    kinds = {k: False if v == "auto" and k in takes_true else v for k, v in defaults.items()}
+    # device decides, backends.py) is a bool that also takes "auto", and one that takes 0.0 (prepare.py's near_dup)
+    # is a float that also takes "auto"
+    def kind(k, v):
+        literals = accepts[k].literals if k in accepts else ()
+        takes = {type(x) for x in literals if x != "auto"}
+        return v if v != "auto" else False if True in literals and bool in takes else 0.0 if float in takes else v
+
+    kinds = {k: kind(k, v) for k, v in defaults.items()}
     auto = (*auto, *(k for k, a in accepts.items() if "auto" in a.literals and not isinstance(kinds[k], str)))
     config = dict(defaults)
     for arg in argv:

@@ -74,3 +74,25 @@ def test_an_output_file_that_exists_may_be_replaced(tmp_path):
     assert writable_file(str(existing)) and writable_file(str(tmp_path / "new" / "bench.json"))
     assert not any(writable_file(v) for v in (str(tmp_path), str(existing / "x.json"), "", None))
     assert not writable(str(existing)) and writable(str(tmp_path / "run"))
+
+
+def test_a_number_that_defaults_to_auto():
+    """prepare.py's near_dup: "auto" by default, a float when given one (not the text "0.7"), checked against its
+    declaration; a bool key that defaults to auto (compile) still parses true/false."""
+    from accepts import auto, between
+
+    def namespace():
+        return {
+            "near_dup": "auto",
+            "compile": "auto",
+            "__annotations__": {"near_dup": auto | 0.0 | between(0.5, 0.95), "compile": auto | True | False},
+        }
+
+    assert configure(namespace(), [])["near_dup"] == "auto"
+    assert configure(namespace(), ["--near_dup=0.7", "--compile=false"]) == {"near_dup": 0.7, "compile": False}
+    assert configure(namespace(), ["--near_dup=0"])["near_dup"] == 0.0
+    assert configure(namespace(), ["--near_dup=auto"])["near_dup"] == "auto"
+    with pytest.raises(UserError, match=r"near_dup=0.3: expected auto, or 0.0, or a number from 0.5 to 0.95"):
+        configure(namespace(), ["--near_dup=0.3"])
+    with pytest.raises(UserError, match=r"--near_dup=most: expected a float like 0.0 or auto"):
+        configure(namespace(), ["--near_dup=most"])

@@ -213,6 +213,15 @@ def test_prepare_corpus_python_on_a_fake_tree(tree, tiny_data, tmp_path):
     assert sorted(docs["val"]) == sorted(t for n, t in texts.items() if zlib.crc32(n.encode()) % 1000 < 200)
     assert (manifest["docs"]["rows"], manifest["docs"]["empty"]) == (11, 1)  # a/__init__.py is empty
     assert manifest["settings"]["corpus"] == "python" and "2 duplicates" in manifest["source"]
+    # the local corpus is filtered by default (auto): the code rules and near-duplicates at 0.7, as measured
+    assert (manifest["settings"]["quality"], manifest["settings"]["near_dup"]) == ("code", 0.7)
+    assert "filters: 0 training documents left out" in proc.stdout
+    # a folder made without them (as every folder before 2026-12-02) is not continued with them on: one error line
+    plain = tmp_path / "plain"
+    prepare(roots, "--corpus=python", f"--data_dir={plain}", *args, "--quality=off", "--near_dup=0")
+    proc = prepare(roots, "--corpus=python", f"--data_dir={plain}", *args, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
+    assert "made without filters" in proc.stderr and "--quality=off --near_dup=0 continues it" in proc.stderr
 
     # SFT and DPO from the same files: the same questions in the same order, so the same held-out split
     val = [i for i in range(len(QA)) if zlib.crc32(str(i).encode()) % 1000 < 500]

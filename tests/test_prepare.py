@@ -127,6 +127,10 @@ def test_bad_input(fineweb, tmp_path):
     src = root / "part-000.parquet"
     one_line_error(prepare(src, tmp_path / "a", "--text_field=text", check=False), "no field 'text'", "content")
     one_line_error(prepare(src, tmp_path / "b", "--score_field=quality", check=False), "'quality'", "score")
+    # a vocabulary too small for the text's characters: the advice is to raise it, by how much, not to lower it
+    proc = prepare(src, tmp_path / "v", "--vocab_size=40", check=False)
+    one_line_error(proc, "tokenizer training failed", "raise --vocab_size to at least")
+    assert "lower" not in proc.stderr and not (tmp_path / "v" / "manifest.json").exists()
     one_line_error(
         prepare(src, tmp_path / "c", "--score_field=score", "--score_min=2", check=False),
         "no document passed the filter",

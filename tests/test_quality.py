@@ -129,22 +129,21 @@ def test_near_duplicates_dropped_from_training_not_from_validation(tmp_path):
 
 
 def test_web_rules_on_fineweb_jsonl(tmp_path):
-    """FineWeb's schema (text, id, dump, url, ...): --quality=auto picks the web rules for files; each document left
-    out is counted under the rule quality.py names for it, and every other document reaches the shards."""
+    """FineWeb's schema (text, id, dump, url, ...): by default (auto) files are not filtered; with --quality=web each
+    document left out is counted under the rule quality.py names for it, and every other document reaches the
+    shards."""
     texts = [text for text, _ in WEB_CASES] + [" ".join(SENTENCES[i:] + SENTENCES[:i]) for i in range(1, 5)]
     with open(tmp_path / "fw.jsonl", "w") as f:
         for i, text in enumerate(texts):
             row = {"text": text, "id": f"<urn:uuid:{i}>", "dump": "CC-MAIN-2024-10", "url": f"https://x.org/{i}"}
             f.write(json.dumps({**row, "date": "2024-03-01", "language": "en", "language_score": 0.9}) + "\n")
+    args = [f"--input={tmp_path / 'fw.jsonl'}", "--vocab_size=400", "--val_permille=0"]
+    proc = run("prepare.py", *args, f"--data_dir={tmp_path / 'default'}")
+    docs, manifest = documents_in(tmp_path / "default")
+    assert sorted(docs["train"]) == sorted(texts) and "filters:" not in proc.stdout
+    assert "quality" not in manifest["settings"] and "near_dup" not in manifest["docs"]
     out = tmp_path / "out"
-    proc = run(
-        "prepare.py",
-        f"--input={tmp_path / 'fw.jsonl'}",
-        f"--data_dir={out}",
-        "--vocab_size=300",
-        "--val_permille=0",
-        "--quality=auto",
-    )
+    proc = run("prepare.py", *args, f"--data_dir={out}", "--quality=web")
     expected = {}
     for text in texts:
         rule = failed_rule(text, WEB_RULES)
