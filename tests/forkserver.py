@@ -1,7 +1,8 @@
-"""Script runs as real processes without paying torch's import each time: a server process imports torch and
-numpy once, then forks a child per run, and the child runs the script as `python script.py args` would (its own
-argv, working folder, environment, stdin/stdout/stderr, exit status; an uncaught exception goes through its
-sys.excepthook). torch's import was 1.6-2 s of every one of the suite's ~190 script runs.
+"""Script runs as real processes without paying torch's import each time: a server process imports torch, numpy
+and datasets once, then forks a child per run, and the child runs the script as `python script.py args` would (its
+own argv, working folder, environment, stdin/stdout/stderr, exit status; an uncaught exception goes through its
+sys.excepthook). torch's import was 1.6-2 s of every one of the suite's ~190 script runs, datasets' 1.1 s more of
+prepare.py's runs on files.
 
 What a fork cannot give is set aside: a run needs a server started in the same environment where the interpreter
 or torch read it at start (PYTHON*, OMP_*, ONEDNN_*, TORCH*, ...; conftest.run keeps one server per such
@@ -21,7 +22,7 @@ import tempfile
 
 # read when the interpreter or torch starts: a run whose environment differs here cannot be a fork of the server
 STARTUP_VARS = ("PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "GOMP_", "ONEDNN_", "DNNL_", "ATEN_", "CUDA_", "TORCH")
-STARTUP_VARS += ("PYTORCH_", "NVIDIA_", "MALLOC", "MLX_")
+STARTUP_VARS += ("PYTORCH_", "NVIDIA_", "MALLOC", "MLX_", "HF_", "HUGGINGFACE_", "XDG_")  # datasets: at import
 
 
 def forkable(argv):
@@ -119,6 +120,11 @@ def serve(sock):
 if __name__ == "__main__":
     import numpy  # noqa: F401
     import torch  # noqa: F401
+
+    try:  # prepare.py's files and hub path import it: 1.1 s of each of ~45 runs; it reads HF_* and XDG_* here
+        import datasets  # noqa: F401
+    except ImportError:
+        pass
 
     request = serve(socket.socket(fileno=int(sys.argv[1])))
     # the child: become `python argv[1:]` in the request's folder and environment; from here on an exception or
