@@ -417,16 +417,19 @@ try:
 except json.JSONDecodeError as e:  # edited by hand, or cut short: what it records cannot be trusted
     raise UserError(f"{out}/manifest.json is not JSON ({e.msg}); --overwrite=true rebuilds the folder") from None
 if manifest and not overwrite:
-    changed = [k for k in SETTINGS if manifest["settings"].get(k) != settings[k]]
+    was = manifest["settings"]
+    keys = SETTINGS + [k for k in FILTER_KEYS if k in was and k not in SETTINGS]  # a filtered folder, filters off
+    changed = [k for k in keys if was.get(k) != settings.get(k)]
     if changed:
         k = changed[0]
-        if k in FILTER_KEYS and k not in manifest["settings"]:  # made unfiltered, or before the filters' defaults
+        if k in FILTER_KEYS and (k not in was or k not in settings):  # one of the two filters nothing
+            made, keys = ("without", ("off", 0)) if k not in was else ("with", (was["quality"], was["near_dup"]))
             raise UserError(
-                f"{out} holds shards made without filters, and {k}={settings[k]!r} is on; --quality=off "
-                f"--near_dup=0 continues it as it was, or --overwrite=true / another --data_dir"
+                f"{out} holds shards made {made} filters, unlike these settings; --quality={keys[0]} "
+                f"--near_dup={keys[1]} continues it as it was, or --overwrite=true / another --data_dir"
             )
         raise UserError(
-            f"{out} holds shards made with {k}={manifest['settings'].get(k)!r}, not {settings[k]!r}; "
+            f"{out} holds shards made with {k}={was.get(k)!r}, not {settings[k]!r}; "
             f"rerun with the same settings to continue it, or --overwrite=true / another --data_dir"
         )
     if find_tokenizer(out) is None or sha256(find_tokenizer(out)) != manifest["tokenizer"]["sha256"]:

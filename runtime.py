@@ -122,13 +122,16 @@ def configure(namespace, argv, skip_foreign=False, auto=(), rules=()):
     defaults = {k: namespace[k] for k in keys}
     accepts = declarations(namespace, keys)
 
-    # the type each key keeps: its default's, but a key that defaults to "auto" and takes True (compile=auto: the
-    # device decides, backends.py) is a bool that also takes "auto", and one that takes 0.0 (prepare.py's near_dup)
-    # is a float that also takes "auto"
     def kind(k, v):
-        literals = accepts[k].literals if k in accepts else ()
-        takes = {type(x) for x in literals if x != "auto"}
-        return v if v != "auto" else False if True in literals and bool in takes else 0.0 if float in takes else v
+        """The type key k keeps: its default's; but a key that defaults to "auto" and takes a bool (compile=auto: the
+        device decides, backends.py) is a bool that also takes "auto", and one that takes a float (prepare.py's
+        near_dup) a float that also takes "auto"."""
+        takes = {type(x) for x in (accepts[k].literals if k in accepts else ()) if x != "auto"}
+        if v == "auto" and bool in takes:
+            return False
+        if v == "auto" and float in takes:
+            return 0.0
+        return v
 
     kinds = {k: kind(k, v) for k, v in defaults.items()}
     auto = (*auto, *(k for k, a in accepts.items() if "auto" in a.literals and not isinstance(kinds[k], str)))

@@ -222,6 +222,10 @@ def test_prepare_corpus_python_on_a_fake_tree(tree, tiny_data, tmp_path):
     proc = prepare(roots, "--corpus=python", f"--data_dir={plain}", *args, check=False)
     assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr
     assert "made without filters" in proc.stderr and "--quality=off --near_dup=0 continues it" in proc.stderr
+    # and the other way: a filtered folder is not taken as done by a run without filters
+    proc = prepare(roots, "--corpus=python", f"--data_dir={out}", *args, "--quality=off", "--near_dup=0", check=False)
+    assert proc.returncode == 2 and "made with filters" in proc.stderr, proc.stdout + proc.stderr
+    assert "--quality=code --near_dup=0.7 continues it" in proc.stderr
 
     # SFT and DPO from the same files: the same questions in the same order, so the same held-out split
     val = [i for i in range(len(QA)) if zlib.crc32(str(i).encode()) % 1000 < 500]
