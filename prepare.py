@@ -76,9 +76,9 @@ sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose an
 # filters of the training split (quality.py); validation documents are kept as they are, so that runs made with and
 # without them are scored on the same held-out set. auto: on for the local Python corpus, where the reference run
 # measured them (docs/data.md), off for text files and datasets (--quality=web and --near_dup=0.7 turn them on)
-quality: one_of("off", "auto", "code", "web") = "auto"  # code: StarCoder's; web: Gopher's and C4's; off
+quality: one_of("off", "auto", "code", "web") = "auto"  # auto: code on --corpus, else off; code, web: quality.py
 quality_skip: any_text = ""  # rules left out, comma-separated (e.g. literals,long_lines): see quality.py
-near_dup: auto | 0.0 | between(0.5, 0.95) = "auto"  # drop documents this similar (MinHash Jaccard) to one kept; 0 = off
+near_dup: auto | 0.0 | between(0.5, 0.95) = "auto"  # drop near-copies over this Jaccard; 0 = off; auto: 0.7 on --corpus
 dedup_ngram: between(1, 64) = 5  # tokens per MinHash shingle, for near_dup
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
