@@ -35,7 +35,7 @@ import chat
 import pysource
 import runtime
 from accepts import above, any_text, at_least, auto, between, empty, file, finite, folder, nonempty, one_of, writable
-from quality import Filters, failed_rule, select_rules
+from quality import Filters, failed_rule, rule_kind, select_rules
 from runtime import UserError
 from shards import read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
@@ -90,7 +90,7 @@ RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", 
 CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
 FILTER_KEYS = ("quality", "quality_skip", "near_dup", "dedup_ngram")  # recorded only when a filter is on, likewise
 local = not (input or dataset)
-config["quality"] = quality = ("code" if local else "off") if quality == "auto" else quality  # as recorded
+config["quality"] = quality = rule_kind(quality, not local)  # recorded as resolved: auto and code are one folder
 config["near_dup"] = near_dup = (0.7 if local else 0.0) if near_dup == "auto" else near_dup
 filtering = mode == "pretrain" and (quality != "off" or near_dup > 0)
 SETTINGS = [

@@ -173,13 +173,18 @@ WEB_RULES = {
 RULES = {"code": CODE_RULES, "web": WEB_RULES}
 
 
+def rule_kind(quality, from_files):
+    """What --quality means: auto is code for the local Python corpus and off for text files and datasets
+    (from_files), where the web rules were not measured (docs/data.md)."""
+    return ("off" if from_files else "code") if quality == "auto" else quality
+
+
 def select_rules(quality, skip, from_files):
-    """{name: test} of the rules prepare.py's --quality and --quality_skip pick; auto means code for the local Python
-    corpus and none for text files and datasets (from_files), where the web rules were not measured (docs/data.md).
-    A name in skip that is not one of them is a UserError."""
+    """{name: test} of the rules prepare.py's --quality and --quality_skip pick (rule_kind). A name in skip that is
+    not one of them is a UserError."""
     from runtime import UserError  # imported here: the rules themselves need nothing but re and numpy
 
-    kind = ("off" if from_files else "code") if quality == "auto" else quality
+    kind = rule_kind(quality, from_files)
     names = [name for name in skip.split(",") if name]
     unknown = sorted(set(names) - set(RULES.get(kind, {})))
     if unknown:
