@@ -237,4 +237,17 @@ def test_every_op_model_py_runs_has_an_mps_kernel():
         if not on_mps(name):
             missing.append(op)
     assert not missing, f"ops without an MPS kernel in torch {torch.__version__}: {missing}"
-    assert not on_mps("_ctc_loss") and not on_mps("embedding_renorm_")  # CPU and CUDA kernels only: the check bites
+    # The check bites: ops that this torch's own list gives CPU and CUDA kernels and no MPS or device-generic one are
+    # found (so the control holds on any torch version; `_ctc_loss` was one until torch 2.14 gave it an MPS kernel)
+    # and on_mps refuses every one of them.
+    controls = [name for name, entry in entries.items() if cpu_and_cuda_only(entry)]
+    assert len(controls) >= 10, f"torch {torch.__version__}: only {controls} have CPU and CUDA kernels alone"
+    assert not [name for name in controls if on_mps(name)]
+
+
+def cpu_and_cuda_only(entry):
+    """An entry of native_functions.yaml with CPU and CUDA kernels and no MPS, device-generic or delegated one."""
+    if not entry.get("dispatch") or entry.get("structured_delegate"):
+        return False
+    keys = {k.strip() for key in entry["dispatch"] for k in key.split(",")}
+    return {"CPU", "CUDA"} <= keys and "MPS" not in keys and not any(k.startswith("Composite") for k in keys)
