@@ -56,7 +56,7 @@ activation_checkpointing = False  # recompute blocks in backward
 batch_size: at_least(1) = 8  # sequences of block_size per micro-batch; shorter ones get as many tokens per micro-batch
 gradient_accumulation_steps: at_least(1) = 16  # micro-batches per optimizer step (the config's = its reference batch)
 muon_lr: at_least(0) = 0.02  # optimizer settings, as train.py (they do not change the speed)
-muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+muon_momentum: at_least(0, below=1) = 0.95  # Nesterov momentum of Muon (at 1 its buffer would never leave zero)
 learning_rate: at_least(0) = 0.006  # AdamW learning rate
 weight_decay: at_least(0) = 0.0  # decoupled weight decay
 ns_dtype: ns_precision = "auto"  # Muon's Newton-Schulz precision (auto: bfloat16 on CUDA, float32 on CPU and MPS)

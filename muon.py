@@ -11,6 +11,12 @@ each rank orthogonalises its slice of every same-shape bucket (one batched Newto
 all-gathered, so no two ranks do the same Newton-Schulz work. Momentum is updated on every rank for every matrix (it is
 elementwise and cheap), which keeps the optimizer state identical everywhere, so rank 0's state_dict is the
 whole state.
+
+Weight decay is decoupled (W <- W (1 - lr wd), scaled by the group's scheduled lr). With `cautious_wd` a group decays
+only the coordinates where the update and the weight have the same sign, the ones the update already moves toward
+zero, so decay never pulls against the gradient (cautious weight decay, Chen et al. 2025, arXiv 2510.12402;
+modded-nanogpt's Muon and Adam since its 2025 records). The update's sign is Newton-Schulz's output for Muon and
+exp_avg's for AdamW (its denominator is positive).
 """
 
 import torch
@@ -50,11 +56,13 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
 class Muon(torch.optim.Optimizer):
     """param_groups: dicts with `params`, `use_muon`, `lr`, `weight_decay`, and for Muon groups `momentum`,
     `nesterov`, `ns_steps`, `ns_dtype` (a torch dtype's name, e.g. "float32"; default NS_DTYPE); for AdamW groups
-    `betas`, `eps`. Weight decay is decoupled (scaled by lr)."""
+    `betas`, `eps`; `cautious_wd` for either. Weight decay is decoupled (scaled by lr). A script may change a group's
+    `lr` and `momentum` between steps (its schedules)."""
 
     def __init__(self, param_groups):
         for group in param_groups:
             group.setdefault("weight_decay", 0.0)
+            group.setdefault("cautious_wd", False)
             if group["use_muon"]:
                 group.setdefault("momentum", 0.95)
                 group.setdefault("nesterov", True)
@@ -121,9 +129,11 @@ class Muon(torch.optim.Optimizer):
         in the Newton-Schulz precision, added to the fp32 weights one matrix at a time (no fp32 copy of the bucket)."""
         lr, wd = group["lr"], group["weight_decay"]
         scale = max(1.0, params[0].size(-2) / params[0].size(-1)) ** 0.5
-        if wd:
+        if wd and not group["cautious_wd"]:
             torch._foreach_mul_(params, 1 - lr * wd)
         for p, u in zip(params, updates, strict=False):
+            if wd and group["cautious_wd"]:
+                decay_where_same_sign(p, u, lr * wd)
             p.add_(u, alpha=-lr * scale)
 
     def _adamw_step(self, group):
@@ -141,5 +151,14 @@ class Muon(torch.optim.Optimizer):
             state["exp_avg"].lerp_(p.grad, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
-            p.mul_(1 - group["lr"] * group["weight_decay"])
+            if group["cautious_wd"] and group["weight_decay"]:
+                decay_where_same_sign(p, state["exp_avg"], group["lr"] * group["weight_decay"])
+            else:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
             p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
+
+
+def decay_where_same_sign(p, update, decay):
+    """Cautious weight decay: p <- p (1 - decay) where update * p >= 0 (the update, subtracted, already shrinks p
+    there), p unchanged elsewhere. The factor is the plain decay's, so with every sign agreeing the two are equal."""
+    p.mul_(torch.where(update * p >= 0, 1 - decay, 1.0))

@@ -365,21 +365,39 @@ def check_optimizer(optimizer, ckpt=None, out_dir=None):
         )
 
 
-def make_optimizer(model, muon_lr, muon_momentum, learning_rate, betas, weight_decay, optimizer="muon", ns_dtype=None):
+def make_optimizer(
+    model,
+    muon_lr,
+    muon_momentum,
+    learning_rate,
+    betas,
+    weight_decay,
+    optimizer="muon",
+    ns_dtype=None,
+    muon_weight_decay="auto",
+    cautious_wd=False,
+):
     """optimizer="muon": Muon for the attention and MLP matrices, AdamW for the embedding (= output head) and the
-    norm gains. optimizer="adamw": AdamW at learning_rate for all of them (muon_lr, muon_momentum unused), still
-    in muon.Muon's three groups, so checkpoints and train_mlx.py's mirror are the same code. Norm gains never
-    decay. Each group remembers its peak learning rate for the schedule. ns_dtype: the Newton-Schulz precision of
-    the Muon group ("float32", "bfloat16": setup_device's env["ns_dtype"]); None leaves muon.NS_DTYPE."""
+    norm gains. optimizer="adamw": AdamW at learning_rate for all of them (muon_lr, muon_momentum, muon_weight_decay
+    unused), still in muon.Muon's three groups, so checkpoints and train_mlx.py's mirror are the same code. The
+    matrices decay at muon_weight_decay with optimizer="muon" (auto: weight_decay), else at weight_decay; the
+    embedding at weight_decay; norm gains never decay. cautious_wd: every decaying group decays cautiously
+    (muon.py). Each group remembers its peak learning rate for the schedule. ns_dtype: the Newton-Schulz precision
+    of the Muon group ("float32", "bfloat16": setup_device's env["ns_dtype"]); None leaves muon.NS_DTYPE."""
     check_optimizer(optimizer)
     matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
-    adamw = dict(use_muon=False, lr=learning_rate, betas=betas)
-    hidden = dict(use_muon=True, lr=muon_lr, momentum=muon_momentum) if optimizer == "muon" else adamw
-    if optimizer == "muon" and ns_dtype:
-        hidden["ns_dtype"] = ns_dtype
+    adamw = dict(use_muon=False, lr=learning_rate, betas=betas, cautious_wd=cautious_wd)
+    hidden = dict(use_muon=True, lr=muon_lr, momentum=muon_momentum, cautious_wd=cautious_wd)
+    hidden_decay = weight_decay
+    if optimizer == "muon":
+        hidden_decay = weight_decay if muon_weight_decay == "auto" else muon_weight_decay
+        if ns_dtype:
+            hidden["ns_dtype"] = ns_dtype
+    else:
+        hidden = adamw
     muon = Muon(
         [
-            dict(params=matrices, weight_decay=weight_decay, **hidden),
+            dict(params=matrices, weight_decay=hidden_decay, **hidden),
             dict(params=[model.transformer.wte.weight], weight_decay=weight_decay, **adamw),
             dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0, **adamw),
         ]

@@ -58,7 +58,7 @@ replay: at_least(0, below=1) = 0.25  # share of a micro-batch's rows that are pr
 # optimizer: much smaller steps than pretraining, the model already knows the language
 optimizer: one_of("muon", "adamw") = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter
 lr_frac: above(0, most=1) = 0.05  # peak learning rates as a fraction of the base run's (its muon_lr and learning_rate)
-muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+muon_momentum: at_least(0, below=1) = 0.95  # Nesterov momentum of Muon (at 1 its buffer would never leave zero)
 ns_dtype: ns_precision = "auto"  # Muon's Newton-Schulz precision (auto: bfloat16 on CUDA, float32 on CPU and MPS)
 beta1: at_least(0, below=1) = 0.9  # AdamW
 beta2: at_least(0, below=1) = 0.95  # AdamW

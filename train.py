@@ -72,16 +72,22 @@ arch: one_of("gpt", "nanogpt") = "gpt"  # model.py's, or nanoGPT's GPT-2 (peer.p
 # optimizer
 optimizer: one_of("muon", "adamw") = "muon"  # Muon + AdamW (below), or AdamW for all at learning_rate (then ~5e-4)
 muon_lr: at_least(0) = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
-muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+muon_momentum: at_least(0, below=1) = 0.95  # Nesterov momentum of Muon (at 1 its buffer would never leave zero)
+muon_momentum_start: at_least(0, below=1) = 0.85  # Muon's momentum at step 0 with muon_momentum_warmup (modded-nanogpt)
+muon_momentum_warmup: at_least(0) = 0  # steps of a linear rise from muon_momentum_start to muon_momentum (0 = off)
+muon_weight_decay: auto | 0.0 | at_least(0) = "auto"  # decoupled decay of Muon's matrices; auto: weight_decay's
+cautious_wd = False  # weight decay only where the update and the weight share a sign (muon.py; modded-nanogpt)
 ns_dtype: one_of("auto", "float32", "bfloat16") = "auto"  # Muon's Newton-Schulz; auto: bf16 on CUDA, else fp32
 learning_rate: at_least(0) = 0.006  # AdamW learning rate for the embedding (= the head) and norm gains; all with adamw
 beta1: at_least(0, below=1) = 0.9  # AdamW
 beta2: at_least(0, below=1) = 0.95  # AdamW
-weight_decay: at_least(0) = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
+weight_decay: at_least(0) = 0.0  # decoupled decay of the embedding, and of the matrices unless muon_weight_decay
 grad_clip: at_least(0) = 1.0  # clip the global gradient norm to this (0 = off)
 max_iters: at_least(1) = 5000  # optimizer steps in the whole run
 warmup_iters: at_least(0) = 100  # linear warmup steps
-lr_decay_iters: at_least(0) = 0  # cosine decay ends here (0 = max_iters)
+lr_decay_iters: at_least(0) = 0  # the decay ends here (0 = max_iters)
+lr_schedule: one_of("cosine", "wsd") = "cosine"  # after warmup: cosine; wsd: flat, then linear over cooldown_frac
+cooldown_frac: between(0.0, 1.0) = 0.6  # wsd: the last share of the steps to lr_decay_iters, decaying to min_lr_frac
 min_lr_frac: between(0.0, 1.0) = 0.1  # final learning rate as a fraction of the peak
 # system
 device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu; one this machine has
@@ -163,7 +169,16 @@ raw_model = model  # checkpoints are saved from the unwrapped, uncompiled module
 # ----------------------------------------------------------------------------- optimizer
 # from here on `optimizer` is the optimizer itself; config["optimizer"] keeps its name
 optimizer = runtime.make_optimizer(
-    model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer, env["ns_dtype"]
+    model,
+    muon_lr,
+    muon_momentum,
+    learning_rate,
+    (beta1, beta2),
+    weight_decay,
+    optimizer,
+    env["ns_dtype"],
+    muon_weight_decay,
+    cautious_wd,
 )
 # batch_size=auto: dry runs of the new model find the largest micro-batch that fits (a resume keeps the checkpoint's)
 try_step = batching.dry_run(env, model, optimizer, lambda x, y: model(x, y, mask=attention_mask(x))[1], block_size)
@@ -201,14 +216,28 @@ if env["ddp"]:
 
 # ----------------------------------------------------------------------------- schedule
 def get_lr(it):
-    """Multiplier of the peak learning rates: linear warmup, then cosine decay to min_lr_frac."""
+    """Multiplier of the peak learning rates: linear warmup, then cosine decay to min_lr_frac; or lr_schedule=wsd
+    (warmup-stable-decay, modded-nanogpt's): the peak until the last cooldown_frac of the steps, then linear."""
     decay_end = lr_decay_iters or max_iters
     if it < warmup_iters:
         return (it + 1) / warmup_iters
     if it >= decay_end:
         return min_lr_frac
+    if lr_schedule == "wsd":
+        cooldown_start = max(warmup_iters, decay_end * (1 - cooldown_frac))
+        if it < cooldown_start:
+            return 1.0
+        return 1 - (1 - min_lr_frac) * (it - cooldown_start) / (decay_end - cooldown_start)
     progress = (it - warmup_iters) / max(1, decay_end - warmup_iters)
     return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def get_momentum(it):
+    """Muon's momentum: a linear rise from muon_momentum_start over muon_momentum_warmup steps (modded-nanogpt: 0.85
+    to 0.95 over 300; a low early momentum follows the fast-changing early gradients), then muon_momentum."""
+    if it >= muon_momentum_warmup:
+        return muon_momentum
+    return muon_momentum_start + (muon_momentum - muon_momentum_start) * it / muon_momentum_warmup
 
 
 @torch.no_grad()
@@ -254,10 +283,12 @@ if iter_num == 0:
 loss_sum = torch.zeros((), device=env["device"])  # summed step losses since the last log line
 steps_since_log, t_log = 0, time.time()
 while iter_num < max_iters and not early.stop:
-    lr_mult = get_lr(iter_num)
+    lr_mult, momentum = get_lr(iter_num), get_momentum(iter_num)
     T = batching.block_size_at(stages, iter_num, lr_decay_iters or max_iters)  # this step's sequence length
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * lr_mult
+        if group["use_muon"]:
+            group["momentum"] = momentum
     for micro_step, (x, y) in enumerate(get_batches(T)):
         if env["ddp"]:  # all-reduce gradients only on the last micro-batch
             model.require_backward_grad_sync = micro_step == accum_steps - 1
@@ -291,6 +322,7 @@ while iter_num < max_iters and not early.stop:
             "lr_mult": lr_mult,
             # the groups' rates now: muon_lr (with optimizer=muon only) and adamw_lr
             **{("muon_lr" if g["use_muon"] else "adamw_lr"): g["lr"] for g in optimizer.param_groups},
+            **({"muon_momentum": momentum} if config["optimizer"] == "muon" else {}),
             "tok_per_s": tok_s,
             "seq_len": T,
             **runtime.memory_stats(env["device"]),

@@ -70,7 +70,7 @@ activation_checkpointing = False  # recompute blocks in backward (mx.checkpoint)
 # optimizer
 optimizer: one_of("muon", "adamw") = "muon"  # Muon + AdamW (below), or AdamW for all at learning_rate (then ~1e-3)
 muon_lr: at_least(0) = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
-muon_momentum: between(0.0, 1.0) = 0.95  # Nesterov momentum of Muon
+muon_momentum: at_least(0, below=1) = 0.95  # Nesterov momentum of Muon (at 1 its buffer would never leave zero)
 ns_dtype: one_of("auto", "float32", "bfloat16") = "auto"  # Muon's Newton-Schulz (auto: float32, backends.py)
 learning_rate: at_least(0) = 0.006  # AdamW learning rate for the embedding (= the head) and norm gains; all with adamw
 beta1: at_least(0, below=1) = 0.9  # AdamW

@@ -28,29 +28,62 @@ def test_newton_schulz_batched_equals_per_matrix():
         assert torch.allclose(batched[i].float(), zeropower_via_newtonschulz5(G[i]).float(), atol=1e-2)
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_steps_follow_the_formula(monkeypatch, nesterov):
+@pytest.mark.parametrize("nesterov,cautious", [(True, False), (False, False), (True, True)])
+def test_muon_steps_follow_the_formula(monkeypatch, nesterov, cautious):
     """Four steps from zero momentum, against the update written out here: buf <- m buf + (1 - m) g, direction
     g + m (buf - g) with Nesterov (buf without), W <- W (1 - lr wd) - lr sqrt(max(1, rows/cols)) NS(direction).
     Newton-Schulz in fp32, so only arithmetic separates the two. One step cannot tell Nesterov from plain
-    momentum (both directions are multiples of g, and Newton-Schulz normalises the scale); later steps can."""
+    momentum (both directions are multiples of g, and Newton-Schulz normalises the scale); later steps can.
+    The momentum changes every step, as train.py's muon_momentum_warmup sets it. cautious_wd: the decay applies
+    only where NS(direction) and W share a sign (W unchanged elsewhere); the plain decay must then differ, by
+    lr wd |W| at the other coordinates, or the test could not tell the two apart."""
     monkeypatch.setattr(muon, "NS_DTYPE", torch.float32)
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(96, 32))
     expected, buf = w.detach().clone(), torch.zeros(96, 32)
-    lr, wd, m = 0.02, 0.1, 0.95
-    optimizer = Muon([dict(params=[w], use_muon=True, lr=lr, weight_decay=wd, momentum=m, nesterov=nesterov)])
-    for step in range(4):
+    lr, wd, momenta = 0.02, 0.1, [0.85, 0.9, 0.93, 0.95]
+    group = dict(params=[w], use_muon=True, lr=lr, weight_decay=wd, momentum=0.5, nesterov=nesterov)
+    optimizer = Muon([dict(group, cautious_wd=cautious)])
+    for step, m in enumerate(momenta):
         g = torch.randn(96, 32)
         w.grad = g.clone()
+        optimizer.param_groups[0]["momentum"] = m
         optimizer.step()
         buf = m * buf + (1 - m) * g
         direction = (1 - m) * g + m * buf if nesterov else buf
-        expected = expected * (1 - lr * wd) - lr * (96 / 32) ** 0.5 * zeropower_via_newtonschulz5(direction)
+        update = zeropower_via_newtonschulz5(direction)
+        decayed = expected * (1 - lr * wd)
+        if cautious:
+            same_sign = update * expected >= 0
+            assert 0.3 < same_sign.float().mean() < 0.7  # about half the coordinates keep their weight
+            assert (decayed - expected)[~same_sign].abs().max() > 1e-4  # what a plain decay would do to them
+            decayed = torch.where(same_sign, decayed, expected)
+        expected = decayed - lr * (96 / 32) ** 0.5 * update
         torch.testing.assert_close(
             w.detach(), expected, atol=1e-6, rtol=0, msg=lambda text, step=step: f"step {step}: {text}"
         )
     torch.testing.assert_close(optimizer.state[w]["momentum_buffer"], buf, atol=1e-6, rtol=0)
+
+
+def test_cautious_adamw_steps_follow_the_formula():
+    """An AdamW group with cautious_wd: torch's AdamW update, written out, with the decay only where exp_avg (the
+    sign of the update, whose denominator is positive) and the weight share a sign."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(50, 8))
+    p, exp_avg, exp_avg_sq = a.detach().clone(), torch.zeros(50, 8), torch.zeros(50, 8)
+    lr, wd, (beta1, beta2), eps = 1e-2, 0.5, (0.9, 0.95), 1e-8
+    ours = Muon([dict(params=[a], use_muon=False, lr=lr, betas=(beta1, beta2), weight_decay=wd, cautious_wd=True)])
+    for t in range(1, 6):
+        g = torch.randn(50, 8)
+        a.grad = g.clone()
+        ours.step()
+        exp_avg = beta1 * exp_avg + (1 - beta1) * g
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+        same_sign = exp_avg * p >= 0
+        assert not same_sign.all() and same_sign.any()
+        p = torch.where(same_sign, p * (1 - lr * wd), p)
+        p = p - lr / (1 - beta1**t) * exp_avg / ((exp_avg_sq / (1 - beta2**t)).sqrt() + eps)
+        torch.testing.assert_close(a.detach(), p, atol=1e-6, rtol=0)
 
 
 def test_adamw_groups_match_torch_adamw():
@@ -95,6 +128,20 @@ def test_make_optimizer_adamw_is_torch_adamw():
         runtime.make_optimizer(ours, 0.02, 0.95, 1e-2, (0.9, 0.95), 0.1, optimizer="sgd")
 
 
+def test_make_optimizer_weight_decays():
+    """muon_weight_decay is the matrices' decay with optimizer=muon (auto: weight_decay, as before the key); the
+    embedding keeps weight_decay and the norm gains none; with optimizer=adamw the matrices take weight_decay.
+    cautious_wd reaches every group."""
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=32, mlp_hidden=64))
+    make = lambda *extra, **kw: runtime.make_optimizer(model, 0.02, 0.95, 1e-2, (0.9, 0.95), 0.1, *extra, **kw)  # noqa
+    decays = lambda optimizer: [g["weight_decay"] for g in optimizer.param_groups]  # noqa: E731
+    assert decays(make()) == decays(make(muon_weight_decay="auto")) == [0.1, 0.1, 0.0]
+    assert decays(make(muon_weight_decay=0.7)) == [0.7, 0.1, 0.0]
+    assert decays(make("adamw", muon_weight_decay=0.7)) == [0.1, 0.1, 0.0]
+    assert [g["cautious_wd"] for g in make(cautious_wd=True).param_groups] == [True] * 3
+    assert [g["cautious_wd"] for g in make().param_groups] == [False] * 3
+
+
 def test_muon_state_dict_round_trip():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(16, 16))
@@ -127,19 +174,21 @@ def test_bucketed_step_equals_one_matrix_at_a_time():
         assert torch.allclose(p, together[i], atol=1e-6), i
 
 
-def distributed_step(rank, world, port, out):
+def distributed_step(rank, world, port, out, decay):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     params = make_matrices()
-    Muon([dict(params=params, use_muon=True, lr=0.02)]).step()
+    Muon([dict(params=params, use_muon=True, lr=0.02, **decay)]).step()
     if rank == 0:
         torch.save([p.detach() for p in params], out)
     dist.destroy_process_group()
 
 
-def test_distributed_step_equals_single_process(tmp_path):
-    """Two ranks split each bucket (3 matrices: one rank pads its slice) and all-gather: same weights as one."""
+@pytest.mark.parametrize("decay", [{}, dict(weight_decay=0.1, cautious_wd=True)])
+def test_distributed_step_equals_single_process(tmp_path, decay):
+    """Two ranks split each bucket (3 matrices: one rank pads its slice) and all-gather: same weights as one, also
+    with cautious weight decay, whose signs come from the gathered updates."""
     import socket
 
     import torch.multiprocessing as mp
@@ -147,8 +196,8 @@ def test_distributed_step_equals_single_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(distributed_step, args=(2, port, tmp_path / "w.pt"), nprocs=2)
+    mp.spawn(distributed_step, args=(2, port, tmp_path / "w.pt", decay), nprocs=2)
     single = make_matrices()
-    Muon([dict(params=single, use_muon=True, lr=0.02)]).step()
+    Muon([dict(params=single, use_muon=True, lr=0.02, **decay)]).step()
     for a, b in zip(torch.load(tmp_path / "w.pt"), single, strict=True):
         assert torch.equal(a, b.detach())

@@ -71,6 +71,10 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     assert best["iter_num"] == 2 and best["val_loss"] == val[2]
     assert records(full)[-1] == {"step": 6, "early_stop": True, "best_val_loss": val[2], "best_step": 2}
     assert list(metrics(full, "seq_len").values()) == [32] * 4 + [64] * 2
+    # the cosine schedule after warmup_iters=2 to lr_decay_iters=8: step s trains at the rate of s - 1
+    cosine = [0.1 + 0.45 * (1 + math.cos(math.pi * (s - 3) / 6)) for s in (3, 4, 5, 6)]
+    assert list(metrics(full, "lr_mult").values()) == pytest.approx([0.5, 1.0, *cosine])
+    assert set(metrics(full, "muon_momentum").values()) == {0.95}  # no momentum warmup: muon_momentum throughout
     assert checkpoints.load_checkpoint(full / "ckpt_0000006.safetensors")["config"]["batch_size"] == 4
     assert_memory_fields(records(full))
     # val records carry tokens seen (8 x 4 x 64 a step at every length) and wall time, which a resume continues
@@ -84,6 +88,38 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
     names = sorted(p.name for p in full.glob("ckpt_*"))
     assert names == ["ckpt_0000004.safetensors", "ckpt_0000006.safetensors", "ckpt_best.safetensors"]
     assert (full / "tokenizer.model").is_file()
+
+
+def test_optimizer_keys_follow_their_schedules_and_resume_exactly(tiny_data, tmp_path):
+    """Every optimizer and schedule key on: lr_schedule=wsd (flat after warmup, then linear over the last half),
+    Muon's momentum warmup, its own weight decay and cautious weight decay. The logged rates and momenta are the
+    ones written out here, and a run stopped at step 4 and resumed ends with the same weights and optimizer state,
+    bit for bit, as one that never stopped. muon_momentum=1 (a buffer that never leaves zero) is refused."""
+    keys = ["--lr_schedule=wsd", "--cooldown_frac=0.5", "--muon_momentum_warmup=6", "--muon_momentum_start=0.8"]
+    keys += ["--muon_weight_decay=0.5", "--weight_decay=0.1", "--cautious_wd=true", "--ckpt_interval=4"]
+    keys += ["--lr_decay_iters=8"]  # the stopped run's schedule is the 8 steps'
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(tiny_data, full, "--max_iters=8", *keys)
+    train(tiny_data, split, "--max_iters=4", *keys)
+    train(tiny_data, split, "--max_iters=8", "--init_from=resume", *keys)
+    # step s logs the rates it trained with, the schedule's at s - 1: warmup 0.5, 1; flat to 4 = 8 x (1 - 0.5);
+    # then 1 - 0.9 (s - 1 - 4) / 4 down towards min_lr_frac=0.1
+    assert list(metrics(full, "lr_mult").values()) == pytest.approx([0.5, 1, 1, 1, 1, 0.775, 0.55, 0.325])
+    momenta = [0.8 + 0.15 * it / 6 for it in range(6)] + [0.95, 0.95]
+    assert list(metrics(full, "muon_momentum").values()) == pytest.approx(momenta)
+    assert metrics(full, "muon_lr")[2] == 0.02 and metrics(full, "adamw_lr")[6] == pytest.approx(0.006 * 0.775)
+    assert metrics(full) == metrics(split)
+    a = checkpoints.load_checkpoint(full / "ckpt_0000008.safetensors")
+    b = checkpoints.load_checkpoint(split / "ckpt_0000008.safetensors")
+    for name, w in a["model"].items():
+        assert torch.equal(w, b["model"][name]), name
+    for p, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, b["optimizer"]["state"][p][k]), (p, k)
+    assert [g["weight_decay"] for g in a["optimizer"]["param_groups"]] == [0.5, 0.1, 0.0]
+    proc = train(tiny_data, tmp_path / "frozen", "--muon_momentum=1.0", check=False)
+    assert_one_line_error(proc, "muon_momentum=1.0: expected a number >= 0 and below 1")
 
 
 def test_ddp_two_ranks_match_one_rank(tiny_data, tmp_path):
