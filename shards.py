@@ -107,14 +107,17 @@ def find_shards(data_dir, split):
 
 
 class TokenWindows:
-    """Random (input, target) windows of block_size tokens, drawn uniformly across all shards of a split.
+    """(input, target) windows of block_size tokens across all shards of a split, in one of two orders.
 
-    Every window start is equally likely, whichever shard it lies in. The draw comes from a torch.Generator,
-    whose state is the data position: save it in a checkpoint and a resumed run sees the same batches.
+    random (nanoGPT's): every window start equally likely, whichever shard it lies in, drawn with replacement from a
+    torch.Generator: windows overlap and some tokens are never read (~8% at the reference budget, 2.6 draws a token).
+    epoch (nanochat's, modded-nanogpt's): each shard cut into windows of block_size + 1 tokens at stride block_size,
+    so each token is a target once a pass; a pass reads them in a permutation of (seed, pass), the next pass in
+    another. state() is the data position: save it in a checkpoint and a resumed run sees the same batches.
     """
 
-    def __init__(self, data_dir, split, block_size, vocab_size, seed):
-        self.block_size = block_size
+    def __init__(self, data_dir, split, block_size, vocab_size, seed, order="random"):
+        self.block_size, self.order, self.seed = block_size, order, seed
         self.shards = [open_shard(p, vocab_size) for p in find_shards(data_dir, split)]
         starts_per_shard = [max(len(s) - block_size - 1, 0) for s in self.shards]
         if sum(starts_per_shard) == 0:
@@ -123,13 +126,58 @@ class TokenWindows:
                 f"the {split} shards in {data_dir} are shorter than block_size+1={block_size + 1} tokens "
                 f"(longest: {longest}); lower block_size or prepare more data"
             )
-        self.cum_starts = np.cumsum([0] + starts_per_shard)
         self.n_tokens = sum(len(s) for s in self.shards)
         self.generator = torch.Generator().manual_seed(seed)
+        if order == "random":  # a start g is offset g - cum[i] of shard i: numbered across the shards' starts
+            self.cum = np.cumsum([0] + starts_per_shard)
+        else:  # a start is a token's position in the shards laid end to end
+            self.cum = np.cumsum([0] + [len(s) for s in self.shards])
+            self.windows = np.concatenate(
+                [self.cum[i] + block_size * np.arange((len(s) - 1) // block_size) for i, s in enumerate(self.shards)]
+            )
+            self.set_state({"seed": seed, "epoch": 0, "index": 0})
 
-    def sample_starts(self, n):
-        """n global window starts; ranks that draw in the same order see the same sequence."""
-        return torch.randint(int(self.cum_starts[-1]), (n,), generator=self.generator).numpy()
+    def permutation(self, epoch):
+        """The order of the windows in pass `epoch` (from 0): a function of the seed and the pass alone."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.windows))
+
+    def state(self):
+        """The data position for a checkpoint: random, the generator's state (as checkpoints have always held);
+        epoch, the pass, the next window's place in its permutation, and the seed that made the permutations."""
+        if self.order == "random":
+            return self.generator.get_state()
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state):
+        if self.order == "random" and isinstance(state, torch.Tensor):
+            self.generator.set_state(state)
+            return
+        if self.order == "random" or isinstance(state, torch.Tensor):
+            made = "epoch" if self.order == "random" else "random"
+            raise ShardError(f"the checkpoint was made with data_order={made}; resume with --data_order={made}")
+        self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
+        self.perm = self.permutation(self.epoch)
+
+    def sample_starts(self, n, T=None):
+        """n global starts of windows of T <= block_size tokens (block_size unless given); ranks that draw in the same
+        order see the same sequence. epoch: the next n * T / block_size windows of the permutation, each cut into
+        block_size / T rows of T tokens (a divisor: block_size_schedule's rule), so a pass reads every token once."""
+        if self.order == "random":
+            return torch.randint(int(self.cum[-1]), (n,), generator=self.generator).numpy()
+        T = T or self.block_size
+        cuts = self.block_size // T
+        if self.block_size % T or n % cuts:
+            raise ValueError(f"epoch order: {n} rows of {T} tokens do not fill whole windows of {self.block_size}")
+        picks, need = [self.perm[:0]], n // cuts
+        while need:
+            if self.index == len(self.perm):  # this pass is read: the next one, in a new order
+                self.epoch, self.index = self.epoch + 1, 0
+                self.perm = self.permutation(self.epoch)
+            take = min(need, len(self.perm) - self.index)
+            picks.append(self.perm[self.index : self.index + take])
+            self.index, need = self.index + take, need - take
+        starts = self.windows[np.concatenate(picks)]
+        return (starts[:, None] + T * np.arange(cuts)).reshape(-1)  # (windows x cuts) rows, a window's rows together
 
     def gather(self, starts, T=None):
         """Rows of (x, y) int64 tensors for the given global window starts, of T <= block_size tokens (block_size
@@ -137,8 +185,8 @@ class TokenWindows:
         T = T or self.block_size
         rows = []
         for g in starts:
-            i = int(np.searchsorted(self.cum_starts, g, side="right")) - 1
-            off = int(g - self.cum_starts[i])
+            i = int(np.searchsorted(self.cum, g, side="right")) - 1
+            off = int(g - self.cum[i])
             rows.append(torch.from_numpy(self.shards[i][off : off + T + 1].astype(np.int64)))
         xy = torch.stack(rows)  # (B, T+1)
         return xy[:, :-1], xy[:, 1:]

@@ -60,6 +60,7 @@ gradient_accumulation_steps: at_least(1) = 8  # micro-batches per step, all rank
 global_batch_size: at_least(0) = 0  # sequences per step, all ranks; sets gradient_accumulation_steps if > 0
 block_size_schedule: any_text = ""  # length curriculum, "T:share,...", e.g. "1024:0.8,4096:0.2"; "" = block_size only
 doc_mask = False  # attention stays inside documents (each starts with <|endoftext|>), not across the window
+data_order: one_of("random", "epoch") = "random"  # random: nanoGPT's windows; epoch: every token once a pass, shuffled
 # model
 vocab_size: between(0, 2**32) = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
 n_layer: at_least(1) = 12  # transformer blocks
@@ -135,7 +136,7 @@ if tokenizer_path is None:
 vocab_size = vocab_size or read_header(train_shards[0])["vocab_size"]
 config["vocab_size"] = vocab_size
 bos_id = load_tokenizer(tokenizer_path).bos_id if doc_mask else None  # doc_mask: the document boundary
-train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
+train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed, data_order)
 val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
 
 
@@ -144,7 +145,7 @@ def get_batches(T):
     batch_size x block_size tokens. Every rank draws the starts of the whole global step from the same generator
     and keeps its own slice, so any world size sees the same global batch."""
     B = batch_size * block_size // T  # rows per micro-batch
-    starts = train_data.sample_starts(gradient_accumulation_steps * B)
+    starts = train_data.sample_starts(gradient_accumulation_steps * B, T)
     mine = starts[rank * accum_steps * B : (rank + 1) * accum_steps * B]
     for j in range(accum_steps):
         x, y = train_data.gather(mine[j * B : (j + 1) * B], T)
@@ -190,7 +191,7 @@ iter_num, elapsed_before, early = 0, 0.0, checkpoints.EarlyStopping(patience)
 if ckpt is not None:
     runtime.load_optimizer_state(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    train_data.generator.set_state(ckpt["data"])
+    train_data.set_state(ckpt["data"])  # a generator state, or the place in a pass
     runtime.set_rng_state(ckpt["rng"], env["device"])
     iter_num = ckpt["iter_num"]
     early = checkpoints.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
@@ -375,7 +376,7 @@ while iter_num < max_iters and not early.stop:
             early_stopping=early.state(),
             elapsed_s=elapsed_before + time.time() - t_start,
             rng=runtime.get_rng_state(env["device"]),
-            data=train_data.generator.get_state(),
+            data=train_data.state(),
         )
         path = checkpoints.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
         print(f"saved {path}" + (" (best so far)" if is_best else ""))

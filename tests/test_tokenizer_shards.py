@@ -82,6 +82,56 @@ def test_windows_cover_all_shards_and_are_reproducible(tmp_path):
         TokenWindows(tmp_path, "train", 400, 10, seed=0)
 
 
+def read_pass(windows, T, chunk):
+    """One pass of an epoch-order TokenWindows (its len(windows.windows) windows) read in draws of `chunk` windows,
+    as rows of T tokens: (x, y) of all rows in order."""
+    n = len(windows.windows)
+    rows = [
+        windows.gather(windows.sample_starts(k * windows.block_size // T, T), T)
+        for k in [chunk] * (n // chunk) + [n % chunk]
+        if k
+    ]
+    return torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
+
+
+def test_epoch_order_reads_every_token_once_a_pass(tmp_path):
+    """Two shards of 650 tokens whose values are their positions (0-649, 650-1299): with block_size=16 each holds
+    40 windows of 17 tokens at stride 16, 80 in all. A pass makes every position 1-640 and 651-1290 a target exactly
+    once (the first token of a shard is never one, a tail under a window is left), in a shuffled order that the next
+    pass and another seed change. Rows of 8 tokens (block_size_schedule's shorter T) read the same tokens in the
+    same order. A reader resumed from state() mid-pass draws what the uninterrupted one draws, into the next pass."""
+    write_shard(tmp_path / "train_000000.bin", np.arange(650), vocab_size=2000)
+    write_shard(tmp_path / "train_000001.bin", np.arange(650, 1300), vocab_size=2000)
+    a = TokenWindows(tmp_path, "train", 16, 2000, seed=0, order="epoch")
+    x, y = read_pass(a, 16, chunk=12)
+    assert len(a.windows) == 80 and x.shape == (80, 16) and torch.equal(y - x, torch.ones_like(x))  # one shard each
+    targets = np.sort(y.reshape(-1).numpy())
+    assert np.array_equal(targets, np.r_[1:641, 651:1291])  # every position once: no repeat, none missed
+    first = x[:, 0].numpy()
+    assert not np.array_equal(first, np.sort(first))  # shuffled
+    x2, y2 = read_pass(a, 16, chunk=12)  # pass 2: the same tokens, another order
+    assert np.array_equal(np.sort(y2.reshape(-1).numpy()), targets) and not torch.equal(x2, x)
+    assert (a.epoch, a.index) == (1, 80)
+    assert not torch.equal(read_pass(TokenWindows(tmp_path, "train", 16, 2000, 1, "epoch"), 16, 80)[0], x)  # seed
+    # shorter rows: each window cut into 2 rows of 8, the pass's tokens in the same order
+    x8, y8 = read_pass(TokenWindows(tmp_path, "train", 16, 2000, 0, "epoch"), 8, chunk=7)
+    assert x8.shape == (160, 8) and torch.equal(y8.reshape(-1), y.reshape(-1))
+    # resume mid-pass: another seed at construction, the state's seed and place win
+    b = TokenWindows(tmp_path, "train", 16, 2000, seed=0, order="epoch")
+    b.sample_starts(50)
+    state = b.state()
+    assert state == {"seed": 0, "epoch": 0, "index": 50}
+    ahead = b.sample_starts(60)  # across the end of the pass
+    c = TokenWindows(tmp_path, "train", 16, 2000, seed=5, order="epoch")
+    c.set_state(state)
+    assert np.array_equal(c.sample_starts(60), ahead) and c.state() == {"seed": 0, "epoch": 1, "index": 30}
+    # a checkpoint of the other order is refused by name
+    with pytest.raises(ShardError, match="data_order=random"):
+        c.set_state(torch.Generator().get_state())
+    with pytest.raises(ShardError, match="data_order=epoch"):
+        TokenWindows(tmp_path, "train", 16, 2000, seed=0).set_state(state)
+
+
 def test_prepare_is_reproducible_and_idempotent(tiny_data, tmp_path):
     from conftest import run
 

@@ -5,15 +5,18 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
 from conftest import REPO, TINY, assert_memory_fields, patched, run
 
 import checkpoints
+from shards import open_shard, write_shard
 
 
 def train(data, out, *extra, check=True):
@@ -153,6 +156,43 @@ def test_ddp_two_ranks_match_one_rank(tiny_data, tmp_path):
     w2 = checkpoints.load_checkpoint(tmp_path / "two" / "ckpt_0000004.safetensors")["model"]
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=2e-3 if w1[k].ndim == 2 and "wte" not in k else 1e-4), k
+
+
+def small_data(tiny_data, folder):
+    """tiny_data's tokenizer and validation shard, and 1,500 of its training tokens in two shards of 700 and 800: 10 +
+    12 = 22 windows of 65 tokens at block_size=64, so a global batch of 8 sequences reads a pass in under 3 steps."""
+    folder.mkdir()
+    for name in ("tokenizer.model", "val_000000.bin"):
+        shutil.copyfile(tiny_data / name, folder / name)
+    tokens = np.asarray(open_shard(tiny_data / "train_000000.bin"))[:1500]
+    write_shard(folder / "train_000000.bin", tokens[:700], 512)
+    write_shard(folder / "train_000001.bin", tokens[700:], 512)
+    return folder
+
+
+def test_epoch_order_resumes_exactly_and_two_ranks_match_one(tiny_data, tmp_path):
+    """data_order=epoch over 22 windows, 8 a step: 8 steps read ~2.9 passes. A run stopped at step 4 (in the second
+    pass, 32 - 22 = 10 windows into it) and resumed logs the same losses as one that never stopped, and its loss
+    falls. Two ranks of one micro-batch of 4 each see the global batch that one rank sees in two. A resume with the
+    other data_order is refused with one line."""
+    data = small_data(tiny_data, tmp_path / "small")
+    common = [f"--data_dir={data}", *TINY, "--data_order=epoch", "--lr_decay_iters=8", "--ckpt_interval=4"]
+    common += ["--eval_interval=4", "--gradient_accumulation_steps=2"]
+    full, split, two = tmp_path / "full", tmp_path / "split", tmp_path / "two"
+    run("train.py", f"--out_dir={full}", "--max_iters=8", *common)
+    run("train.py", f"--out_dir={split}", "--max_iters=4", *common)
+    state = checkpoints.load_checkpoint(split / "ckpt_0000004.safetensors")["data"]
+    assert state == {"seed": 1337, "epoch": 1, "index": 10}
+    random = [arg for arg in common if arg != "--data_order=epoch"]
+    proc = run("train.py", f"--out_dir={split}", "--max_iters=8", "--init_from=resume", *random, check=False)
+    assert_one_line_error(proc, "made with data_order=epoch; resume with --data_order=epoch")
+    run("train.py", f"--out_dir={split}", "--max_iters=8", "--init_from=resume", *common)
+    a, b = metrics(full), metrics(split)
+    assert list(a) == list(range(1, 9)) and a == b and a[8] < a[1] - 0.5
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run("torchrun", f"--out_dir={two}", "--max_iters=4", *common, cmd=[*torchrun, str(REPO / "train.py")])
+    for step, loss in metrics(two).items():
+        assert math.isclose(loss, a[step], rel_tol=1e-4), (step, loss, a[step])
 
 
 def test_checkpoint_guards(tiny_data, tmp_path):
