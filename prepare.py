@@ -74,8 +74,9 @@ task: one_of("docstring", "code", "both") = "docstring"  # local corpus: what do
 code_scope: one_of("self_contained", "all") = "self_contained"  # coding task's functions: self_contained: stdlib only
 sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose answers are the rejected ones (GPU)
 # filters of the training split (quality.py); validation documents are kept as they are, so that runs made with and
-# without them are scored on the same held-out set. auto: on for the local Python corpus, where the reference run
-# measured them (docs/data.md), off for text files and datasets (--quality=web and --near_dup=0.7 turn them on)
+# without them are scored on the same held-out set, and enter the near-duplicate index first (their near-copies leave
+# training). auto: on for the local Python corpus, where the reference run measured them (docs/data.md), off for
+# text files and datasets (--quality=web and --near_dup=0.7 turn them on)
 quality: one_of("off", "auto", "code", "web") = "auto"  # auto: code on --corpus, else off; code, web: quality.py
 quality_skip: any_text = ""  # rules left out, comma-separated (e.g. literals,long_lines): see quality.py
 near_dup: auto | 0.0 | between(0.5, 0.95) = "auto"  # drop near-copies over this Jaccard; 0 = off; auto: 0.7 on --corpus
@@ -256,6 +257,26 @@ def is_val(name):
     return zlib.crc32(name.encode()) % 1000 < val_permille
 
 
+def validation_documents(rows, field):
+    """(row, token ids) of the documents that will go to validation, in stream order, for the near-duplicate index to
+    hold before the pass. The local corpus reads only the files whose name sends them there; a stream, whose rows are
+    named by their place or a field of their own, is read until validation is full (a prefix: ~200M tokens of a hub
+    dataset at the defaults) or it ends, tokenizing only validation's documents."""
+    if isinstance(rows, pysource.FileRows):
+        index = [i for i, (name, _) in enumerate(rows.files) if is_val(name)]
+        picked = documents(pysource.FileRows([rows.files[i] for i in index]), field)
+        docs = ((i, text) for i, (_, _, text) in zip(index, picked, strict=True) if text)
+    else:
+        docs = ((i, text) for i, name, text in documents(rows, field) if text and is_val(name))
+    held = 0  # validation's tokens so far: the main pass's counts["val_assigned"]
+    while held < val_tokens and val_permille and (batch := list(itertools.islice(docs, batch_docs))):
+        for (row, _), ids in zip(batch, tok.encode_batch([t for _, t in batch], num_threads=num_threads), strict=True):
+            if held >= val_tokens:
+                return
+            held += 1 + len(ids)
+            yield row, np.asarray([tok.bos_id] + ids, dtype=token_dtype(tok.vocab_size))
+
+
 def split_of(i):
     """The split of the i-th conversation or pair of --mode=sft/dpo."""
     return "val" if is_val(str(i)) else "train"
@@ -400,6 +421,8 @@ if (input or dataset) and (corpus != "stdlib" or any(a.startswith("--corpus=") f
 data_dir = data_dir or f"data/{'' if mode == 'pretrain' else mode + '_'}{source_name}"
 out = Path(data_dir)
 settings = {k: config[k] for k in SETTINGS}
+if mode == "pretrain" and near_dup:  # recorded, so that a folder made with a training-only index is recognised
+    settings["near_dup_index"] = "validation first"
 plan = get_plan() if model_config else None
 if plan:
     print(
@@ -431,6 +454,11 @@ if manifest and not overwrite:
         raise UserError(
             f"{out} holds shards made with {k}={was.get(k)!r}, not {settings[k]!r}; "
             f"rerun with the same settings to continue it, or --overwrite=true / another --data_dir"
+        )
+    if settings.get("near_dup_index") != was.get("near_dup_index"):  # the same keys: a folder made before 2026-12-03
+        raise UserError(
+            f"{out} was made with a near-duplicate index of training documents only, so near-copies of validation "
+            f"files may be in its training split; --overwrite=true re-makes it with validation indexed first"
         )
     if find_tokenizer(out) is None or sha256(find_tokenizer(out)) != manifest["tokenizer"]["sha256"]:
         raise UserError(f"the tokenizer in {out} is not the one its shards were made with; use --overwrite=true")
@@ -489,11 +517,18 @@ print(
 resume = manifest["resume"]
 start = min(resume.values(), key=lambda r: r["row"])
 counts = dict(start["counts"])
+filters = Filters(rules, near_dup, dedup_ngram, out / "near_dup.keys")
+if filters.near:  # validation first, each run and resume alike: its near-copies leave training wherever they stand
+    t_val = time.time()
+    filters.index_validation(validation_documents(rows, field), counts)
+    print(
+        f"near_dup: {counts['near_dup_val_docs']:,} validation documents ({counts['near_dup_val_tokens']:,} tokens) "
+        f"indexed first in {time.time() - t_val:.1f}s"
+    )
 rows = rows.skip(start["row"]) if hasattr(rows, "skip") else rows[start["row"] :]
 total = len(rows) + start["row"] if hasattr(rows, "__len__") else None  # a local corpus's size; a stream's unknown
 bar = tqdm(total=total, initial=start["row"], unit="doc", disable=None)  # on a terminal; the lines below go to logs
 docs = documents(rows, field, first_row=start["row"])
-filters = Filters(rules, near_dup, dedup_ngram, out / "near_dup.keys")
 filters.restore(start["row"])  # the near-duplicate index as it stood at the resume point; later decisions are redone
 buffers, last = {"train": [], "val": []}, {s: (r["row"], r["counts"], r["offset"], None) for s, r in resume.items()}
 new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()

@@ -225,7 +225,8 @@ def lsh_shape(threshold, num_perm=NUM_PERM):
 class NearDuplicates:
     """MinHash LSH over token n-grams, for one pass over a stream: check(row, signature(ids)) says whether a document
     is a near duplicate of one kept before and records it. The state is the band keys of the documents kept and, to
-    count clusters, which of them have absorbed a duplicate; records() / restore() carry it across a resume."""
+    count clusters, which of them have absorbed a duplicate; records() / restore() carry it across a resume. The
+    validation documents go in first (add), so that their near-copies leave training wherever they stand."""
 
     def __init__(self, threshold, ngram=5, seed=0):
         self.ngram = ngram
@@ -236,6 +237,7 @@ class NearDuplicates:
         self.band_mix = rng.integers(1, 2**63, self.rows, dtype=np.uint64) * 2 + 1
         self.owner = {}  # band key -> row of the kept document that holds it
         self.absorbed = set()  # rows of kept documents that a later one duplicated: one per cluster
+        self.val_rows = set()  # rows of the validation documents, added before the pass
         self.new = []  # (row, matched row or -1, band keys) since the last records()
 
     def signature(self, ids):
@@ -272,9 +274,17 @@ class NearDuplicates:
             keys = (bands * self.band_mix).sum(axis=1, dtype=np.uint64) + np.arange(self.bands, dtype=np.uint64)
         return keys.tolist()
 
+    def add(self, row, sig):
+        """Index the validation document at stream position row, kept whatever it resembles (validation is the same
+        with and without filters); a band already held keeps its first owner."""
+        for k in self.band_keys(sig):
+            self.owner.setdefault(k, row)
+        self.val_rows.add(row)
+
     def check(self, row, sig):
-        """True when the signature of a training document at stream position row shares a band with a kept document,
-        which then heads a cluster; else the document is kept and its bands recorded."""
+        """The row of the kept document (validation's or training's) that the signature of a training document at
+        stream position row shares a band with, which then heads a cluster; else None: the document is kept and its
+        bands recorded."""
         keys = self.band_keys(sig)
         match = next((self.owner[k] for k in keys if k in self.owner), None)
         if match is None:
@@ -282,7 +292,7 @@ class NearDuplicates:
         else:
             self.absorbed.add(match)
         self.new.append((row, -1 if match is None else match, keys))
-        return match is not None
+        return match
 
     @property
     def clusters(self):
@@ -309,18 +319,31 @@ class Filters:
     """What prepare.py leaves out of its training split: documents that fail one of rules (select_rules) and, when
     near_dup > 0, near-duplicates of documents kept before them, each counted with its bytes under the rule's name
     in counts (the manifest's document counts). The near-duplicate decisions are appended to path (save) so that a
-    stopped run resumes with the index it had (restore)."""
+    stopped run resumes with the index it had (restore). The validation documents enter the index first
+    (index_validation), each run and resume alike: they are not in the file, whose rows are in stream order."""
 
     def __init__(self, rules, near_dup, ngram, path):
         self.rules, self.path = rules, path
         self.near = NearDuplicates(near_dup, ngram) if near_dup else None
 
+    def index_validation(self, docs, counts):
+        """Put the validation documents, (row, token ids) in stream order, in the near-duplicate index first, and count
+        them and their tokens (those of the validation split the pass then writes, up to a target that stops it)."""
+        counts["near_dup_val_docs"] = counts["near_dup_val_tokens"] = 0
+        for row, ids in docs:
+            self.near.add(row, self.near.signature(ids))
+            counts["near_dup_val_docs"] += 1
+            counts["near_dup_val_tokens"] += len(ids)
+
     def left_out(self, row, text, ids, counts):
         """Whether the training document at stream position row (its text and token ids) is left out."""
         rule = failed_rule(text, self.rules)
-        if rule is None and self.near and self.near.check(row, self.near.signature(ids)):
+        match = self.near.check(row, self.near.signature(ids)) if rule is None and self.near else None
+        if match is not None:
             rule = "near_dup"
             counts["near_dup_tokens"] = counts.get("near_dup_tokens", 0) + len(ids)
+            if match in self.near.val_rows:  # a near-copy of a validation document: it would flatter the held-out loss
+                counts["near_dup_of_val"] = counts.get("near_dup_of_val", 0) + 1
         if self.near:
             counts["near_dup_clusters"] = self.near.clusters
         if rule is None:
@@ -355,5 +378,6 @@ class Filters:
         text = ", ".join(f"{rule} {n:,} ({b / 1e6:.1f} MB)" for rule, n, b in taken)
         total = sum(n for _, n, _ in taken), sum(b for _, _, b in taken) / 1e6
         clusters, tokens = counts.get("near_dup_clusters", 0), counts.get("near_dup_tokens", 0)
-        dups = f"; near-duplicates: {clusters:,} clusters, {tokens:,} tokens" if self.near else ""
+        of_val = f" ({counts.get('near_dup_of_val', 0):,} documents near-copies of validation ones)"
+        dups = f"; near-duplicates: {clusters:,} clusters, {tokens:,} tokens{of_val}" if self.near else ""
         return f"{total[0]:,} training documents left out ({total[1]:.1f} MB): {text}{dups}"

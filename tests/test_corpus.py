@@ -216,6 +216,9 @@ def test_prepare_corpus_python_on_a_fake_tree(tree, tiny_data, tmp_path):
     # the local corpus is filtered by default (auto): the code rules and near-duplicates at 0.7, as measured
     assert (manifest["settings"]["quality"], manifest["settings"]["near_dup"]) == ("code", 0.7)
     assert "filters: 0 training documents left out" in proc.stdout
+    # the validation files, read alone before the pass, are the ones the pass sends to validation
+    counts = manifest["docs"]
+    assert (counts["near_dup_val_docs"], counts["near_dup_val_tokens"]) == (len(docs["val"]), counts["val_assigned"])
     # a folder made without them (as every folder before 2026-12-02) is not continued with them on: one error line
     plain = tmp_path / "plain"
     prepare(roots, "--corpus=python", f"--data_dir={plain}", *args, "--quality=off", "--near_dup=0")

@@ -128,6 +128,45 @@ def test_near_duplicates_dropped_from_training_not_from_validation(tmp_path):
     assert len(docs["val"]) == 4 and manifest["docs"].get("near_dup", 0) == 0
 
 
+def test_near_copies_of_validation_leave_training(tmp_path):
+    """Five files, rows 0-4: a copy of row 4 with 3 lines changed, three other modules, then row 4 itself, the one
+    that val_permille=10 sends to validation (CRC32 of "4" % 1000 = 8). Validation enters the near-duplicate index
+    first, so the near-copy leaves training though the stream meets it before the original, where an index of
+    training documents (prepare.py before 2026-12-03) kept it, as it still does with row 4 gone. The counts say so,
+    the manifest records the rule, and a folder made before it is refused with one line."""
+    docs = dict(stdlib_sample(40))
+    v = docs["_collections_abc.py"][:6000]
+    lines = v.split("\n")
+    for i in (20, 60, 100):
+        lines[i] = "# changed"
+    others = [docs[name][:6000] for name in ("_pyio.py", "_compat_pickle.py", "_markupbase.py")]
+    src, alone = tmp_path / "src", tmp_path / "alone"
+    for folder, texts in ((src, ["\n".join(lines), *others, v]), (alone, ["\n".join(lines), *others])):
+        folder.mkdir()
+        for i, text in enumerate(texts):
+            (folder / f"{i}.txt").write_text(text)
+    common = ["--vocab_size=512", "--near_dup=0.7", "--val_permille=10"]
+    proc = run("prepare.py", f"--input={src}", f"--data_dir={tmp_path / 'new'}", *common)
+    got, manifest = documents_in(tmp_path / "new")
+    assert got == {"train": others, "val": [v]} and manifest["settings"]["near_dup_index"] == "validation first"
+    counts = manifest["docs"]
+    assert (counts["near_dup"], counts["near_dup_of_val"], counts["near_dup_clusters"]) == (1, 1, 1)
+    assert (counts["near_dup_val_docs"], counts["near_dup_val_tokens"]) == (1, counts["val_assigned"])
+    assert "near_dup: 1 validation documents" in proc.stdout and "(1 documents near-copies of validation" in proc.stdout
+    run("prepare.py", f"--input={alone}", f"--data_dir={tmp_path / 'alone_out'}", *common)
+    got, manifest = documents_in(tmp_path / "alone_out")
+    assert got == {"train": ["\n".join(lines), *others], "val": []} and manifest["docs"].get("near_dup", 0) == 0
+    # a folder made with the training-only index: refused by name, nothing rewritten
+    path = tmp_path / "new" / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["settings"]["near_dup_index"]
+    path.write_text(json.dumps(old))
+    proc = run("prepare.py", f"--input={src}", f"--data_dir={tmp_path / 'new'}", *common, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "training documents only" in proc.stderr and "--overwrite=true" in proc.stderr
+    assert json.loads(path.read_text()) == old
+
+
 def test_web_rules_on_fineweb_jsonl(tmp_path):
     """FineWeb's schema (text, id, dump, url, ...): by default (auto) files are not filtered; with --quality=web each
     document left out is counted under the rule quality.py names for it, and every other document reaches the
@@ -157,11 +196,12 @@ def test_web_rules_on_fineweb_jsonl(tmp_path):
 
 def test_resumed_with_filters_gives_the_same_shards(tmp_path):
     """Exact and near copies (the sample twice over), code rules on, stopped twice: the same shards, counts and
-    near-duplicate records as one uninterrupted run."""
+    near-duplicate records as one uninterrupted run. A copy of a validation document after the stops is left out
+    alike: each resume indexes validation first again."""
     texts = [text for _, text in stdlib_sample(40)]
     src = tmp_path / "src.jsonl"
     with open(src, "w") as f:
-        for text in texts + texts[::3]:
+        for text in texts + texts[::3] + texts[4:5]:  # row 4 goes to validation, its copy (row 54) is met last
             f.write(json.dumps({"text": text}) + "\n")
     args = [f"--input={src}", "--vocab_size=512", "--shard_tokens=3000", "--quality=code", "--near_dup=0.7"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
@@ -176,6 +216,7 @@ def test_resumed_with_filters_gives_the_same_shards(tmp_path):
     manifest = json.loads((stopped / "manifest.json").read_text())
     assert manifest["shards"] == reference["shards"] and manifest["docs"] == reference["docs"]
     assert reference["docs"]["near_dup"] >= len(texts[::3]) and reference["docs"]["near_dup_clusters"] >= 1
+    assert reference["docs"]["near_dup_of_val"] == 1
     assert (stopped / "near_dup.keys").read_bytes() == (whole / "near_dup.keys").read_bytes()
 
 
