@@ -71,15 +71,21 @@ activation_checkpointing = False  # recompute blocks in backward (mx.checkpoint)
 optimizer: one_of("muon", "adamw") = "muon"  # Muon + AdamW (below), or AdamW for all at learning_rate (then ~1e-3)
 muon_lr: at_least(0) = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
 muon_momentum: at_least(0, below=1) = 0.95  # Nesterov momentum of Muon (at 1 its buffer would never leave zero)
+muon_momentum_start: at_least(0, below=1) = 0.85  # Muon's momentum at step 0 with muon_momentum_warmup (modded-nanogpt)
+muon_momentum_warmup: at_least(0) = 0  # steps of a linear rise from muon_momentum_start to muon_momentum (0 = off)
+muon_weight_decay: auto | 0.0 | at_least(0) = "auto"  # decoupled decay of Muon's matrices; auto: weight_decay's
+cautious_wd = False  # weight decay only where the update and the weight share a sign (muon.py; modded-nanogpt)
 ns_dtype: one_of("auto", "float32", "bfloat16") = "auto"  # Muon's Newton-Schulz (auto: float32, backends.py)
 learning_rate: at_least(0) = 0.006  # AdamW learning rate for the embedding (= the head) and norm gains; all with adamw
 beta1: at_least(0, below=1) = 0.9  # AdamW
 beta2: at_least(0, below=1) = 0.95  # AdamW
-weight_decay: at_least(0) = 0.0  # decoupled weight decay on matrices and embedding (norm gains never decay)
+weight_decay: at_least(0) = 0.0  # decoupled decay of the embedding, and of the matrices unless muon_weight_decay
 grad_clip: at_least(0) = 1.0  # clip the global gradient norm to this (0 = off)
 max_iters: at_least(1) = 5000  # optimizer steps in the whole run
 warmup_iters: at_least(0) = 100  # linear warmup steps
-lr_decay_iters: at_least(0) = 0  # cosine decay ends here (0 = max_iters)
+lr_decay_iters: at_least(0) = 0  # the decay ends here (0 = max_iters)
+lr_schedule: one_of("cosine", "wsd") = "cosine"  # after warmup: cosine; wsd: flat, then linear over cooldown_frac
+cooldown_frac: between(0.0, 1.0) = 0.6  # wsd: the last share of the steps to lr_decay_iters, decaying to min_lr_frac
 min_lr_frac: between(0.0, 1.0) = 0.1  # final learning rate as a fraction of the peak
 # system
 device: mlx_device = "auto"  # auto (MLX's default: the GPU on a Mac, the CPU with mlx[cpu]), gpu, cpu
@@ -271,9 +277,11 @@ def init_state(params, groups):
     return state
 
 
-def optimizer_update(params, grads, state, lr_mult, groups, grad_clip):
+def optimizer_update(params, grads, state, lr_mult, momentum, groups, grad_clip):
     """Clip the global gradient norm (as torch.nn.utils.clip_grad_norm_), then one step of muon.Muon on name ->
-    array dicts. Pure, so mx.compile can fuse it; returns the new params and state."""
+    array dicts. momentum: Muon's (m, 1 - m) now, as arrays (the schedule's; each rounded from Python's double, as
+    torch rounds its scalars), or None: the group's. Pure, so mx.compile can fuse it; returns the new params and
+    state."""
     if grad_clip > 0:
         total = mx.sqrt(sum(mx.sum(mx.square(g)) for g in grads.values()))
         coef = mx.minimum(grad_clip / (total + 1e-6), 1.0)
@@ -284,13 +292,13 @@ def optimizer_update(params, grads, state, lr_mult, groups, grad_clip):
         for n in names:
             p, g, s = params[n], grads[n], state[n]
             if hyper["use_muon"]:
-                m = hyper["momentum"]
-                buf = s["momentum_buffer"] + (1 - m) * (g - s["momentum_buffer"])  # buf.lerp_(g, 1 - m)
+                m, rest = (hyper["momentum"], 1 - hyper["momentum"]) if momentum is None else momentum
+                buf = s["momentum_buffer"] + rest * (g - s["momentum_buffer"])  # buf.lerp_(g, 1 - m)
                 direction = g + m * (buf - g) if hyper["nesterov"] else buf
                 ns = {"dtype": MX_DTYPES[hyper["ns_dtype"]]} if "ns_dtype" in hyper else {}  # the device's
                 update = zeropower_via_newtonschulz5(direction, hyper["ns_steps"], **ns)
                 scale = max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
-                params[n] = p * (1 - lr * wd) - (lr * scale) * update.astype(p.dtype)
+                params[n] = decay(p, update, lr * wd, hyper["cautious_wd"]) - (lr * scale) * update.astype(p.dtype)
                 state[n] = {"momentum_buffer": buf}
             else:
                 beta1, beta2 = hyper["betas"]
@@ -298,9 +306,17 @@ def optimizer_update(params, grads, state, lr_mult, groups, grad_clip):
                 exp_avg = s["exp_avg"] + (1 - beta1) * (g - s["exp_avg"])
                 exp_avg_sq = s["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
                 denom = mx.sqrt(exp_avg_sq / (1 - beta2**t)) + hyper["eps"]
-                params[n] = p * (1 - lr * wd) - (lr / (1 - beta1**t)) * exp_avg / denom
+                params[n] = decay(p, exp_avg, lr * wd, hyper["cautious_wd"]) - (lr / (1 - beta1**t)) * exp_avg / denom
                 state[n] = {"step": t, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     return params, state
+
+
+def decay(p, update, amount, cautious):
+    """muon.py's decoupled weight decay p (1 - amount); cautious: only where update and p share a sign
+    (muon.decay_where_same_sign)."""
+    if cautious:
+        return p * mx.where(update * p >= 0, 1 - amount, 1.0)
+    return p * (1 - amount)
 
 
 def dry_run(model, params, opt_state, groups, dtype, T, limit, bos_id=None):
@@ -312,7 +328,7 @@ def dry_run(model, params, opt_state, groups, dtype, T, limit, bos_id=None):
         x = mx.zeros((size, T), dtype=mx.int32)
         mx.reset_peak_memory()
         loss, grads = mx.value_and_grad(partial(loss_with, model, dtype=dtype, bos_id=bos_id))(params, x, x)
-        mx.eval(loss, grads, optimizer_update(params, grads, opt_state, mx.array(0.0), groups, 0.0))
+        mx.eval(loss, grads, optimizer_update(params, grads, opt_state, mx.array(0.0), None, groups, 0.0))
         if mx.get_peak_memory() > limit:
             raise MemoryError(
                 f"peak {mx.get_peak_memory() / 2**30:.2f} GiB is over the {limit / 2**30:.2f} GiB allowed"
@@ -401,7 +417,16 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------------- optimizer
     torch_optimizer = runtime.make_optimizer(
-        torch_model, muon_lr, muon_momentum, learning_rate, (beta1, beta2), weight_decay, optimizer, ns_dtype
+        torch_model,
+        muon_lr,
+        muon_momentum,
+        learning_rate,
+        (beta1, beta2),
+        weight_decay,
+        optimizer,
+        ns_dtype,
+        muon_weight_decay,
+        cautious_wd,
     )
     groups = make_groups(torch_optimizer, torch_model)
     opt_state = init_state(params, groups)
@@ -433,14 +458,26 @@ if __name__ == "__main__":
 
     # ------------------------------------------------------------------------- schedule
     def get_lr(it):
-        """Multiplier of the peak learning rates: linear warmup, then cosine decay to min_lr_frac (as train.py)."""
+        """Multiplier of the peak learning rates: linear warmup, then cosine decay to min_lr_frac; or lr_schedule=wsd:
+        the peak until the last cooldown_frac of the steps, then linear (as train.py)."""
         decay_end = lr_decay_iters or max_iters
         if it < warmup_iters:
             return (it + 1) / warmup_iters
         if it >= decay_end:
             return min_lr_frac
+        if lr_schedule == "wsd":
+            cooldown_start = max(warmup_iters, decay_end * (1 - cooldown_frac))
+            if it < cooldown_start:
+                return 1.0
+            return 1 - (1 - min_lr_frac) * (it - cooldown_start) / (decay_end - cooldown_start)
         progress = (it - warmup_iters) / max(1, decay_end - warmup_iters)
         return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_momentum(it):
+        """Muon's momentum: a linear rise from muon_momentum_start over muon_momentum_warmup steps (as train.py)."""
+        if it >= muon_momentum_warmup:
+            return muon_momentum
+        return muon_momentum_start + (muon_momentum - muon_momentum_start) * it / muon_momentum_warmup
 
     def estimate_loss():
         """Mean validation loss over the same eval_iters micro-batches every time (the ones train.py uses)."""
@@ -468,7 +505,7 @@ if __name__ == "__main__":
     loss_sum = mx.array(0.0)  # summed step losses since the last log line
     steps_since_log, t_log = 0, time.time()
     while iter_num < max_iters and not early.stop:
-        lr_mult = get_lr(iter_num)
+        lr_mult, momentum = get_lr(iter_num), get_momentum(iter_num)
         T = batching.block_size_at(stages, iter_num, lr_decay_iters or max_iters)  # this step's sequence length
         grads = None
         for x, y in get_batches(T):
@@ -476,7 +513,8 @@ if __name__ == "__main__":
             grads = micro_grads if grads is None else tree_map(mx.add, grads, micro_grads)
             loss_sum = loss_sum + loss
             mx.eval(grads, loss_sum)  # one micro-batch's graph at a time
-        params, opt_state = update_fn(params, grads, opt_state, mx.array(lr_mult, dtype=mx.float32))
+        m = (mx.array(momentum, dtype=mx.float32), mx.array(1 - momentum, dtype=mx.float32))
+        params, opt_state = update_fn(params, grads, opt_state, mx.array(lr_mult, dtype=mx.float32), m)
         mx.eval(params, opt_state)
         iter_num += 1
         steps_since_log += 1
@@ -493,6 +531,7 @@ if __name__ == "__main__":
                 "lr_mult": lr_mult,
                 # the groups' rates now: muon_lr (with optimizer=muon only) and adamw_lr
                 **{("muon_lr" if h["use_muon"] else "adamw_lr"): h["peak_lr"] * lr_mult for h, _ in groups},
+                **({"muon_momentum": momentum} if config["optimizer"] == "muon" else {}),
                 "tok_per_s": tok_s,
                 "seq_len": T,
                 **runtime.memory_record(mx.get_active_memory(), mx.get_peak_memory()),  # MLX's, on GPU and CPU

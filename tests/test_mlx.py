@@ -78,24 +78,28 @@ def test_newton_schulz_matches_muon(monkeypatch):
     assert 0.5 < np.linalg.svd(bf16, compute_uv=False).min()
 
 
-def optimizer_steps(steps, weight_decay=0.1, grad_clip=0.5):
-    """steps of muon.Muon and of train_mlx.optimizer_update (compiled) from the same weights and batch."""
+def optimizer_steps(steps, weight_decay=0.1, grad_clip=0.5, momenta=None, **decay):
+    """steps of muon.Muon and of train_mlx.optimizer_update (compiled) from the same weights and batch; momenta:
+    Muon's momentum at each step (train.py's muon_momentum_warmup), else the group's 0.95. decay: make_optimizer's
+    muon_weight_decay and cautious_wd."""
     torch_model, model = twins(1)
-    optimizer = runtime.make_optimizer(torch_model, 0.02, 0.95, 0.006, (0.9, 0.95), weight_decay)
+    optimizer = runtime.make_optimizer(torch_model, 0.02, 0.95, 0.006, (0.9, 0.95), weight_decay, **decay)
     groups = train_mlx.make_groups(optimizer, torch_model)
     params = dict(tree_flatten(model.parameters()))
     state = train_mlx.init_state(params, groups)
     grad_fn = mx.value_and_grad(partial(train_mlx.loss_with, model))
     update = mx.compile(partial(train_mlx.optimizer_update, groups=groups, grad_clip=grad_clip))
     x, y = batch(2)
-    for _ in range(steps):
+    for step in range(steps):
+        momentum = None if momenta is None else (mx.array(momenta[step]), mx.array(1 - momenta[step]))
+        optimizer.param_groups[0]["momentum"] = 0.95 if momenta is None else momenta[step]
         _, loss = torch_model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(torch_model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad()
         _, grads = grad_fn(params, to_mx(x), to_mx(y))
-        params, state = update(params, grads, state, mx.array(1.0))
+        params, state = update(params, grads, state, mx.array(1.0), momentum)
     return {n: np.abs(np.array(params[n]) - p.detach().numpy()).max() for n, p in torch_model.named_parameters()}
 
 
@@ -113,6 +117,9 @@ def test_optimizer_steps_match_muon(monkeypatch):
     monkeypatch.setattr(train_mlx, "zeropower_via_newtonschulz5", lambda G, steps: ns(G, steps, mx.float32))
     exact = optimizer_steps(2)
     assert max(exact.values()) < 5e-7, exact
+    # a momentum schedule, Muon's own decay and cautious decay (both groups) follow muon.py's just as closely
+    scheduled = optimizer_steps(3, momenta=[0.85, 0.9, 0.92], muon_weight_decay=2.0, cautious_wd=True)
+    assert max(scheduled.values()) < 5e-7, scheduled
 
 
 def test_dry_run_measures_mlx_peak_and_changes_nothing():
@@ -185,6 +192,23 @@ def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path, o
     c = metrics(mixed)
     assert all(c[step] == a[step] for step in range(1, 5))
     assert all(abs(c[step] - a[step]) < 0.02 for step in range(5, 13)), (a, c)
+
+
+def test_schedules_and_decay_track_train_py(tiny_data, tmp_path):
+    """lr_schedule=wsd, Muon's momentum warmup, muon_weight_decay and cautious_wd: train_mlx.py logs train.py's
+    rates and momenta, to the bit, and nearly its losses."""
+    common = ["--max_iters=8", "--eval_interval=8", "--lr_schedule=wsd", "--cooldown_frac=0.5"]
+    common += ["--muon_momentum_warmup=6", "--muon_weight_decay=0.5", "--weight_decay=0.1", "--cautious_wd=true"]
+    train("train.py", tiny_data, tmp_path / "torch", *common)
+    train("train_mlx.py", tiny_data, tmp_path / "mlx", *common)
+    for key in ("lr_mult", "muon_lr", "adamw_lr", "muon_momentum"):
+        assert metrics(tmp_path / "torch", key) == metrics(tmp_path / "mlx", key), key
+    assert list(metrics(tmp_path / "mlx", "lr_mult").values()) == pytest.approx([0.5, 1, 1, 1, 1, 0.775, 0.55, 0.325])
+    assert (
+        metrics(tmp_path / "mlx", "muon_momentum")[1] == 0.85 and metrics(tmp_path / "mlx", "muon_momentum")[8] == 0.95
+    )
+    a, b = metrics(tmp_path / "torch"), metrics(tmp_path / "mlx")
+    assert all(abs(a[step] - b[step]) < 0.02 for step in a), (a, b)
 
 
 def test_doc_mask_tracks_train_py(short_docs, tmp_path):
