@@ -53,6 +53,15 @@ mlp_hidden: at_least(1) = 3072  # SwiGLU hidden width
 block_size: between(4, 4096) = 4096  # longest sequence, and the model's context
 rope_theta: above(0) = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward
+# the speedrun recipes' model changes (issue 37), to time their cost: as train.py's keys (model.GPTConfig's fields)
+qk_norm = False  # RMS-norm q and k per head
+attn_scale: at_least(0) = 0.0  # attention softmax scale; 0 = 1/sqrt(head size)
+zero_init = False  # output projections start at zero (no speed effect; a model key, so accepted)
+logit_softcap: at_least(0) = 0.0  # logits = cap * tanh(logits / cap); 0 = off
+value_embeds = False  # gated value embeddings on every other layer
+x0_shortcut = False  # learned mix of the embedding into every block's input
+value_residual = False  # learned mix of layer 0's attention values into later layers'
+embed_norm = False  # RMS-norm the token embedding
 batch_size: at_least(1) = 8  # sequences of block_size per micro-batch; shorter ones get as many tokens per micro-batch
 gradient_accumulation_steps: at_least(1) = 16  # micro-batches per optimizer step (the config's = its reference batch)
 muon_lr: at_least(0) = 0.02  # optimizer settings, as train.py (they do not change the speed)

@@ -93,7 +93,18 @@ def save_checkpoint(out_dir, step, state, keep_last, is_best):
     return path
 
 
-ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta")  # GPTConfig's
+# the model's features of issue 37, off by default (GPTConfig's fields; train.py's and train_mlx.py's keys)
+FEATURE_KEYS = (
+    "qk_norm",
+    "attn_scale",
+    "zero_init",
+    "logit_softcap",
+    "value_embeds",
+    "x0_shortcut",
+    "value_residual",
+    "embed_norm",
+)
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta", *FEATURE_KEYS)
 
 
 def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True):
@@ -105,10 +116,11 @@ def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True)
     out, ckpt = Path(out_dir), None
     if init_from == "resume":
         ckpt = load_checkpoint(find_checkpoint(out_dir, "latest"))
+        defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}  # an older checkpoint's features: off
         for k, v in model_args.items():
-            if ckpt["model_args"].get(k) != v:
+            if ckpt["model_args"].get(k, defaults[k]) != v:
                 raise UserError(
-                    f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k)} but the config "
+                    f"the checkpoint in {out_dir} has {k}={ckpt['model_args'].get(k, defaults[k])} but the config "
                     f"says {k}={v}; resume with the run's own config"
                 )
         if ckpt["config"].get("arch", "gpt") != config.get("arch", "gpt"):  # train.py's peer (peer.py) or ours

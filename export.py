@@ -33,6 +33,7 @@ Why the mapping is one to one:
   and it keeps llama.cpp's default space prefix for our tokenizer, so every text would gain a leading space token.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -97,7 +98,9 @@ LLAMA_KEYS = {
     "rope_theta": "rope_theta",
     "norm_eps": "rms_norm_eps",
 }
-TRAINING_ONLY = {"activation_checkpointing"}  # changes how gradients are computed, not what the model computes
+# how gradients are computed, or where weights start: not what the trained model computes
+TRAINING_ONLY = {"activation_checkpointing", "zero_init"}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}  # a feature at its default is off: no setting
 # our parameter name inside a block -> Llama's; the tied lm_head.weight is the embedding, stored once
 BLOCK_NAMES = {
     "ln_1": "input_layernorm",
@@ -140,7 +143,14 @@ CHAT_TEMPLATE = f"""{{%- set aliases = {json.dumps(chat.ROLE_ALIASES)} -%}}
 
 def llama_config(args, tok, eos_ids):
     """config.json of the LlamaForCausalLM that computes what GPT(GPTConfig(**args)) computes."""
-    unmapped = sorted(set(args) - set(LLAMA_KEYS) - TRAINING_ONLY)
+    unmapped = sorted(
+        k for k in set(args) - set(LLAMA_KEYS) - TRAINING_ONLY if k not in DEFAULTS or args[k] != DEFAULTS[k]
+    )
+    if unmapped and unmapped[0] in DEFAULTS:  # one of model.py's features (issue 37), on
+        raise UserError(
+            f"cannot map to Llama: the run was trained with {unmapped[0]}={args[unmapped[0]]!r}, which "
+            f"LlamaForCausalLM cannot compute; export a run trained without it ({unmapped[0]}={DEFAULTS[unmapped[0]]})"
+        )
     if unmapped:
         raise UserError(
             f"cannot map to Llama: the checkpoint's model_args has {unmapped[0]}={args[unmapped[0]]!r}, which "

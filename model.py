@@ -25,6 +25,19 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    # The speedrun recipes' changes (issue 37; docs/pretraining.md), each off by default: a run without them computes
+    # what it did before, and a checkpoint that predates them loads with them off.
+    qk_norm: bool = False  # q and k RMS-normed per head, before RoPE as Qwen3 (modded-nanogpt record 5, nanochat)
+    attn_scale: float = 0.0  # softmax scale of q.k; 0 = 1/sqrt(head_dim). modded-nanogpt: 0.12 with qk_norm
+    # attn.c_proj and mlp.c_proj start at zero (modded-nanogpt, nanochat). With the tied embeddings the stack is then
+    # the identity and each token's logit for itself ~n_embd * 0.02: loss at init 15.2 for 12 x 768 on random tokens
+    # (10.5 without zero_init; ln(32000) = 10.4), 11.8 with logit_softcap=15, 14.0 with 30
+    zero_init: bool = False
+    logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off (Gemma 2; nanochat 15, modded-nanogpt 15)
+    value_embeds: bool = False  # a token embedding added to v, gated per head, on every other layer (nanochat)
+    x0_shortcut: bool = False  # before block i: x = resid_lambdas[i] * x + x0_lambdas[i] * embedding (nanochat)
+    value_residual: bool = False  # v = lambda * v + (1 - lambda) * layer 0's v, lambda from 0.5 (modded-nanogpt)
+    embed_norm: bool = False  # RMS-norm (no gain) of the embedding entering the first block (nanochat, modded-nanogpt)
 
 
 class RMSNorm(nn.Module):
@@ -102,33 +115,48 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.qk_norm, self.eps, self.scale = config.qk_norm, config.norm_eps, config.attn_scale or None
+        if config.value_embeds and has_value_embeds(layer_idx, config.n_layer):  # zero: each gate starts at 1
+            self.ve_gate = nn.Parameter(torch.zeros(config.n_head, min(VE_GATE_CHANNELS, config.n_embd)))
+        if config.value_residual and layer_idx > 0:
+            self.v_lambda = nn.Parameter(torch.full((1,), 0.5))
 
-    def forward(self, x, cos, sin, cache=None, pos=None, w_qkv=None, mask=None):
+    def forward(self, x, cos, sin, cache=None, pos=None, w_qkv=None, mask=None, ve=None, v_first=None):
+        """Returns the output (B, T, C) and this layer's values (B, n_head, T, hd), for value_residual.
+        ve: this layer's value embeddings (B, T, C); v_first: layer 0's values at the same positions."""
         B, T, C = x.size()
         hd = C // self.n_head
         qkv = F.linear(x, w_qkv).split(C, dim=-1) if w_qkv is not None else (self.c_q(x), self.c_k(x), self.c_v(x))
         q, k, v = (t.view(B, T, self.n_head, hd).transpose(1, 2) for t in qkv)  # (B, T, C) -> (B, n_head, T, hd)
+        if self.qk_norm:  # no gain: RoPE is a rotation, so the order is moot here; Qwen3's order for export
+            q, k = F.rms_norm(q, (hd,), eps=self.eps), F.rms_norm(k, (hd,), eps=self.eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if v_first is not None:
+            v = torch.lerp(v_first, v, self.v_lambda.to(v.dtype))  # lambda * v + (1 - lambda) * v_first
+        if ve is not None:  # gate in (0, 2) per head from the first channels of x (nanochat)
+            gate = 2 * torch.sigmoid(F.linear(x[..., : self.ve_gate.size(1)], self.ve_gate))  # (B, T, n_head)
+            v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve.view(B, T, self.n_head, hd).transpose(1, 2)).to(v.dtype)
+        values = v
         if pos is not None:  # one token at position pos (a tensor) against the whole cache: see GPT.decode
             k, v = cache.write(self.layer_idx, pos, k, v)  # (B, n_head, max_len, hd)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd))  # (B, n_head, 1, max_len)
+            att = (q @ k.transpose(-2, -1)) * (self.scale or 1.0 / math.sqrt(hd))  # (B, n_head, 1, max_len)
             att = att.masked_fill(~cache.visible(pos.view(1), cache.max_len), float("-inf"))
             y = att.float().softmax(dim=-1).to(v.dtype) @ v
-            return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            return self.c_proj(y.transpose(1, 2).reshape(B, T, C)), values
         past = cache.pos if cache is not None else 0
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # all keys/values so far: (B, n_head, past + T, hd)
         if isinstance(mask, BlockMask):  # attention inside documents (document_mask), on CUDA
-            y = compiled(flex_attention)(q, k, v, block_mask=mask)
+            y = compiled(flex_attention)(q, k, v, block_mask=mask, scale=self.scale)
         elif mask is not None:  # the same as a dense (B, 1, T, T) mask: FlexAttention has no CPU backward
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         elif past == 0 and (cache is None or cache.start is None):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:  # after a prefill, or left-padded rows: query i sits at position past + i
             mask = cache.visible(past + torch.arange(T, device=x.device), past + T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
-        return self.c_proj(y)
+        return self.c_proj(y), values
 
 
 class MLP(nn.Module):
@@ -151,10 +179,12 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, pos=None, fused=None, mask=None):
+    def forward(self, x, cos, sin, cache=None, pos=None, fused=None, mask=None, ve=None, v_first=None):
+        """The block's output and its attention's values (see CausalSelfAttention.forward)."""
         w_qkv, w_gate_up = fused or (None, None)  # this block's stacked weights from GPT.decode_weights
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, pos, w_qkv, mask)
-        return x + self.mlp(self.ln_2(x), w_gate_up)
+        y, v = self.attn(self.ln_1(x), cos, sin, cache, pos, w_qkv, mask, ve, v_first)
+        x = x + y
+        return x + self.mlp(self.ln_2(x), w_gate_up), v
 
 
 class GPT(nn.Module):
@@ -176,12 +206,26 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # Residual projections get GPT-2's 0.02/sqrt(2 * n_layer). Not zero (as in modded-nanogpt): with tied
-        # embeddings a zero-initialised stack maps each token straight back onto its own embedding, a logit of
-        # n_embd * 0.02 = 15 for "repeat this token", and the loss at init is ~15 instead of ln(32000) = 10.4.
+        # Residual projections get GPT-2's 0.02/sqrt(2 * n_layer). Zero only with zero_init (as modded-nanogpt):
+        # with tied embeddings a zero-initialised stack maps each token straight back onto its own embedding, a
+        # logit of n_embd * 0.02 = 15 for "repeat this token", and the loss at init is ~15, not ln(32000) = 10.4.
         for block in self.transformer.h:
-            nn.init.normal_(block.attn.c_proj.weight, std=0.02 / math.sqrt(2 * config.n_layer))
-            nn.init.normal_(block.mlp.c_proj.weight, std=0.02 / math.sqrt(2 * config.n_layer))
+            for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
+                if config.zero_init:
+                    nn.init.zeros_(w)
+                else:
+                    nn.init.normal_(w, std=0.02 / math.sqrt(2 * config.n_layer))
+        # Made after the weights above, so that with them on the other weights are still the same for a seed.
+        # Value embeddings start as the embedding and c_v do (nanochat inits them like c_v).
+        V, C, L = config.vocab_size, config.n_embd, config.n_layer
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(V, C) for i in range(L) if config.value_embeds and has_value_embeds(i, L)}
+        )
+        for embedding in self.value_embeds.values():
+            nn.init.normal_(embedding.weight, mean=0.0, std=0.02)
+        if config.x0_shortcut:  # 1 and 0: each block starts as without the shortcut (modded-nanogpt, nanochat)
+            self.resid_lambdas = nn.Parameter(torch.ones(L))
+            self.x0_lambdas = nn.Parameter(torch.zeros(L))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -200,8 +244,8 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6N for the matmuls forward+backward, 12*L*d*T for attention (PaLM)."""
-        c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+        c, lookups = self.config, sum(p.numel() for p in self.value_embeds.parameters())  # value embeds: no matmul
+        return 6 * (self.num_params() - lookups) + 12 * c.n_layer * c.n_embd * seq_len
 
     def hidden(self, idx, cache=None, mask=None):
         """Final normed hidden states (B, T, C) of idx, continuing from the cache's position when given."""
@@ -211,19 +255,37 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
         cos = self.rope_cos[start : start + T].to(self.transformer.wte.weight.dtype)
         sin = self.rope_sin[start : start + T].to(self.transformer.wte.weight.dtype)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        for block in self.transformer.h:
-            if self.config.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, cos, sin, mask=mask, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, cache, mask=mask)
+        x = self.blocks(idx, cos, sin, cache, mask=mask)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
 
+    def blocks(self, idx, cos, sin, cache=None, pos=None, fused=None, mask=None):
+        """The residual stream (B, T, C) after every block, from the embeddings of idx (B, T); with what acts
+        between blocks: embed_norm, the x0 shortcut, each layer's value embeddings, layer 0's values."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.embed_norm:
+            x = F.rms_norm(x, (x.size(-1),), eps=self.config.norm_eps)
+        x0, v_first = x, None
+        for i, block in enumerate(self.transformer.h):
+            if self.config.x0_shortcut:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            args = (x, cos, sin, cache, pos, fused[i] if fused else None, mask, ve, v_first)
+            if self.config.activation_checkpointing and self.training and cache is None:
+                x, v = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, v = block(*args)
+            v_first = v if self.config.value_residual and i == 0 else v_first
+        return x
+
+    def head(self, x):
+        """fp32 logits of final hidden states x (..., C), softcapped with logit_softcap."""
+        return softcap(self.lm_head(x).float(), self.config.logit_softcap)
+
     def logits(self, idx, cache=None, mask=None):
         """fp32 logits (B, T, vocab_size) at every position: for tests and analysis, not for training."""
-        return self.lm_head(self.hidden(idx, cache, mask)).float()
+        return self.head(self.hidden(idx, cache, mask))
 
     def forward(self, idx, targets=None, cache=None, reduction="mean", mask=None):
         """With targets: (None, loss), the mean cross-entropy over targets != -1 (reduction="mean"), or the
@@ -233,15 +295,15 @@ class GPT(nn.Module):
         mask: document_mask(idx, bos_id) to keep attention inside documents (train.py doc_mask)."""
         x = self.hidden(idx, cache, mask)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]).float(), None
+            return self.head(x[:, [-1], :]), None
         B, T, C = x.size()
         x, targets = x.reshape(B * T, C), targets.reshape(B * T)  # (B*T, C), (B*T,)
         if reduction == "mean":
             # gradients are computed in the forward pass only when a backward pass can follow
             need_grad = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            return None, self.loss_head(x, self.lm_head.weight, targets, need_grad)
+            return None, self.loss_head(x, self.lm_head.weight, targets, need_grad, self.config.logit_softcap)
         losses = [
-            checkpoint(token_losses, xc, self.lm_head.weight, tc, use_reentrant=False)
+            checkpoint(token_losses, xc, self.lm_head.weight, tc, self.config.logit_softcap, use_reentrant=False)
             for xc, tc in zip(x.split(CE_CHUNK), targets.split(CE_CHUNK), strict=True)
         ]
         return None, torch.cat(losses).view(B, T)
@@ -264,10 +326,8 @@ class GPT(nn.Module):
         dtype = self.transformer.wte.weight.dtype
         cos = self.rope_cos.index_select(0, pos.view(1)).to(dtype)  # (1, head_dim)
         sin = self.rope_sin.index_select(0, pos.view(1)).to(dtype)
-        x = self.transformer.wte(idx)  # (B, 1, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, cos, sin, cache, pos, fused[i] if fused else None)
-        return self.lm_head(self.transformer.ln_f(x[:, -1])).float()
+        x = self.blocks(idx, cos, sin, cache, pos, fused)  # (B, 1, C)
+        return self.head(self.transformer.ln_f(x[:, -1]))
 
     def decode_step(self, cache):
         """decode() as step(next_id, position), capture_decode's step without a graph. The position is filled into
@@ -359,6 +419,14 @@ def document_mask(idx, bos_id, flex=None):
     return ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)
 
 
+VE_GATE_CHANNELS = 32  # value embeddings' gate reads the first 32 channels of the block's input (nanochat 2026-01)
+
+
+def has_value_embeds(layer_idx, n_layer):
+    """Whether a layer gets value embeddings: every other layer, the last one included (nanochat's has_ve)."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
 COMPILED = {}  # FlexAttention's functions compiled, made at their first use (compiling them at import is slow)
 
 
@@ -376,10 +444,15 @@ def compiled(fn):
 CE_CHUNK = 2048  # rows of logits alive at once: 2048 x 32000 bf16 = 125 MiB, instead of 2 GiB for 32K tokens
 
 
-def token_losses(x, weight, targets):
-    """Cross-entropy of each row of x (N, C) against targets (N,) through the output matrix (V, C), in fp32;
-    0 where the target is -1."""
-    logits = F.linear(x, weight).float()  # (N, V)
+def softcap(logits, cap):
+    """cap * tanh(logits / cap), which keeps every logit within +-cap (logit_softcap); cap = 0 leaves them."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def token_losses(x, weight, targets, cap=0.0):
+    """Cross-entropy of each row of x (N, C) against targets (N,) through the output matrix (V, C), in fp32,
+    the logits softcapped at cap; 0 where the target is -1."""
+    logits = softcap(F.linear(x, weight).float(), cap)  # (N, V)
     return F.cross_entropy(logits, targets, ignore_index=-1, reduction="none")
 
 
@@ -392,7 +465,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, need_grad):
+    def forward(ctx, x, weight, targets, need_grad, cap=0.0):
         # the matmuls run in the autocast precision (bf16 on CUDA): cast once here, not once per chunk
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs, w = x.to(dtype), weight.to(dtype)
@@ -404,6 +477,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for i in range(0, x.size(0), CE_CHUNK):
             xc, tc = xs[i : i + CE_CHUNK], targets[i : i + CE_CHUNK]
             logits = xc @ w.t()  # (n, V) in the compute dtype; the reductions below run in fp32
+            if cap:  # logit_softcap, in fp32
+                logits = softcap(logits.float(), cap)
             lse = logits.float().logsumexp(dim=-1, keepdim=True)  # (n, 1)
             valid = (tc >= 0).unsqueeze(1)  # (n, 1)
             target_logit = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).float()  # (n, 1)
@@ -412,7 +487,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
                 # d loss / d logits = (softmax - onehot) / n_valid: one expression, which Inductor fuses into a
                 # single pass from the logits to g, so no (n, V) fp32 tensor is ever stored when compiled
                 onehot = cols == tc.unsqueeze(1)  # (n, V); a target of -1 matches no column
-                g = (((logits.float() - lse).exp() - onehot.float()) * (valid / n_valid)).to(dtype)
+                g = ((logits.float() - lse).exp() - onehot.float()) * (valid / n_valid)
+                if cap:  # through the cap: d(cap * tanh(z / cap)) / dz = 1 - tanh(z / cap)^2
+                    g = g * (1 - (logits / cap).square())
+                g = g.to(dtype)
                 grad_x[i : i + CE_CHUNK] = g @ w
                 grad_w += (g.t() @ xc).float()
         ctx.save_for_backward(grad_x, grad_w)
@@ -421,7 +499,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None, None
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):

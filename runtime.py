@@ -377,15 +377,20 @@ def make_optimizer(
     muon_weight_decay="auto",
     cautious_wd=False,
 ):
-    """optimizer="muon": Muon for the attention and MLP matrices, AdamW for the embedding (= output head) and the
-    norm gains. optimizer="adamw": AdamW at learning_rate for all of them (muon_lr, muon_momentum, muon_weight_decay
-    unused), still in muon.Muon's three groups, so checkpoints and train_mlx.py's mirror are the same code. The
-    matrices decay at muon_weight_decay with optimizer="muon" (auto: weight_decay), else at weight_decay; the
-    embedding at weight_decay; norm gains never decay. cautious_wd: every decaying group decays cautiously
-    (muon.py). Each group remembers its peak learning rate for the schedule. ns_dtype: the Newton-Schulz precision
-    of the Muon group ("float32", "bfloat16": setup_device's env["ns_dtype"]); None leaves muon.NS_DTYPE."""
+    """optimizer="muon": Muon for the attention and MLP matrices, AdamW for the embeddings (wte = the output head,
+    value_embeds), the norm gains, scalars and value-embedding gates. optimizer="adamw": AdamW at learning_rate for
+    all of them (muon_lr, muon_momentum, muon_weight_decay unused), still in muon.Muon's three groups, so checkpoints
+    and train_mlx.py's mirror are the same code. The matrices decay at muon_weight_decay with optimizer="muon" (auto:
+    weight_decay), else at weight_decay; the embeddings at weight_decay; norm gains, scalars and gates never decay.
+    cautious_wd: every decaying group decays cautiously (muon.py). Each group remembers its peak learning rate for
+    the schedule. ns_dtype: the Newton-Schulz precision of the Muon group ("float32", "bfloat16": setup_device's
+    env["ns_dtype"]); None leaves muon.NS_DTYPE."""
     check_optimizer(optimizer)
-    matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "wte" not in n]
+    # embeddings (wte, value_embeds) and the value embeddings' tiny gates are AdamW's (as nanochat's), not Muon's
+    named = [(n, p) for n, p in model.named_parameters() if p.ndim == 2]
+    embeddings = [p for n, p in named if "wte" in n or "value_embeds" in n]
+    gates = [p for n, p in named if n.endswith("ve_gate")]
+    matrices = [p for n, p in named if not ("wte" in n or "value_embeds" in n or n.endswith("ve_gate"))]
     adamw = dict(use_muon=False, lr=learning_rate, betas=betas, cautious_wd=cautious_wd)
     hidden = dict(use_muon=True, lr=muon_lr, momentum=muon_momentum, cautious_wd=cautious_wd)
     hidden_decay = weight_decay
@@ -398,8 +403,8 @@ def make_optimizer(
     muon = Muon(
         [
             dict(params=matrices, weight_decay=hidden_decay, **hidden),
-            dict(params=[model.transformer.wte.weight], weight_decay=weight_decay, **adamw),
-            dict(params=[p for p in model.parameters() if p.ndim < 2], weight_decay=0.0, **adamw),
+            dict(params=embeddings, weight_decay=weight_decay, **adamw),
+            dict(params=[p for p in model.parameters() if p.ndim < 2] + gates, weight_decay=0.0, **adamw),
         ]
     )
     for group in muon.param_groups:

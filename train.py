@@ -69,6 +69,15 @@ n_embd: at_least(1) = 768  # residual width
 mlp_hidden: at_least(1) = 3072  # SwiGLU hidden width
 rope_theta: above(0) = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% more compute
+# the speedrun recipes' model changes (issue 37): off by default; model.GPTConfig says where each comes from
+qk_norm = False  # RMS-norm q and k per head (modded-nanogpt, nanochat)
+attn_scale: at_least(0) = 0.0  # attention softmax scale; 0 = 1/sqrt(head size). modded-nanogpt: 0.12 with qk_norm
+zero_init = False  # attention and MLP output projections start at zero (loss at init ~15 with the tied embeddings)
+logit_softcap: at_least(0) = 0.0  # logits = cap * tanh(logits / cap); 0 = off. nanochat and modded-nanogpt: 15
+value_embeds = False  # gated value embeddings on every other layer, the last included (nanochat)
+x0_shortcut = False  # learned mix of the embedding into the input of every block (nanochat's x0_lambdas)
+value_residual = False  # learned mix of layer 0's attention values into every later layer's (modded-nanogpt)
+embed_norm = False  # RMS-norm the token embedding before the first block (nanochat)
 arch: one_of("gpt", "nanogpt") = "gpt"  # model.py's, or nanoGPT's GPT-2 (peer.py), to compare on the same data
 # optimizer
 optimizer: one_of("muon", "adamw") = "muon"  # Muon + AdamW (below), or AdamW for all at learning_rate (then ~5e-4)
@@ -110,6 +119,10 @@ config = runtime.configure(
         (
             lambda c: not c.cuda_graphs or (c.compile and device_type(c.device) == "cuda" and c.world_size == 1),
             "cuda_graphs=true needs compile=true on a single CUDA GPU (no torchrun); drop it otherwise",
+        ),
+        (
+            lambda c: c.arch == "gpt" or not any(getattr(c, k) for k in checkpoints.FEATURE_KEYS),
+            "arch=nanogpt is nanoGPT's GPT-2, without model.py's features (qk_norm ... embed_norm); use arch=gpt",
         ),
         (
             lambda c: not c.doc_mask or (c.arch == "gpt" and not c.cuda_graphs),

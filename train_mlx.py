@@ -67,6 +67,15 @@ n_embd: at_least(1) = 768  # residual width
 mlp_hidden: at_least(1) = 3072  # SwiGLU hidden width
 rope_theta: above(0) = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward (mx.checkpoint): less memory, more compute
+# the speedrun recipes' model changes (issue 37): off by default; model.GPTConfig says where each comes from
+qk_norm = False  # RMS-norm q and k per head (modded-nanogpt, nanochat)
+attn_scale: at_least(0) = 0.0  # attention softmax scale; 0 = 1/sqrt(head size). modded-nanogpt: 0.12 with qk_norm
+zero_init = False  # attention and MLP output projections start at zero (loss at init ~15 with the tied embeddings)
+logit_softcap: at_least(0) = 0.0  # logits = cap * tanh(logits / cap); 0 = off. nanochat and modded-nanogpt: 15
+value_embeds = False  # gated value embeddings on every other layer, the last included (nanochat)
+x0_shortcut = False  # learned mix of the embedding into the input of every block (nanochat's x0_lambdas)
+value_residual = False  # learned mix of layer 0's attention values into every later layer's (modded-nanogpt)
+embed_norm = False  # RMS-norm the token embedding before the first block (nanochat)
 # optimizer
 optimizer: one_of("muon", "adamw") = "muon"  # Muon + AdamW (below), or AdamW for all at learning_rate (then ~1e-3)
 muon_lr: at_least(0) = 0.02  # Muon learning rate for the hidden matrices (spectral-norm scale, not AdamW's)
@@ -121,19 +130,32 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.qk_norm, self.eps, self.scale = config.qk_norm, config.norm_eps, config.attn_scale
+        if config.value_embeds and torch_model_lib.has_value_embeds(layer_idx, config.n_layer):
+            self.ve_gate = mx.zeros((config.n_head, min(torch_model_lib.VE_GATE_CHANNELS, config.n_embd)))
+        if config.value_residual and layer_idx > 0:
+            self.v_lambda = mx.full((1,), 0.5)
 
-    def __call__(self, x, cos, sin, mask=None):
+    def __call__(self, x, cos, sin, mask=None, ve=None, v_first=None):
+        """The output and this layer's values, as model.CausalSelfAttention.forward."""
         B, T, C = x.shape
         hd = C // self.n_head
         # (B, T, C) -> (B, n_head, T, hd)
         q = self.c_q(x).reshape(B, T, self.n_head, hd).transpose(0, 2, 1, 3)
         k = self.c_k(x).reshape(B, T, self.n_head, hd).transpose(0, 2, 1, 3)
         v = self.c_v(x).reshape(B, T, self.n_head, hd).transpose(0, 2, 1, 3)
+        if self.qk_norm:
+            q, k = mx.fast.rms_norm(q, None, self.eps), mx.fast.rms_norm(k, None, self.eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if v_first is not None:
+            v = v_first + self.v_lambda.astype(v.dtype) * (v - v_first)  # torch.lerp
+        if ve is not None:
+            gate = 2 * mx.sigmoid(x[..., : self.ve_gate.shape[1]] @ self.ve_gate.T)  # (B, T, n_head)
+            v = v + gate.transpose(0, 2, 1)[..., None] * ve.reshape(B, T, self.n_head, hd).transpose(0, 2, 1, 3)
         mask = "causal" if mask is None else mask  # mask: document_mask's, to stay inside documents
-        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd), mask=mask)
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale or 1.0 / math.sqrt(hd), mask=mask)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, n_head, T, hd) -> (B, T, C)
-        return self.c_proj(y)
+        return self.c_proj(y), v
 
 
 class MLP(nn.Module):
@@ -155,9 +177,10 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def __call__(self, x, cos, sin, mask=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, mask)
-        return x + self.mlp(self.ln_2(x))
+    def __call__(self, x, cos, sin, mask=None, ve=None, v_first=None):
+        y, v = self.attn(self.ln_1(x), cos, sin, mask, ve, v_first)
+        x = x + y
+        return x + self.mlp(self.ln_2(x)), v
 
 
 class GPT(nn.Module):
@@ -171,13 +194,22 @@ class GPT(nn.Module):
             h=[Block(config, i) for i in range(config.n_layer)],
             ln_f=RMSNorm(config.n_embd, config.norm_eps),
         )
+        L = config.n_layer
+        # model.py's value_embeds.<layer>: a list, {} where a layer has none, as MLX reads numbered names as list
+        # indices (tree_unflatten)
+        layers = [config.value_embeds and torch_model_lib.has_value_embeds(i, L) for i in range(L)]
+        self.value_embeds = [nn.Embedding(config.vocab_size, config.n_embd) if on else {} for on in layers]
+        if config.x0_shortcut:
+            self.resid_lambdas, self.x0_lambdas = mx.ones((L,)), mx.zeros((L,))
         # model.py's tables, as constants (a leading underscore keeps them out of the parameters)
         cos, sin = torch_model_lib.rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self._rope_cos, self._rope_sin = mx.array(cos.numpy()), mx.array(sin.numpy())
 
     def lm_head(self, x):
-        """The output head: tied, as in model.py, so it is the embedding matrix used as a linear layer."""
-        return self.transformer["wte"].as_linear(x)
+        """The output head: tied, as in model.py, so it is the embedding matrix used as a linear layer; fp32 logits,
+        softcapped with logit_softcap (model.softcap)."""
+        logits, cap = self.transformer["wte"].as_linear(x).astype(mx.float32), self.config.logit_softcap
+        return cap * mx.tanh(logits / cap) if cap else logits
 
     def hidden(self, idx, bos_id=None):
         """Final normed hidden states (B, T, C) of idx (B, T); with bos_id, attention inside documents."""
@@ -185,15 +217,23 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
         x = self.transformer["wte"](idx)  # (B, T, C)
+        if self.config.embed_norm:
+            x = mx.fast.rms_norm(x, None, self.config.norm_eps)
         cos, sin = self._rope_cos[:T].astype(x.dtype), self._rope_sin[:T].astype(x.dtype)
         mask = None if bos_id is None else document_mask(idx, bos_id)
-        for block in self.transformer["h"]:
-            x = (nn.utils.checkpoint(block) if self.config.activation_checkpointing else block)(x, cos, sin, mask)
+        x0, v_first = x, None
+        for i, block in enumerate(self.transformer["h"]):  # as model.GPT.blocks
+            if self.config.x0_shortcut:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[i](idx) if self.value_embeds[i] else None  # an Embedding, or {}
+            run = nn.utils.checkpoint(block) if self.config.activation_checkpointing else block
+            x, v = run(x, cos, sin, mask, ve, v_first)
+            v_first = v if self.config.value_residual and i == 0 else v_first
         return self.transformer["ln_f"](x)
 
     def logits(self, idx, bos_id=None):
         """fp32 logits (B, T, vocab_size) at every position."""
-        return self.lm_head(self.hidden(idx, bos_id)).astype(mx.float32)
+        return self.lm_head(self.hidden(idx, bos_id))
 
     def __call__(self, idx, targets, bos_id=None):
         """Mean cross-entropy over targets != -1, as model.GPT.forward(idx, targets)[1]."""

@@ -155,12 +155,19 @@ def test_bad_input(tiny_data, tmp_path):
     assert_one_line_error(export(tmp_path / "empty", tmp_path / "a", check=False), "no checkpoint")
     assert not (tmp_path / "a").exists()
 
-    # model settings Llama has no place for (a feature model.py may grow), and a head size RoPE cannot rotate
-    for name, change in [("softcap", {"logit_softcap": 30.0}), ("heads", {"n_head": 3})]:
-        tiny_run(tmp_path / name, tokenizer, **change)
+    # model settings Llama has no place for (model.py's features of issue 37, each on alone, and a setting from
+    # another project), and a head size RoPE cannot rotate; zero_init only sets where training started
+    features = {"qk_norm": True, "attn_scale": 0.12, "logit_softcap": 30.0, "value_embeds": True}
+    features.update(x0_shortcut=True, value_residual=True, embed_norm=True)
+    assert set(features) | {"zero_init"} == set(checkpoints.FEATURE_KEYS)
+    for name, value in [*features.items(), ("bias", False), ("n_head", 3)]:
+        tiny_run(tmp_path / name, tokenizer, **{name: value})
         proc = export(tmp_path / name, tmp_path / f"{name}_hf", check=False)
-        assert_one_line_error(proc, "cannot map to Llama", next(iter(change)))
+        assert_one_line_error(proc, "cannot map to Llama", f"{name}={value}")
+        assert (name not in features) or "export a run trained without it" in proc.stderr
         assert not (tmp_path / f"{name}_hf").exists()
+    tiny_run(tmp_path / "zero_init", tokenizer, zero_init=True)
+    export(tmp_path / "zero_init", tmp_path / "zero_init_hf")
 
     # a target that exists: refused without --overwrite, nothing touched; replaced with it; a folder holding
     # anything export.py does not write is never replaced

@@ -24,6 +24,10 @@ import train_mlx  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 CONFIG = GPTConfig(block_size=32, vocab_size=96, n_layer=2, n_head=2, n_embd=32, mlp_hidden=64)
+# issue 37's features, all on: 3 layers (value embeddings on 0 and 2, the value residual on 1 and 2), a softcap that
+# bends these small logits
+FEATURES = dict(n_layer=3, qk_norm=True, attn_scale=0.12, logit_softcap=1.0, value_embeds=True, x0_shortcut=True)
+FEATURES.update(value_residual=True, embed_norm=True)
 
 
 def twins(seed=0):
@@ -60,6 +64,39 @@ def test_names_shapes_and_logits_match_torch():
     mask = model_lib.document_mask(x, 1)
     diff = np.abs(np.array(model.logits(to_mx(x), 1)) - torch_model.logits(x, mask=mask).detach().numpy()).max()
     assert diff < 1e-4 and not np.allclose(np.array(model.logits(to_mx(x))), np.array(model.logits(to_mx(x), 1)))
+
+
+def test_every_model_feature_matches_torch():
+    """Every feature of issue 37 on (model.GPTConfig): the same parameter names and shapes, logits (with and without
+    document masking), loss and gradients of every parameter, with the features' scalars and gates moved off the
+    values where they change nothing."""
+    config = GPTConfig(**{**CONFIG.__dict__, **FEATURES})
+    torch.manual_seed(5)
+    torch_model = GPT(config)
+    with torch.no_grad():
+        for name, p in torch_model.named_parameters():
+            if name.endswith(("c_proj.weight", "lambdas", "ve_gate", "v_lambda")):
+                p.uniform_(-0.3, 0.8) if p.ndim < 2 or "ve_gate" in name else p.normal_(0, 0.05)
+    model = train_mlx.GPT(config)
+    train_mlx.load_torch_weights(model, torch_model)
+    mlx_shapes = {n: tuple(p.shape) for n, p in tree_flatten(model.parameters())}
+    assert mlx_shapes == {n: tuple(p.shape) for n, p in torch_model.named_parameters()}
+    assert "value_embeds.2.weight" in mlx_shapes and "transformer.h.1.attn.v_lambda" in mlx_shapes
+    x, y = batch()
+    for bos_id in (None, 1):
+        if bos_id:
+            x[:, ::7] = 1  # documents of 7 tokens
+        mask = model_lib.document_mask(x, 1) if bos_id else None
+        expected = torch_model.logits(x, mask=mask).detach().numpy()
+        assert np.abs(np.array(model.logits(to_mx(x), bos_id)) - expected).max() < 1e-4
+    assert np.abs(expected).max() <= config.logit_softcap
+    params = dict(tree_flatten(model.parameters()))
+    loss, grads = mx.value_and_grad(partial(train_mlx.loss_with, model, bos_id=1))(params, to_mx(x), to_mx(y))
+    _, torch_loss = torch_model(x, y, mask=model_lib.document_mask(x, 1))
+    torch_loss.backward()
+    assert abs(loss.item() - torch_loss.item()) < 1e-5
+    for n, p in torch_model.named_parameters():
+        assert p.grad.abs().max() > 0 and np.abs(np.array(grads[n]) - p.grad.numpy()).max() < 1e-5, n
 
 
 def test_newton_schulz_matches_muon(monkeypatch):
