@@ -236,6 +236,23 @@ def test_doc_mask_tracks_train_py(short_docs, tmp_path):
     assert va[0] == pytest.approx(vb[0], abs=1e-5)
 
 
+def test_every_model_feature_tracks_train_py(short_docs, tmp_path):
+    """Every feature of issue 37 on, with doc_mask: train_mlx.py's losses are train.py's, from the same first
+    evaluation, and its checkpoint loads in PyTorch with the features on."""
+    keys = [f"--{k}={v}" for k, v in {**FEATURES, "logit_softcap": 15.0, "zero_init": True}.items()]
+    common = ["--max_iters=6", "--eval_interval=6", "--doc_mask=true", *keys]
+    train("train.py", short_docs, tmp_path / "torch", *common)
+    train("train_mlx.py", short_docs, tmp_path / "mlx", *common)
+    a, b = metrics(tmp_path / "torch"), metrics(tmp_path / "mlx")
+    assert list(a) == list(b) == list(range(1, 7)) and a[6] < a[1] - 0.5
+    assert all(abs(a[step] - b[step]) < 0.02 for step in a), (a, b)
+    va, vb = metrics(tmp_path / "torch", "val_loss"), metrics(tmp_path / "mlx", "val_loss")
+    assert va[0] == pytest.approx(vb[0], abs=1e-5)
+    path = checkpoints.find_checkpoint(tmp_path / "mlx")
+    model = checkpoints.build_model(checkpoints.load_checkpoint(path), path)
+    assert model.config.value_embeds and model.config.logit_softcap == 15.0 and len(model.value_embeds) == 2
+
+
 def test_resume_matches_uninterrupted_run_and_samples(tiny_data, tmp_path):
     """Stopped at step 6 and resumed, an MLX run logs the losses of one that never stopped, both with a sequence-
     length curriculum that switches from 32 to 64 tokens after step 6. The uninterrupted run has batch_size=auto,
