@@ -214,29 +214,3 @@ def test_training_with_every_feature_learns_and_samples(tiny_data, tmp_path):
     assert max(metrics(out)) == 32
     proc = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=8", "--device=cpu", "--start=def")
     assert "def" in proc.stdout
-
-
-def test_compile_regions_with_every_feature():
-    """compile_regions (config/reference_137m.py's way of compiling) with every feature on: the eager loss and
-    gradients, no graph break. Blocks now differ (value embeddings on 1 and 3, layer 0's values feed 1-3), so they
-    take three graphs, plus the loss head's: a longer cold start than the one graph of the plain model."""
-    import copy
-
-    import torch._dynamo.utils as dynamo_utils
-
-    torch._dynamo.reset()
-    dynamo_utils.counters.clear()
-    eager = make_model(GPTConfig(**{**RECIPE.__dict__, "n_layer": 4})).train()
-    regions = copy.deepcopy(eager)
-    regions.compile_regions(backend="aot_eager")
-    idx = torch.randint(0, RECIPE.vocab_size, (2, 32))
-    losses = []
-    for m in (eager, regions):
-        _, loss = m(idx, idx.roll(-1, 1))
-        loss.backward()
-        losses.append(loss.item())
-    assert abs(losses[0] - losses[1]) < 1e-5, losses
-    grads = zip(eager.parameters(), regions.parameters(), strict=True)
-    assert max((a.grad - b.grad).abs().max().item() for a, b in grads) < 1e-5
-    assert dynamo_utils.counters["stats"]["unique_graphs"] == 4 and not dynamo_utils.counters["graph_break"]
-    torch._dynamo.reset()
