@@ -16,7 +16,8 @@ Why the mapping is one to one:
   linears, SwiGLU (gate, up, down), tied embeddings, one key/value head per query head, 1/sqrt(head_dim) attention.
   Its RoPE rotates halves (x1, x2 -> -x2, x1 over the two halves of each head, frequencies repeated per half), which
   is what transformers' rotate_half does, so the q/k rows keep their order: no permutation as in Meta's -> HF
-  conversion, whose checkpoints rotate interleaved pairs. A model setting Llama cannot express is refused.
+  conversion, whose checkpoints rotate interleaved pairs. A model setting Llama cannot express is refused, but
+  qk_norm, which makes the model a Qwen3 (Llama with q/k norms), and attn_scale, folded into q (HF_ONLY).
 - Tokenizer: tokenizer.json (the `tokenizers` format) is built from our SentencePiece BPE: the same vocabulary and
   ids, a merge for every way a piece splits into two pieces, ranked by the piece's score (SentencePiece merges the
   highest-scoring pair first), byte fallback, no normalizer. Pieces keep real spaces where SentencePiece writes
@@ -101,6 +102,10 @@ LLAMA_KEYS = {
 # how gradients are computed, or where weights start: not what the trained model computes
 TRAINING_ONLY = {"activation_checkpointing", "zero_init"}
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}  # a feature at its default is off: no setting
+# --format=hf only (llama.cpp is not run here to test them in GGUF): qk_norm is Qwen3's q_norm/k_norm (Qwen3ForCausalLM
+# is Llama with those two, before RoPE as ours), and attn_scale folds into q (RoPE is linear): into q_norm's weight
+# with qk_norm, else into q_proj's rows, each times attn_scale * sqrt(head size) against the 1/sqrt(head size) there
+HF_ONLY = {"qk_norm", "attn_scale"}
 # our parameter name inside a block -> Llama's; the tied lm_head.weight is the embedding, stored once
 BLOCK_NAMES = {
     "ln_1": "input_layernorm",
@@ -141,16 +146,28 @@ CHAT_TEMPLATE = f"""{{%- set aliases = {json.dumps(chat.ROLE_ALIASES)} -%}}
 """
 
 
-def llama_config(args, tok, eos_ids):
-    """config.json of the LlamaForCausalLM that computes what GPT(GPTConfig(**args)) computes."""
-    unmapped = sorted(
-        k for k in set(args) - set(LLAMA_KEYS) - TRAINING_ONLY if k not in DEFAULTS or args[k] != DEFAULTS[k]
-    )
-    if unmapped and unmapped[0] in DEFAULTS:  # one of model.py's features (issue 37), on
+def check_exportable(args):
+    """Refuse, in one line, a model setting that neither Llama nor (with qk_norm) Qwen3 computes, or that
+    --format=gguf does not write (HF_ONLY)."""
+    on = sorted(k for k in set(args) - set(LLAMA_KEYS) - TRAINING_ONLY if k not in DEFAULTS or args[k] != DEFAULTS[k])
+    if on and on[0] in DEFAULTS and on[0] not in HF_ONLY:  # one of model.py's features (issue 37), on
         raise UserError(
-            f"cannot map to Llama: the run was trained with {unmapped[0]}={args[unmapped[0]]!r}, which "
-            f"LlamaForCausalLM cannot compute; export a run trained without it ({unmapped[0]}={DEFAULTS[unmapped[0]]})"
+            f"cannot map to Llama: the run was trained with {on[0]}={args[on[0]]!r}, which neither Llama nor "
+            f"Qwen3 computes; export a run trained without it ({on[0]}={DEFAULTS[on[0]]})"
         )
+    hf_only = [k for k in on if k in HF_ONLY]
+    if hf_only and format == "gguf":
+        raise UserError(
+            f"cannot map to Llama in GGUF: the run was trained with {hf_only[0]}={args[hf_only[0]]!r}, which only "
+            f"--format=hf exports (as Qwen3ForCausalLM, or folded into q); use --format=hf"
+        )
+    return [k for k in on if k not in HF_ONLY]
+
+
+def llama_config(args, tok, eos_ids):
+    """config.json of the LlamaForCausalLM (with qk_norm: Qwen3ForCausalLM) that computes what GPT(GPTConfig(**args))
+    computes."""
+    unmapped = check_exportable(args)
     if unmapped:
         raise UserError(
             f"cannot map to Llama: the checkpoint's model_args has {unmapped[0]}={args[unmapped[0]]!r}, which "
@@ -163,9 +180,11 @@ def llama_config(args, tok, eos_ids):
         )
     if tok.vocab_size != c.vocab_size:
         raise UserError(f"the run's tokenizer has {tok.vocab_size} tokens but the checkpoint {c.vocab_size}")
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
+        **(qwen3 if c.qk_norm else {}),
         **{llama: getattr(c, ours) for ours, llama in LLAMA_KEYS.items()},
         "num_key_value_heads": c.n_head,
         "head_dim": c.n_embd // c.n_head,
@@ -187,15 +206,21 @@ def llama_config(args, tok, eos_ids):
 
 
 def llama_weights(model, torch_dtype):
-    """The model's weights under Llama's names, in torch_dtype. The q/k rows keep their order (see the top)."""
-    out = {}
+    """The model's weights under Llama's names, in torch_dtype. The q/k rows keep their order (see the top).
+    qk_norm: Qwen3's q_norm and k_norm weights besides; attn_scale folded into q (HF_ONLY says how)."""
+    c, out = model.config, {}
+    hd = c.n_embd // c.n_head
+    fold = c.attn_scale * hd**0.5 if c.attn_scale else 1.0
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":  # tied: the same tensor as the embedding, loaded back by tie_word_embeddings
             continue
         block = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.weight", name)
         llama = f"model.layers.{block[1]}.{BLOCK_NAMES[block[2]]}.weight" if block else OUTER_NAMES[name]
-        out[llama] = tensor.to(torch_dtype).contiguous()
-    return out
+        out[llama] = (tensor * (fold if llama.endswith("q_proj.weight") and not c.qk_norm else 1.0)).to(torch_dtype)
+        if llama.endswith("q_proj.weight") and c.qk_norm:
+            out[llama.replace("q_proj", "q_norm")] = torch.full((hd,), fold, dtype=torch_dtype)
+            out[llama.replace("q_proj", "k_norm")] = torch.ones(hd, dtype=torch_dtype)
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def tokenizer_json(tok):

@@ -3,9 +3,11 @@ transformers' logits equal ours, greedy decoding gives the same tokens, its toke
 template renders chat.py's; bad input gets one line and overwrites nothing."""
 
 import hashlib
+import json
 import shutil
 from dataclasses import asdict
 
+import pytest
 import safetensors
 import torch
 from conftest import run, stdlib_sample
@@ -146,6 +148,20 @@ def test_trained_sft_model_matches_transformers(sft_run, tmp_path):
     assert_export_matches(sft, tmp_path / "hf", chat.render_prompt(tok, CONVERSATIONS[0]))
 
 
+@pytest.mark.parametrize("changes", [{"qk_norm": True, "attn_scale": 0.5}, {"attn_scale": 0.3}], ids=["qwen3", "scale"])
+def test_qk_norm_and_attn_scale_export(tiny_data, tmp_path, changes):
+    """qk_norm exports as a Qwen3ForCausalLM (q_norm, k_norm before RoPE), attn_scale folded into q_norm's weight
+    or, without qk_norm, into q_proj's rows of a Llama: transformers gives our logits and greedy tokens (a sharp
+    attn_scale: with 0.12 this random model's greedy decoding repeats one token)."""
+    config = GPTConfig(**{**TINY_CONFIG.__dict__, **changes})
+    run_dir = tiny_run(tmp_path / "run", tiny_data / "tokenizer.model", config)
+    export(run_dir, tmp_path / "hf")
+    arch = json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"]
+    assert arch == ["Qwen3ForCausalLM" if "qk_norm" in changes else "LlamaForCausalLM"]
+    tok = Tokenizer(str(run_dir / "tokenizer.model"))
+    assert_export_matches(run_dir, tmp_path / "hf", [tok.bos_id, *tok.encode("def f(x):\n")])
+
+
 def test_bad_input(tiny_data, tmp_path):
     tokenizer = tiny_data / "tokenizer.model"
     good = tiny_run(tmp_path / "good", tokenizer)
@@ -157,9 +173,9 @@ def test_bad_input(tiny_data, tmp_path):
 
     # model settings Llama has no place for (model.py's features of issue 37, each on alone, and a setting from
     # another project), and a head size RoPE cannot rotate; zero_init only sets where training started
-    features = {"qk_norm": True, "attn_scale": 0.12, "logit_softcap": 30.0, "value_embeds": True}
-    features.update(x0_shortcut=True, value_residual=True, embed_norm=True)
-    assert set(features) | {"zero_init"} == set(checkpoints.FEATURE_KEYS)
+    features = {"logit_softcap": 30.0, "value_embeds": True, "x0_shortcut": True, "value_residual": True}
+    features["embed_norm"] = True
+    assert set(features) | {"zero_init", "qk_norm", "attn_scale"} == set(checkpoints.FEATURE_KEYS)  # these export
     for name, value in [*features.items(), ("bias", False), ("n_head", 3)]:
         tiny_run(tmp_path / name, tokenizer, **{name: value})
         proc = export(tmp_path / name, tmp_path / f"{name}_hf", check=False)

@@ -184,7 +184,11 @@ def test_bad_input(tiny_data, tmp_path):
     tiny_run(tmp_path / "softcap", tokenizer, logit_softcap=30.0)
     proc = export_gguf(tmp_path / "softcap", tmp_path / "softcap.gguf", check=False)
     assert_one_line_error(proc, "cannot map to Llama", "logit_softcap")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd", "softcap"]
+    # qk_norm (Qwen3) and attn_scale export only as --format=hf: llama.cpp is not run here to test them
+    tiny_run(tmp_path / "qk_norm", tokenizer, qk_norm=True)
+    proc = export_gguf(tmp_path / "qk_norm", tmp_path / "qk_norm.gguf", check=False)
+    assert_one_line_error(proc, "cannot map to Llama in GGUF", "qk_norm=True", "use --format=hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd", "qk_norm", "softcap"]
 
 
 @pytest.mark.export_tools

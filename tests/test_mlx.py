@@ -248,9 +248,12 @@ def test_schedules_and_decay_track_train_py(tiny_data, tmp_path):
     assert all(abs(a[step] - b[step]) < 0.02 for step in a), (a, b)
 
 
-def test_doc_mask_tracks_train_py(short_docs, tmp_path):
-    """doc_mask=true on short documents: train_mlx.py's losses are train.py's, from the same first evaluation."""
-    common = ["--max_iters=6", "--eval_interval=6", "--doc_mask=true"]
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "recipe"])
+def test_doc_mask_tracks_train_py(short_docs, tmp_path, features):
+    """doc_mask=true on short documents: train_mlx.py's losses are train.py's, from the same first evaluation; also
+    with every feature of issue 37 on, and then the MLX run's checkpoint loads in PyTorch with them."""
+    keys = {**FEATURES, "logit_softcap": 15.0, "zero_init": True} if features else {}
+    common = ["--max_iters=6", "--eval_interval=6", "--doc_mask=true", *(f"--{k}={v}" for k, v in keys.items())]
     train("train.py", short_docs, tmp_path / "torch", *common)
     train("train_mlx.py", short_docs, tmp_path / "mlx", *common)
     a, b = metrics(tmp_path / "torch"), metrics(tmp_path / "mlx")
@@ -258,6 +261,9 @@ def test_doc_mask_tracks_train_py(short_docs, tmp_path):
     assert all(abs(a[step] - b[step]) < 0.02 for step in a), (a, b)
     va, vb = metrics(tmp_path / "torch", "val_loss"), metrics(tmp_path / "mlx", "val_loss")
     assert va[0] == pytest.approx(vb[0], abs=1e-5)
+    path = checkpoints.find_checkpoint(tmp_path / "mlx")
+    model = checkpoints.build_model(checkpoints.load_checkpoint(path), path)
+    assert model.config.logit_softcap == (15.0 if features else 0.0) and len(model.value_embeds) == 2 * features
 
 
 def test_resume_matches_uninterrupted_run_and_samples(tiny_data, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, run
-from test_export import CONVERSATIONS, export, load_run
+from test_export import CONVERSATIONS, TINY_CONFIG, export, load_run, tiny_run
 
 mx = pytest.importorskip("mlx.core")  # the `test` extra installs MLX and mlx-lm on Linux and macOS
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -18,6 +18,7 @@ from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
 import chat  # noqa: E402
 import train_mlx  # noqa: E402
+from model import GPTConfig  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 
@@ -57,6 +58,18 @@ def test_sft_export_in_mlx_lm(sft_run, tmp_path):
     for messages in CONVERSATIONS:
         text = wrapper.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert wrapper.encode(text, add_special_tokens=False) == chat.render_prompt(tok, messages)
+
+
+def test_qk_norm_export_in_mlx_lm(tiny_data, tmp_path):
+    """A run with qk_norm and attn_scale exports as Qwen3 (tests/test_export.py): mlx-lm's qwen3 gives our logits and
+    greedy tokens, and train_mlx.GPT's logits."""
+    config = GPTConfig(**{**TINY_CONFIG.__dict__, "qk_norm": True, "attn_scale": 0.5})
+    run_dir = tiny_run(tmp_path / "run", tiny_data / "tokenizer.model", config)
+    export(run_dir, tmp_path / "hf")
+    ours, tok = load_run(run_dir)
+    mlx_model = train_mlx.GPT(ours.config)
+    train_mlx.load_torch_weights(mlx_model, ours)
+    assert_mlx_lm_matches(run_dir, tmp_path / "hf", [tok.bos_id, *tok.encode("def f(x):\n")], mlx_model)
 
 
 @pytest.mark.export_tools
