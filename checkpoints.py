@@ -10,7 +10,6 @@ its name. Loading runs no pickled code, and MLX or any safetensors reader sees t
 import dataclasses
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 
+import disk
 from model import GPT, GPTConfig
 from runtime import UserError, check_optimizer
 
@@ -67,27 +67,28 @@ def unflatten_state(node, tensors):
     return body
 
 
-def atomic_save(state, path):
-    """Write a checkpoint to a temporary file, fsync, then rename: a crash leaves the old file or the new one."""
+def atomic_save(state, path, then="run the same command again"):
+    """Write a checkpoint to a temporary file, fsync, then rename: a crash leaves the old file or the new one, and a
+    full disk one error line (disk.write_atomic) with `then` as its advice."""
     tensors = {}
     structure = flatten_state(state, "", tensors, {})
     data = safetensors.torch.save(tensors, metadata={"format": FORMAT, "structure": json.dumps(structure)})
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    disk.write_atomic(path, data, then)
 
 
 def save_checkpoint(out_dir, step, state, keep_last, is_best):
-    """Write ckpt_<step>.safetensors, copy it to ckpt_best.safetensors when is_best, keep the last keep_last."""
+    """Write ckpt_<step>.safetensors, make ckpt_best.safetensors the same file (a hard link, or a copy where the file
+    system has none) when is_best, keep the last keep_last. Rotation removes only the step checkpoint's name: the
+    best's data lives on through its own link. A save that cannot make ckpt_best removes its step checkpoint too,
+    which records it as the best: the run resumes from the one before and saves both again."""
     path = Path(out_dir) / f"ckpt_{step:07d}.safetensors"
-    atomic_save(state, path)
+    atomic_save(state, path, disk.RESUME)
     if is_best:
-        tmp = Path(out_dir) / f"{BEST}.tmp"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, Path(out_dir) / BEST)
+        try:
+            disk.link_or_copy(path, Path(out_dir) / BEST, disk.RESUME)
+        except BaseException:
+            path.unlink()
+            raise
     for old in step_checkpoints(out_dir)[:-keep_last]:
         old.unlink()
     return path
@@ -105,6 +106,57 @@ FEATURE_KEYS = (
     "embed_norm",
 )
 ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta", *FEATURE_KEYS)
+
+
+def checkpoint_bytes(model, optimizer):
+    """The size of a checkpoint of model and optimizer (muon.Muon in runtime.make_optimizer's groups), before the
+    optimizer has made its state: the weights (a tied tensor once), Muon's momentum per matrix or AdamW's two
+    moments and step per parameter, and the rest: the metadata (the structure's JSON and the safetensors header,
+    under 1.2 kB a tensor; the config), the RNG and data states (10 kB). A little above the file's size."""
+    tensors = {}
+    flatten_state(model.state_dict(), "", tensors, {})
+    total = sum(t.nbytes for t in tensors.values())
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state:  # a resumed run's
+                total += sum(t.nbytes for t in state.values() if isinstance(t, torch.Tensor))
+            else:
+                total += p.nbytes if group["use_muon"] else 2 * p.nbytes + 4
+    return total + 1200 * (len(tensors) + sum(len(g["params"]) for g in optimizer.param_groups)) + 32_000
+
+
+def check_space(out_dir, model, optimizer, keep_last):
+    """Before step 0: refuse a run folder whose disk cannot hold keep_last + 1 checkpoints (the kept ones and the
+    one being written, before rotation removes the oldest), and warn when it holds no more: ckpt_best takes one
+    more once the best falls out of the kept ones (a validation loss that rises). Checkpoints already in out_dir
+    (a resumed run's) count as room, but the next save needs one checkpoint's space free in any case."""
+    size = checkpoint_bytes(model, optimizer)
+    files = {
+        (s.st_dev, s.st_ino): s.st_size
+        for p in [*step_checkpoints(out_dir), Path(out_dir) / BEST]
+        if p.exists()
+        for s in [p.stat()]
+    }
+    held, free = sum(files.values()), disk.free_bytes(out_dir)
+    need, worst = (max(size, (n + 1) * size - held) for n in (keep_last, keep_last + 1))
+    if free < need:
+        fit = (free + held) // size - 1  # the keep_last that fits
+        lower = f"--keep_last={fit}, " if fit >= 1 and free >= size else ""
+        raise UserError(
+            f"{out_dir} has {disk.size_text(free)} free, but its checkpoints need {disk.size_text(need)} more: "
+            f"keep_last={keep_last} + 1 of {disk.size_text(size)} each; free space there, or use {lower}"
+            f"another --out_dir"
+        )
+    if free < worst:
+        print(
+            f"warning: {out_dir} has {disk.size_text(free)} free, room for keep_last={keep_last} + 1 checkpoints of "
+            f"{disk.size_text(size)} but not for ckpt_best besides (once the best is no longer a kept one); a full "
+            f"disk would stop the run with its checkpoints intact"
+        )
+
+
+ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta")  # GPTConfig's
 
 
 def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True):
@@ -136,7 +188,7 @@ def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True)
                 old.unlink(missing_ok=True)
             shutil.rmtree(out / "tb", ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tokenizer_path, out / Path(tokenizer_path).name)
+        disk.copy_file(tokenizer_path, out / Path(tokenizer_path).name)
     return ckpt, model_args
 
 

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import batching
 import chat
 import checkpoints
+import disk
 import runtime
 from accepts import above, at_least, auto, between, folder, ns_precision, one_of, precision, torch_device, writable
 from runtime import UserError
@@ -225,8 +226,9 @@ if master:
         shutil.rmtree(out / "tb", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # on resume out_dir is the base and already holds them
-        shutil.copyfile(base_tokenizer, out / base_tokenizer.name)
+        disk.copy_file(base_tokenizer, out / base_tokenizer.name)
         checkpoints.atomic_save({"model": ckpt["model"], "model_args": ckpt["model_args"]}, out / REF)
+    checkpoints.check_space(out_dir, model, optimizer, keep_last)  # now, not at the first save
 del ckpt
 raw_model = model
 if env["compile"]:

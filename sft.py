@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import batching
 import chat
 import checkpoints
+import disk
 import runtime
 from accepts import above, at_least, auto, between, folder, ns_precision, one_of, precision, torch_device, writable
 from runtime import UserError
@@ -227,7 +228,8 @@ if master:
         shutil.rmtree(out / "tb", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:  # on resume out_dir is the base and already holds it
-        shutil.copyfile(base_tokenizer, out / base_tokenizer.name)
+        disk.copy_file(base_tokenizer, out / base_tokenizer.name)
+    checkpoints.check_space(out_dir, model, optimizer, keep_last)  # now, not at the first save
 raw_model = model
 if env["compile"]:
     model = torch.compile(model, dynamic=True)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import disk
+
 MAGIC = b"ANBTOKS\0"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQ")  # 32 bytes
@@ -35,33 +37,31 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def write_shard(path, tokens, vocab_size):
-    """Write tokens atomically: a reader never sees a half-written shard under the final name."""
+def write_shard(path, tokens, vocab_size, then="run the same command again"):
+    """Write tokens atomically (disk.write_atomic): a reader never sees a half-written shard under the final name,
+    and a full disk stops prepare.py with one error line, `then` its advice (pretraining data: the manifest records
+    the shards before, so the same command continues from there)."""
     dtype = token_dtype(vocab_size)
     tokens = np.asarray(tokens)
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise ShardError(f"token id {int(tokens.max())} is outside the vocabulary of {vocab_size}")
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, vocab_size, tokens.size))
-        f.write(tokens.astype(dtype).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    header = HEADER.pack(MAGIC, VERSION, np.dtype(dtype).itemsize, vocab_size, tokens.size)
+    disk.write_atomic(path, [header, np.ascontiguousarray(tokens, dtype=dtype)], then)
 
 
 def write_split(out, split, vocab_size, shard_tokens, tokens, mask=None, lengths=None):
     """Write one split of SFT or DPO data: tokens in shards of shard_tokens, SFT's loss mask beside each,
-    DPO's pair lengths in one file. Returns the token shards' manifest entries."""
-    entries = []
+    DPO's pair lengths in one file. Returns the token shards' manifest entries. The manifest is written after them
+    all, so a full disk (one error line) leaves a folder the same command refuses: it says --overwrite=true."""
+    entries, then = [], "run the same command with --overwrite=true"
     for j, a in enumerate(range(0, len(tokens), shard_tokens)):
         name = f"{split}_{j:06d}"
         if mask is not None:
-            write_shard(Path(out) / f"{name}.mask", mask[a : a + shard_tokens], 2)
-        write_shard(Path(out) / f"{name}.bin", tokens[a : a + shard_tokens], vocab_size)
+            write_shard(Path(out) / f"{name}.mask", mask[a : a + shard_tokens], 2, then)
+        write_shard(Path(out) / f"{name}.bin", tokens[a : a + shard_tokens], vocab_size, then)
         entries.append({"name": f"{name}.bin", "split": split, "tokens": len(tokens[a : a + shard_tokens])})
     if lengths is not None:
-        write_shard(Path(out) / f"{split}.pairs", lengths, max(lengths) + 1)
+        write_shard(Path(out) / f"{split}.pairs", lengths, max(lengths) + 1, then)
     return entries
 
 

@@ -210,6 +210,8 @@ if ckpt is not None:
     early = checkpoints.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
     elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
     del ckpt
+if master:  # the checkpoints' space, now rather than at the first save
+    checkpoints.check_space(out_dir, raw_model, optimizer, keep_last)
 if env["compile"]:
     # cuda_graphs: torch.compile's "reduce-overhead" replays the compiled forward and backward as CUDA graphs, one
     # launch instead of ~1000 per micro-step, which is what a micro-batch of 1 x 4096 is bound by (see PERF.md).

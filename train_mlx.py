@@ -488,6 +488,7 @@ if __name__ == "__main__":
         early = checkpoints.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
         elapsed_before = ckpt.get("elapsed_s", 0.0)  # the earlier segments' wall time (older checkpoints lack it)
         del ckpt
+    checkpoints.check_space(out_dir, torch_model, torch_optimizer, keep_last)  # now, not at the first save
 
     # one micro-batch's loss (already divided for accumulation) and fp32 grads; validation; the optimizer step
     eval_fn = partial(loss_with, model, dtype=compute_dtype, bos_id=bos_id)

@@ -42,6 +42,7 @@ MODULES = {
     "batching.py": "`batch_size`, `global_batch_size`, `batch_size=auto`, `block_size_schedule`: the trainers",
     "shards.py": "token shards and data folders: train.py, sft.py, dpo.py, train_mlx.py, eval.py",
     "checkpoints.py": "run folders and checkpoint files: every script that reads or writes a run",
+    "disk.py": "a full disk: every file a script writes (checkpoints, shards, manifest.json, reports, metrics.jsonl)",
     "prepare.py": "prepare.py",
     "chat.py": "SFT conversations and DPO pairs (prepare.py --mode=sft/dpo), chat tokens (sft.py, dpo.py, eval.py)",
     "train.py": "train.py",
@@ -59,6 +60,16 @@ ERROR_CLASSES = {"UserError", "ShardError", "ConversationError"}
 # What a message means and what to do, for messages that do not say it themselves after a `;`. The key is a piece of
 # the message's literal text that names it; test_docs.py fails on a key that matches no message any more.
 ADVICE = {
+    "no space left in {folder}": "The disk filled while a script wrote the file named (a disk quota counts too). The "
+    "file was written under a .tmp name, now removed, so the folder holds what it held before, whole: checkpoints, "
+    "shards and reports written earlier load as they did. Free the space the message gives (df -h on the folder), "
+    "then do what it says: the trainers resume from their last checkpoint with --init_from=resume, prepare.py "
+    "continues from its manifest. Trainers check before step 0 that the folder holds keep_last + 1 checkpoints.",
+    "but its checkpoints need": "The run folder's disk cannot hold keep_last + 1 checkpoints of this model (the kept "
+    "ones and the one being written; ckpt_best is a hard link to one of them), so the run would stop at a save. "
+    "Free space, lower --keep_last as the message says, or train into another --out_dir. A run with room for "
+    "keep_last + 1 but not one more starts with a warning: once the best checkpoint is no longer a kept one, "
+    "ckpt_best keeps its data alive as one checkpoint more.",
     "must be positive": "A batch setting is 0 or negative. Give positive values (global_batch_size=0 means "
     "batch_size x gradient_accumulation_steps).",
     "must divide by": "Under torchrun each rank runs an equal share of the micro-batches. Make "

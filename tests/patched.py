@@ -6,11 +6,18 @@ FAKE_OOM=N (or N0,N1,... one per DDP rank): a training micro-batch of more than 
 FORCE_VAL=S:D: validation losses rise by D for every optimizer step after step S, as when a run overfits (the step
     count is the optimizer's own, or in train_mlx.py the schedule's, so a resumed run goes on with it)
 RECORD_SHAPES=PATH: append the (rows, length) of every training micro-batch to PATH, one JSON list a line.
+FAKE_ENOSPC=GLOB: a file opened for writing whose name matches GLOB (ckpt_0000008.safetensors.tmp) is on a full disk:
+    its first write stores half the bytes, then fails with ENOSPC, as a write that fills a real disk does.
+FAKE_FREE=N: shutil.disk_usage says N bytes are free (the run folder's check before step 0).
 """
 
+import builtins
+import errno
+import fnmatch
 import json
 import os
 import runpy
+import shutil
 import sys
 
 import torch
@@ -91,11 +98,44 @@ def patch_mlx():
     )
 
 
+class FullDisk:
+    """FAKE_ENOSPC's file: the first write keeps half its bytes, then fails as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        view = data if isinstance(data, str) else memoryview(data).cast("B")
+        self.f.write(view[: len(view) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def full_disk_open(file, mode="r", *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    name = os.path.basename(file) if isinstance(file, (str, os.PathLike)) else ""
+    return FullDisk(f) if set(mode) & set("wax+") and fnmatch.fnmatch(name, os.environ["FAKE_ENOSPC"]) else f
+
+
 model.GPT.forward = patched_forward
 make, runtime.make_optimizer = runtime.make_optimizer, make_optimizer
 logsigmoid, F.logsigmoid = F.logsigmoid, patched_logsigmoid
 if "FAKE_OOM" in os.environ:
     batching.memory_limit = lambda device: 2.0**50
+if "FAKE_ENOSPC" in os.environ:
+    real_open, builtins.open = builtins.open, full_disk_open
+if "FAKE_FREE" in os.environ:
+    disk_usage = shutil.disk_usage
+    shutil.disk_usage = lambda path: disk_usage(path)._replace(free=int(os.environ["FAKE_FREE"]))
 if sys.argv[1].endswith("train_mlx.py"):
     patch_mlx()
 sys.argv = sys.argv[1:]

@@ -1,5 +1,6 @@
 """train.py and sample.py run as a user would: resume, DDP, checkpoints and every bad input of the issue."""
 
+import errno
 import hashlib
 import json
 import math
@@ -310,19 +311,25 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_on
 
 
 def test_best_checkpoint_survives_a_copy_that_stops_halfway(tmp_path, monkeypatch):
-    """The step checkpoint is written whole, then replacing ckpt_best runs out of room halfway (the file size
-    limit: EFBIG): the previous best is still whole and loadable, and so are the step checkpoints."""
+    """On a file system without hard links ckpt_best is a copy. The step checkpoint is written whole, then the copy
+    runs out of room halfway (the file size limit: EFBIG): the previous best is still whole and loadable, and so is
+    the step checkpoint before; the new one, which records itself as the best, is removed with the failed copy, so
+    a resumed run saves both again (tests/test_full_disk.py has the hard links and ENOSPC)."""
 
     def state(step):
         return {"model": {"w": torch.full((1 << 16,), float(step))}, "model_args": {}, "iter_num": step}
 
+    def no_links(src, dst):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "link", no_links)
     checkpoints.save_checkpoint(tmp_path, 1, state(1), keep_last=3, is_best=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     half = (tmp_path / checkpoints.BEST).stat().st_size // 2
     save = checkpoints.atomic_save
 
-    def save_then_limit(state, path):
-        save(state, path)
+    def save_then_limit(state, path, then):
+        save(state, path, then)
         resource.setrlimit(resource.RLIMIT_FSIZE, (half, hard))
 
     monkeypatch.setattr(checkpoints, "atomic_save", save_then_limit)
@@ -332,8 +339,8 @@ def test_best_checkpoint_survives_a_copy_that_stops_halfway(tmp_path, monkeypatc
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert checkpoints.load_checkpoint(tmp_path / checkpoints.BEST)["iter_num"] == 1
-    for step in (1, 2):
-        assert checkpoints.load_checkpoint(tmp_path / f"ckpt_{step:07d}.safetensors")["iter_num"] == step
+    assert checkpoints.load_checkpoint(tmp_path / "ckpt_0000001.safetensors")["iter_num"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000001.safetensors", checkpoints.BEST]
 
 
 def test_data_guards(tiny_data, tmp_path):
