@@ -38,6 +38,11 @@ class Accepts:
     def __ror__(self, other):
         return as_accepts(other) | self
 
+    def saying(self, what):
+        """The same values under other words in the error and --help: what each choice means, where the declaration
+        alone would not say (prepare.py's tokenizer: train one, tiktoken's, or a run's file)."""
+        return Accepts(self.test, what, self.literals)
+
     def __repr__(self):
         return f"<accepts {self.what}>"
 
@@ -48,7 +53,9 @@ def as_accepts(x):
 
 
 def show(v):
-    return repr(v) if v == "" or not isinstance(v, str) else v
+    """A value as a user types it: text as it is, the empty text as "" (so a choice of it is not printed as
+    nothing), anything else as Python writes it."""
+    return '""' if v == "" else v if isinstance(v, str) else repr(v)
 
 
 def number(v):
@@ -76,9 +83,10 @@ def above(lo, most=None):
 
 
 def one_of(*choices):
-    what = choices[0] if len(choices) == 1 else ", ".join(map(str, choices[:-1])) + f" or {choices[-1]}"
+    shown = [show(c) for c in choices]
+    what = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + f" or {shown[-1]}"
     # True == 1 in Python: compare types too, so a bool key's choices do not take 1, nor an int key's take True
-    return Accepts(lambda v: any(v == c and type(v) is type(c) for c in choices), show(what), choices)
+    return Accepts(lambda v: any(v == c and type(v) is type(c) for c in choices), what, choices)
 
 
 def comma_list(*choices):

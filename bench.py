@@ -81,7 +81,7 @@ decode_batches: int_list = "1,8"  # batch sizes for generation
 graph_modes: empty | comma_list("off", "on", "tuned") = "off,on"  # decoding: eager, CUDA graph, graph + tuned kernels
 data_batches: at_least(1) = 200  # batches drawn from the shard reader
 peer = False  # also time the anchor: a GPT-2 as nanoGPT builds and benches it, at this config's depth/width
-out: writable_file = "bench.json"  # full results
+out: writable_file = "out/bench.json"  # full results, as JSON (out/ is git-ignored: not into the checkout)
 device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, mps, cpu; one this machine has
 dtype: precision = "auto"  # auto (bfloat16 on CUDA, float32 on MPS and CPU: backends.py), float32, bfloat16, float16
 seed: between(0, 2**32 - 1) = 0  # weights and random tokens
@@ -335,6 +335,7 @@ if env["ddp"]:
     runtime.end_distributed()
 if not env["master"]:
     sys.exit(0)
+Path(out).parent.mkdir(parents=True, exist_ok=True)
 Path(out).write_text(json.dumps(results, indent=1))
 
 # ----------------------------------------------------------------------------- table

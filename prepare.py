@@ -41,6 +41,11 @@ from runtime import UserError
 from shards import read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
 
+# what --tokenizer takes, in words that say what a user who gave a missing path should give instead
+TOKENIZER = (one_of("", "gpt2") | file).saying(
+    '"" (train one), gpt2, or a tokenizer.model file that exists (--mode=sft/dpo: the base run\'s, '
+    "out/RUN/tokenizer.model)"
+)
 # -----------------------------------------------------------------------------
 input: any_text = ""  # local file, folder or glob of .txt/.jsonl/.parquet; empty (and no --dataset) = --corpus
 corpus: one_of("stdlib", "python") = "stdlib"  # local source with no --input/--dataset: python = stdlib + packages
@@ -53,7 +58,7 @@ score_field: any_text = ""  # numeric quality field to filter on (Ultra-FineWeb:
 score_min: finite = 0.0  # keep documents whose score_field >= this (the seed kept Ultra-FineWeb scores >= 0.8)
 data_dir: empty | writable = ""  # output folder; empty = data/<corpus>, data/<input name> or data/<dataset name>
 vocab_size: between(1, 2**32) = 4096  # size of a trained tokenizer: 4096 suits the CPU demo, 32000 the reference run
-tokenizer: one_of("", "gpt2") | file = ""  # reuse a tokenizer.model, or tiktoken's gpt2; empty = train one
+tokenizer: TOKENIZER = ""  # reuse a tokenizer.model, or tiktoken's gpt2; empty = train one
 tokenizer_docs: at_least(1) = 20000  # documents from the start of the stream to train the tokenizer on
 val_permille: between(0, 1000) = 50  # documents per 1000 that go to validation (by a hash of their name) ...
 val_tokens: at_least(0) = 10_000_000  # ... until the validation split holds this many tokens
@@ -226,9 +231,7 @@ def get_tokenizer(out, rows, field):
             return TiktokenTokenizer("gpt2")
         except ValueError as e:  # its files are downloaded on first use
             raise UserError(str(e)) from None
-    if tokenizer:
-        if not Path(tokenizer).is_file():
-            raise UserError(f"--tokenizer={tokenizer} not found (a tokenizer.model path, or gpt2)")
+    if tokenizer:  # a file that exists: configure checked it
         return Tokenizer(tokenizer)
     t0 = time.time()
     sample = (text for _, _, text in documents(rows, field) if text and failed_rule(text, rules) is None)
@@ -320,10 +323,8 @@ def build_chat_data():
     """--mode=sft or dpo: conversations or preference pairs rendered with the chat template (chat.py), as
     (tokenizer, {split: {tokens, mask or lengths}}, counts, summary, source). Nothing is written yet, so a bad
     record loses nothing."""
-    if not tokenizer:
+    if tokenizer in ("", "gpt2"):  # tiktoken's gpt2 has no chat tokens
         raise UserError(f"--mode={mode} needs the base model's tokenizer: --tokenizer=out/RUN/tokenizer.model")
-    if not Path(tokenizer).is_file():
-        raise UserError(f"--tokenizer={tokenizer} not found; give the base run's: --tokenizer=out/RUN/tokenizer.model")
     tok = load_tokenizer(tokenizer)
     if not set(chat.ROLES.values()) | {chat.END} <= set(tok.special):
         raise UserError(

@@ -289,12 +289,12 @@ def pretrain_loss():
 @torch.no_grad()
 def answer(x):
     """Greedy answer to a held-out prompt (its tokens up to the first <|assistant|>); (text, ended with <|end|>)."""
-    prompt = x[: list(x).index(tok.special["<|assistant|>"]) + 1]
+    prompt = x[: np.flatnonzero(x == tok.special["<|assistant|>"])[0] + 1]
     end = tok.special[chat.END]
     raw_model.eval()
     ids = raw_model.generate(
-        torch.tensor([prompt], device=env["device"]), max_new_tokens, temperature=0, stop_token=end
-    )[0, len(prompt) :].tolist()
+        torch.tensor(prompt[None], device=env["device"]), max_new_tokens, temperature=0, stop_token=end
+    )[0, len(prompt) :].tolist()  # prompt[None]: one (1, T) array; a list of arrays is slow and warns
     raw_model.train()
     return tok.decode(prompt), tok.decode([i for i in ids if i != end]), end in ids
 

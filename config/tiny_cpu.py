@@ -1,4 +1,4 @@
-# The Quick start run: a ~3M-parameter model that learns to write Python-looking text on a 2-core CPU in a
+# The Quick start run: a 4.46M-parameter model that learns to write Python-looking text on a 2-core CPU in a
 # few minutes, from the standard-library corpus that `python prepare.py` builds with no download.
 out_dir = "out/tiny"  # samples: python sample.py --out_dir=out/tiny
 data_dir = "data/stdlib"  # made by `python prepare.py`

@@ -124,7 +124,6 @@ ADVICE = {
     "files. Check the path.",
     "{dataset}: {": "The Hugging Face dataset could not be opened (the reason follows: a wrong name, config or "
     "split). Check --dataset, --dataset_config and --split.",
-    "(a tokenizer.model path, or gpt2)": "Give the path of an existing tokenizer.model, or gpt2.",
     "{str(e)}": "Passes on the message of the error caught here (a conversation or pair error of chat.py, above, or "
     "tiktoken's when its GPT-2 files are not cached).",
     "unknown config key": "A config file or --key=value names a key the script does not have. Use the key it "

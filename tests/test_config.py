@@ -96,3 +96,22 @@ def test_a_number_that_defaults_to_auto():
         configure(namespace(), ["--near_dup=0.3"])
     with pytest.raises(UserError, match=r"--near_dup=most: expected a float like 0.0 or auto"):
         configure(namespace(), ["--near_dup=most"])
+
+
+def test_an_empty_choice_is_shown_and_the_tokenizer_error_says_what_to_give(tmp_path):
+    """An empty text among a key's choices is written "" (it was printed as nothing: `expected  or gpt2`), and
+    prepare.py's --tokenizer error says what each choice means and that the path is missing, before any work."""
+    from accepts import file, one_of
+
+    assert one_of("", "gpt2").what == '"" or gpt2' and (one_of("") | file).what == '"", or a file that exists'
+    assert one_of(0.0, True).what == "0.0 or True"
+    missing = tmp_path / "pretrain_137m" / "tokenizer.model"
+    proc = run("prepare.py", "--mode=sft", f"--tokenizer={missing}", f"--data_dir={tmp_path / 'd'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f'error: tokenizer={missing}: expected "" (train one), gpt2, or a tokenizer.model')
+    assert "out/RUN/tokenizer.model" in proc.stderr and proc.stderr.endswith("; it does not exist\n")
+    proc = run("prepare.py", "--mode=sft", "--tokenizer=gpt2", f"--data_dir={tmp_path / 'd'}", check=False)
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: --mode=sft needs the base model's tokenizer: --tokenizer=out/RUN/tokenizer.model\n"
+    )
+    assert not (tmp_path / "d").exists()

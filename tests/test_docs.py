@@ -5,16 +5,23 @@ When a check fails after a key or an error message changed: python tests/docs_ge
 docs/configuration.md and docs/troubleshooting.md), then fix any command or link the failure names by hand.
 """
 
+import ast
 import difflib
+import os
 import re
 import shlex
 import sys
+from functools import lru_cache
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import docs_gen  # noqa: E402
+
+import runtime  # noqa: E402
+from accepts import Accepts  # noqa: E402
 
 REPO = docs_gen.REPO
 GENERATED = set(docs_gen.PAGES)
@@ -25,7 +32,7 @@ PLACEHOLDERS = {"X.py", "key", "flag"}  # `python X.py --key=value` in prose sta
 FOREIGN_FLAGS = {
     "standalone", "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "model", "model_args",
     "tasks", "include_path", "device", "batch_size", "apply_chat_template", "prompt", "max-tokens", "temp",
-    "logdir", "help",
+    "logdir", "help", "problem_file", "k",
 }  # fmt: skip
 
 
@@ -56,12 +63,13 @@ def test_every_error_message_has_advice():
 
 
 def code_blocks(text):
-    """The shell lines of fenced blocks (not python ones), continuation lines joined, and every inline code span."""
+    """The shell lines of fenced blocks (not python ones; a list item's indented too), continuation lines joined, and
+    every inline code span."""
     lines, spans = [], []
-    for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
-        if m.group(1) not in ("python", "text", "json"):
-            lines += m.group(2).replace("\\\n", " ").splitlines()
-    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    for m in re.finditer(r"^( *)```(\w*)\n(.*?)^\1```", text, re.S | re.M):
+        if m.group(2) not in ("python", "text", "json"):
+            lines += [line.strip() for line in m.group(3).replace("\\\n", " ").splitlines()]
+    prose = re.sub(r"^( *)```.*?^\1```", "", text, flags=re.S | re.M)
     spans = [s for s in re.findall(r"``?([^`\n]+?)``?", prose)]
     return lines, spans
 
@@ -126,6 +134,154 @@ def test_documented_commands_name_real_scripts_config_files_and_keys():
     assert not problems, "commands in the docs that would fail:\n" + "\n".join(problems)
 
 
+# ----------------------------------------------------------------------------- the commands' values, dry-run
+
+TRAINERS = ("train.py", "train_mlx.py", "sft.py", "dpo.py")  # the scripts that start a run folder
+# What a dry run cannot judge from a command alone: files and folders that earlier steps make, the machine's devices.
+STATEFUL = ("exist", "not there", "this machine", "Metal", "CUDA")
+
+
+def leading_statements(tree):
+    """A script's imports and config globals: its top-level statements up to the first that is neither an import nor
+    an assignment (the install_error_handler call, or a def), the docstring left out."""
+    body = tree.body[1:] if isinstance(tree.body[0], ast.Expr) else tree.body
+    kinds = (ast.Import, ast.ImportFrom, ast.Try, ast.Assign, ast.AnnAssign)
+    return body[: next((i for i, node in enumerate(body) if not isinstance(node, kinds)), len(body))]
+
+
+@lru_cache(maxsize=None)
+def dry_run(script):
+    """A function (argv, world_size) -> the final config of script's own runtime.configure call: the script's config
+    globals, their declarations and the call's rules, read from its source, and nothing after them run. Declarations
+    about files, folders and devices take any text here (STATEFUL): earlier steps and the machine decide those."""
+    tree = ast.parse(read(script))
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "configure")
+    namespace = {"__name__": "dry_run"}
+    exec(compile(ast.Module(leading_statements(tree), []), script, "exec"), namespace)
+    options = {kw.arg: eval(compile(ast.Expression(kw.value), script, "eval"), namespace) for kw in call.keywords}
+    notes = namespace["__annotations__"]
+    for k, a in notes.items():
+        if isinstance(a, Accepts) and any(w in a.what for w in STATEFUL):
+            notes[k] = Accepts(lambda v: isinstance(v, str), a.what, a.literals)
+
+    def configure(argv, world_size=1):
+        with mock.patch.dict(os.environ, {"WORLD_SIZE": str(world_size)}):
+            return runtime.configure(dict(namespace), argv, **options)
+
+    configure.keys = runtime.config_keys(namespace)
+    return configure
+
+
+def dry_run_command(tokens):
+    """(script, its final config) for a `python X.py ...` or `torchrun ... X.py ...` command, config None when the
+    script refuses it (with the UserError as the second item); (None, None) for any other command."""
+    i = next((i for i, t in enumerate(tokens) if t in docs_gen.SCRIPTS), None)
+    if i is None or not (i and tokens[i - 1] in ("python", "python3") or tokens[0] == "torchrun"):
+        return None, None
+    argv = [a for a in tokens[i + 1 :] if a.startswith("--") or a.endswith(".py")]  # not a redirection's file
+    nproc = re.search(r"--nproc_per_node=(\d+)", " ".join(tokens[:i]))
+    try:
+        return tokens[i], dry_run(tokens[i])(argv, int(nproc.group(1)) if nproc else 1)
+    except runtime.UserError as e:
+        return tokens[i], e
+
+
+def quick_start():
+    """The README's Quick start block: [first command, second command]."""
+    block = re.search(r"^## Quick start\n+```[a-z]*\n(.*?)^```", read("README.md"), re.S | re.M).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@lru_cache(maxsize=None)
+def quick_start_runs():
+    """The run folders the Quick start's first command leaves behind (out/tiny, out/tiny_sft, out/tiny_dpo)."""
+    runs = set()
+    for tokens in split_commands(quick_start()[0]):
+        script, config = dry_run_command(tokens)
+        if script in TRAINERS:
+            runs.add(os.path.normpath(config["out_dir"]))
+    return runs
+
+
+def value_problems(tokens, where, after_quick_start):
+    """None for a command that runs no stage script; else what its script's own configure refuses in it (values, rules
+    between keys; not what depends on earlier steps or the machine), and, for a command a newcomer meets after the
+    Quick start, a run folder the Quick start left that the command would stop at (no --overwrite or resume)."""
+    script, config = dry_run_command(tokens)
+    if script is None or "--help" in tokens:
+        return None
+    command = " ".join(tokens)
+    if isinstance(config, runtime.UserError):
+        return [] if any(w in str(config) for w in STATEFUL) else [f"{where}: {command}\n    error: {config}"]
+    out_dir = os.path.normpath(config.get("out_dir", ""))
+    if after_quick_start and script in TRAINERS and out_dir in quick_start_runs():
+        if not config["overwrite"] and config["init_from"] != "resume":
+            return [
+                f"{where}: {command}\n    stops at 'error: {out_dir} already holds a run' after the Quick start: "
+                "add --overwrite=true (start over), --init_from=resume (continue) or another --out_dir"
+            ]
+    return []
+
+
+def test_dry_run_reads_every_key_of_every_script():
+    for script, keys in docs_gen.script_keys().items():
+        assert dry_run(script).keys == keys, f"{script}: the dry run's config globals are not --help's"
+    assert quick_start_runs() == {"out/tiny", "out/tiny_sft", "out/tiny_dpo"}
+
+
+def all_value_problems(pages):
+    """(problems, commands checked) of every shell line and inline command of pages. Fenced lines are what a newcomer
+    runs in order after the Quick start; inline spans are also figures' records, so only their values are checked."""
+    problems, checked = [], 0
+    for rel in pages:
+        lines, spans = code_blocks(read(rel))
+        for text, in_block in [(line, True) for line in lines] + [(span, False) for span in spans]:
+            for tokens in split_commands(text):
+                found = value_problems(tokens, rel, in_block and text not in quick_start())
+                checked += found is not None
+                problems += found or []
+    return problems, checked
+
+
+def test_documented_commands_pass_their_scripts_checks_and_miss_the_quick_starts_runs():
+    problems, checked = all_value_problems(WRITTEN)
+    assert checked > 100  # the scan sees the commands at all
+    assert not problems, "commands in the docs that their scripts would refuse:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ("python train.py config/tiny_cpu.py --out_dir=out/t2 --max_iter=20", "unknown config key 'max_iter'"),
+        ("python train.py config/tiny_cpu.py --out_dir=out/t2 --max_iters=twenty", "max_iters=twenty"),
+        ("python train.py config/tiny_cpu.py --out_dir=out/t2 --block_size=0", "block_size=0"),
+        ("torchrun --nproc_per_node=3 train.py config/tiny_cpu.py --out_dir=out/t2", "must divide by"),
+        ("python train.py config/tiny_cpu.py", "out/tiny already holds a run"),
+        ("python sft.py config/sft_tiny_cpu.py --lr_frac=0.05", "out/tiny_sft already holds a run"),
+    ],
+)
+def test_the_command_check_fails_on_a_bad_line(tmp_path, line, says):
+    page = tmp_path / "page.md"
+    page.write_text(f"```bash\n{line}\npython train.py config/tiny_cpu.py --init_from=resume  # a good line\n```\n")
+    problems, checked = all_value_problems([page])
+    assert checked == 2 and len(problems) == 1 and says in problems[0], problems
+
+
+def test_default_outputs_go_to_git_ignored_folders():
+    """What a script writes when no key says where (out_dir, bench.py's out, ...) stays out of `git status`."""
+    ignored = set(re.findall(r"^/(\w+)/$", read(".gitignore"), re.M))
+    assert "out" in ignored
+    written = [
+        (script, key, default)
+        for script, text in docs_gen.help_outputs().items()
+        for key, default, rest in docs_gen.parse_help(text)
+        if "to write" in rest and default
+    ]
+    assert len(written) >= 5  # out_dir of each trainer, bench.py's out: the scan sees them
+    stray = [w for w in written if Path(w[2]).parts[0] not in ignored]
+    assert not stray, f"(script, key, default) writing into the checkout, not under {sorted(ignored)}: {stray}"
+
+
 def slug(heading):
     """GitHub's anchor for a heading."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
@@ -153,8 +309,7 @@ def test_readme_is_short_and_ci_finds_its_commands():
     readme = read("README.md")
     assert readme.count("\n") <= 250, "README.md is over 250 lines: move detail to docs/"
     # what .ci/run reads: the Quick start block's two commands (the second is the test command CI runs) ...
-    block = re.search(r"^## Quick start\n+```[a-z]*\n(.*?)^```", readme, re.S | re.M).group(1)
-    commands = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    commands = quick_start()
     assert len(commands) == 2 and "pytest" in commands[1], commands
     # ... and the export tools' line
     assert re.search(r'^pip install -e "\.\[export-tools\]" .*-m export_tools$', readme, re.M)
