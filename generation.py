@@ -8,6 +8,8 @@ run to generate from and decode many sequences with the KV cache.
 Sampling is model.sample_next (temperature, top-k, top-p), the same function sample.py's model.generate uses.
 """
 
+import copy
+
 import torch
 from tqdm import tqdm
 
@@ -188,20 +190,30 @@ class Slots:
     prefilled into positions pos-L .. pos-1 of its row, and KVCache.start masks everything before them, so it
     attends only to itself; RoPE depends only on distances, so where it sits changes nothing but rounding. It needs
     L <= pos (room on the left) and pos + n_new <= max_len (room on the right); restart(pos) sets the position of
-    an idle batch. A free row attends to its own position only (start = max_len), so no softmax row is empty.
-    graph (CUDA): the step compiled and replayed as a CUDA graph over the one cache, as sample.py --compile does."""
+    an idle batch. A request takes the lowest free row and a step decodes the rows up to the highest busy one (a
+    view of the cache), so one request alone costs a batch of one. A free row below it attends to its own position
+    only (start = max_len): no softmax row is empty.
+    graph (CUDA): the step over all rows compiled and replayed as a CUDA graph, as sample.py --compile does."""
 
     def __init__(self, model, rows, graph=False):
         self.model, self.rows, self.max_len = model, rows, model.config.block_size
         dev, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         self.cache = KVCache(model.config, rows, self.max_len, dev, dtype)
         self.cache.start = torch.full((rows,), self.max_len, dtype=torch.long, device=dev)
-        self.step = model.capture_decode(self.cache) if graph else model.decode_step(self.cache)
+        self.graph = model.capture_decode(self.cache) if graph else None
+        self.pos = torch.zeros((), dtype=torch.long, device=dev)  # the step's position, filled in place
         self.next_ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)  # each row's last sampled token
         self.sampling = [None] * rows  # (temperature, top_k, top_p, generator) of the request in each row
 
     def busy(self):
         return [r for r in range(self.rows) if self.sampling[r] is not None]
+
+    def view(self, a, b):
+        """Rows a..b-1 of the cache as a KVCache of their own (views: what it writes lands in the cache)."""
+        view = copy.copy(self.cache)
+        view.k, view.v = [k[a:b] for k in self.cache.k], [v[a:b] for v in self.cache.v]
+        view.start, view.batch_size = self.cache.start[a:b], b - a
+        return view
 
     def restart(self, pos):
         """Put an idle batch at position pos: requests of up to pos prompt tokens can join."""
@@ -215,15 +227,13 @@ class Slots:
 
     @torch.no_grad()
     def join(self, ids, temperature, top_k, top_p, generator):
-        """Put prompt ids in a free row (fits() must be true): (row, the first new token id)."""
-        cache, row, L = self.cache, self.sampling.index(None), len(ids)
-        view = KVCache(self.model.config, 1, 1, cache.device, cache.k[0].dtype)  # this row of the shared cache
-        view.k, view.v = [k[row : row + 1] for k in cache.k], [v[row : row + 1] for v in cache.v]
-        view.max_len, view.pos = self.max_len, cache.pos - L
-        view.start = torch.full((1,), cache.pos - L, dtype=torch.long, device=cache.device)
-        x = torch.tensor([ids], dtype=torch.long, device=cache.device)
+        """Put prompt ids in the lowest free row (fits() must be true): (row, the first new token id)."""
+        row, L = self.sampling.index(None), len(ids)
+        self.cache.start[row] = self.cache.pos - L
+        view = self.view(row, row + 1)
+        view.pos = self.cache.pos - L
+        x = torch.tensor([ids], dtype=torch.long, device=self.cache.device)
         logits = self.model(x, cache=view)[0][:, -1]  # (1, vocab)
-        cache.start[row] = cache.pos - L
         self.sampling[row] = (temperature, top_k, top_p, generator)
         return row, self.sample(row, logits)
 
@@ -235,10 +245,15 @@ class Slots:
 
     @torch.no_grad()
     def advance(self):
-        """One decoding step of every row: {busy row: its next token id}."""
-        logits = self.step(self.next_ids, self.cache.pos)  # (rows, vocab)
+        """One decoding step of the busy rows: {row: its next token id}."""
+        busy = self.busy()
+        if self.graph:
+            logits = self.graph(self.next_ids, self.cache.pos)  # (rows, vocab)
+        else:
+            n = busy[-1] + 1
+            logits = self.model.decode(self.next_ids[:n], self.view(0, n), self.pos.fill_(self.cache.pos))
         self.cache.pos += 1
-        return {r: self.sample(r, logits[r : r + 1]) for r in self.busy()}
+        return {r: self.sample(r, logits[r : r + 1]) for r in busy}
 
     def leave(self, row):
         """Give a row back: its keys are masked from now on, and the next request may take it."""
