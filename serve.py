@@ -2,7 +2,7 @@
 
     python serve.py --out_dir=out/tiny_sft                          # http://127.0.0.1:8000/ (the page)
     python serve.py --out_dir=out/ref_dpo --rows=32                 # a GPU: 32 answers decoded at once
-    python serve.py --out_dir=out/ref_dpo --host=0.0.0.0 --port=80  # other machines too (no authentication!)
+    python serve.py --out_dir=out/ref_dpo --host=0.0.0.0 --port=8080  # other machines too (no authentication!)
 
     curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
         -d '{"messages": [{"role": "user", "content": "What does os.getcwd do?"}], "stream": true}'
@@ -181,10 +181,11 @@ class Engine:
         while True:
             with self.wake:
                 self.wake.wait_for(lambda: self.running or self.waiting, timeout=1.0)
+            joining = None
             try:
-                while (req := self.next_request()) is not None:
-                    row, token = self.slots.join(req.ids, *req.sampling)
-                    self.running[row] = req
+                while (joining := self.next_request()) is not None:
+                    row, token = self.slots.join(joining.ids, *joining.sampling)
+                    self.running[row], joining = joining, None
                     self.hand(row, token)
                 for row in [r for r, req in self.running.items() if req.cancelled]:
                     self.release(row)  # a client that left: its row is free before the next step
@@ -193,8 +194,10 @@ class Engine:
                         self.hand(row, token)
             except Exception as e:  # the model failed (out of memory, say): these answers end, the server goes on
                 log.exception("generation failed; %d answers in progress end with an error", len(self.running))
-                for row, req in list(self.running.items()):
-                    req.put("error", f"generation failed: {type(e).__name__}")
+                for req in [joining, *self.running.values()]:
+                    if req is not None:
+                        req.put("error", f"generation failed: {type(e).__name__}")
+                for row in list(self.running):
                     self.release(row)
 
     def hand(self, row, token):
