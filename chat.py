@@ -211,7 +211,7 @@ def render_dpo(tok, rows, block_size, split_of):
     data = {s: {"tokens": [], "lengths": []} for s in ("train", "val")}
     end = tok.special[END]
     for i, row in enumerate(rows):
-        if row is None:  # dropped by eval.sampled_code_pairs; its index keeps the others' split
+        if row is None:  # dropped by generation.sampled_code_pairs; its index keeps the others' split
             continue
         counts["pairs"] += 1
         try:

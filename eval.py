@@ -45,7 +45,7 @@ import reports
 import runtime
 from accepts import above, at_least, between, comma_list, folders, nonempty, one_of, precision, torch_device, writable
 from chat import CODE_REQUEST, END, ROLES, code_block, render_prompt
-from model import KVCache, sample_next
+from generation import generate
 from runtime import UserError
 from sandbox import isolation, run_program
 from shards import collate_pairs, find_shards, open_shard, pair_rows
@@ -80,108 +80,6 @@ seed: between(0, 2**32 - 1) = 1337  # sampling seed
 # -----------------------------------------------------------------------------
 STOP_SEQUENCES = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"]  # Codex paper; and <|endoftext|> as a token
 LOOP_NGRAM, LOOP_TIMES = 4, 3  # an answer in which some 4 words in a row come 3 times or more is stuck in a loop
-
-
-# ----------------------------------------------------------------------------- generation
-STEPS = {}  # (model id, rows, cache length) -> (KVCache, captured step): the greedy and the sampled pass share one
-
-
-@torch.no_grad()
-def generate(
-    model,
-    prompts,
-    max_new,
-    stop_ids,
-    tok=None,
-    stop_texts=(),
-    temperature=0.0,
-    top_p=1.0,
-    generator=None,
-    batch_size=128,
-    desc="generate",
-):
-    """Completions of many prompts (lists of token ids) with the KV cache, batch_size rows at a time, similar
-    lengths together. Rows are left-padded and the padding is masked (KVCache.start), so each row decodes as it
-    would alone. A row ends at a token of stop_ids (not included) or once its decoded text holds one of
-    stop_texts. Returns a list of (token ids, ended by a stop token). A progress bar on a terminal (not in logs).
-
-    Every batch decodes into one cache of the longest prompt + max_new positions (a shorter batch's rows leave
-    its end unused; what an earlier batch left there is masked). A fixed shape lets CUDA replay the one-token step
-    as a graph (gen_graph): eager, a step is ~420 kernel launches, and at 128 rows launching them took ~5x the
-    GPU's work; at 512 rows the eager step is faster overall, as a graph compiles once per shape (PERF.md)."""
-    if not prompts:
-        return []
-    dev, c = model.lm_head.weight.device, model.config
-    max_new = min(max_new, c.block_size - 1)
-    prompts = [p[-(c.block_size - max_new) :] for p in prompts]  # longer prompts keep their end
-    rows, max_len = min(batch_size, len(prompts)), max(map(len, prompts)) + max_new
-    key = (id(model), rows, max_len)
-    if key in STEPS:
-        cache, step = STEPS[key]
-    else:
-        cache = KVCache(c, rows, max_len, dev, model.lm_head.weight.dtype)
-        cache.start = torch.zeros(rows, dtype=torch.long, device=dev)
-        graph = gen_graph and dev.type == "cuda"  # run on H100; elsewhere (CPU run, MPS never) the eager step
-        step = model.capture_decode(cache) if graph else model.decode_step(cache)
-        if graph:
-            STEPS[key] = cache, step  # the graph keeps the model alive, so its id stays its own
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=None, leave=False)
-    for a in range(0, len(order), rows):
-        batch = order[a : a + rows]
-        done = generate_batch(
-            model,
-            cache,
-            step,
-            [prompts[i] for i in batch],
-            max_new,
-            stop_ids,
-            tok,
-            stop_texts,
-            temperature,
-            top_p,
-            generator,
-        )
-        for i, r in zip(batch, done, strict=True):
-            results[i] = r
-        bar.update(len(batch))
-    bar.close()
-    return results
-
-
-def generate_batch(model, cache, step, prompts, max_new, stop_ids, tok, stop_texts, temperature, top_p, generator):
-    """One batch into cache (rows, max_len): the prompts, then rows filled up with copies of the last prompt
-    (decoded and dropped: every batch has the cache's shape)."""
-    dev, n = cache.device, len(prompts)
-    prompts = prompts + [prompts[-1]] * (cache.batch_size - n)
-    B, T = len(prompts), max(len(p) for p in prompts)
-    x = torch.zeros(B, T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        x[i, T - len(p) :] = torch.tensor(p)
-    cache.pos = 0
-    cache.start.copy_(torch.tensor([T - len(p) for p in prompts]))
-    logits = model(x.to(dev), cache=cache)[0][:, -1]
-    stops = torch.tensor(stop_ids, device=dev)
-    tail = 8 + max(map(len, stop_texts), default=0)  # tokens that hold any stop text ending in the last 8 tokens
-    new, hit, done = [], torch.zeros(B, dtype=torch.bool, device=dev), [False] * n + [True] * (B - n)
-    for i in range(max_new):
-        next_id = sample_next(logits, temperature, 0, top_p, generator)  # (B, 1)
-        new.append(next_id)
-        hit |= torch.isin(next_id[:, 0], stops)
-        if i % 8 == 7 or i == max_new - 1:  # look at the host's copy now and then, not every token
-            ids, hits = torch.cat(new[-tail:], dim=1).tolist(), hit.tolist()
-            for r in range(B):  # a stop text ending in the last 8 tokens lies in the decoded tail
-                done[r] = done[r] or hits[r] or bool(stop_texts and any(s in tok.decode(ids[r]) for s in stop_texts))
-            if all(done):
-                break
-        logits = step(next_id, cache.pos)
-        cache.pos += 1
-    out = []
-    for row in torch.cat(new, dim=1)[:n].tolist():
-        cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
-        out.append((row if cut is None else row[:cut], cut is not None))
-    return out
 
 
 # ----------------------------------------------------------------------------- bits per byte
@@ -282,7 +180,18 @@ def completions(model, tok, problems, n, temp, env, generator):
     prompts = [problem["prompt"].rstrip() for problem in problems]
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts for _ in range(n)]
     done = generate(
-        model, ids, max_new_tokens, [tok.bos_id], tok, STOP_SEQUENCES, temp, top_p, generator, gen_batch, "humaneval"
+        model,
+        ids,
+        max_new_tokens,
+        [tok.bos_id],
+        tok,
+        STOP_SEQUENCES,
+        temp,
+        top_p,
+        generator,
+        gen_batch,
+        "humaneval",
+        gen_graph,
     )
     texts = []
     for j, (new, _) in enumerate(done):
@@ -344,6 +253,7 @@ def chat_completions(model, tok, problems, n, temp, env, generator):
         generator,
         gen_batch,
         "humaneval",
+        gen_graph,
     )
     texts = [answer_completion(tok.decode(new)) for new, _ in done]
     return [texts[i * n : (i + 1) * n] for i in range(len(problems))]
@@ -478,7 +388,8 @@ def chat_scores(model, tok, data_dir, limit, max_new):
     if not qa:
         raise UserError(f"no held-out conversation in {data_dir}; make SFT data with prepare.py --mode=sft")
     prompts = [render_prompt(tok, [{"role": "user", "content": q}]) for q, _ in qa]
-    answers = generate(model, prompts, max_new, [tok.special[END], tok.bos_id], batch_size=gen_batch, desc="chat")
+    stop_ids = [tok.special[END], tok.bos_id]
+    answers = generate(model, prompts, max_new, stop_ids, batch_size=gen_batch, desc="chat", graph=gen_graph)
     texts = [tok.decode(ids) for ids, _ in answers]
     rouge = [rouge_l(t, ref) for t, (_, ref) in zip(texts, qa, strict=True)]
     return {
@@ -493,59 +404,6 @@ def chat_scores(model, tok, data_dir, limit, max_new):
             for (q, ref), t, r in list(zip(qa, texts, rouge, strict=True))[:5]
         ],
     }
-
-
-DOCTEST = """
-import doctest as _doctest
-{name}.__doc__ = {doc!r}
-_runner = _doctest.DocTestRunner(optionflags=_doctest.ELLIPSIS | _doctest.NORMALIZE_WHITESPACE)
-for _test in _doctest.DocTestFinder(recurse=False).find({name}, {name!r}, globs=dict(globals())):
-    _runner.run(_test)
-assert _runner.tries and not _runner.failures, f"{{_runner.failures}} of {{_runner.tries}} examples failed"
-"""
-
-
-def passes_doctests(code, name, doc):
-    """Whether code, run in the sandbox, defines `name` and passes the examples of the docstring doc."""
-    return run_program(code + "\n" + DOCTEST.format(name=name, doc=doc), exec_timeout, exec_memory_mb)[0] == "passed"
-
-
-def sampled_code_pairs(run, conversations, pairs):
-    """prepare.py --mode=dpo --sample_from=RUN: the coding requests' pairs remade on-policy. The SFT run answers each
-    request greedily; the real function is chosen and the run's own answer rejected, except where the docstring has
-    examples: then both run in the sandbox against them, and a pair is kept only when the real function passes and
-    the answer fails (an answer that passes is as good as the real one). Other pairs stay as they are; a dropped
-    pair becomes None. Returns (pairs, a summary of the judging)."""
-    env = runtime.setup_device(device, dtype)
-    path = checkpoints.find_checkpoint(run, "best", "--sample_from")
-    model = checkpoints.build_model(checkpoints.load_checkpoint(path), path).eval().to(env["device"])
-    if env["ptdtype"] != torch.float32:
-        model.to(env["ptdtype"])  # inference only, as in main()
-    tok = load_tokenizer(find_tokenizer(run))
-    code = [i for i, c in enumerate(conversations) if "function" in c[0]]
-    prompts = [render_prompt(tok, conversations[i][:1]) for i in code]
-    answers = generate(
-        model, prompts, max_new_tokens, [tok.special[END], tok.bos_id], batch_size=gen_batch, desc="pairs"
-    )
-    pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
-    for i, (ids, _) in zip(code, answers, strict=True):
-        question, real = conversations[i]
-        answer = tok.decode(ids)
-        pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answer}
-        if answer.strip() == real["content"].strip():
-            counts["same"], pairs[i] = counts["same"] + 1, None
-        elif question.get("doc"):
-            counts["judged"] += 1
-            if not passes_doctests(code_block(real["content"]), question["function"], question["doc"]):
-                counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
-            elif passes_doctests(code_block(answer), question["function"], question["doc"]):
-                counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
-    summary = (
-        f"{counts['sampled']:,} answers of {run} rejected, {counts['same']:,} equal to the real function dropped; "
-        f"{counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "
-        f"{counts['example_broken']:,} whose real function fails its own examples kept as plain pairs)"
-    )
-    return pairs, summary
 
 
 @torch.no_grad()

@@ -342,9 +342,9 @@ def build_chat_data():
         else:
             pairs = rows if conversations is None else chat.preference_pairs(conversations, split_of)
             if sample_from and conversations is not None:
-                import eval  # the model and the sandbox: only this option needs them
+                import generation  # the model and the sandbox: only this option needs them
 
-                pairs, judged = eval.sampled_code_pairs(sample_from, conversations, pairs)
+                pairs, judged = generation.sampled_code_pairs(sample_from, conversations, pairs)
                 source += f" | coding pairs: {judged}"
             data, counts, note = chat.render_dpo(tok, pairs, block_size, split_of)
     except chat.ConversationError as e:

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
 import runtime
 from accepts import above, any_text, at_least, between, folder, nonempty, precision, torch_device
 from chat import END, render_prompt
+from generation import load_run
 from runtime import UserError
-from tokenizer import find_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir: folder = "out/run"  # run folder written by train.py
@@ -53,21 +52,7 @@ config = runtime.configure(
 env = runtime.setup_device(device, dtype)
 
 # ----------------------------------------------------------------------------- model
-path = checkpoints.find_checkpoint(out_dir, ckpt)
-checkpoint = checkpoints.load_checkpoint(path)
-model = checkpoints.build_model(checkpoint, path)
-model.eval().to(env["device"])
-if env["ptdtype"] != torch.float32:
-    model.to(env["ptdtype"])  # inference only: keep the weights in the compute precision
-tokenizer_path = find_tokenizer(out_dir)
-if tokenizer_path is None:
-    raise UserError(f"{out_dir} has no tokenizer.model; copy the data folder's tokenizer into the run folder")
-tok = load_tokenizer(tokenizer_path)
-if tok.vocab_size != model.config.vocab_size:
-    raise UserError(
-        f"{tokenizer_path} has {tok.vocab_size} tokens but the checkpoint expects "
-        f"{model.config.vocab_size}; the run folder's tokenizer was replaced"
-    )
+model, tok, checkpoint, path = load_run(out_dir, ckpt, env)
 
 # ----------------------------------------------------------------------------- chat
 generator = torch.Generator(env["device"]).manual_seed(seed)

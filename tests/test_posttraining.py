@@ -8,6 +8,7 @@ import pytest
 
 import chat
 import eval as ev
+import sandbox
 
 FAKE_MODULE = '''
 import math
@@ -97,9 +98,9 @@ def test_doctests_judge_answers_in_the_sandbox():
     question, answer = next(c for c in conversations if c[0]["function"] == "hypot2")
     right = chat.code_block(answer["content"])
     wrong = right.replace("a * a + b * b", "a + b")
-    assert ev.passes_doctests(right, "hypot2", question["doc"])
-    assert not ev.passes_doctests(wrong, "hypot2", question["doc"])
-    assert not ev.passes_doctests("x = 1\n", "hypot2", question["doc"])  # no function of that name
+    assert sandbox.passes_doctests(right, "hypot2", question["doc"])
+    assert not sandbox.passes_doctests(wrong, "hypot2", question["doc"])
+    assert not sandbox.passes_doctests("x = 1\n", "hypot2", question["doc"])  # no function of that name
 
 
 def chat_canonical(problems, n, temperature):

@@ -1,0 +1,261 @@
+"""Batched, cached generation from a run folder: the one place sample.py, eval.py, serve.py and prepare.py load a
+run to generate from and decode many sequences with the KV cache.
+
+    model, tok, checkpoint, path = load_run("out/tiny_sft", "best", env)
+    generate(model, prompts, max_new, stop_ids)     # many prompts at once, left-padded (eval.py, prepare.py)
+    slots = Slots(model, rows=8)                    # requests that join and leave a running batch (serve.py)
+
+Sampling is model.sample_next (temperature, top-k, top-p), the same function sample.py's model.generate uses.
+"""
+
+import copy
+
+import torch
+from tqdm import tqdm
+
+import checkpoints
+import runtime
+from chat import END, code_block, render_prompt
+from model import KVCache, sample_next
+from runtime import UserError
+from sandbox import passes_doctests
+from tokenizer import find_tokenizer, load_tokenizer
+
+
+def load_run(out_dir, ckpt, env, flag="--out_dir"):
+    """(model, tokenizer, checkpoint, path) of a run folder's checkpoint `ckpt` (best, latest or a file name): the
+    model in eval mode on env's device, its weights in the compute precision (inference only)."""
+    path = checkpoints.find_checkpoint(out_dir, ckpt, flag)
+    checkpoint = checkpoints.load_checkpoint(path)
+    model = checkpoints.build_model(checkpoint, path)
+    model.eval().to(env["device"])
+    if env["ptdtype"] != torch.float32:
+        model.to(env["ptdtype"])
+    tokenizer_path = find_tokenizer(out_dir)
+    if tokenizer_path is None:
+        raise UserError(f"{out_dir} has no tokenizer.model; copy the data folder's tokenizer into the run folder")
+    tok = load_tokenizer(tokenizer_path)
+    if tok.vocab_size != model.config.vocab_size:
+        raise UserError(
+            f"{tokenizer_path} has {tok.vocab_size} tokens but the checkpoint expects "
+            f"{model.config.vocab_size}; the run folder's tokenizer was replaced"
+        )
+    return model, tok, checkpoint, path
+
+
+# ----------------------------------------------------------------------------- many prompts at once
+STEPS = {}  # (model id, rows, cache length) -> (KVCache, captured step): the greedy and the sampled pass share one
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts,
+    max_new,
+    stop_ids,
+    tok=None,
+    stop_texts=(),
+    temperature=0.0,
+    top_p=1.0,
+    generator=None,
+    batch_size=128,
+    desc="generate",
+    graph=False,
+):
+    """Completions of many prompts (lists of token ids) with the KV cache, batch_size rows at a time, similar
+    lengths together. Rows are left-padded and the padding is masked (KVCache.start), so each row decodes as it
+    would alone. A row ends at a token of stop_ids (not included) or once its decoded text holds one of
+    stop_texts. Returns a list of (token ids, ended by a stop token). A progress bar on a terminal (not in logs).
+
+    Every batch decodes into one cache of the longest prompt + max_new positions (a shorter batch's rows leave
+    its end unused; what an earlier batch left there is masked). A fixed shape lets CUDA replay the one-token step
+    as a graph (graph=True, eval.py's gen_graph): eager, a step is ~420 kernel launches, and at 128 rows launching
+    them took ~5x the GPU's work; at 512 rows the eager step is faster overall, as a graph compiles once per shape
+    (PERF.md)."""
+    if not prompts:
+        return []
+    dev, c = model.lm_head.weight.device, model.config
+    max_new = min(max_new, c.block_size - 1)
+    prompts = [p[-(c.block_size - max_new) :] for p in prompts]  # longer prompts keep their end
+    rows, max_len = min(batch_size, len(prompts)), max(map(len, prompts)) + max_new
+    key = (id(model), rows, max_len)
+    if key in STEPS:
+        cache, step = STEPS[key]
+    else:
+        cache = KVCache(c, rows, max_len, dev, model.lm_head.weight.dtype)
+        cache.start = torch.zeros(rows, dtype=torch.long, device=dev)
+        graph = graph and dev.type == "cuda"  # run on H100; elsewhere (CPU run, MPS never) the eager step
+        step = model.capture_decode(cache) if graph else model.decode_step(cache)
+        if graph:
+            STEPS[key] = cache, step  # the graph keeps the model alive, so its id stays its own
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=None, leave=False)
+    for a in range(0, len(order), rows):
+        batch = order[a : a + rows]
+        done = generate_batch(
+            model,
+            cache,
+            step,
+            [prompts[i] for i in batch],
+            max_new,
+            stop_ids,
+            tok,
+            stop_texts,
+            temperature,
+            top_p,
+            generator,
+        )
+        for i, r in zip(batch, done, strict=True):
+            results[i] = r
+        bar.update(len(batch))
+    bar.close()
+    return results
+
+
+def generate_batch(model, cache, step, prompts, max_new, stop_ids, tok, stop_texts, temperature, top_p, generator):
+    """One batch into cache (rows, max_len): the prompts, then rows filled up with copies of the last prompt
+    (decoded and dropped: every batch has the cache's shape)."""
+    dev, n = cache.device, len(prompts)
+    prompts = prompts + [prompts[-1]] * (cache.batch_size - n)
+    B, T = len(prompts), max(len(p) for p in prompts)
+    x = torch.zeros(B, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        x[i, T - len(p) :] = torch.tensor(p)
+    cache.pos = 0
+    cache.start.copy_(torch.tensor([T - len(p) for p in prompts]))
+    logits = model(x.to(dev), cache=cache)[0][:, -1]
+    stops = torch.tensor(stop_ids, device=dev)
+    tail = 8 + max(map(len, stop_texts), default=0)  # tokens that hold any stop text ending in the last 8 tokens
+    new, hit, done = [], torch.zeros(B, dtype=torch.bool, device=dev), [False] * n + [True] * (B - n)
+    for i in range(max_new):
+        next_id = sample_next(logits, temperature, 0, top_p, generator)  # (B, 1)
+        new.append(next_id)
+        hit |= torch.isin(next_id[:, 0], stops)
+        if i % 8 == 7 or i == max_new - 1:  # look at the host's copy now and then, not every token
+            ids, hits = torch.cat(new[-tail:], dim=1).tolist(), hit.tolist()
+            for r in range(B):  # a stop text ending in the last 8 tokens lies in the decoded tail
+                done[r] = done[r] or hits[r] or bool(stop_texts and any(s in tok.decode(ids[r]) for s in stop_texts))
+            if all(done):
+                break
+        logits = step(next_id, cache.pos)
+        cache.pos += 1
+    out = []
+    for row in torch.cat(new, dim=1)[:n].tolist():
+        cut = next((j for j, t in enumerate(row) if t in stop_ids), None)
+        out.append((row if cut is None else row[:cut], cut is not None))
+    return out
+
+
+def sampled_code_pairs(run, conversations, pairs, max_new=512, batch_size=128, timeout=10.0, memory_mb=2048):
+    """prepare.py --mode=dpo --sample_from=RUN: the coding requests' pairs remade on-policy. The SFT run answers each
+    request greedily; the real function is chosen and the run's own answer rejected, except where the docstring has
+    examples: then both run in the sandbox against them, and a pair is kept only when the real function passes and
+    the answer fails (an answer that passes is as good as the real one). Other pairs stay as they are; a dropped
+    pair becomes None. Returns (pairs, a summary of the judging)."""
+    model, tok, _, _ = load_run(run, "best", runtime.setup_device(), "--sample_from")
+    code = [i for i, c in enumerate(conversations) if "function" in c[0]]
+    prompts = [render_prompt(tok, conversations[i][:1]) for i in code]
+    answers = generate(model, prompts, max_new, [tok.special[END], tok.bos_id], batch_size=batch_size, desc="pairs")
+    pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
+    for i, (ids, _) in zip(code, answers, strict=True):
+        question, real = conversations[i]
+        answer = tok.decode(ids)
+        pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answer}
+        if answer.strip() == real["content"].strip():
+            counts["same"], pairs[i] = counts["same"] + 1, None
+        elif question.get("doc"):
+            counts["judged"] += 1
+            if not passes_doctests(
+                code_block(real["content"]), question["function"], question["doc"], timeout, memory_mb
+            ):
+                counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
+            elif passes_doctests(code_block(answer), question["function"], question["doc"], timeout, memory_mb):
+                counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
+    summary = (
+        f"{counts['sampled']:,} answers of {run} rejected, {counts['same']:,} equal to the real function dropped; "
+        f"{counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "
+        f"{counts['example_broken']:,} whose real function fails its own examples kept as plain pairs)"
+    )
+    return pairs, summary
+
+
+# ----------------------------------------------------------------------------- a batch that requests join and leave
+class Slots:
+    """The rows of one KV cache, which requests take and give back between decoding steps (continuous batching, as
+    serve.py runs it): a request joins the running batch as soon as a row is free and it fits, and a row given back
+    (an answer that ended, a client that left) is free for the next request at the next step.
+
+    All rows decode at one position, cache.pos. A request of L prompt tokens joins at that position with its prompt
+    prefilled into positions pos-L .. pos-1 of its row, and KVCache.start masks everything before them, so it
+    attends only to itself; RoPE depends only on distances, so where it sits changes nothing but rounding. It needs
+    L <= pos (room on the left) and pos + n_new <= max_len (room on the right); restart(pos) sets the position of
+    an idle batch. A request takes the lowest free row and a step decodes the rows up to the highest busy one (a
+    view of the cache), so one request alone costs a batch of one. A free row below it attends to its own position
+    only (start = max_len): no softmax row is empty.
+    graph (CUDA): the step over all rows compiled and replayed as a CUDA graph, as sample.py --compile does."""
+
+    def __init__(self, model, rows, graph=False):
+        self.model, self.rows, self.max_len = model, rows, model.config.block_size
+        dev, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.cache = KVCache(model.config, rows, self.max_len, dev, dtype)
+        self.cache.start = torch.full((rows,), self.max_len, dtype=torch.long, device=dev)
+        self.graph = model.capture_decode(self.cache) if graph else None
+        self.pos = torch.zeros((), dtype=torch.long, device=dev)  # the step's position, filled in place
+        self.next_ids = torch.zeros(rows, 1, dtype=torch.long, device=dev)  # each row's last sampled token
+        self.sampling = [None] * rows  # (temperature, top_k, top_p, generator) of the request in each row
+
+    def busy(self):
+        return [r for r in range(self.rows) if self.sampling[r] is not None]
+
+    def view(self, a, b):
+        """Rows a..b-1 of the cache as a KVCache of their own (views: what it writes lands in the cache)."""
+        view = copy.copy(self.cache)
+        view.k, view.v = [k[a:b] for k in self.cache.k], [v[a:b] for v in self.cache.v]
+        view.start, view.batch_size = self.cache.start[a:b], b - a
+        return view
+
+    def restart(self, pos):
+        """Put an idle batch at position pos: requests of up to pos prompt tokens can join."""
+        assert not self.busy()
+        self.cache.pos = pos
+
+    def fits(self, n_prompt, n_new):
+        """Whether a request of n_prompt tokens that may generate n_new can join now."""
+        free = None in self.sampling
+        return free and n_prompt <= self.cache.pos and self.cache.pos + n_new <= self.max_len
+
+    @torch.no_grad()
+    def join(self, ids, temperature, top_k, top_p, generator):
+        """Put prompt ids in the lowest free row (fits() must be true): (row, the first new token id)."""
+        row, L = self.sampling.index(None), len(ids)
+        self.cache.start[row] = self.cache.pos - L
+        view = self.view(row, row + 1)
+        view.pos = self.cache.pos - L
+        x = torch.tensor([ids], dtype=torch.long, device=self.cache.device)
+        logits = self.model(x, cache=view)[0][:, -1]  # (1, vocab)
+        self.sampling[row] = (temperature, top_k, top_p, generator)
+        return row, self.sample(row, logits)
+
+    def sample(self, row, logits):
+        temperature, top_k, top_p, generator = self.sampling[row]
+        next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (1, 1)
+        self.next_ids[row] = next_id[0]
+        return int(next_id)
+
+    @torch.no_grad()
+    def advance(self):
+        """One decoding step of the busy rows: {row: its next token id}."""
+        busy = self.busy()
+        if self.graph:
+            logits = self.graph(self.next_ids, self.cache.pos)  # (rows, vocab)
+        else:
+            n = busy[-1] + 1
+            logits = self.model.decode(self.next_ids[:n], self.view(0, n), self.pos.fill_(self.cache.pos))
+        self.cache.pos += 1
+        return {r: self.sample(r, logits[r : r + 1]) for r in busy}
+
+    def leave(self, row):
+        """Give a row back: its keys are masked from now on, and the next request may take it."""
+        self.sampling[row] = None
+        self.cache.start[row] = self.max_len
