@@ -156,9 +156,6 @@ def check_space(out_dir, model, optimizer, keep_last):
         )
 
 
-ARCH_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "mlp_hidden", "rope_theta")  # GPTConfig's
-
-
 def open_run(out_dir, init_from, overwrite, config, tokenizer_path, master=True):
     """The run folder of train.py / train_mlx.py: returns (checkpoint to resume or None, model args from config).
     A resume must have the checkpoint's architecture and optimizer; a new run refuses a folder that holds one unless
