@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The reference run: the whole pipeline at the reference size on one CUDA GPU, ending in a report card.
 #
-#     bash reference.sh                                    # one H100: about 25 minutes in all
+#     bash reference.sh                                    # one H200: 1,887 s in all (2026-12-02)
 #     bash reference.sh                                    # after a stop: finished stages are skipped, training resumes
 #     RUN=out/ref_adamw STAGES=pretrain bash reference.sh --optimizer=adamw --learning_rate=0.002   # a variant
 #     RUN=out/ref_unfiltered DATA=data/python32k_unfiltered PREPARE="--quality=off --near_dup=0" STAGES=pretrain \
 #         bash reference.sh                               # the same budget without the filters (docs/data.md)
 #
 # Stages: every .py file of this Python (stdlib and site-packages, deduplicated, filtered) -> a 32K tokenizer and
-# shards -> pretraining (config/reference_137m.py, ~10 minutes on an H100) -> docstring questions and coding requests
+# shards -> pretraining (config/reference_137m.py, 676 s on an H200) -> docstring questions and coding requests
 # (write this function) from the same files -> SFT -> preference pairs -> DPO -> eval.py on each stage, HumanEval
 # included (asked in the chat format after SFT) -> $RUN_card/card.md, the report card.
 # Arguments go to train.py. Each stage's wall time is appended to $RUN_card/stages.tsv.
