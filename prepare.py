@@ -23,6 +23,8 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing.pool
+import os
 import re
 import sys
 import time
@@ -37,7 +39,7 @@ import disk
 import pysource
 import runtime
 from accepts import above, any_text, at_least, auto, between, empty, file, finite, folder, nonempty, one_of, writable
-from quality import Filters, failed_rule, rule_kind, select_rules
+from quality import Filters, judge, round_trips, rule_kind, select_rules, start_worker
 from runtime import UserError
 from shards import open_shard, read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
@@ -69,8 +71,8 @@ model_config: empty | file = ""  # a train.py config file: target tokens_per_par
 tokens_per_param: above(0) = 20.0  # Chinchilla's 20 tokens per parameter
 plan_only = False  # print the plan and exit
 max_shards: at_least(0) = 0  # write at most this many shards, then stop (run again to go on); 0 = no limit
-num_threads: at_least(0) = 0  # tokenizer threads; 0 = all cores
-batch_docs: at_least(1) = 1024  # documents tokenized per batch
+workers: at_least(0) = 0  # processes that tokenize and judge documents (quality rules, MinHash); 0 = one per core
+batch_docs: at_least(1) = 1024  # documents read and handed to the workers at a time
 overwrite = False  # replace what data_dir holds
 # SFT and DPO data (--mode=sft, --mode=dpo): conversations with a loss mask, or preference pairs; see chat.py
 mode: one_of("pretrain", "sft", "dpo") = "pretrain"  # sft: `messages`, oasst1 trees; dpo: prompt/chosen/rejected
@@ -93,11 +95,12 @@ runtime.install_error_handler()
 config = runtime.configure(  # quality_skip's names: rules of the kind --quality picks
     globals(), sys.argv[1:], rules=[lambda c: select_rules(c.quality, c.quality_skip, bool(c.input or c.dataset))]
 )
-RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "overwrite")
+RUN_KEYS = ("data_dir", "plan_only", "max_shards", "workers", "batch_docs", "overwrite")
 # the corpus keys are recorded only for corpus=python: folders made before they existed still resume
 CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
 FILTER_KEYS = ("quality", "quality_skip", "near_dup", "dedup_ngram")  # recorded only when a filter is on, likewise
 local = not (input or dataset)
+n_workers = workers or os.cpu_count()
 config["quality"] = quality = rule_kind(quality, not local)  # recorded as resolved: auto and code are one folder
 config["near_dup"] = near_dup = (0.7 if local else 0.0) if near_dup == "auto" else near_dup
 filtering = mode == "pretrain" and (quality != "off" or near_dup > 0)
@@ -235,8 +238,11 @@ def get_tokenizer(out, rows, field):
     if tokenizer:  # a file that exists: configure checked it
         return Tokenizer(tokenizer)
     t0 = time.time()
-    sample = (text for _, _, text in documents(rows, field) if text and failed_rule(text, rules) is None)
-    texts = list(itertools.islice(sample, tokenizer_docs))
+    texts, docs = [], (text for _, _, text in documents(rows, field) if text)
+    with start_pool(None) as pool:  # the rules only: there is no tokenizer yet
+        while len(texts) < tokenizer_docs and (batch := list(itertools.islice(docs, batch_docs))):
+            texts += [text for text, (_, rule, _) in zip(batch, judged(pool, batch), strict=True) if rule is None]
+    del texts[tokenizer_docs:]
     if not texts:
         raise UserError(f"no document passed the filter ({score_field} >= {score_min}); lower --score_min")
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
@@ -248,7 +254,8 @@ def get_tokenizer(out, rows, field):
         need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", why)
         advice = f"raise --vocab_size to at least {need[1]}" if need else "lower --vocab_size"
         raise UserError(f"tokenizer training failed: {why.split(' Increase vocab_size')[0]}; {advice}") from None
-    bad = sum(tok.decode(ids) != text for text, ids in zip(texts, tok.encode_batch(texts), strict=True))
+    with start_pool(tok) as pool:
+        bad = sum(not same for same in pool.imap(round_trips, texts, chunksize=chunk_size(len(texts))))
     if bad:
         raise UserError(f"the new tokenizer does not round-trip {bad} of its training documents; please report it")
     print(
@@ -275,11 +282,46 @@ def validation_documents(rows, field):
         docs = ((i, text) for i, name, text in documents(rows, field) if text and is_val(name))
     held = 0  # validation's tokens so far: the main pass's counts["val_assigned"]
     while held < val_tokens and val_permille and (batch := list(itertools.islice(docs, batch_docs))):
-        for (row, _), ids in zip(batch, tok.encode_batch([t for _, t in batch], num_threads=num_threads), strict=True):
+        for (row, _), (ids, _, sig) in zip(batch, judged(pool, [t for _, t in batch]), strict=True):
             if held >= val_tokens:
                 return
-            held += 1 + len(ids)
-            yield row, np.asarray([tok.bos_id] + ids, dtype=token_dtype(tok.vocab_size))
+            held += len(ids)
+            yield row, ids, sig
+
+
+def start_pool(tok):
+    """Processes that judge documents with tok (quality.judge: token ids, quality rules, MinHash signature), each
+    on its own: what depends on the documents before it stays in this process. Forked, so that they inherit the
+    tokenizer and rules: a spawned process would run this script again, which has no __main__ guard. One worker (or
+    no fork, on Windows) is a thread of this process."""
+    args = (tok, token_dtype(tok.vocab_size) if tok else None, rules, near_dup, dedup_ngram)
+    if n_workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.pool.ThreadPool(1, start_worker, args)
+    return multiprocessing.get_context("fork").Pool(n_workers, start_worker, (*args, True))
+
+
+def chunk_size(n):
+    """Documents per task when n are handed to the pool: four tasks a worker, so that a slow one evens out."""
+    return max(1, -(-n // (4 * n_workers)))
+
+
+def judged(pool, texts):
+    """quality.judge's verdict on each text, in order, as the pool's workers deliver them."""
+    return pool.imap(judge, texts, chunksize=chunk_size(len(texts)))
+
+
+def judged_batches(docs):
+    """(batch, its verdicts) for each --batch_docs documents of docs, (row, name, text): the verdicts (judged) on the
+    texts, in order. Each batch goes to the pool before the one before it is gone through, so that the workers do not
+    wait while this process reads the next documents, writes a shard, or works through a batch's verdicts."""
+    ahead = None
+    while batch := list(itertools.islice(docs, batch_docs)):
+        handed = batch, judged(pool, [text for _, _, text in batch if text])
+        if ahead:
+            yield ahead
+        ahead = handed
+    if ahead:
+        yield ahead
 
 
 def split_of(i):
@@ -560,6 +602,7 @@ counts = dict(resume["counts"])
 buffers = read_pending(resume["pending"])  # each split's tokens that no shard holds yet
 buffered = {s: sum(map(len, b)) for s, b in buffers.items()}  # their number, kept: a sum per row would be quadratic
 filters = Filters(rules, near_dup, dedup_ngram, out)
+pool = start_pool(tok)  # before tqdm's monitor thread starts: a fork copies only the thread that forks
 if filters.near and not resume["row"]:  # validation first: its near-copies leave training wherever they stand
     t_val = time.time()
     filters.index_validation(validation_documents(rows, field), counts)  # saved: a resume reads the keys back
@@ -570,25 +613,22 @@ if filters.near and not resume["row"]:  # validation first: its near-copies leav
 rows = rows.skip(resume["row"]) if hasattr(rows, "skip") else rows[resume["row"] :]
 total = len(rows) + resume["row"] if hasattr(rows, "__len__") else None  # a local corpus's size; a stream's unknown
 bar = tqdm(total=total, initial=resume["row"], unit="doc", disable=None)  # on a terminal; the lines below go to logs
-docs = documents(rows, field, first_row=resume["row"])
+batches = judged_batches(documents(rows, field, first_row=resume["row"]))
 filters.restore(resume["row"])  # the near-duplicate index as it stood at the resume point
 new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()
 stopped = cut_full_shards("train") or cut_full_shards("val")  # a stop by --max_shards may leave more than a shard
 reached = bool(target) and counts["train_assigned"] >= target  # the token target assigned
-while not (stopped or reached):
-    batch = list(itertools.islice(docs, batch_docs))
-    if not batch:
-        break
-    kept = [text for _, _, text in batch if text]
-    encoded = iter(tok.encode_batch(kept, num_threads=num_threads))
+while not (stopped or reached) and (batch := next(batches, None)):
+    batch, verdicts = batch
     for row, name, text in batch:
         counts["rows"] += 1
         if text is None:
             counts["empty" if not score_field else "filtered"] += 1
             continue
-        ids = np.asarray([tok.bos_id] + next(encoded), dtype=token_dtype(tok.vocab_size))
+        verdict = next(verdicts)  # token ids, the first quality rule failed, MinHash signature
+        ids = verdict[0]
         s = "val" if is_val(name) and counts["val_assigned"] < val_tokens else "train"
-        if s == "train" and filters.left_out(row, text, ids, counts):
+        if s == "train" and filters.left_out(row, text, verdict, counts):
             continue
         counts["kept"] += 1
         counts[f"{s}_assigned"] += len(ids)
@@ -611,6 +651,7 @@ while not (stopped or reached):
         )
 
 bar.close()
+pool.terminate()
 if stopped:  # the manifest already records where to continue
     print(f"stopped after {new_shards} shards (--max_shards); run the same command to continue")
     sys.exit(0)

@@ -19,6 +19,7 @@ not found (their similarity is small); a copy with a few lines changed or a head
 """
 
 import re
+import signal
 
 import numpy as np
 
@@ -327,21 +328,23 @@ class Filters:
         self.near = NearDuplicates(near_dup, ngram) if near_dup else None
 
     def index_validation(self, docs, counts):
-        """Save the band keys of the validation documents, (row, token ids) in stream order, for restore to put in the
-        index first, and count them and their tokens (those of the validation split the pass then writes, up to a
-        target that stops it). Once per folder: a resume reads the keys back instead of the stream."""
+        """Save the band keys of the validation documents, (row, token ids, MinHash signature) in stream order, for
+        restore to put in the index first, and count them and their tokens (those of the validation split the pass
+        then writes, up to a target that stops it). Once per folder: a resume reads the keys back instead of the
+        stream."""
         counts["near_dup_val_docs"] = counts["near_dup_val_tokens"] = 0
         records = []
-        for row, ids in docs:
-            records.append([row, 0, *self.near.band_keys(self.near.signature(ids))])  # 0: kept, as in records()
+        for row, ids, sig in docs:
+            records.append([row, 0, *self.near.band_keys(sig)])  # 0: kept, as in records()
             counts["near_dup_val_docs"] += 1
             counts["near_dup_val_tokens"] += len(ids)
         disk.write_atomic(self.val_path, np.array(records, dtype=np.uint64).reshape(-1, 2 + self.near.bands).tobytes())
 
-    def left_out(self, row, text, ids, counts):
-        """Whether the training document at stream position row (its text and token ids) is left out."""
-        rule = failed_rule(text, self.rules)
-        match = self.near.check(row, self.near.signature(ids)) if rule is None and self.near else None
+    def left_out(self, row, text, verdict, counts):
+        """Whether the training document at stream position row is left out: its text, and judge's verdict on it
+        (token ids, the first rule it fails, MinHash signature), worked out in any order."""
+        ids, rule, sig = verdict
+        match = self.near.check(row, sig) if rule is None and self.near else None
         if match is not None:
             rule = "near_dup"
             counts["near_dup_tokens"] = counts.get("near_dup_tokens", 0) + len(ids)
@@ -389,3 +392,32 @@ class Filters:
         of_val = f" ({counts.get('near_dup_of_val', 0):,} documents near-copies of validation ones)"
         dups = f"; near-duplicates: {clusters:,} clusters, {tokens:,} tokens{of_val}" if self.near else ""
         return f"{total[0]:,} training documents left out ({total[1]:.1f} MB): {text}{dups}"
+
+
+# ----------------------------------------------------------------------------- the work per document, on every core
+
+worker = {}  # what judge works with, in each process of prepare.py's pool (start_worker)
+
+
+def start_worker(tok, dtype, rules, near_dup, ngram, in_pool=False):
+    """Give this process what judge needs: a tokenizer (None: the rules only), the token dtype, the rules and a MinHash
+    signer (near_dup 0: none). in_pool: one of prepare.py's worker processes, which leave a Ctrl-C to prepare.py (it
+    stops once, not with a traceback from each worker; they end with it)."""
+    worker.update(tok=tok, dtype=dtype, rules=rules, near=NearDuplicates(near_dup, ngram) if near_dup else None)
+    if in_pool:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def judge(text):
+    """(token ids, BOS first, as an array; the first rule text fails, or None; the MinHash signature of the ids) of one
+    document: everything prepare.py's pass needs of it that does not depend on the documents before it, so that the
+    pool's processes can work it out in any order while prepare.py keeps the near-duplicate index in stream order."""
+    tok, near = worker["tok"], worker["near"]
+    ids = None if tok is None else np.asarray([tok.bos_id] + tok.encode(text), dtype=worker["dtype"])
+    sig = near.signature(ids) if near and ids is not None else None
+    return ids, failed_rule(text, worker["rules"]), sig
+
+
+def round_trips(text):
+    """Whether the worker's tokenizer decodes text's token ids back to text."""
+    return worker["tok"].decode(worker["tok"].encode(text)) == text

@@ -198,7 +198,8 @@ def test_resume_at_the_defaults_ratio_reads_only_new_rows(tmp_path):
     """Validation a tenth of a shard and 50 documents per 1000 (the defaults' ratio), so its split is cut only at the
     end, code rules on, stopped twice by --max_shards: each resume reads again at most a shard's worth of the rows the
     stopped run read (here none but the rest of a batch: it starts after the last shard, with the tokens no shard holds
-    yet and the near-duplicate index read back), and the folder is an uninterrupted run's, byte for byte. Near copies
+    yet and the near-duplicate index read back), and the folder is an uninterrupted run's, byte for byte, though that
+    one judged its documents in one worker and these in three (tokens, rules, MinHash: in any order). Near copies
     (a line changed: hash equality would miss them) of the validation document and of a training document before
     each stop come after the stops: a resume finds them only with the index the stopped run had."""
     chunks = [c for _, text in stdlib_sample(20) for c in lines_of(text, 40)][:120]
@@ -210,11 +211,16 @@ def test_resume_at_the_defaults_ratio_reads_only_new_rows(tmp_path):
     args = [f"--input={src}", "--vocab_size=512", "--shard_tokens=5000", "--val_tokens=500", "--val_permille=50"]
     args += ["--batch_docs=4", "--quality=code", "--near_dup=0.7"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    run("prepare.py", *args, f"--data_dir={whole}")
+    run("prepare.py", *args, f"--data_dir={whole}", "--workers=1")  # the stopped runs: 3 worker processes
     passes = []  # per run: {pass number: the rows it read}
     for i, max_shards in enumerate((3, 3, 0)):
         proc = patched(
-            "prepare.py", *args, f"--data_dir={stopped}", f"--max_shards={max_shards}", ROWS_READ=tmp_path / f"{i}"
+            "prepare.py",
+            *args,
+            f"--data_dir={stopped}",
+            f"--max_shards={max_shards}",
+            "--workers=3",
+            ROWS_READ=tmp_path / f"{i}",
         )
         assert ("run the same command to continue" in proc.stdout) == bool(max_shards)
         passes.append({})
