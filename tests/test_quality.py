@@ -31,6 +31,9 @@ CODE_CASES = [  # (document, the rule it fails or None)
     ("#" * 60 + "\n" + "# |__|__|  /\\  /\\ -- ++ ** ## @@ !! %% ^^ &&\n" * 12, "alphanumeric"),
     (TABLE, "literals"),
     (TABLE.replace("    (", "    f(", 25), None),  # 25 of 42 lines call a function: a program, not a table
+    (TABLE.replace("\n", "\r\n"), "literals"),  # CRLF line ends, as pysource reads a Windows file
+    (TABLE.replace("    (", "    f(", 25).replace("\n", "\r\n"), None),
+    (CODE.replace("\n", "\r\n"), None),
 ]
 
 
