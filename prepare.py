@@ -389,18 +389,22 @@ def build_chat_data():
 def local_conversations():
     """(rows, conversations, source) of --mode=sft/dpo on the local corpus: --task's docstring questions (parsed
     from every file for --corpus=python; the demo set, from imported standard-library modules, for stdlib), then
-    its coding requests (chat.code_conversations)."""
+    its coding requests. Each file is parsed once for both, on --num_threads processes, and the result kept for the
+    other stage (chat.parse_corpus_cached)."""
     if task not in ("docstring", "code", "both"):
         raise UserError(f"--task={task}: expected docstring, code or both")
     if code_scope not in ("self_contained", "all"):
         raise UserError(f"--code_scope={code_scope}: expected self_contained or all")
     rows, files = open_stream()[:2]
+    demo = task != "code" and corpus == "stdlib"  # the demo's questions come from imported modules, not parsed ones
+    parse = ("code" if task == "both" else None) if demo else task
+    found = chat.parse_corpus_cached(rows, parse, code_scope, num_threads) if parse else {}
     conversations, parts = [], []
-    if task != "code" and corpus == "stdlib":
+    if demo:
         conversations = chat.stdlib_conversations()
         parts.append(f"{len(conversations):,} standard-library docstring questions (demo)")
     elif task != "code":
-        conversations, parsed = chat.source_conversations(rows)
+        conversations, parsed = found["docstring"]
         parts.append(
             f"docstring Q&A parsed with ast, never imported: {len(conversations):,} questions from "
             f"{parsed['files']:,} files ({parsed['not_modules']:,} test or not modules and {parsed['unparsed']:,} "
@@ -408,7 +412,7 @@ def local_conversations():
             f"{parsed['same_answer']:,} repeated ones dropped)"
         )
     if task != "docstring":
-        code, c = chat.code_conversations(rows, code_scope)
+        code, c = found["code"]
         conversations += code
         parts.append(
             f"coding task ({code_scope}): {len(code):,} functions of {c['functions']:,} documented ones "
