@@ -71,8 +71,8 @@ model_config: empty | file = ""  # a train.py config file: target tokens_per_par
 tokens_per_param: above(0) = 20.0  # Chinchilla's 20 tokens per parameter
 plan_only = False  # print the plan and exit
 max_shards: at_least(0) = 0  # write at most this many shards, then stop (run again to go on); 0 = no limit
-workers: at_least(0) = 0  # processes that tokenize and judge documents (quality rules, MinHash); 0 = one per core
-batch_docs: at_least(1) = 1024  # documents read and handed to the workers at a time
+num_threads: at_least(0) = 0  # processes that tokenize and filter documents (sft/dpo: parse files); 0 = all cores
+batch_docs: at_least(1) = 1024  # documents read and handed to the num_threads processes at a time
 overwrite = False  # replace what data_dir holds
 # SFT and DPO data (--mode=sft, --mode=dpo): conversations with a loss mask, or preference pairs; see chat.py
 mode: one_of("pretrain", "sft", "dpo") = "pretrain"  # sft: `messages`, oasst1 trees; dpo: prompt/chosen/rejected
@@ -95,12 +95,12 @@ runtime.install_error_handler()
 config = runtime.configure(  # quality_skip's names: rules of the kind --quality picks
     globals(), sys.argv[1:], rules=[lambda c: select_rules(c.quality, c.quality_skip, bool(c.input or c.dataset))]
 )
-RUN_KEYS = ("data_dir", "plan_only", "max_shards", "workers", "batch_docs", "overwrite")
+RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "overwrite")
 # the corpus keys are recorded only for corpus=python: folders made before they existed still resume
 CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
 FILTER_KEYS = ("quality", "quality_skip", "near_dup", "dedup_ngram")  # recorded only when a filter is on, likewise
 local = not (input or dataset)
-n_workers = workers or os.cpu_count()
+n_workers = num_threads or os.cpu_count()
 config["quality"] = quality = rule_kind(quality, not local)  # recorded as resolved: auto and code are one folder
 config["near_dup"] = near_dup = (0.7 if local else 0.0) if near_dup == "auto" else near_dup
 filtering = mode == "pretrain" and (quality != "off" or near_dup > 0)
@@ -431,18 +431,22 @@ def build_chat_data():
 def local_conversations():
     """(rows, conversations, source) of --mode=sft/dpo on the local corpus: --task's docstring questions (parsed
     from every file for --corpus=python; the demo set, from imported standard-library modules, for stdlib), then
-    its coding requests (chat.code_conversations)."""
+    its coding requests. Each file is parsed once for both, on --num_threads processes, and the result kept for the
+    other stage (chat.parse_corpus_cached)."""
     if task not in ("docstring", "code", "both"):
         raise UserError(f"--task={task}: expected docstring, code or both")
     if code_scope not in ("self_contained", "all"):
         raise UserError(f"--code_scope={code_scope}: expected self_contained or all")
     rows, files = open_stream()[:2]
+    demo = task != "code" and corpus == "stdlib"  # the demo's questions come from imported modules, not parsed ones
+    parse = ("code" if task == "both" else None) if demo else task
+    found = chat.parse_corpus_cached(rows, parse, code_scope, num_threads) if parse else {}
     conversations, parts = [], []
-    if task != "code" and corpus == "stdlib":
+    if demo:
         conversations = chat.stdlib_conversations()
         parts.append(f"{len(conversations):,} standard-library docstring questions (demo)")
     elif task != "code":
-        conversations, parsed = chat.source_conversations(rows)
+        conversations, parsed = found["docstring"]
         parts.append(
             f"docstring Q&A parsed with ast, never imported: {len(conversations):,} questions from "
             f"{parsed['files']:,} files ({parsed['not_modules']:,} test or not modules and {parsed['unparsed']:,} "
@@ -450,7 +454,7 @@ def local_conversations():
             f"{parsed['same_answer']:,} repeated ones dropped)"
         )
     if task != "docstring":
-        code, c = chat.code_conversations(rows, code_scope)
+        code, c = found["code"]
         conversations += code
         parts.append(
             f"coding task ({code_scope}): {len(code):,} functions of {c['functions']:,} documented ones "

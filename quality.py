@@ -33,7 +33,7 @@ LITERAL = re.compile(  # a string, number or constant: what a row of a data tabl
     r"""[rRbBuU]{0,2}(?:'[^'\n]*'|"[^"\n]*")|\b(?:0[xXoObB][0-9a-fA-F_]+|\d[\d_]*(?:\.\d*)?(?:[eE][-+]?\d+)?j?"""
     r"""|None|True|False)\b"""
 )
-SEPARATORS = " \t,:;()[]{}+-."
+SEPARATORS = " \t\r,:;()[]{}+-."  # with "\r": pysource keeps a file's CRLF line ends
 NOT_ALNUM = re.compile(r"[\W_]+")  # \w is letters, digits and "_"
 ASCII_NOT_ALNUM = bytes(c for c in range(128) if not chr(c).isalnum())
 NONBLANK = re.compile(r"^[ \t]*\S", re.M)

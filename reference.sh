@@ -63,7 +63,8 @@ watch_gpu() { # one utilisation sample a second, for the card's GPU-busy line (w
 # The GPU is kept busy: SFT and DPO data need only the tokenizer, so they are prepared on the CPU while pretraining
 # runs; each eval.py generates on the GPU beside the next training stage and scores its programs on the CPU.
 main() { # read whole before it runs: editing this file during a run changes nothing
-    trap 'kill $(jobs -p) 2>/dev/null || true' EXIT # a stopped run stops its background stages too
+    # a stopped run stops its background stages too: each job's subshell and the command it runs
+    trap 'for job in $(jobs -p); do pkill -P "$job"; kill "$job"; done 2>/dev/null || true' EXIT
     t_start=$(date +%s)
     watch_gpu
     stage "prepare corpus" python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir=$DATA $PREPARE

@@ -31,6 +31,9 @@ CODE_CASES = [  # (document, the rule it fails or None)
     ("#" * 60 + "\n" + "# |__|__|  /\\  /\\ -- ++ ** ## @@ !! %% ^^ &&\n" * 12, "alphanumeric"),
     (TABLE, "literals"),
     (TABLE.replace("    (", "    f(", 25), None),  # 25 of 42 lines call a function: a program, not a table
+    (TABLE.replace("\n", "\r\n"), "literals"),  # CRLF line ends, as pysource reads a Windows file
+    (TABLE.replace("    (", "    f(", 25).replace("\n", "\r\n"), None),
+    (CODE.replace("\n", "\r\n"), None),
 ]
 
 
@@ -211,7 +214,7 @@ def test_resume_at_the_defaults_ratio_reads_only_new_rows(tmp_path):
     args = [f"--input={src}", "--vocab_size=512", "--shard_tokens=5000", "--val_tokens=500", "--val_permille=50"]
     args += ["--batch_docs=4", "--quality=code", "--near_dup=0.7"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    run("prepare.py", *args, f"--data_dir={whole}", "--workers=1")  # the stopped runs: 3 worker processes
+    run("prepare.py", *args, f"--data_dir={whole}", "--num_threads=1")  # the stopped runs: 3 worker processes
     passes = []  # per run: {pass number: the rows it read}
     for i, max_shards in enumerate((3, 3, 0)):
         proc = patched(
@@ -219,7 +222,7 @@ def test_resume_at_the_defaults_ratio_reads_only_new_rows(tmp_path):
             *args,
             f"--data_dir={stopped}",
             f"--max_shards={max_shards}",
-            "--workers=3",
+            "--num_threads=3",
             ROWS_READ=tmp_path / f"{i}",
         )
         assert ("run the same command to continue" in proc.stdout) == bool(max_shards)
