@@ -3,6 +3,7 @@ its threshold; planted near-duplicates dropped and a distinct file kept; validat
 manifest; web rules on a local JSONL in FineWeb's schema; a resumed run equal to an uninterrupted one, byte for byte."""
 
 import json
+import zlib
 
 import pytest
 from conftest import patched, run, stdlib_sample
@@ -240,6 +241,33 @@ def test_resume_at_the_defaults_ratio_reads_only_new_rows(tmp_path):
     assert [s["split"] for s in manifest["shards"]].index("val") > 6  # validation's only shard: after both stops
     counts = manifest["docs"]
     assert (counts.get("near_dup"), counts.get("near_dup_of_val"), counts["near_dup_clusters"]) == (3, 1, 3)
+
+
+def test_the_same_folder_on_one_or_two_processes(tmp_path):
+    """The tokenizer's sample, each document's tokens, quality rule and MinHash signature are worked out on
+    --num_threads processes, in any order: the folder (tokenizer, shards, near-duplicate keys, manifest) is the one
+    process's, byte for byte, over many small batches, with every rule's failures and planted near copies (one of a
+    validation document, named to go there) among real files, and the counts are the rules' own."""
+    chunks = [c for _, text in stdlib_sample(12) for c in lines_of(text, 40)][:80]
+    near = [chunks[i].replace("\n", "\n# changed\n", 1) for i in (2, 10, 30)]  # 2.py: validation's (its CRC32)
+    texts = chunks[:40] + [text for text, rule in CODE_CASES if rule] + chunks[40:] + near
+    val = [zlib.crc32(f"{i}.py".encode()) % 1000 < 100 for i in range(len(texts))]
+    assert val[2] and not any(val[i] for i in (10, 30)) and not any(val[-3:])
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": t, "name": f"{i}.py"}) + "\n" for i, t in enumerate(texts)))
+    args = [f"--input={src}", "--vocab_size=512", "--shard_tokens=4000", "--val_permille=100", "--batch_docs=7"]
+    args += ["--quality=code", "--near_dup=0.7"]
+    folders = [tmp_path / f"p{n}" for n in (1, 2)]
+    for n, folder in zip((1, 2), folders, strict=True):
+        run("prepare.py", *args, f"--data_dir={folder}", f"--num_threads={n}")
+    files = {p.name: p.read_bytes() for p in folders[0].iterdir()}
+    assert {p.name: p.read_bytes() for p in folders[1].iterdir()} == files
+    assert len([f for f in files if f.endswith(".bin")]) > 4 and "near_dup_val.keys" in files
+    counts = json.loads(files["manifest.json"])["docs"]
+    training = [t for t, v in zip(texts, val, strict=True) if not v]
+    expected = {rule: sum(failed_rule(t, CODE_RULES) == rule for t in training) for rule in CODE_RULES}
+    assert {rule: counts.get(rule, 0) for rule in CODE_RULES} == expected and sum(expected.values()) >= 5
+    assert counts["near_dup"] >= 3 and counts["near_dup_of_val"] == 1  # the planted three, and stdlib's own
 
 
 def lines_of(text, n):
