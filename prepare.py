@@ -100,7 +100,8 @@ RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", 
 CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
 FILTER_KEYS = ("quality", "quality_skip", "near_dup", "dedup_ngram")  # recorded only when a filter is on, likewise
 local = not (input or dataset)
-n_workers = num_threads or os.cpu_count()
+# the processes that judge documents (start_pool): forked, so Linux only, as chat.pool_size says why
+n_workers = 1 if sys.platform != "linux" else num_threads or len(os.sched_getaffinity(0))
 config["quality"] = quality = rule_kind(quality, not local)  # recorded as resolved: auto and code are one folder
 config["near_dup"] = near_dup = (0.7 if local else 0.0) if near_dup == "auto" else near_dup
 filtering = mode == "pretrain" and (quality != "off" or near_dup > 0)
@@ -292,10 +293,10 @@ def validation_documents(rows, field):
 def start_pool(tok):
     """Processes that judge documents with tok (quality.judge: token ids, quality rules, MinHash signature), each
     on its own: what depends on the documents before it stays in this process. Forked, so that they inherit the
-    tokenizer and rules: a spawned process would run this script again, which has no __main__ guard. One worker (or
-    no fork, on Windows) is a thread of this process."""
+    tokenizer and rules: a spawned process would run this script again, which has no __main__ guard. One worker (and
+    every platform but Linux) is a thread of this process."""
     args = (tok, token_dtype(tok.vocab_size) if tok else None, rules, near_dup, dedup_ngram)
-    if n_workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if n_workers == 1:
         return multiprocessing.pool.ThreadPool(1, start_worker, args)
     return multiprocessing.get_context("fork").Pool(n_workers, start_worker, (*args, True))
 
