@@ -103,6 +103,17 @@ def sentences(n, extra=""):
     return " ".join(ws[:-1]) + extra + " " + ws[-1] + "."
 
 
+def repeated_link(extra=0):
+    """10 lines of prose with a link (one word: no n-gram repeats) on lines 4, 8, 12: its 2 repeats hold 20% of the
+    characters, with spaces at the end making up the count (Gopher's share is of the whole text); extra characters
+    more in the link."""
+    lines = lines_of(words(100)).split("\n")
+    size = -(-(sum(map(len, lines)) + 12) // 7)  # 2 size = 0.2 (lines + 3 size + 12 newlines + spaces)
+    link = "https://example.org/" + "x" * (size - 20 + extra)
+    text = "\n".join(lines[:3] + [link] + lines[3:6] + [link] + lines[6:9] + [link] + lines[9:])
+    return text + " " * (10 * size - len(text) + 3 * extra)
+
+
 def each_line(text, edit):
     return "\n".join(edit(i, line) for i, line in enumerate(text.split("\n")))
 
@@ -165,6 +176,8 @@ WEB_CASES = [  # (document, the rules it fails), by hand; each threshold met fro
     (list_lines(32, 100), {"fineweb_lines"}),
     # gopher_repetition: repeated paragraphs or lines, over 30% of them or 20% of the characters; the top 2- to
     # 4-gram over 20% to 16% of the characters; repeated 5- to 10-grams over 15% to 10%
+    (repeated_link(), set()),  # 20% of the characters
+    (repeated_link(1), {"gopher_repetition"}),
     ("\n\n".join([lines_of(words(12, seed=i)) for i in range(6)] + ["Read more."] * 4), set()),  # 3 of 10 repeat
     ("\n\n".join([lines_of(words(12, seed=i)) for i in range(5)] + ["Read more."] * 5), {"gopher_repetition"}),
     (lines_of(marked(W100, 20, lambda w: w + " New York")), set()),
@@ -221,14 +234,40 @@ def our_decisions(text):
     }
 
 
+BREAKS = ["\r\n", "\r", "\x0c", "\u2028", "\n\n", " \n", "\n \n"]  # splitlines, split("\n"), "\n+" cut these apart
+WORDS = [" — ", " | ", " ... ", " … ", " # ", " - ", " [1] ", " [edit] "]  # punctuation alone, citations
+ENDS = ["", " ", "\n", "\n\n", "\t"]
+LINES = ["See it [1] now.", "Two words [2]", "It is so”", "It is so。", "the of be."]  # C4 reads these its own way
+
+
+def edited_at_random(rng, text):
+    """text with one small edit where a rule's details decide: another line break, a word of punctuation alone or a
+    citation, space at either end, a line repeated, or a line of LINES added."""
+    edit = rng.randrange(5)
+    if edit < 2:
+        old, new = ("\n", rng.choice(BREAKS)) if edit == 0 else (" ", rng.choice(WORDS))
+        i = rng.choice([i for i, c in enumerate(text) if c == old] or [len(text)])
+        return text[:i] + new + text[i + 1 :]
+    if edit == 2:
+        return rng.choice(ENDS) + text + rng.choice(ENDS)
+    return text + "\n" + rng.choice(text.split("\n") if edit == 3 else LINES)
+
+
 def test_web_rules_decide_as_datatrove():
-    """FineWeb's filters in datatrove keep or drop each hand-made document, and 300 documents mixed from their lines,
-    as quality.py's rules do, filter for filter; with words split at whitespace on both sides (docs/data.md)."""
+    """FineWeb's filters in datatrove keep or drop each hand-made document, 300 documents mixed from their lines and
+    600 of either with a few small edits (edited_at_random), as quality.py's rules do, filter for filter; with words
+    split at whitespace on both sides (docs/data.md)."""
     rng = random.Random(0)
     lines = [line for text, _ in WEB_CASES for line in text.split("\n")]
     mixed = [rng.choice(["\n", "\n\n", " "]).join(rng.choices(lines, k=rng.randint(3, 40))) for _ in range(300)]
-    for text in [text for text, _ in WEB_CASES] + mixed:
-        assert our_decisions(text) == fineweb_decisions(text), text
+    texts = [text for text, _ in WEB_CASES] + mixed
+    for _ in range(600):
+        text = rng.choice(texts[: len(WEB_CASES)] * 5 + mixed)  # mostly the hand-made ones: they sit at thresholds
+        for _ in range(rng.randint(1, 3)):
+            text = edited_at_random(rng, text)
+        texts.append(text)
+    for text in texts:
+        assert our_decisions(text) == fineweb_decisions(text), repr(text)
     # the word-count ceiling, here only: the other filters take a second on a document this long
     for n, keep in ((100_000, True), (100_001, False)):
         text = lines_of(words(n))
