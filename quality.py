@@ -20,8 +20,10 @@ not found (their similarity is small); a copy with a few lines changed or a head
 
 import re
 import signal
+from collections import Counter
 
 import numpy as np
+import regex
 
 import disk
 
@@ -75,102 +77,147 @@ CODE_RULES = {"auto_generated": auto_generated, "long_lines": long_lines, "alpha
 CODE_RULES["literals"] = literals  # the slowest last: it runs only on files that passed the others
 
 # ----------------------------------------------------------------------------- quality rules: web text
+# FineWeb's filters as datatrove (0.10.1) runs them for it, each with FineWeb's settings: GopherRepetitionFilter,
+# GopherQualityFilter, C4QualityFilter without its terminal-punctuation line rule, FineWebQualityFilter. Same rules,
+# same thresholds, same comparisons; one change: words are split at whitespace, where datatrove uses a language's
+# word tokenizer (spaCy's for English, NLTK's when FineWeb was made), and sentences by datatrove's own fallback rule
+# (its WhitespaceTokenizer's). tests/test_quality.py runs datatrove's filters with that tokenizer on the same
+# documents and asserts the same decisions; docs/data.md lists the thresholds and what the tokenizer changes.
 
-STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}  # Gopher: at least 2 of them
-BULLETS = ("•", "-", "*", "‣", "⁃", "◦", "▪")
-TERMINAL = (".", "!", "?", '"', "'", "”", "’")
-
-
-def words_of(text):
-    return text.split()
+STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}  # Gopher: 2 of them, as written ("The" is not)
+TERMINAL = (  # datatrove's TERMINAL_PUNCTUATION (Unicode's sentence terminals, less some): FineWeb's line rule
+    "!.?\u0589\u061d\u061e\u061f\u06d4\u0700\u0701\u0702\u07f9\u0837\u0839\u083d\u083e\u0964\u0965\u104a\u104b\u1362"
+    "\u1367\u1368\u166e\u1735\u1736\u17d4\u17d5\u17d6\u17d9\u17da\u1803\u1809\u1944\u1945\u1aa8\u1aa9\u1aaa\u1aab"
+    "\u1b5a\u1b5b\u1b5e\u1b5f\u1b7d\u1b7e\u1c3b\u1c3c\u1c7e\u1c7f\u203c\u203d\u2047\u2048\u2049\u2e2e\u2e3c\u2e53"
+    "\u2e54\u3002\ua4ff\ua60e\ua60f\ua6f3\ua6f7\ua876\ua877\ua8ce\ua8cf\ua92f\ua9c8\ua9c9\uaa5d\uaa5e\uaa5f\uaaf0"
+    "\uaaf1\uabeb\ufe52\ufe56\ufe57\uff01\uff0e\uff1f\uff61\U00010a56\U00010a57\U00010f55\U00010f56\U00010f57"
+    "\U00010f58\U00010f59\U00010f86\U00010f87\U00010f88\U00010f89\U00011047\U00011048\U000110be\U000110bf\U000110c0"
+    "\U000110c1\U00011141\U00011142\U00011143\U000111c5\U000111c6\U000111cd\U000111de\U000111df\U00011238\U00011239"
+    "\U0001123b\U0001123c\U000112a9\U0001144b\U0001144c\U000115c2\U000115c3\U000115c9\U000115ca\U000115cb\U000115cc"
+    "\U000115cd\U000115ce\U000115cf\U000115d0\U000115d1\U000115d2\U000115d3\U000115d4\U000115d5\U000115d6\U000115d7"
+    "\U00011641\U00011642\U0001173c\U0001173d\U0001173e\U00011944\U00011946\U00011a42\U00011a43\U00011a9b\U00011a9c"
+    "\U00011c41\U00011c42\U00011ef7\U00011ef8\U00011f43\U00011f44\U00016a6e\U00016a6f\U00016af5\U00016b37\U00016b38"
+    "\U00016b44\U00016e98\U0001bc9f\U0001da88"
+)
+CONTROL = "".join(map(chr, [*range(0, 9), *range(11, 32), *range(127, 160)]))  # all but tab and newline
+PUNCTUATION = set("!/—”:％１〈&(、━\\【#%「」，】；+^]~“《„';’{|∶´[=-`*．（–？！：$～«〉,><》)?）。…@_.\"}►»")
+PUNCTUATION |= set(CONTROL) | set(TERMINAL)  # datatrove's PUNCTUATION_SET: a word made of these alone is no word
+SENTENCE = regex.compile(rf"(?:(?:\p{{Lu}}\.)|.)+?[{re.escape(TERMINAL)}\n]+[\"'”]?")  # "U.S." ends none
+CITATION = re.compile(r"\[\d*]|\[edit]|\[citation needed]")  # C4: Wikipedia's marks, removed from a line
+POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 
 
 def gopher_length(text):
-    """Gopher: 50 to 100,000 words, of 3 to 10 characters on average."""
-    words = words_of(text)
-    if not 50 <= len(words) <= 100_000:
-        return True
-    mean = sum(map(len, words)) / len(words)
-    return not 3 <= mean <= 10
+    """Gopher: 50 to 100,000 words (not counting those of punctuation alone), of 3 to 10 characters on average."""
+    words = [w for w in text.split() if not PUNCTUATION.issuperset(w)]
+    return not 50 <= len(words) <= 100_000 or not 3 <= sum(map(len, words)) / len(words) <= 10
 
 
 def gopher_symbols(text):
-    """Gopher: '#' and ellipses over 10% of the words; 90% of the lines bullets; 30% of them ending in an ellipsis."""
-    words = words_of(text)
-    symbols = text.count("#") + text.count("...") + text.count("…")
-    lines = [line.strip() for line in text.split("\n") if line.strip()]
-    bullets = sum(line.startswith(BULLETS) for line in lines)
-    ellipses = sum(line.endswith(("...", "…")) for line in lines)
-    return symbols > 0.1 * len(words) or bullets > 0.9 * len(lines) or ellipses > 0.3 * len(lines)
+    """Gopher: '#', or ellipses, over 10% of the words; over 90% of the lines starting with a bullet; over 30% ending
+    in an ellipsis."""
+    words, lines = max(1, len(text.split())), text.splitlines() or [""]
+    bullets = sum(line.lstrip().startswith(("•", "-")) for line in lines) / len(lines)
+    ellipses = sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines)
+    hashes, dots = text.count("#") / words, (text.count("...") + text.count("…")) / words
+    return hashes > 0.1 or dots > 0.1 or bullets > 0.9 or ellipses > 0.3
 
 
 def gopher_words(text):
     """Gopher: under 80% of the words hold a letter, or fewer than 2 of its 8 stop words appear: not prose."""
-    words = words_of(text)
-    alpha = sum(any(c.isalpha() for c in w) for w in words)
-    return alpha < 0.8 * len(words) or len(STOP_WORDS & {w.lower() for w in words}) < 2
+    words = text.split()
+    alpha = sum(any(c.isalpha() for c in w) for w in words) / max(1, len(words))
+    return alpha < 0.8 or len(STOP_WORDS.intersection(words)) < 2
+
+
+def c4_lines(text):
+    """The lines C4's filter keeps, as FineWeb ran it (no line-end rule): 3 words or more, none over 1,000 characters,
+    citations removed, no 'javascript' or cookie and terms notices; and whether one of them holds 'lorem ipsum' or a
+    '{', which drops the document."""
+    kept = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 3 or any(len(w) > 1000 for w in words):
+            continue
+        line = CITATION.sub("", line.strip())
+        lower = line.lower()
+        if "lorem ipsum" in lower or ("{" in line and "javascript" not in lower):
+            return kept, True
+        if "javascript" not in lower and not any(p in lower for p in POLICY):
+            kept.append(line)
+    return kept, False
+
+
+def c4(text):
+    """C4 (FineWeb's settings): 'lorem ipsum' or a '{' on a line it keeps (c4_lines), or under 5 sentences in them."""
+    kept, dropped = c4_lines(text)
+    return dropped or sum(max(1, len(SENTENCE.findall(line))) for line in kept) < 5
 
 
 def duplicate_share(parts):
-    """(share of parts, share of their characters) that repeat an earlier part."""
+    """(number, characters) of the parts that repeat an earlier part."""
     seen, dup, dup_chars = set(), 0, 0
     for part in parts:
         if part in seen:
             dup, dup_chars = dup + 1, dup_chars + len(part)
         seen.add(part)
-    return dup / max(1, len(parts)), dup_chars / max(1, sum(map(len, parts)))
+    return dup, dup_chars
+
+
+def fineweb_lines(text):
+    """FineWeb, on the text C4's step leaves (c4_lines): under 12% of the non-blank lines ending in terminal
+    punctuation; over 67% of them 30 characters or shorter; over 1% of the characters in lines that repeat an earlier
+    line; over 0.3 newlines a word (lists)."""
+    text = "\n".join(c4_lines(text)[0]).strip()
+    lines = [line for line in text.split("\n") if line.strip()]
+    if not lines:
+        return True
+    punct = sum(line[-1] in TERMINAL for line in lines) / len(lines)  # a non-blank line has a last character
+    short = sum(len(line) <= 30 for line in lines) / len(lines)
+    repeated = duplicate_share(lines)[1] / len(text.replace("\n", ""))
+    return punct < 0.12 or short > 0.67 or repeated > 0.01 or text.count("\n") / len(text.split()) > 0.3
+
+
+def repeated_ngram_chars(words, n):
+    """Characters of the n-grams (words joined without spaces) that repeat an earlier one, not overlapping."""
+    seen, chars, i = set(), 0, 0
+    while i < len(words) - n + 1:
+        gram = "".join(words[i : i + n])
+        if gram in seen:
+            chars, i = chars + len(gram), i + n
+        else:
+            seen.add(gram)
+            i += 1
+    return chars
 
 
 def gopher_repetition(text):
-    """Gopher: repeated lines (30% of lines, 20% of characters) or paragraphs (30%, 20%); the most frequent 2-, 3-,
-    4-gram covering 20%, 18%, 16% of the characters; repeated 5- to 10-grams covering 15% down to 10%."""
-    lines = [line for line in text.split("\n") if line.strip()]
-    paragraphs = [p for p in re.split(r"\n{2,}", text.strip()) if p.strip()]
-    for parts in (lines, paragraphs):
-        share, char_share = duplicate_share(parts)
-        if share > 0.3 or char_share > 0.2:
+    """Gopher, over the characters of the document: repeated paragraphs or lines (over 30% of them, or 20% of the
+    characters); the most frequent 2-, 3-, 4-gram covering over 20%, 18%, 16%; repeated 5- to 10-grams covering over
+    15% down to 10%."""
+    if not text:
+        return True
+    for parts in (re.split(r"\n{2,}", text.strip()), re.split(r"\n+", text)):  # paragraphs, then lines
+        dup, dup_chars = duplicate_share(parts)
+        if dup / len(parts) > 0.3 or dup_chars / len(text) > 0.2:
             return True
-    words = words_of(text)
-    chars = sum(map(len, words)) or 1
+    words = text.split()
     for n, limit in ((2, 0.20), (3, 0.18), (4, 0.16)):
-        grams = {}
-        for i in range(len(words) - n + 1):
-            gram = tuple(words[i : i + n])
-            grams[gram] = grams.get(gram, 0) + 1
+        grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
         if grams:
-            top, count = max(grams.items(), key=lambda kv: kv[1])
-            if count > 1 and count * sum(map(len, top)) > limit * chars:
+            top, count = grams.most_common(1)[0]
+            if len(top) * count / len(text) > limit:
                 return True
-    for n, limit in zip(range(5, 11), (0.15, 0.14, 0.13, 0.12, 0.11, 0.10), strict=True):
-        seen, covered = set(), np.zeros(len(words), dtype=bool)
-        for i in range(len(words) - n + 1):
-            gram = tuple(words[i : i + n])
-            if gram in seen:
-                covered[i : i + n] = True
-            seen.add(gram)
-        if sum(len(w) for w, c in zip(words, covered, strict=True) if c) > limit * chars:
-            return True
-    return False
-
-
-def c4_lines(text):
-    """C4 and FineWeb, per document: 'lorem ipsum'; at most 12% of lines ending in terminal punctuation; over 67% of
-    lines under 30 characters; over 10% of the characters in lines that repeat an earlier line (FineWeb's rules)."""
-    if "lorem ipsum" in text.lower():
-        return True
-    lines = [line.strip() for line in text.split("\n") if line.strip()]
-    if not lines:
-        return True
-    punct = sum(line.endswith(TERMINAL) for line in lines)
-    short = sum(len(line) < 30 for line in lines)
-    return punct <= 0.12 * len(lines) or short > 0.67 * len(lines) or duplicate_share(lines)[1] > 0.1
+    limits = zip(range(5, 11), (0.15, 0.14, 0.13, 0.12, 0.11, 0.10), strict=True)
+    return any(repeated_ngram_chars(words, n) / len(text) > limit for n, limit in limits)
 
 
 WEB_RULES = {
     "gopher_length": gopher_length,
     "gopher_symbols": gopher_symbols,
     "gopher_words": gopher_words,
-    "c4_lines": c4_lines,
+    "c4": c4,
+    "fineweb_lines": fineweb_lines,
     "gopher_repetition": gopher_repetition,  # the slowest last
 }
 RULES = {"code": CODE_RULES, "web": WEB_RULES}
