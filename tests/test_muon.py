@@ -174,14 +174,16 @@ def test_bucketed_step_equals_one_matrix_at_a_time():
         assert torch.allclose(p, together[i], atol=1e-6), i
 
 
-def distributed_step(rank, world, port, out, decay):
+def distributed_step(rank, world, out, decay):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store, not a TCP port: no race for a port another test may take between its choice and its use
+    dist.init_process_group("gloo", init_method=f"file://{out.parent / 'store'}", rank=rank, world_size=world)
     params = make_matrices()
     Muon([dict(params=params, use_muon=True, lr=0.02, **decay)]).step()
     if rank == 0:
         torch.save([p.detach() for p in params], out)
+    dist.barrier()  # no rank tears gloo down while its peer still saves: that peer aborted, SIGABRT, now and then
     dist.destroy_process_group()
 
 
@@ -189,14 +191,9 @@ def distributed_step(rank, world, port, out, decay):
 def test_distributed_step_equals_single_process(tmp_path, decay):
     """Two ranks split each bucket (3 matrices: one rank pads its slice) and all-gather: same weights as one, also
     with cautious weight decay, whose signs come from the gathered updates."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(distributed_step, args=(2, port, tmp_path / "w.pt", decay), nprocs=2)
+    mp.spawn(distributed_step, args=(2, tmp_path / "w.pt", decay), nprocs=2)
     single = make_matrices()
     Muon([dict(params=single, use_muon=True, lr=0.02, **decay)]).step()
     for a, b in zip(torch.load(tmp_path / "w.pt"), single, strict=True):
