@@ -86,7 +86,7 @@ sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose an
 # text files and datasets (--quality=web and --near_dup=0.7 turn them on)
 quality: one_of("off", "auto", "code", "web") = "auto"  # auto: code on --corpus, else off; code, web: quality.py
 quality_skip: any_text = ""  # rules left out, comma-separated (e.g. literals,long_lines): see quality.py
-near_dup: auto | 0.0 | float & between(0.5, 0.95) = "auto"  # drop near-copies over this Jaccard; 0 off; auto 0.7 corpus
+near_dup: auto | 0.0 | float & between(0.5, 0.95) = "auto"  # near-copy Jaccard cutoff; 0: off; auto: 0.7 on --corpus
 dedup_ngram: between(1, 64) = 5  # tokens per MinHash shingle, for near_dup
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()

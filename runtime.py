@@ -121,12 +121,17 @@ def configure(namespace, argv, skip_foreign=False, auto=(), rules=()):
     accepts = declarations(namespace, keys)
 
     def kind(k, v):
-        """The type key k keeps: its default's; for a default of "auto", the type its declaration states (compile:
-        auto | bool; near_dup: auto | 0.0 | float & between(0.5, 0.95)), else text (dtype: auto | float32 ...)."""
-        stated, edges = (accepts[k].kind, accepts[k].edges) if k in accepts else (None, ())
-        if v == "auto" and not stated and edges:  # the script's own mistake: a traceback, for its author
-            raise TypeError(f"{k} defaults to auto and takes numbers: state its type (auto | float & ..., accepts.py)")
-        return stated if v == "auto" and stated else type(v)
+        """The type key k keeps: the one its declaration states (compile: auto | bool; near_dup: auto | 0.0 | float &
+        between(0.5, 0.95)), else its default's; a default of "auto" with no type stated is text (dtype: auto |
+        float32 ...). Never guessed from the declaration's numbers: `auto | between(0.5, 0.95)` would be text."""
+        a = accepts.get(k)
+        stated = a.kind if a else None
+        takes_more = a and (a.edges or any(not isinstance(x, str) for x in a.literals))
+        if v == "auto" and not stated and takes_more:  # the script's own mistake: a traceback, for its author
+            raise TypeError(f"{k} defaults to auto and takes more than text: state its type (auto | float & ...)")
+        if stated and v != "auto" and type(v) is not stated and not (stated is float and type(v) is int):
+            raise TypeError(f"{k}: its default {v!r} is not of the type its declaration states, {stated.__name__}")
+        return stated or type(v)
 
     kinds = {k: kind(k, v) for k, v in defaults.items()}
     auto = (*auto, *(k for k, a in accepts.items() if "auto" in a.literals and kinds[k] is not str))
