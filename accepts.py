@@ -5,9 +5,10 @@
     batch_size: auto | at_least(1) = 8  # either: auto, or an integer from 1
     near_dup: auto | 0.0 | float & between(0.5, 0.95) = "auto"  # a float that defaults to auto
 
-A key's type is its default's: --block_size=64 is read as an int, and a config file's 64.0 is refused. A key that
-defaults to "auto" but takes another type says which in its declaration, as `float & ...` or `auto | bool`
-(runtime.configure reads the text 0.7 as a float only for a key whose type is float).
+A key's type is stated, never guessed from the numbers in its declaration: by the declaration (`float & ...`,
+`auto | bool`) where it says one, else by the default (--block_size=64 is read as an int, and a config file's 64.0 is
+refused). A key that defaults to "auto" and takes more than text must state its type: runtime.configure raises a
+TypeError for the script's author otherwise (it would read the text 0.7 as text, not as a float).
 
 runtime.configure checks every final value against its key's declaration before any work starts, and answers a
 value outside it with `error: KEY=VALUE: expected WHAT`. A key with no declaration is only type-checked; the fuzz
