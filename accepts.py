@@ -3,6 +3,12 @@
     block_size: between(1, 4096) = 1024  # sequence length in tokens: the model's context
     data_dir: folder = "data/stdlib"  # folder made by prepare.py
     batch_size: auto | at_least(1) = 8  # either: auto, or an integer from 1
+    near_dup: auto | 0.0 | float & between(0.5, 0.95) = "auto"  # a float that defaults to auto
+
+A key's type is stated, never guessed from the numbers in its declaration: by the declaration (`float & ...`,
+`auto | bool`) where it says one, else by the default (--block_size=64 is read as an int, and a config file's 64.0 is
+refused). A key that defaults to "auto" and takes more than text must state its type: runtime.configure raises a
+TypeError for the script's author otherwise (it would read the text 0.7 as text, not as a float).
 
 runtime.configure checks every final value against its key's declaration before any work starts, and answers a
 value outside it with `error: KEY=VALUE: expected WHAT`. A key with no declaration is only type-checked; the fuzz
@@ -18,8 +24,10 @@ import torch
 class Accepts:
     """A set of values: test(value) says whether value is in it, what completes "expected ..." in the error."""
 
-    def __init__(self, test, what, literals=()):
+    def __init__(self, test, what, literals=(), kind=None, edges=()):
         self.test, self._what, self.literals = test, what, tuple(literals)
+        self.kind = kind  # the type it states (float & between(...)), or None: the key's default's type is the type
+        self.edges = tuple(edges)  # the numbers at its boundaries, tried by tests/test_bounds.py with a huge and a tiny
 
     @property
     def what(self):
@@ -33,22 +41,39 @@ class Accepts:
 
     def __or__(self, other):
         other = as_accepts(other)
-        return Accepts(lambda v: self(v) or other(v), f"{self.what}, or {other.what}", self.literals + other.literals)
+        if self.kind and other.kind and self.kind is not other.kind:
+            raise TypeError(f"a declaration states two types: {self.kind.__name__} and {other.kind.__name__}")
+        return Accepts(
+            lambda v: self(v) or other(v),
+            f"{self.what}, or {other.what}",
+            self.literals + other.literals,
+            self.kind or other.kind,
+            self.edges + other.edges,
+        )
 
     def __ror__(self, other):
         return as_accepts(other) | self
 
+    def __rand__(self, kind):
+        """kind & declaration: the same values, of type kind (see the module's docstring)."""
+        if kind not in (int, float, bool, str):
+            return NotImplemented
+        return Accepts(self.test, self._what, self.literals, kind, self.edges)
+
     def saying(self, what):
         """The same values under other words in the error and --help: what each choice means, where the declaration
         alone would not say (prepare.py's tokenizer: train one, tiktoken's, or a run's file)."""
-        return Accepts(self.test, what, self.literals)
+        return Accepts(self.test, what, self.literals, self.kind, self.edges)
 
     def __repr__(self):
         return f"<accepts {self.what}>"
 
 
 def as_accepts(x):
-    """A declaration, or a plain value (a literal: exactly that value)."""
+    """A declaration, a type (auto | bool: any bool, and the key's type is bool), or a plain value (a literal:
+    exactly that value)."""
+    if x in (int, float, bool, str):
+        return x & Accepts(lambda v: isinstance(v, x), "true or false" if x is bool else f"any {x.__name__}")
     return x if isinstance(x, Accepts) else one_of(x)
 
 
@@ -65,28 +90,29 @@ def number(v):
 
 def between(lo, hi):
     kind = "an integer" if isinstance(lo, int) and isinstance(hi, int) else "a number"
-    return Accepts(lambda v: number(v) and lo <= v <= hi, f"{kind} from {lo} to {hi}")
+    return Accepts(lambda v: number(v) and lo <= v <= hi, f"{kind} from {lo} to {hi}", edges=(lo, hi))
 
 
 def at_least(lo, below=None):
     """lo <= value, and value < below where given (AdamW's betas: at_least(0, below=1))."""
     if below is None:
-        return Accepts(lambda v: number(v) and v >= lo, f"a number >= {lo}")
-    return Accepts(lambda v: number(v) and lo <= v < below, f"a number >= {lo} and below {below}")
+        return Accepts(lambda v: number(v) and v >= lo, f"a number >= {lo}", edges=(lo,))
+    return Accepts(lambda v: number(v) and lo <= v < below, f"a number >= {lo} and below {below}", edges=(lo, below))
 
 
 def above(lo, most=None):
     """value > lo, and value <= most where given (a share of a learning rate: above(0, most=1))."""
     if most is None:
-        return Accepts(lambda v: number(v) and v > lo, f"a number > {lo}")
-    return Accepts(lambda v: number(v) and lo < v <= most, f"a number > {lo} and <= {most}")
+        return Accepts(lambda v: number(v) and v > lo, f"a number > {lo}", edges=(lo,))
+    return Accepts(lambda v: number(v) and lo < v <= most, f"a number > {lo} and <= {most}", edges=(lo, most))
 
 
 def one_of(*choices):
     shown = [show(c) for c in choices]
     what = shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + f" or {shown[-1]}"
     # True == 1 in Python: compare types too, so a bool key's choices do not take 1, nor an int key's take True
-    return Accepts(lambda v: any(v == c and type(v) is type(c) for c in choices), what, choices)
+    edges = [c for c in choices if number(c)]
+    return Accepts(lambda v: any(v == c and type(v) is type(c) for c in choices), what, choices, edges=edges)
 
 
 def comma_list(*choices):

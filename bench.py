@@ -46,10 +46,10 @@ from shards import TokenWindows, write_shard
 # ----------------------------------------------------------------------------- config
 # model (a train.py config file sets these)
 vocab_size: between(1, 2**32) = 32000  # tokens in the vocabulary
-n_layer: at_least(1) = 12  # transformer blocks
+n_layer: between(1, 1024) = 12  # transformer blocks
 n_head: at_least(1) = 6  # attention heads (head size 128)
-n_embd: at_least(1) = 768  # residual width
-mlp_hidden: at_least(1) = 3072  # SwiGLU hidden width
+n_embd: between(1, 2**16) = 768  # residual width
+mlp_hidden: between(1, 2**18) = 3072  # SwiGLU hidden width
 block_size: between(4, 4096) = 4096  # longest sequence, and the model's context
 rope_theta: above(0) = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward
@@ -62,8 +62,8 @@ value_embeds = False  # gated value embeddings on every other layer
 x0_shortcut = False  # learned mix of the embedding into every block's input
 value_residual = False  # learned mix of layer 0's attention values into later layers'
 embed_norm = False  # RMS-norm the token embedding
-batch_size: at_least(1) = 8  # sequences of block_size per micro-batch; shorter ones get as many tokens per micro-batch
-gradient_accumulation_steps: at_least(1) = 16  # micro-batches per optimizer step (the config's = its reference batch)
+batch_size: between(1, 2**16) = 8  # sequences of block_size per micro-batch (shorter ones: as many tokens)
+gradient_accumulation_steps: between(1, 2**16) = 16  # micro-batches per step (the config's: its reference batch)
 muon_lr: at_least(0) = 0.02  # optimizer settings, as train.py (they do not change the speed)
 muon_momentum: at_least(0, below=1) = 0.95  # Nesterov momentum of Muon (at 1 its buffer would never leave zero)
 learning_rate: at_least(0) = 0.006  # AdamW learning rate

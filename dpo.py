@@ -43,7 +43,7 @@ init_from: one_of("resume") | folder = "out/sft"  # an SFT run folder (its best 
 data_dir: folder = "data/dpo_stdlib"  # folder made by prepare.py --mode=dpo
 overwrite = False  # allow a new run to replace one already in out_dir
 eval_interval: at_least(1) = 100  # steps between evaluations (held-out loss, rewards and preference accuracy)
-eval_iters: at_least(1) = 10  # validation micro-batches per evaluation
+eval_iters: between(1, 100_000) = 10  # validation micro-batches per evaluation
 log_interval: at_least(1) = 10  # steps between progress lines
 ckpt_interval: at_least(1) = 100  # steps between checkpoints (one is also written at the end)
 patience: at_least(0) = 0  # stop after this many evaluations without a new best held-out loss (0 = never)
@@ -53,9 +53,9 @@ beta: above(0) = 0.1  # inverse temperature of the preference model: rewards are
 nll_weight: at_least(0) = 0.2  # weight of the chosen answers' NLL per token in the loss (0 = DPO); at 0 34% loop
 precompute_ref = False  # compute the reference's log-probabilities once up front, then free the reference model
 # data
-batch_size: auto | at_least(1) = 8  # pairs per micro-batch and rank (2 x batch_size rows); auto: the most that fit
-gradient_accumulation_steps: at_least(1) = 1  # micro-batches per step, summed over all ranks
-global_batch_size: at_least(0) = 0  # pairs per step, all ranks; sets gradient_accumulation_steps if > 0
+batch_size: auto | between(1, 2**16) = 8  # pairs per micro-batch and rank (2 rows each); auto: the most that fit
+gradient_accumulation_steps: between(1, 2**16) = 1  # micro-batches per step, summed over all ranks
+global_batch_size: between(0, 2**32) = 0  # pairs per step, all ranks; sets gradient_accumulation_steps if > 0
 # optimizer: smaller steps than SFT, DPO only nudges a model that already answers
 optimizer: one_of("muon", "adamw") = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter
 lr_frac: above(0, most=1) = 0.05  # peak learning rates as a fraction of the SFT run's; 0.2 degrades (PERF.md)

@@ -60,9 +60,9 @@ text_field: nonempty = "text"  # field holding the document (Ultra-FineWeb: cont
 score_field: any_text = ""  # numeric quality field to filter on (Ultra-FineWeb: score); empty = keep every document
 score_min: finite = 0.0  # keep documents whose score_field >= this (the seed kept Ultra-FineWeb scores >= 0.8)
 data_dir: empty | writable = ""  # output folder; empty = data/<corpus>, data/<input name> or data/<dataset name>
-vocab_size: between(1, 2**32) = 4096  # size of a trained tokenizer: 4096 suits the CPU demo, 32000 the reference run
+vocab_size: between(1, 2**20) = 4096  # size of a trained tokenizer: 4096 suits the CPU demo, 32000 the reference run
 tokenizer: TOKENIZER = ""  # reuse a tokenizer.model, or tiktoken's gpt2; empty = train one
-tokenizer_docs: at_least(1) = 20000  # documents from the start of the stream to train the tokenizer on
+tokenizer_docs: between(1, 10_000_000) = 20000  # documents from the start of the stream to train the tokenizer on
 val_permille: between(0, 1000) = 50  # documents per 1000 that go to validation (by a hash of their name) ...
 val_tokens: at_least(0) = 10_000_000  # ... until the validation split holds this many tokens
 shard_tokens: at_least(1) = 100_000_000  # tokens per .bin shard (200 MB as uint16)
@@ -71,8 +71,8 @@ model_config: empty | file = ""  # a train.py config file: target tokens_per_par
 tokens_per_param: above(0) = 20.0  # Chinchilla's 20 tokens per parameter
 plan_only = False  # print the plan and exit
 max_shards: at_least(0) = 0  # write at most this many shards, then stop (run again to go on); 0 = no limit
-num_threads: at_least(0) = 0  # processes that tokenize and filter documents (sft/dpo: parse files); 0 = all cores
-batch_docs: at_least(1) = 1024  # documents read and handed to the num_threads processes at a time
+num_threads: between(0, 128) = 0  # processes that tokenize and filter documents (sft/dpo: parse files); 0 = all cores
+batch_docs: between(1, 100_000) = 1024  # documents read and handed to the num_threads processes at a time
 overwrite = False  # replace what data_dir holds
 # SFT and DPO data (--mode=sft, --mode=dpo): conversations with a loss mask, or preference pairs; see chat.py
 mode: one_of("pretrain", "sft", "dpo") = "pretrain"  # sft: `messages`, oasst1 trees; dpo: prompt/chosen/rejected
@@ -88,7 +88,7 @@ sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose an
 # text files and datasets (--quality=web and --near_dup=0.7 turn them on)
 quality: one_of("off", "auto", "code", "web") = "auto"  # auto: code on --corpus, else off; code, web: quality.py
 quality_skip: any_text = ""  # rules left out, comma-separated (e.g. literals,long_lines): see quality.py
-near_dup: auto | 0.0 | between(0.5, 0.95) = "auto"  # drop near-copies over this Jaccard; 0 = off; auto: 0.7 on --corpus
+near_dup: auto | 0.0 | float & between(0.5, 0.95) = "auto"  # near-copy Jaccard cutoff; 0: off; auto: 0.7 on --corpus
 dedup_ngram: between(1, 64) = 5  # tokens per MinHash shingle, for near_dup
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()

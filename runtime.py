@@ -56,43 +56,40 @@ def config_keys(namespace):
     ]
 
 
-def check_value(key, value, default, auto=()):
-    """Return value if it has default's type (an int is accepted for a float), or is "auto" for a key in auto;
-    else raise UserError."""
+def check_value(key, value, kind, default, auto=()):
+    """Return value if it is of type kind (an int is accepted for a float), or is "auto" for a key in auto; else
+    raise UserError."""
     if key in auto and value == "auto":
         return value
     if key in auto and isinstance(value, str):
-        raise UserError(f"{key} must be a {type(default).__name__} or 'auto' (default {default!r}), got {value!r}")
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(value, bool) and isinstance(default, bool)
-    elif isinstance(default, float):
+        raise UserError(f"{key} must be a {kind.__name__} or 'auto' (default {default!r}), got {value!r}")
+    if kind is bool or isinstance(value, bool):
+        ok = isinstance(value, bool) and kind is bool
+    elif kind is float:
         ok = isinstance(value, float) or (isinstance(value, int) and abs(value) < 2**1023)  # float() of more overflows
         value = float(value) if ok else value
     else:
-        ok = type(value) is type(default)
+        ok = type(value) is kind
     if not ok:
-        raise UserError(f"{key} must be a {type(default).__name__} (default {default!r}), got {value!r}")
+        raise UserError(f"{key} must be a {kind.__name__} (default {default!r}), got {value!r}")
     return value
 
 
-def parse_value(key, text, default, auto=()):
-    """Parse a command-line string as the type of default, or "auto" for a key in auto; bools accept only
-    true/false."""
+def parse_value(key, text, kind, default, auto=()):
+    """Parse a command-line string as a kind (int, float, bool or str), or "auto" for a key in auto; bools accept
+    only true/false."""
     if key in auto and text == "auto":
         return text
-    or_auto = " or auto" if key in auto else ""
     try:
-        if isinstance(default, bool):
+        if kind is bool:
             if text.lower() not in ("true", "false"):
                 raise ValueError
             return text.lower() == "true"
-        if isinstance(default, int):
-            return int(text)
-        if isinstance(default, float):
-            return float(text)
-        return text
+        return kind(text)
     except ValueError:
-        raise UserError(f"--{key}={text}: expected a {type(default).__name__} like {default!r}{or_auto}") from None
+        like = "" if default == "auto" else f" like {default!r}"
+        or_auto = " or auto" if key in auto else ""
+        raise UserError(f"--{key}={text}: expected a {kind.__name__}{like}{or_auto}") from None
 
 
 def unknown_key(key, known, source):
@@ -124,18 +121,20 @@ def configure(namespace, argv, skip_foreign=False, auto=(), rules=()):
     accepts = declarations(namespace, keys)
 
     def kind(k, v):
-        """The type key k keeps: its default's; but a key that defaults to "auto" and takes a bool (compile=auto: the
-        device decides, backends.py) is a bool that also takes "auto", and one that takes a float (prepare.py's
-        near_dup) a float that also takes "auto"."""
-        takes = {type(x) for x in (accepts[k].literals if k in accepts else ()) if x != "auto"}
-        if v == "auto" and bool in takes:
-            return False
-        if v == "auto" and float in takes:
-            return 0.0
-        return v
+        """The type key k keeps: the one its declaration states (compile: auto | bool; near_dup: auto | 0.0 | float &
+        between(0.5, 0.95)), else its default's; a default of "auto" with no type stated is text (dtype: auto |
+        float32 ...). Never guessed from the declaration's numbers: `auto | between(0.5, 0.95)` would be text."""
+        a = accepts.get(k)
+        stated = a.kind if a else None
+        takes_more = a and (a.edges or any(not isinstance(x, str) for x in a.literals))
+        if v == "auto" and not stated and takes_more:  # the script's own mistake: a traceback, for its author
+            raise TypeError(f"{k} defaults to auto and takes more than text: state its type (auto | float & ...)")
+        if stated and v != "auto" and type(v) is not stated and not (stated is float and type(v) is int):
+            raise TypeError(f"{k}: its default {v!r} is not of the type its declaration states, {stated.__name__}")
+        return stated or type(v)
 
     kinds = {k: kind(k, v) for k, v in defaults.items()}
-    auto = (*auto, *(k for k, a in accepts.items() if "auto" in a.literals and not isinstance(kinds[k], str)))
+    auto = (*auto, *(k for k, a in accepts.items() if "auto" in a.literals and kinds[k] is not str))
     config = dict(defaults)
     for arg in argv:
         if arg in ("-h", "--help"):
@@ -159,14 +158,14 @@ def configure(namespace, argv, skip_foreign=False, auto=(), rules=()):
                     continue
                 if k not in defaults:
                     raise unknown_key(k, keys, arg)
-                config[k] = check_value(k, v, kinds[k], auto)
+                config[k] = check_value(k, v, kinds[k], defaults[k], auto)
         else:
             key, eq, text = arg[2:].partition("=")
             if key not in defaults:
                 raise unknown_key(key, keys, "the command line")
-            if not eq and not isinstance(kinds[key], bool):
+            if not eq and kinds[key] is not bool:
                 raise UserError(f"{arg}: overrides are written --key=value (a bare --flag sets a bool to true)")
-            config[key] = parse_value(key, text, kinds[key], auto) if eq else True
+            config[key] = parse_value(key, text, kinds[key], defaults[key], auto) if eq else True
     check_config(config, accepts, rules)
     namespace.update(config)
     return config

@@ -27,7 +27,7 @@ from runtime import UserError
 out_dir: folder = "out/run"  # run folder written by train.py
 ckpt: nonempty = "best"  # best (falls back to latest), latest, or a checkpoint file name in out_dir
 start: any_text = ""  # prompt text, or FILE:path to read it from a file; empty = start a new document
-num_samples: at_least(1) = 2  # samples to draw (decoded as one batch)
+num_samples: between(1, 2**16) = 2  # samples to draw (decoded as one batch)
 max_new_tokens: at_least(1) = 200  # tokens generated per sample
 temperature: at_least(0) = 0.8  # 0 = greedy; below 1 is more conservative, above 1 more random
 top_k: at_least(0) = 200  # keep only the k most likely tokens (0 = off)

@@ -44,7 +44,7 @@ init_from: one_of("resume") | folder = "out/run"  # a pretrained run folder (its
 data_dir: folder = "data/sft_stdlib"  # folder made by prepare.py --mode=sft
 overwrite = False  # allow a new run to replace one already in out_dir
 eval_interval: at_least(1) = 100  # steps between evaluations (masked validation loss and sample answers)
-eval_iters: at_least(1) = 10  # validation micro-batches per evaluation
+eval_iters: between(1, 100_000) = 10  # validation micro-batches per evaluation
 log_interval: at_least(1) = 10  # steps between progress lines
 ckpt_interval: at_least(1) = 100  # steps between checkpoints (one is also written at the end)
 patience: at_least(0) = 0  # stop after this many evaluations without a new best validation loss (0 = never)
@@ -52,9 +52,9 @@ keep_last: at_least(1) = 3  # step checkpoints kept (ckpt_best.safetensors is ke
 num_samples: at_least(0) = 3  # held-out prompts answered at each evaluation
 max_new_tokens: at_least(1) = 128  # answer length limit, for samples and the end-of-turn measurement
 # data
-batch_size: auto | at_least(1) = 8  # conversations per micro-batch and rank; auto: the most that fit (+ global_batch)
-gradient_accumulation_steps: at_least(1) = 1  # micro-batches per step, summed over all ranks
-global_batch_size: at_least(0) = 0  # conversations per step, all ranks; sets gradient_accumulation_steps if > 0
+batch_size: auto | between(1, 2**16) = 8  # conversations per micro-batch and rank; auto: most that fit (+ global_batch)
+gradient_accumulation_steps: between(1, 2**16) = 1  # micro-batches per step, summed over all ranks
+global_batch_size: between(0, 2**32) = 0  # conversations per step, all ranks; sets gradient_accumulation_steps if > 0
 replay: at_least(0, below=1) = 0.25  # share of a micro-batch's rows that are pretraining windows (0 = off); see below
 # optimizer: much smaller steps than pretraining, the model already knows the language
 optimizer: one_of("muon", "adamw") = "muon"  # muon (Muon + AdamW, below) or adamw: AdamW for every parameter

@@ -48,25 +48,25 @@ data_dir: folder = "data/stdlib"  # folder made by prepare.py: tokenizer.model, 
 init_from: one_of("scratch", "resume") = "scratch"  # resume: from the latest checkpoint in out_dir
 overwrite = False  # allow init_from=scratch to replace a run already in out_dir
 eval_interval: at_least(1) = 250  # steps between validation-loss evaluations
-eval_iters: at_least(1) = 20  # micro-batches per evaluation (per rank)
+eval_iters: between(1, 100_000) = 20  # micro-batches per evaluation (per rank)
 log_interval: at_least(1) = 10  # steps between progress lines / metrics records
 ckpt_interval: at_least(1) = 500  # steps between checkpoints (one is also written at the end)
 keep_last: at_least(1) = 3  # step checkpoints kept (ckpt_best.safetensors is kept besides)
 patience: at_least(0) = 0  # stop after this many evaluations without a new best validation loss (0 = never)
 # data
-batch_size: auto | at_least(1) = 8  # sequences per micro-batch and rank; auto: the most that fit (+ global_batch_size)
+batch_size: auto | between(1, 2**16) = 8  # sequences per micro-batch and rank; auto: the most that fit (+ global_batch)
 block_size: between(1, 4096) = 1024  # sequence length in tokens: the model's context
-gradient_accumulation_steps: at_least(1) = 8  # micro-batches per step, all ranks (a multiple of the world size)
-global_batch_size: at_least(0) = 0  # sequences per step, all ranks; sets gradient_accumulation_steps if > 0
+gradient_accumulation_steps: between(1, 2**16) = 8  # micro-batches per step, all ranks (a multiple of the world size)
+global_batch_size: between(0, 2**32) = 0  # sequences per step, all ranks; sets gradient_accumulation_steps if > 0
 block_size_schedule: any_text = ""  # length curriculum, "T:share,...", e.g. "1024:0.8,4096:0.2"; "" = block_size only
 doc_mask = False  # attention stays inside documents (each starts with <|endoftext|>), not across the window
 data_order: one_of("random", "epoch") = "random"  # random: nanoGPT's windows; epoch: every token once a pass, shuffled
 # model
 vocab_size: between(0, 2**32) = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
-n_layer: at_least(1) = 12  # transformer blocks
+n_layer: between(1, 1024) = 12  # transformer blocks
 n_head: at_least(1) = 6  # attention heads (n_embd / n_head is the head size: 128 runs attention ~3% faster than 64)
-n_embd: at_least(1) = 768  # residual width
-mlp_hidden: at_least(1) = 3072  # SwiGLU hidden width
+n_embd: between(1, 2**16) = 768  # residual width
+mlp_hidden: between(1, 2**18) = 3072  # SwiGLU hidden width
 rope_theta: above(0) = 10000.0  # RoPE base
 activation_checkpointing = False  # recompute blocks in backward: less memory, ~30% more compute
 # the speedrun recipes' model changes (issue 37): off by default; model.GPTConfig says where each comes from
@@ -85,7 +85,7 @@ muon_lr: at_least(0) = 0.02  # Muon learning rate for the hidden matrices (spect
 muon_momentum: at_least(0, below=1) = 0.95  # Nesterov momentum of Muon (at 1 its buffer would never leave zero)
 muon_momentum_start: at_least(0, below=1) = 0.85  # Muon's momentum at step 0 with muon_momentum_warmup (modded-nanogpt)
 muon_momentum_warmup: at_least(0) = 0  # steps of a linear rise from muon_momentum_start to muon_momentum (0 = off)
-muon_weight_decay: auto | 0.0 | at_least(0) = "auto"  # decoupled decay of Muon's matrices; auto: weight_decay's
+muon_weight_decay: auto | float & at_least(0) = "auto"  # decoupled decay of Muon's matrices; auto: weight_decay's
 cautious_wd = False  # weight decay only where the update and the weight share a sign (muon.py; modded-nanogpt)
 ns_dtype: one_of("auto", "float32", "bfloat16") = "auto"  # Muon's Newton-Schulz; auto: bf16 on CUDA, else fp32
 learning_rate: at_least(0) = 0.006  # AdamW learning rate for the embedding (= the head) and norm gains; all with adamw
@@ -102,7 +102,7 @@ min_lr_frac: between(0.0, 1.0) = 0.1  # final learning rate as a fraction of the
 # system
 device: torch_device = "auto"  # auto (cuda > mps > cpu), cuda, cuda:N, mps, cpu; one this machine has
 dtype: precision = "auto"  # auto: bfloat16 on CUDA, float32 on MPS and CPU (backends.py says why)
-compile: auto | one_of(True, False) = "auto"  # torch.compile the model; auto: on CUDA only (backends.py says why)
+compile: auto | bool = "auto"  # torch.compile the model; auto: on CUDA only (backends.py says why)
 compile_regions = False  # with compile, arch=gpt, no cuda_graphs: each block (one graph for all) and the loss apart
 cuda_graphs = False  # with compile on one CUDA GPU: replay each micro-step as CUDA graphs (for small micro-batches)
 seed: between(0, 2**32 - 1) = 1337  # model init and data order

@@ -175,3 +175,14 @@ def sft_run(sft_base, tmp_path_factory):
     )
     run("prepare.py", "--mode=dpo", f"--data_dir={dpo_data}", tokenizer, "--block_size=64")
     return sft, dpo_data
+
+
+@pytest.fixture(scope="session")
+def tree(tmp_path_factory):
+    """An empty working folder, and folders and a file that exist for the config keys that want them (the fuzz and
+    bounds tests)."""
+    root = tmp_path_factory.mktemp("fuzz")
+    for d in ("cwd", "folder/sub"):
+        (root / d).mkdir(parents=True)
+    (root / "folder" / "file.txt").write_text("not a shard, not a checkpoint, not a tokenizer\n")
+    return root

@@ -137,7 +137,7 @@ ADVICE = {
     "expected auto, float32, bfloat16 or float16": "Pick one of the precisions it lists (what auto means on "
     "each device: docs/backends.md).",
     "optimizer={optimizer}: expected": "Pick muon (Muon + AdamW) or adamw.",
-    "expected a {type(default).__name__} like": "A --key=value could not be read as the key's type. Write it like "
+    "expected a {kind.__name__}{like}": "A --key=value could not be read as the key's type. Write it like "
     "the default; bools are only true or false.",
     "config file {arg} not found": "The first argument that does not start with -- is read as a config file. Check "
     "the path (configs live in config/), or write overrides as --key=value.",

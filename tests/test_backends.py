@@ -17,7 +17,7 @@ import backends
 import batching
 import muon
 import runtime
-from accepts import auto, one_of
+from accepts import auto
 from model import GPT, GPTConfig, document_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +79,11 @@ def test_setup_device_resolves_auto_on_the_cpu(capsys):
 
 
 def test_compile_auto_is_a_bool_that_also_takes_auto(tmp_path):
-    """A key declared `auto | one_of(True, False)` with the default "auto" (train.py's compile): true/false parse
+    """A key declared `auto | bool` with the default "auto" (train.py's compile): true/false parse
     as bools, a config file's bool is accepted, and anything else is one error line."""
 
     def namespace():
-        return {"compile": "auto", "__annotations__": {"compile": auto | one_of(True, False)}}
+        return {"compile": "auto", "__annotations__": {"compile": auto | bool}}
 
     assert runtime.configure(namespace(), [])["compile"] == "auto"
     assert runtime.configure(namespace(), ["--compile=true"])["compile"] is True

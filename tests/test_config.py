@@ -85,7 +85,7 @@ def test_a_number_that_defaults_to_auto():
         return {
             "near_dup": "auto",
             "compile": "auto",
-            "__annotations__": {"near_dup": auto | 0.0 | between(0.5, 0.95), "compile": auto | True | False},
+            "__annotations__": {"near_dup": auto | 0.0 | float & between(0.5, 0.95), "compile": auto | bool},
         }
 
     assert configure(namespace(), [])["near_dup"] == "auto"
@@ -94,8 +94,34 @@ def test_a_number_that_defaults_to_auto():
     assert configure(namespace(), ["--near_dup=auto"])["near_dup"] == "auto"
     with pytest.raises(UserError, match=r"near_dup=0.3: expected auto, or 0.0, or a number from 0.5 to 0.95"):
         configure(namespace(), ["--near_dup=0.3"])
-    with pytest.raises(UserError, match=r"--near_dup=most: expected a float like 0.0 or auto"):
+    with pytest.raises(UserError, match=r"--near_dup=most: expected a float or auto$"):
         configure(namespace(), ["--near_dup=most"])
+    with pytest.raises(UserError, match=r"--compile=1: expected a bool or auto$"):
+        configure(namespace(), ["--compile=1"])
+
+
+def test_a_key_type_is_stated_not_guessed():
+    """Issue 35: a key's type was guessed from the literals in its declaration, so near_dup was a float only because
+    `0.0` was among them: `auto | between(0.5, 0.95)` refused 0.7 (read as the text "0.7"). The type is now the one
+    the declaration states, or the default's; an auto key that takes more than text and states no type is the
+    script's mistake, said at once, never a refusal of the user's good value."""
+    from accepts import at_least, auto, between, one_of
+
+    def namespace(declared, default="auto"):
+        return {"near_dup": default, "__annotations__": {"near_dup": declared}}
+
+    assert configure(namespace(auto | float & between(0.5, 0.95)), ["--near_dup=0.7"]) == {"near_dup": 0.7}
+    with pytest.raises(TypeError, match=r"near_dup defaults to auto and takes more than text: state its type"):
+        configure(namespace(auto | between(0.5, 0.95)), ["--near_dup=0.7"])
+    # an int key with a float among its literals stays an int, and a float key with an int literal a float
+    assert type(configure(namespace(auto | 0.5 | int & at_least(1)), ["--near_dup=3"])["near_dup"]) is int
+    assert configure(namespace(one_of(0) | between(0.5, 0.95), 0.7), ["--near_dup=0.6"]) == {"near_dup": 0.6}
+    with pytest.raises(TypeError, match="two types"):
+        auto | float & at_least(0) | int & at_least(1)
+    with pytest.raises(TypeError, match="state its type"):  # nor are bools guessed from True and False
+        configure(namespace(auto | one_of(True, False)), ["--near_dup=true"])
+    with pytest.raises(TypeError, match="its default 1 is not of the type its declaration states, bool"):
+        configure(namespace(bool & one_of(True, False), 1), [])
 
 
 def test_an_empty_choice_is_shown_and_the_tokenizer_error_says_what_to_give(tmp_path):

@@ -117,16 +117,6 @@ def snapshot(root):
     return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
 
 
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory):
-    """An empty working folder, and folders and a file that exist for the keys that want them."""
-    root = tmp_path_factory.mktemp("fuzz")
-    for d in ("cwd", "folder/sub"):
-        (root / d).mkdir(parents=True)
-    (root / "folder" / "file.txt").write_text("not a shard, not a checkpoint, not a tokenizer\n")
-    return root
-
-
 def base_argv(script, tree):
     """The user's starting command: the script's config file, and existing paths for the keys that take paths
     (what a prepared data folder or a trained run would give), so that random values meet the other checks too."""
