@@ -124,10 +124,15 @@ def base_argv(script, tree):
     defaults, notes = declared(script, cwd)
     argv = [str(REPO / SCRIPTS[script])] if SCRIPTS[script] else []
     candidates = [str(tree / "folder"), str(tree / "folder" / "file.txt"), str(tree / "new")]
-    for k, v in defaults.items():
-        a = notes.get(k)
-        if isinstance(a, Accepts) and isinstance(v, str) and not a(v) and any(a(c) for c in candidates):
-            argv.append(f"--{k}={next(c for c in candidates if a(c))}")
+    here = os.getcwd()
+    os.chdir(cwd)  # a default's relative path is the run's, not this checkout's (whose data/ a Quick start may fill)
+    try:
+        for k, v in defaults.items():
+            a = notes.get(k)
+            if isinstance(a, Accepts) and isinstance(v, str) and not a(v) and any(a(c) for c in candidates):
+                argv.append(f"--{k}={next(c for c in candidates if a(c))}")
+    finally:
+        os.chdir(here)
     return argv, defaults, notes
 
 
