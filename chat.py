@@ -13,15 +13,24 @@ and two completions, each an answer followed by <|end|>.
 
 import ast
 import builtins
+import fcntl
+import functools
+import hashlib
 import importlib
 import inspect
+import json
+import multiprocessing
+import os
 import re
+import signal
 import sys
 import textwrap
+import time
 import warnings
 import zlib
 from pathlib import Path, PurePosixPath
 
+import disk
 from runtime import UserError
 from tokenizer import BOS, find_tokenizer, load_tokenizer
 
@@ -337,25 +346,19 @@ def source_conversations(rows):
     {"name": "<label>/<relative path>", "text"} (pysource.FileRows). Each file is parsed with ast, never imported, so
     no installed package's code runs. Test modules, files that do not parse, names asked before, answers over
     MAX_ANSWER and answers given before (copied helpers: transformers has rotate_half in ~190 models) are skipped,
-    all but names counted. Returns (conversations, counts)."""
-    conversations, seen, answers = [], set(), set()
-    counts = {"files": 0, "not_modules": 0, "unparsed": 0, "too_long": 0, "same_answer": 0}
-    for row in rows:
-        tree = parse_module(row, counts)
-        if tree is None:
-            continue
-        module = module_name(row["name"])
-        for qualname, node in public_defs(tree):
-            name, answer = f"{module}.{qualname}", first_prose(ast.get_docstring(node))
-            if answer is None or name in seen:
-                continue
-            seen.add(name)
-            if len(answer) > MAX_ANSWER or answer in answers:
-                counts["too_long" if len(answer) > MAX_ANSWER else "same_answer"] += 1
-                continue
-            answers.add(answer)
-            conversations.append(ask(name, answer))
-    return conversations, counts
+    all but names counted. Returns (conversations, counts); parse_corpus makes them."""
+    return parse_corpus(rows, task="docstring")["docstring"]
+
+
+def file_questions(tree, module):
+    """(name, answer) of each public function and method of a parsed file whose docstring has a first prose
+    paragraph, in file order; source_conversations' dedup is left to parse_corpus."""
+    found = []
+    for qualname, node in public_defs(tree):
+        answer = first_prose(ast.get_docstring(node))
+        if answer is not None:
+            found.append((f"{module}.{qualname}", answer))
+    return found
 
 
 def preference_pairs(conversations, split_of=lambda i: "train"):
@@ -441,64 +444,181 @@ def code_conversations(rows, scope="self_contained"):
     functions that read no name but builtins and standard-library modules the file imports (those imports open
     the prompt and the answer, as `from typing import List` opens HumanEval's); scope=all keeps every one. Stubs,
     functions over MAX_CODE characters and copies of a function seen before are left out and counted.
-    Returns (conversations, counts); a conversation's user turn also carries the function's name ("function") and,
-    where its docstring has examples (>>>), the docstring ("doc"), so that answers can be judged by its doctests."""
-    conversations, seen = [], set()
-    counts = {"files": 0, "functions": 0, "not_self_contained": 0, "stubs": 0, "too_long": 0, "same_code": 0}
-    for row in rows:
-        tree = parse_module(row, counts)
-        if tree is None:
+    Returns (conversations, counts), made by parse_corpus; a conversation's user turn also carries the function's
+    name ("function") and, where its docstring has examples (>>>), the docstring ("doc"), so that answers can be
+    judged by its doctests."""
+    return parse_corpus(rows, task="code", scope=scope)["code"]
+
+
+def file_requests(tree, text, scope):
+    """code_conversations' requests of one parsed file, as (code, conversation) in file order, and its counts of
+    functions, not_self_contained, stubs and too_long; copies of code seen before are left to parse_corpus."""
+    requests, counts = [], dict.fromkeys(("functions", "not_self_contained", "stubs", "too_long"), 0)
+    lines, imports = text.splitlines(keepends=True), stdlib_imports(tree)
+    defs = public_defs(tree) if scope == "all" else [(n.name, n) for n in tree.body if is_function(n)]
+    for _, node in defs:
+        doc = ast.get_docstring(node)
+        if not doc or len(doc.strip()) < 20:
             continue
-        lines, imports = row["text"].splitlines(keepends=True), stdlib_imports(tree)
-        defs = public_defs(tree) if scope == "all" else [(n.name, n) for n in tree.body if is_function(n)]
-        for _, node in defs:
-            doc = ast.get_docstring(node)
-            if not doc or len(doc.strip()) < 20:
-                continue
-            counts["functions"] += 1
-            free = free_names(node)
-            if scope != "all" and not free <= set(imports):
-                counts["not_self_contained"] += 1
-                continue
-            if is_stub(node):
-                counts["stubs"] += 1
-                continue
-            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            code = textwrap.dedent("".join(lines[start - 1 : node.end_lineno]))
-            head = textwrap.dedent("".join(lines[start - 1 : node.body[0].end_lineno]))
-            header = "".join(f"{imports[n]}\n" for n in sorted(free & set(imports)))
-            header += "\n\n" if header else ""
-            if len(code) > MAX_CODE:
-                counts["too_long"] += 1
-                continue
-            if code in seen:
-                counts["same_code"] += 1
-                continue
-            seen.add(code)
-            conversations.append(
-                [
-                    {"role": "user", "content": CODE_REQUEST.format(prompt=header + head.rstrip() + "\n")},
-                    {"role": "assistant", "content": CODE_ANSWER.format(code=header + code.rstrip() + "\n")},
-                ]
-            )
-            conversations[-1][0].update(function=node.name, doc=doc if ">>>" in doc else None)
-    return conversations, counts
+        counts["functions"] += 1
+        free = free_names(node)
+        if scope != "all" and not free <= set(imports):
+            counts["not_self_contained"] += 1
+            continue
+        if is_stub(node):
+            counts["stubs"] += 1
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        code = textwrap.dedent("".join(lines[start - 1 : node.end_lineno]))
+        head = textwrap.dedent("".join(lines[start - 1 : node.body[0].end_lineno]))
+        header = "".join(f"{imports[n]}\n" for n in sorted(free & set(imports)))
+        header += "\n\n" if header else ""
+        if len(code) > MAX_CODE:
+            counts["too_long"] += 1
+            continue
+        request = {"role": "user", "content": CODE_REQUEST.format(prompt=header + head.rstrip() + "\n")}
+        request.update(function=node.name, doc=doc if ">>>" in doc else None)
+        answer = {"role": "assistant", "content": CODE_ANSWER.format(code=header + code.rstrip() + "\n")}
+        requests.append((code, [request, answer]))
+    return requests, counts
 
 
 def is_function(node):
     return isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_")
 
 
-def parse_module(row, counts):
-    """The ast of a corpus file that is a module (module_name), or None (counted: not_modules, unparsed)."""
-    counts["files"] += 1
+# ----------------------------------------------------------------------------- each file parsed once, on every core
+PARSE_CHUNK = 64  # files a worker takes at a time: big enough that the pipe is not the cost, small enough to balance
+FILES_PER_WORKER = 32  # workers=0 starts no more processes than this many files keep busy (a fork costs ~10 ms)
+
+
+def parse_module(row):
+    """(ast of a corpus file that is a module (module_name), "ok"), or (None, why: not_modules or unparsed)."""
     if module_name(row["name"]) is None or row["text"] is None:
-        counts["not_modules"] = counts.get("not_modules", 0) + 1
-        return None
+        return None, "not_modules"
     try:
         with warnings.catch_warnings():  # invalid escapes ("\d") in old packages' strings warn at parse time
             warnings.simplefilter("ignore")
-            return ast.parse(row["text"])
+            return ast.parse(row["text"]), "ok"
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # Python 2 files; null bytes; generated
-        counts["unparsed"] = counts.get("unparsed", 0) + 1
-        return None
+        return None, "unparsed"
+
+
+def parse_file(row, task, scope):
+    """One corpus file parsed once, for both tasks: (status, file_questions, file_requests' requests, its counts),
+    the parts task leaves out empty. Picklable in and out, so that a worker process can make it."""
+    tree, status = parse_module(row)
+    if tree is None:
+        return status, [], [], {}
+    questions = file_questions(tree, module_name(row["name"])) if task != "code" else []
+    requests, counts = file_requests(tree, row["text"], scope) if task != "docstring" else ([], {})
+    return status, questions, requests, counts
+
+
+def pool_size(workers, n_files):
+    """The processes map_files uses for workers (0: one per core, fewer for a small corpus). Linux only: fork starts
+    a worker without running the script again (prepare.py works at import, and spawn and forkserver import the main
+    module anew), and on macOS a fork after frameworks have loaded is not safe; elsewhere the files are parsed here."""
+    if sys.platform != "linux":
+        return 1
+    return max(1, workers or min(len(os.sched_getaffinity(0)), n_files // FILES_PER_WORKER))
+
+
+def map_files(work, rows, workers):
+    """work(row) of each row, in order: in this process, or on pool_size(workers) forked processes."""
+    workers = pool_size(workers, len(rows))
+    if workers == 1:
+        yield from map(work, rows)
+        return
+    chunk = max(1, min(PARSE_CHUNK, len(rows) // (4 * workers)))
+    quiet = (signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which ends the pool: no trace per worker
+    with multiprocessing.get_context("fork").Pool(workers, signal.signal, quiet) as pool:
+        yield from pool.imap(work, rows, chunksize=chunk)
+
+
+def parse_corpus(rows, task="both", scope="self_contained", workers=1):
+    """The docstring Q&A (task docstring or both) and coding requests (code or both) of a corpus's files, each file
+    parsed once with ast, never imported: {"docstring": source_conversations' (conversations, counts), "code":
+    code_conversations'}, the parts task asks for. The files are parsed on `workers` processes (map_files); what
+    was asked or answered before is left out here alone, in file order, so any number of workers gives the same."""
+    questions, requests, names, answers, codes = [], [], set(), set(), set()
+    asked = {"files": 0, "not_modules": 0, "unparsed": 0, "too_long": 0, "same_answer": 0}
+    coded = {"files": 0, "functions": 0, "not_self_contained": 0, "stubs": 0, "too_long": 0, "same_code": 0}
+    work = functools.partial(parse_file, task=task, scope=scope)
+    for status, found, made, counts in map_files(work, rows, workers):
+        for c in (asked, coded):
+            c["files"] += 1
+            if status != "ok":  # coded holds not_modules and unparsed once met, as code_conversations always did
+                c[status] = c.get(status, 0) + 1
+        for name, answer in found:
+            if name in names:
+                continue
+            names.add(name)
+            if len(answer) > MAX_ANSWER or answer in answers:
+                asked["too_long" if len(answer) > MAX_ANSWER else "same_answer"] += 1
+                continue
+            answers.add(answer)
+            questions.append(ask(name, answer))
+        for key, n in counts.items():
+            coded[key] += n
+        for code, conversation in made:
+            if code in codes:
+                coded["same_code"] += 1
+                continue
+            codes.add(code)
+            requests.append(conversation)
+    parts = {"docstring": (questions, asked), "code": (requests, coded)}
+    return {k: v for k, v in parts.items() if task in (k, "both")}
+
+
+def cache_dir():
+    """Where parsed corpora are kept between runs: $XDG_CACHE_HOME/anarchobot, else ~/.cache/anarchobot."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "anarchobot"
+
+
+def corpus_key(rows, task, scope):
+    """SHA-256 of all that parse_corpus's result depends on: the files' names and texts, task, scope, this file's
+    code (its rules and constants) and the Python version (ast, sys.stdlib_module_names)."""
+    h = hashlib.sha256(repr((sys.version, task, scope)).encode() + Path(__file__).read_bytes())
+    for row in rows:
+        text = row["text"]
+        h.update(repr((row["name"], None if text is None else len(text))).encode())
+        h.update(b"" if text is None else text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def parse_corpus_cached(rows, task, scope, workers, say=print):
+    """parse_corpus, kept in cache_dir() for the next run on the same files with the same settings: prepare.py
+    --mode=dpo after --mode=sft (the reference run's 22,000 files were parsed twice, 159 s). One file per task and
+    scope, written whole or not at all (disk.write_atomic); a key that differs (other files, settings, code or
+    Python) parses again. A lock makes a run that starts while another parses with these settings wait for its
+    result instead of parsing too. A cache that cannot be used is no error: the corpus is parsed."""
+    key, path = corpus_key(rows, task, scope), cache_dir() / f"parse_{task}_{scope}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError as e:
+        say(f"parse: no cache ({e})")
+        return parse_corpus(rows, task, scope, workers)
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"parse: waiting for another run that is parsing with these settings ({lock.name})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):  # none yet, or cut short by hand: parsed again below
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == key:
+            say(f"parse: {len(rows):,} files as an earlier run parsed them (same files and settings), from {path}")
+            return saved["parts"]
+        t0, n = time.time(), pool_size(workers, len(rows))
+        parts = parse_corpus(rows, task, scope, workers)
+        try:
+            disk.write_atomic(path, json.dumps({"key": key, "parts": parts}, separators=(",", ":")).encode())
+            kept = f"kept in {path} for the next stage"
+        except (OSError, UserError) as e:
+            kept = f"not kept ({e})"
+        say(f"parse: {len(rows):,} files parsed with ast on {n} process(es) in {time.time() - t0:.1f}s; {kept}")
+    return parts

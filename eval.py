@@ -28,6 +28,7 @@ The files (report.md/json, curves.png, the --card table) are written by reports.
 import gzip
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -70,7 +71,7 @@ gen_batch: at_least(1) = 128  # sequences decoded at once
 gen_graph = False  # CUDA: the one-token step compiled and replayed as a CUDA graph (wins at gen_batch=128, not 512)
 exec_timeout: above(0) = 10.0  # seconds of wall clock per program
 exec_memory_mb: at_least(1) = 2048  # address-space limit per program
-exec_workers: at_least(1) = 8  # programs run at once
+exec_workers: at_least(0) = 0  # programs run at once; 0 = one per core
 ngram: at_least(1) = 13  # contamination: n-gram length in tokens
 chat_questions: at_least(0) = 200  # held-out SFT questions answered (0 = all)
 chat_max_new_tokens: at_least(1) = 128  # an answer that has not ended its turn by then counts as not ending
@@ -201,19 +202,22 @@ def completions(model, tok, problems, n, temp, env, generator):
     return [texts[i * n : (i + 1) * n] for i in range(len(problems))]
 
 
-def score(problems, texts, timeout, memory_mb, workers):
-    """Run every completion against its problem's tests in the sandbox: a list (per problem) of result strings."""
-    jobs = [
-        (i, p["prompt"] + t + "\n" + p["test"] + "\n" + f"check({p['entry_point']})\n")
-        for i, (p, ts) in enumerate(zip(problems, texts, strict=True))
-        for t in ts
-    ]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        runs = pool.map(lambda job: run_program(job[1], timeout, memory_mb)[0], jobs)
-        results = list(tqdm(runs, total=len(jobs), desc="sandbox", unit="prog", disable=None, leave=False))
+def submit(pool, problems, texts):
+    """Start every completion against its problem's tests in the sandbox, on the pool's threads (each waits on its
+    program's process): a list of (problem index, future)."""
+    runs = []
+    for i, (p, ts) in enumerate(zip(problems, texts, strict=True)):
+        for t in ts:
+            program = p["prompt"] + t + "\n" + p["test"] + "\n" + f"check({p['entry_point']})\n"
+            runs.append((i, pool.submit(run_program, program, exec_timeout, exec_memory_mb)))
+    return runs
+
+
+def results(problems, runs):
+    """The result strings of submitted runs, a list per problem, in the order they were submitted."""
     per_problem = [[] for _ in problems]
-    for (i, _), r in zip(jobs, results, strict=True):
-        per_problem[i].append(r)
+    for i, future in tqdm(runs, desc="sandbox", unit="prog", disable=None, leave=False):
+        per_problem[i].append(future.result()[0])
     return per_problem
 
 
@@ -268,10 +272,13 @@ def humaneval(model, tok, env, run, complete=None, chat_format=False):
     complete = complete or (lambda ps, n, t: ask(model, tok, ps, n, t, env, generator))
     cut = (lambda t: t) if chat_format else truncate  # a chat answer ends at <|end|>, its code at its block's end
     t0 = time.time()
+    # one pool for all programs: the greedy ones run on the CPU while the GPU generates the samples
+    pool = ThreadPoolExecutor(max_workers=exec_workers or os.cpu_count())
     greedy = [[cut(t) for t in ts] for ts in complete(probs, 1, 0.0)]
+    greedy_runs = submit(pool, probs, greedy)
     sampled = [[cut(t) for t in ts] for ts in complete(probs, samples, temperature)] if samples else None
     t_gen = time.time() - t0
-    greedy_results = score(probs, greedy, exec_timeout, exec_memory_mb, exec_workers)
+    greedy_results = results(probs, greedy_runs)
     write_samples(Path(run) / "humaneval_greedy.jsonl", probs, greedy, greedy_results)
     passed = [rs[0] == "passed" for rs in greedy_results]
     out = {
@@ -283,9 +290,9 @@ def humaneval(model, tok, env, run, complete=None, chat_format=False):
         "sandbox": isolation(),
     }
     if sampled:
-        results = score(probs, sampled, exec_timeout, exec_memory_mb, exec_workers)
-        write_samples(Path(run) / "humaneval_samples.jsonl", probs, sampled, results)
-        correct = [sum(r == "passed" for r in rs) for rs in results]
+        sampled_results = results(probs, submit(pool, probs, sampled))
+        write_samples(Path(run) / "humaneval_samples.jsonl", probs, sampled, sampled_results)
+        correct = [sum(r == "passed" for r in rs) for rs in sampled_results]
         out.update(
             {
                 "samples_per_problem": samples,
@@ -297,6 +304,7 @@ def humaneval(model, tok, env, run, complete=None, chat_format=False):
                 "problems_solved_by_a_sample": sum(c > 0 for c in correct),
             }
         )
+    pool.shutdown()
     out["generation_s"], out["total_s"] = t_gen, time.time() - t0
     return out
 

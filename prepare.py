@@ -13,8 +13,9 @@ or --tokenizer=gpt2). Documents go to validation when a hash of their name (file
 stream) says so, until the validation split holds --val_tokens. Shards hold --shard_tokens tokens each.
 
 Stop it at any moment and run the same command again: it continues after the last finished shard, with no
-document lost or written twice. Each shard is written under a temporary name and renamed, and manifest.json
-(settings, document counts, each shard's token count and SHA-256, the resume point) is rewritten after it.
+document lost or written twice. Each shard is written under a temporary name and renamed, then the tokens that no
+shard holds yet (pending_*.tokens) and manifest.json (settings, document counts, each shard's token count and SHA-256,
+the resume point).
 """
 
 import glob
@@ -38,7 +39,7 @@ import runtime
 from accepts import above, any_text, at_least, auto, between, empty, file, finite, folder, nonempty, one_of, writable
 from quality import Filters, failed_rule, rule_kind, select_rules
 from runtime import UserError
-from shards import read_header, token_dtype, write_shard, write_split
+from shards import open_shard, read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
 
 # what --tokenizer takes, in words that say what a user who gave a missing path should give instead
@@ -299,24 +300,55 @@ def save_manifest():
 
 
 def cut_shard(split, n):
-    """Write the first n buffered tokens of split as its next shard, then record in the manifest where the
-    split's unwritten tokens start: (row, tokens of that row already written, document counts before it)."""
-    pieces, taken, rest = buffers[split], 0, []
-    tokens = np.concatenate([p[3] for p in pieces])[:n]
-    for i, (row, before, offset, ids) in enumerate(pieces):
-        take = min(len(ids), n - taken)
-        taken += take
-        if taken == n:
-            rest = [p for p in [(row, before, offset + take, ids[take:])] + pieces[i + 1 :] if len(p[3])]
-            break
+    """Write the first n buffered tokens of split as its next shard, then the resume point (save_resume_point)."""
+    tokens = held(split)
+    buffers[split], buffered[split] = [tokens[n:]], buffered[split] - n
     path = out / f"{split}_{sum(sh['split'] == split for sh in manifest['shards']):06d}.bin"
-    write_shard(path, tokens, tok.vocab_size)
+    write_shard(path, tokens[:n], tok.vocab_size)
     manifest["shards"].append({"name": path.name, "split": split, "tokens": n, "sha256": sha256(path)})
-    buffers[split] = rest
-    row, before, offset, _ = rest[0] if rest else last[split]  # empty buffer: resume after the last document
-    manifest["resume"][split] = {"row": row, "offset": offset, "counts": before}
+    save_resume_point()
+
+
+def cut_full_shards(split):
+    """Cut split's buffer into shards while it holds a shard's worth (a long document may fill several) and
+    --max_shards allows; returns whether --max_shards is reached."""
+    global new_shards
+    limit = max_shards or math.inf
+    while new_shards < limit and buffered[split] >= shard_tokens:
+        cut_shard(split, shard_tokens)
+        new_shards += 1
+    return new_shards >= limit
+
+
+def held(split):
+    """The tokens of split that no shard holds yet, as one array."""
+    return np.concatenate([np.zeros(0, token_dtype(tok.vocab_size)), *buffers[split]])
+
+
+def save_resume_point():
+    """Record where a stopped run continues: the next row of the stream, the document counts so far, and the tokens
+    that each split holds but no shard does yet, so that a resume reads again only the rows after the last shard.
+    Validation's can be the work of many training shards (--val_tokens is a tenth of --shard_tokens by default):
+    re-reading the stream from its first one would be starting again. They go to a file named for the shards before
+    it; the previous one is removed once the manifest points past it, so a stop between the writes loses nothing."""
+    pending = {s: held(s) for s in ("train", "val")}
+    name = f"pending_{len(manifest['shards']):06d}.tokens"
+    write_shard(out / name, np.concatenate([pending["train"], pending["val"]]), tok.vocab_size)
     filters.save()  # the near-duplicate decisions made so far, before the manifest that points past them
+    before = manifest["resume"]["pending"]
+    lengths = {s: len(t) for s, t in pending.items()}
+    manifest["resume"] = {"row": counts["rows"], "counts": dict(counts), "pending": {"file": name, **lengths}}
     save_manifest()
+    if before:
+        (out / before["file"]).unlink(missing_ok=True)
+
+
+def read_pending(pending):
+    """The buffers a stopped run left (save_resume_point): each split's tokens that no shard holds yet."""
+    if pending is None:
+        return {"train": [], "val": []}
+    tokens = np.array(open_shard(out / pending["file"], tok.vocab_size))
+    return {"train": [tokens[: pending["train"]]], "val": [tokens[pending["train"] :]]}
 
 
 def build_chat_data():
@@ -357,18 +389,22 @@ def build_chat_data():
 def local_conversations():
     """(rows, conversations, source) of --mode=sft/dpo on the local corpus: --task's docstring questions (parsed
     from every file for --corpus=python; the demo set, from imported standard-library modules, for stdlib), then
-    its coding requests (chat.code_conversations)."""
+    its coding requests. Each file is parsed once for both, on --num_threads processes, and the result kept for the
+    other stage (chat.parse_corpus_cached)."""
     if task not in ("docstring", "code", "both"):
         raise UserError(f"--task={task}: expected docstring, code or both")
     if code_scope not in ("self_contained", "all"):
         raise UserError(f"--code_scope={code_scope}: expected self_contained or all")
     rows, files = open_stream()[:2]
+    demo = task != "code" and corpus == "stdlib"  # the demo's questions come from imported modules, not parsed ones
+    parse = ("code" if task == "both" else None) if demo else task
+    found = chat.parse_corpus_cached(rows, parse, code_scope, num_threads) if parse else {}
     conversations, parts = [], []
-    if task != "code" and corpus == "stdlib":
+    if demo:
         conversations = chat.stdlib_conversations()
         parts.append(f"{len(conversations):,} standard-library docstring questions (demo)")
     elif task != "code":
-        conversations, parsed = chat.source_conversations(rows)
+        conversations, parsed = found["docstring"]
         parts.append(
             f"docstring Q&A parsed with ast, never imported: {len(conversations):,} questions from "
             f"{parsed['files']:,} files ({parsed['not_modules']:,} test or not modules and {parsed['unparsed']:,} "
@@ -376,7 +412,7 @@ def local_conversations():
             f"{parsed['same_answer']:,} repeated ones dropped)"
         )
     if task != "docstring":
-        code, c = chat.code_conversations(rows, code_scope)
+        code, c = found["code"]
         conversations += code
         parts.append(
             f"coding task ({code_scope}): {len(code):,} functions of {c['functions']:,} documented ones "
@@ -439,6 +475,8 @@ try:
     manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else None
 except json.JSONDecodeError as e:  # edited by hand, or cut short: what it records cannot be trusted
     raise UserError(f"{out}/manifest.json is not JSON ({e.msg}); --overwrite=true rebuilds the folder") from None
+point = manifest.get("resume", {}) if manifest and not overwrite else {}  # where a stopped run continues
+pending_file = (point.get("pending") or {}).get("file")  # the tokens at that point that no shard holds yet
 if manifest and not overwrite:
     was = manifest["settings"]
     keys = SETTINGS + [k for k in FILTER_KEYS if k in was and k not in SETTINGS]  # a filtered folder, filters off
@@ -462,6 +500,14 @@ if manifest and not overwrite:
         )
     if find_tokenizer(out) is None or sha256(find_tokenizer(out)) != manifest["tokenizer"]["sha256"]:
         raise UserError(f"the tokenizer in {out} is not the one its shards were made with; use --overwrite=true")
+    if not manifest["complete"] and "row" not in point:  # the old format: a resume point per split
+        raise UserError(
+            f"{out} was stopped by a prepare.py older than 2026-12-03, whose resume point this one does not read; "
+            f"--overwrite=true re-makes it (or finish it with the prepare.py that started it)"
+        )
+    for name in [pending_file, "near_dup_val.keys" if near_dup and point.get("row") else None]:  # row 0: made again
+        if name and not (out / name).is_file():
+            raise UserError(f"{out / name} is missing: the resume point needs it; --overwrite=true re-makes the folder")
 elif (any(out.glob("*.bin")) or find_tokenizer(out)) and not overwrite:
     raise UserError(f"{out} holds shards or a tokenizer that prepare.py did not record; --overwrite=true replaces them")
 if manifest and manifest["complete"] and not overwrite:
@@ -477,9 +523,9 @@ if not chat_data:  # the documents' fields and a reused tokenizer checked before
     if tokenizer and tokenizer != "gpt2" and find_tokenizer(out) is None:
         load_tokenizer(tokenizer)
 out.mkdir(parents=True, exist_ok=True)
-stale = [*out.glob("*.tmp")] + (
-    [*out.glob("*.bin"), *out.glob("*.mask"), *out.glob("*.pairs"), out / "manifest.json", out / "near_dup.keys"]
-    + [*map(out.joinpath, TOKENIZER_FILES)]
+stale = [*out.glob("*.tmp"), *(p for p in out.glob("pending_*.tokens") if p.name != pending_file)] + (
+    [*out.glob("*.bin"), *out.glob("*.mask"), *out.glob("*.pairs"), out / "manifest.json"]
+    + [out / "near_dup.keys", out / "near_dup_val.keys", *map(out.joinpath, TOKENIZER_FILES)]
     if overwrite or not manifest
     else []
 )
@@ -504,7 +550,7 @@ if manifest is None:
         "shards": [],
         "complete": False,
         "tokenizer": {"file": tok.file_name, "vocab_size": tok.vocab_size, "sha256": sha256(out / tok.file_name)},
-        "resume": {s: {"row": 0, "offset": 0, "counts": zero} for s in ("train", "val")},
+        "resume": {"row": 0, "counts": zero, "pending": None},
     }
     save_manifest()
 print(
@@ -514,24 +560,25 @@ print(
 
 # ----------------------------------------------------------------------------- stream -> shards
 resume = manifest["resume"]
-start = min(resume.values(), key=lambda r: r["row"])
-counts = dict(start["counts"])
-filters = Filters(rules, near_dup, dedup_ngram, out / "near_dup.keys")
-if filters.near:  # validation first, each run and resume alike: its near-copies leave training wherever they stand
+counts = dict(resume["counts"])
+buffers = read_pending(resume["pending"])  # each split's tokens that no shard holds yet
+buffered = {s: sum(map(len, b)) for s, b in buffers.items()}  # their number, kept: a sum per row would be quadratic
+filters = Filters(rules, near_dup, dedup_ngram, out)
+if filters.near and not resume["row"]:  # validation first: its near-copies leave training wherever they stand
     t_val = time.time()
-    filters.index_validation(validation_documents(rows, field), counts)
+    filters.index_validation(validation_documents(rows, field), counts)  # saved: a resume reads the keys back
     print(
         f"near_dup: {counts['near_dup_val_docs']:,} validation documents ({counts['near_dup_val_tokens']:,} tokens) "
         f"indexed first in {time.time() - t_val:.1f}s"
     )
-rows = rows.skip(start["row"]) if hasattr(rows, "skip") else rows[start["row"] :]
-total = len(rows) + start["row"] if hasattr(rows, "__len__") else None  # a local corpus's size; a stream's unknown
-bar = tqdm(total=total, initial=start["row"], unit="doc", disable=None)  # on a terminal; the lines below go to logs
-docs = documents(rows, field, first_row=start["row"])
-filters.restore(start["row"])  # the near-duplicate index as it stood at the resume point; later decisions are redone
-buffers, last = {"train": [], "val": []}, {s: (r["row"], r["counts"], r["offset"], None) for s, r in resume.items()}
+rows = rows.skip(resume["row"]) if hasattr(rows, "skip") else rows[resume["row"] :]
+total = len(rows) + resume["row"] if hasattr(rows, "__len__") else None  # a local corpus's size; a stream's unknown
+bar = tqdm(total=total, initial=resume["row"], unit="doc", disable=None)  # on a terminal; the lines below go to logs
+docs = documents(rows, field, first_row=resume["row"])
+filters.restore(resume["row"])  # the near-duplicate index as it stood at the resume point
 new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()
-stopped = reached = False  # --max_shards written in this run / the token target assigned
+stopped = cut_full_shards("train") or cut_full_shards("val")  # a stop by --max_shards may leave more than a shard
+reached = bool(target) and counts["train_assigned"] >= target  # the token target assigned
 while not (stopped or reached):
     batch = list(itertools.islice(docs, batch_docs))
     if not batch:
@@ -539,7 +586,6 @@ while not (stopped or reached):
     kept = [text for _, _, text in batch if text]
     encoded = iter(tok.encode_batch(kept, num_threads=num_threads))
     for row, name, text in batch:
-        before = dict(counts)
         counts["rows"] += 1
         if text is None:
             counts["empty" if not score_field else "filtered"] += 1
@@ -550,15 +596,10 @@ while not (stopped or reached):
             continue
         counts["kept"] += 1
         counts[f"{s}_assigned"] += len(ids)
-        skip = len(ids) if row < resume[s]["row"] else resume[s]["offset"] if row == resume[s]["row"] else 0
-        last[s] = (row, before, len(ids), None)  # the resume point if this split's buffer empties here
-        if skip < len(ids):
-            buffers[s].append((row, before, skip, ids[skip:]))
-            new_tokens += len(ids) - skip
-        while sum(len(p[3]) for p in buffers[s]) >= shard_tokens and not stopped:
-            cut_shard(s, shard_tokens)
-            new_shards += 1
-            stopped = new_shards == max_shards
+        buffers[s].append(ids)
+        buffered[s] += len(ids)
+        new_tokens += len(ids)
+        stopped = cut_full_shards(s)  # --max_shards written in this run
         reached = bool(target) and counts["train_assigned"] >= target
         if stopped or reached:
             break
@@ -580,11 +621,14 @@ if stopped:  # the manifest already records where to continue
 if counts["kept"] == 0:
     raise UserError(f"no document passed the filter ({score_field} >= {score_min}); lower --score_min")
 for s in ("val", "train"):  # the stream or the target ended: the rest of each buffer is the last shard
-    if buffers[s]:
-        cut_shard(s, sum(len(p[3]) for p in buffers[s]))
+    if buffered[s]:
+        cut_shard(s, buffered[s])
 filters.save()
 manifest["docs"], manifest["complete"] = counts, True
+last_point = manifest.pop("resume")  # a complete folder has nothing to continue
 save_manifest()
+if last_point["pending"]:
+    (out / last_point["pending"]["file"]).unlink()
 totals = {s: sum(sh["tokens"] for sh in manifest["shards"] if sh["split"] == s) for s in ("train", "val")}
 dt = time.time() - t_stream
 print(

@@ -32,7 +32,7 @@ LITERAL = re.compile(  # a string, number or constant: what a row of a data tabl
     r"""[rRbBuU]{0,2}(?:'[^'\n]*'|"[^"\n]*")|\b(?:0[xXoObB][0-9a-fA-F_]+|\d[\d_]*(?:\.\d*)?(?:[eE][-+]?\d+)?j?"""
     r"""|None|True|False)\b"""
 )
-SEPARATORS = " \t,:;()[]{}+-."
+SEPARATORS = " \t\r,:;()[]{}+-."  # with "\r": pysource keeps a file's CRLF line ends
 NOT_ALNUM = re.compile(r"[\W_]+")  # \w is letters, digits and "_"
 ASCII_NOT_ALNUM = bytes(c for c in range(128) if not chr(c).isalnum())
 NONBLANK = re.compile(r"^[ \t]*\S", re.M)
@@ -276,10 +276,10 @@ class NearDuplicates:
             keys = (bands * self.band_mix).sum(axis=1, dtype=np.uint64) + np.arange(self.bands, dtype=np.uint64)
         return keys.tolist()
 
-    def add(self, row, sig):
-        """Index the validation document at stream position row, kept whatever it resembles (validation is the same
-        with and without filters); a band already held keeps its first owner."""
-        for k in self.band_keys(sig):
+    def add(self, row, keys):
+        """Index the validation document at stream position row by its band keys (band_keys), kept whatever it
+        resembles (validation is the same with and without filters); a band already held keeps its first owner."""
+        for k in keys:
             self.owner.setdefault(k, row)
         self.val_rows.add(row)
 
@@ -306,11 +306,9 @@ class NearDuplicates:
         self.new = []
         return out.reshape(-1, 2 + self.bands)
 
-    def restore(self, records, before_row):
-        """Replay saved records of rows before before_row (a resume point); later ones are dropped, to be redone."""
+    def restore(self, records):
+        """Replay saved records (records()) of training documents, in stream order."""
         for row, match, *keys in records.tolist():
-            if row >= before_row:
-                break
             if match == 0:
                 self.owner.update(dict.fromkeys(keys, row))
             else:
@@ -320,22 +318,25 @@ class NearDuplicates:
 class Filters:
     """What prepare.py leaves out of its training split: documents that fail one of rules (select_rules) and, when
     near_dup > 0, near-duplicates of documents kept before them, each counted with its bytes under the rule's name
-    in counts (the manifest's document counts). The near-duplicate decisions are appended to path (save) so that a
-    stopped run resumes with the index it had (restore). The validation documents enter the index first
-    (index_validation), each run and resume alike: they are not in the file, whose rows are in stream order."""
+    in counts (the manifest's document counts). The near-duplicate index is kept in two files of the data folder, so
+    that a stopped run resumes with the index it had (restore): the validation documents' band keys, which enter the
+    index first (index_validation), and the training decisions in stream order, appended as they are made (save)."""
 
-    def __init__(self, rules, near_dup, ngram, path):
-        self.rules, self.path = rules, path
+    def __init__(self, rules, near_dup, ngram, folder):
+        self.rules, self.path, self.val_path = rules, folder / "near_dup.keys", folder / "near_dup_val.keys"
         self.near = NearDuplicates(near_dup, ngram) if near_dup else None
 
     def index_validation(self, docs, counts):
-        """Put the validation documents, (row, token ids) in stream order, in the near-duplicate index first, and count
-        them and their tokens (those of the validation split the pass then writes, up to a target that stops it)."""
+        """Save the band keys of the validation documents, (row, token ids) in stream order, for restore to put in the
+        index first, and count them and their tokens (those of the validation split the pass then writes, up to a
+        target that stops it). Once per folder: a resume reads the keys back instead of the stream."""
         counts["near_dup_val_docs"] = counts["near_dup_val_tokens"] = 0
+        records = []
         for row, ids in docs:
-            self.near.add(row, self.near.signature(ids))
+            records.append([row, 0, *self.near.band_keys(self.near.signature(ids))])  # 0: kept, as in records()
             counts["near_dup_val_docs"] += 1
             counts["near_dup_val_tokens"] += len(ids)
+        disk.write_atomic(self.val_path, np.array(records, dtype=np.uint64).reshape(-1, 2 + self.near.bands).tobytes())
 
     def left_out(self, row, text, ids, counts):
         """Whether the training document at stream position row (its text and token ids) is left out."""
@@ -360,16 +361,23 @@ class Filters:
             disk.append(self.path, self.near.records().tobytes())
 
     def restore(self, row):
-        """Replay the saved decisions made before row, and cut the file there: what a stopped run decided after its
-        resume point is decided again."""
+        """Fill the index as it stood at stream position row: the validation documents' keys, then the training
+        decisions made before row. The decisions file is cut there: what a stopped run decided after its resume point
+        is decided again."""
         if not self.near:
             return
-        data = np.fromfile(self.path, dtype=np.uint64) if self.path.is_file() else np.zeros(0, np.uint64)
-        width = 2 + self.near.bands
-        records = data[: len(data) // width * width].reshape(-1, width)  # a record cut short by a stop is dropped
+        for val_row, _, *keys in self.read(self.val_path).tolist():
+            self.near.add(val_row, keys)
+        records = self.read(self.path)
         keep = int(np.searchsorted(records[:, 0], row))  # rows are in stream order
-        self.near.restore(records[:keep], row)
+        self.near.restore(records[:keep])
         disk.write_atomic(self.path, records[:keep].tobytes())
+
+    def read(self, path):
+        """The records in path, (n, 2 + bands) uint64; a record cut short by a stop is dropped."""
+        data = np.fromfile(path, dtype=np.uint64) if path.is_file() else np.zeros(0, np.uint64)
+        width = 2 + self.near.bands
+        return data[: len(data) // width * width].reshape(-1, width)
 
     def describe(self, counts):
         """What was left out, per rule, in documents and MB, and the near-duplicate clusters and tokens."""

@@ -11,7 +11,9 @@
 # shards -> pretraining (config/reference_137m.py, 676 s on an H200) -> docstring questions and coding requests
 # (write this function) from the same files -> SFT -> preference pairs -> DPO -> eval.py on each stage, HumanEval
 # included (asked in the chat format after SFT) -> $RUN_card/card.md, the report card.
-# Arguments go to train.py. Each stage's wall time is appended to $RUN_card/stages.tsv.
+# The CPU stages run beside the GPU ones (SFT and DPO data while pretraining; each eval.py beside the next training
+# stage), their output in $RUN_card/<stage>.log. Arguments go to train.py. Each stage's wall time is appended to
+# $RUN_card/stages.tsv, the whole run's as `wall`; nvidia-smi's utilisation, a sample a second, to gpu_util.csv.
 set -euo pipefail
 cd "$(dirname "$0")"
 RUN=${RUN:-out/ref}        # pretraining run folder; SFT and DPO go to ${RUN}_sft and ${RUN}_dpo
@@ -29,33 +31,70 @@ stage() { # stage NAME COMMAND...: run the command and record its wall time
     "$@"
     printf '%s\t%s\n' "$name" $(($(date +%s) - t0)) >>"$CARD/stages.tsv"
 }
+log_of() { echo "$CARD/${1// /_}.log"; }
+beside() { # beside NAME COMMAND...: a command in the background, niced so that the GPU stage's own CPU work comes
+    # first; its output to the log of NAME
+    echo "== $1: in the background beside the next stages (log: $(log_of "$1"))"
+    (renice -n 10 "$BASHPID" >/dev/null && "${@:2}") >"$(log_of "$1")" 2>&1 &
+    eval "pid_${1// /_}=$!"
+}
+join() { # join NAME: wait for a stage started by beside; if it failed, the end of its log and a non-zero exit
+    local pid
+    eval "pid=\${pid_${1// /_}:-}"
+    [ -n "$pid" ] || return 0
+    if ! wait "$pid"; then
+        tail -n 20 "$(log_of "$1")"
+        echo "error: $1 failed (its log: $(log_of "$1")); run bash reference.sh again to go on from there" >&2
+        exit 1
+    fi
+    echo "== $1: done"
+}
 has_checkpoint() { compgen -G "$1/ckpt_[0-9]*.safetensors" >/dev/null; }
 evaluate() { # evaluate RUN ARGS...: eval.py unless its report is newer than the run's best checkpoint
     if [ "$1/report.json" -nt "$1/ckpt_best.safetensors" ]; then echo "== eval $1: report is up to date"; else
         stage "eval $(basename "$1")" python eval.py --out_dir="$1" "${@:2}"
     fi
 }
+watch_gpu() { # one utilisation sample a second, for the card's GPU-busy line (where nvidia-smi exists)
+    command -v nvidia-smi >/dev/null || return 0
+    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -l 1 >>"$CARD/gpu_util.csv" 2>/dev/null &
+}
 
+# The GPU is kept busy: SFT and DPO data need only the tokenizer, so they are prepared on the CPU while pretraining
+# runs; each eval.py generates on the GPU beside the next training stage and scores its programs on the CPU.
 main() { # read whole before it runs: editing this file during a run changes nothing
+    # a stopped run stops its background stages too: each job's subshell and the command it runs
+    trap 'for job in $(jobs -p); do pkill -P "$job"; kill "$job"; done 2>/dev/null || true' EXIT
+    t_start=$(date +%s)
+    watch_gpu
     stage "prepare corpus" python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir=$DATA $PREPARE
-    if has_checkpoint "$RUN"; then init=--init_from=resume; else init=--init_from=scratch; fi
-    stage "pretrain" python train.py config/reference_137m.py --out_dir="$RUN" --data_dir=$DATA $init "$@"
-    evaluate "$RUN" --gen_batch=512
     runs=$RUN
     if [ "$STAGES" = all ]; then
-        tok=--tokenizer=$RUN/tokenizer.model
-        stage "prepare sft" python prepare.py --mode=sft --corpus=python --task=both $tok --block_size=1024 \
+        tok=--tokenizer=$DATA/tokenizer.model # the file train.py copies into $RUN
+        beside "prepare sft" stage "prepare sft" python prepare.py --mode=sft --corpus=python --task=both $tok --block_size=1024 \
             --data_dir=data/sft_python32k
+        beside "prepare dpo" stage "prepare dpo" python prepare.py --mode=dpo --corpus=python --task=both $tok --block_size=1024 \
+            --data_dir=data/dpo_python32k
+    fi
+    if has_checkpoint "$RUN"; then init=--init_from=resume; else init=--init_from=scratch; fi
+    stage "pretrain" python train.py config/reference_137m.py --out_dir="$RUN" --data_dir=$DATA $init "$@"
+    if [ "$STAGES" = all ]; then
+        beside "eval ref" evaluate "$RUN" --gen_batch=512
+        join "prepare sft"
         if has_checkpoint "${RUN}_sft"; then init=--init_from=resume; else init=--init_from=$RUN; fi
         stage "sft" python sft.py config/reference_sft.py --out_dir="${RUN}_sft" $init
-        stage "prepare dpo" python prepare.py --mode=dpo --corpus=python --task=both $tok --block_size=1024 \
-            --data_dir=data/dpo_python32k
+        beside "eval ref_sft" evaluate "${RUN}_sft" --gen_batch=512
+        join "prepare dpo"
         if has_checkpoint "${RUN}_dpo"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi
         stage "dpo" python dpo.py config/reference_dpo.py --out_dir="${RUN}_dpo" $init
-        evaluate "${RUN}_sft" --gen_batch=512
         evaluate "${RUN}_dpo" --gen_batch=512
+        join "eval ref"
+        join "eval ref_sft"
         runs=$RUN,${RUN}_sft,${RUN}_dpo
+    else
+        evaluate "$RUN" --gen_batch=512
     fi
+    printf 'wall\t%s\n' $(($(date +%s) - t_start)) >>"$CARD/stages.tsv"
     python eval.py --card="$runs" --card_dir="$CARD"
 }
 main "$@"

@@ -213,6 +213,17 @@ def write_curves(run, others):
     return text
 
 
+def gpu_busy(path):
+    """{busy: share of the samples with the GPU doing something, mean_util, samples} of reference.sh's nvidia-smi
+    utilisation samples (a percentage per line), or None where there are none."""
+    if not path.is_file():
+        return None
+    util = [float(x) for x in path.read_text().split() if x.replace(".", "", 1).isdigit()]
+    if not util:
+        return None
+    return {"busy": sum(u > 0 for u in util) / len(util), "mean_util": sum(util) / len(util), "samples": len(util)}
+
+
 def write_card(runs, folder):
     """One table from several runs' report.json (a column per run), with the stage wall times reference.sh
     appends to folder/stages.tsv (summed per stage: a resumed stage has several lines)."""
@@ -225,14 +236,20 @@ def write_card(runs, folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = table([f"{r['kind']} `{Path(r['run']).name}`" for r in reports], reports)
-    stages = {}
+    stages, gpu = {}, gpu_busy(folder / "gpu_util.csv")
     if (folder / "stages.tsv").is_file():
         for line in (folder / "stages.tsv").read_text().splitlines():
             name, seconds = line.rsplit("\t", 1)
             stages[name] = stages.get(name, 0) + int(seconds)
+        wall = stages.pop("wall", None)  # reference.sh runs stages side by side: their sum is not the wall time
         text += "\n\n| stage | wall time (s) |\n|---|---|\n" + "\n".join(f"| {k} | {v:,} |" for k, v in stages.items())
-        text += f"\n| total | {sum(stages.values()):,} |"
-    write_text(folder / "card.json", json.dumps({"reports": reports, "stages_s": stages}, indent=1))
+        text += f"\n| stages summed | {sum(stages.values()):,} |"
+        text += f"\n| **nothing to card** | **{wall:,}** |" if wall is not None else ""
+        stages.update({} if wall is None else {"wall": wall})
+    if gpu:
+        text += f"\n\nGPU busy (nvidia-smi, a sample a second): {gpu['busy']:.1%} of {gpu['samples']:,} s"
+        text += f", mean utilisation {gpu['mean_util']:.1f}%"
+    write_text(folder / "card.json", json.dumps({"reports": reports, "stages_s": stages, "gpu": gpu}, indent=1))
     commands = "\n".join(f"- {Path(r['run']).name}: `{r['command']}`" for r in reports)
     header = f"# Report card\n\n{reports[0]['date']}, {reports[0]['device']}\n\n{commands}\n"
     write_text(folder / "card.md", f"{header}\n{text}\n")

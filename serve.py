@@ -99,7 +99,7 @@ class Request:
     def __init__(self, ids, max_new, stop, sampling, loop):
         self.ids, self.max_new, self.stop, self.sampling, self.loop = ids, max_new, stop, sampling, loop
         self.id, self.created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        self.events, self.cancelled = asyncio.Queue(), False
+        self.events, self.cancelled, self.reason = asyncio.Queue(), False, None
         self.new, self.pending, self.text, self.sent = 0, [], "", 0  # tokens, undecoded tokens, text, chars sent
 
     def put(self, *event):
@@ -133,7 +133,7 @@ class Request:
     def finish(self, reason):
         self.text, self.pending = self.text + tok.decode(self.pending), []  # cut mid-character: what there is
         self.flush(len(self.text))
-        self.put("done", reason, self.new)
+        self.reason = reason  # the engine sends ("done", ...) once the row is free, so /health never counts it busy
         return True
 
 
@@ -204,6 +204,8 @@ class Engine:
         req = self.running[row]
         if req.cancelled or req.add(token):
             self.release(row)
+            if req.reason:
+                req.put("done", req.reason, req.new)
 
     def release(self, row):
         self.slots.leave(row)

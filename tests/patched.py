@@ -9,6 +9,9 @@ RECORD_SHAPES=PATH: append the (rows, length) of every training micro-batch to P
 FAKE_ENOSPC=GLOB: a file opened for writing whose name matches GLOB (ckpt_0000008.safetensors.tmp) is on a full disk:
     its first write stores half the bytes, then fails with ENOSPC, as a write that fills a real disk does.
 FAKE_FREE=N: shutil.disk_usage says N bytes are free (the run folder's check before step 0).
+ROWS_READ=PATH: append a line to PATH for each row that a datasets stream (prepare.py's --input/--dataset) yields: the
+    number of its pass (1, 2, ... in the order the passes start; a resumed stream's skipped rows are not yielded) and
+    a CRC32 of the row, so that a test sees which rows each pass of a run read.
 """
 
 import builtins
@@ -19,6 +22,7 @@ import os
 import runpy
 import shutil
 import sys
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +130,21 @@ def full_disk_open(file, mode="r", *args, **kwargs):
     return FullDisk(f) if set(mode) & set("wax+") and fnmatch.fnmatch(name, os.environ["FAKE_ENOSPC"]) else f
 
 
+def record_rows(iterate):
+    """ROWS_READ's IterableDataset.__iter__: iterate's rows, each recorded with its pass's number."""
+    passes = [0]
+
+    def recorded(self):
+        passes[0] += 1
+        number = passes[0]
+        for row in iterate(self):
+            with open(os.environ["ROWS_READ"], "a") as f:
+                f.write(f"{number} {zlib.crc32(json.dumps(row, sort_keys=True, default=str).encode())}\n")
+            yield row
+
+    return recorded
+
+
 model.GPT.forward = patched_forward
 make, runtime.make_optimizer = runtime.make_optimizer, make_optimizer
 logsigmoid, F.logsigmoid = F.logsigmoid, patched_logsigmoid
@@ -136,6 +155,10 @@ if "FAKE_ENOSPC" in os.environ:
 if "FAKE_FREE" in os.environ:
     disk_usage = shutil.disk_usage
     shutil.disk_usage = lambda path: disk_usage(path)._replace(free=int(os.environ["FAKE_FREE"]))
+if "ROWS_READ" in os.environ:
+    import datasets
+
+    datasets.IterableDataset.__iter__ = record_rows(datasets.IterableDataset.__iter__)
 if sys.argv[1].endswith("train_mlx.py"):
     patch_mlx()
 sys.argv = sys.argv[1:]

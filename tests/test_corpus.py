@@ -2,15 +2,20 @@
 fake standard library and site-packages made here; prepare.py --corpus=python on that tree through the one seam,
 pysource.python_roots."""
 
+import fcntl
+import hashlib
 import json
+import shutil
 import sys
 import sysconfig
+import threading
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import documents_in, run
+from conftest import documents_in, run, stdlib_sample
 
 import chat
 import pysource
@@ -190,10 +195,12 @@ def test_docstring_qa_from_source_without_importing(tree):
 
 
 def prepare(roots, *args, check=True):
-    """prepare.py run as a user runs it, but with python_roots() answering the fake tree's roots."""
+    """prepare.py run as a user runs it, but with python_roots() answering the fake tree's roots and the parse cache
+    in the tree's folder (chat.cache_dir), not ~/.cache."""
+    cache = Path(roots[0][1]).parent / "cache"
     code = (
-        f"import runpy, pysource; pysource.python_roots = lambda: {roots!r}; "
-        f"runpy.run_path('prepare.py', run_name='__main__')"
+        f"import pathlib, runpy, chat, pysource; pysource.python_roots = lambda: {roots!r}; "
+        f"chat.cache_dir = lambda: pathlib.Path({str(cache)!r}); runpy.run_path('prepare.py', run_name='__main__')"
     )
     return run("prepare.py", *args, cmd=[sys.executable, "-c", code], check=check)
 
@@ -239,6 +246,7 @@ def test_prepare_corpus_python_on_a_fake_tree(tree, tiny_data, tmp_path):
     assert tok.decode(ids[mask == 1].tolist()) == "".join(QA[i][1] for i in val)  # <|end|> decodes to nothing
     proc = prepare(roots, "--mode=dpo", f"--data_dir={tmp_path / 'dpo'}", *common)
     assert "8 pairs kept of 8" in proc.stdout and "never imported: 8 questions" in proc.stdout
+    assert "parse: 11 files as an earlier run parsed them" in proc.stdout  # SFT's parse, not a second one
     tokens, lengths = open_pairs(tmp_path / "dpo", "val", tok.vocab_size)
     starts = np.cumsum([0, *lengths.sum(1).tolist()])
     chosen = [tokens[a + p : a + p + c].tolist() for a, (p, c, _) in zip(starts[:-1], lengths.tolist(), strict=True)]
@@ -273,3 +281,116 @@ def test_stdlib_corpus_is_the_one_it_was():
                 expected.append((rel.as_posix(), None))
     assert [(r["name"], r["text"]) for r in pysource.stdlib_rows()] == expected
     assert any(text is None for _, text in expected)  # the latin-1 and koi8-r test fixtures
+
+
+def synthetic_rows(n=40):
+    """Rows of Python files whose module names, answers and functions repeat across files (by i % 2, 3, 4, 5, 6, 9),
+    with stubs, functions over chat.MAX_CODE, answers over chat.MAX_ANSWER, methods, third-party code, a test module,
+    a file that does not parse and one that is not UTF-8: every rule of parse_corpus, in a fixed text."""
+    rows = []
+    for i in range(n):
+        answer = "Scale the shape by k, in place." if i % 2 else "x" * (chat.MAX_ANSWER + 1)
+        text = f'''import math
+import numpy as np
+
+
+def area{i % 5}(r):
+    """Return the area of a circle of radius r, computed with pi{"" if i % 3 else " (again)"}."""
+    return math.pi * r * r
+
+
+def mean{i}(values):
+    """Return the arithmetic mean of values as a NumPy float number."""
+    return np.mean(values)
+
+
+def stub{i % 2}(x):
+    """Not written yet: the body only raises, so nothing to learn."""
+    raise NotImplementedError
+
+
+def wide{i % 4}(x):
+    """Return a long list of numbers: with 500 of them, too long to ask."""
+    return [{", ".join(str(k) for k in range(500 if i % 4 == 0 else 20))}]
+
+
+class Shape{i % 3}:
+    def scale(self, k):
+        """{answer}"""
+        self.k = k * {i % 6}
+'''
+        rows.append({"name": f"site-packages/pkg{i % 6}/mod{i % 9}.py", "text": text})
+    rows[5]["name"] = "site-packages/pkg/tests/test_x.py"  # not asked
+    rows[7]["text"] = 'print "Python 2"\n'  # does not parse
+    rows[11]["text"] = None  # not UTF-8
+    return rows
+
+
+# sha256 of json.dumps of {"docstring": source_conversations(rows), "code": code_conversations(rows, scope)} of
+# synthetic_rows() by the code before each file was parsed once (c67c501): the same output, whatever the workers
+BEFORE = {
+    "self_contained": "80481d5ab24d88cd65b61dab66db43ab7b255a4270072b7810ac631594f8b78c",
+    "all": "4168b379eb5b75853128eb6ceb589ea4b62529c5bcc55444a1f17eb511d1d03a",
+}
+
+
+def test_one_parse_per_file_on_any_number_of_workers():
+    rows = synthetic_rows()
+    for scope, digest in BEFORE.items():
+        serial = chat.parse_corpus(rows, "both", scope, workers=1)
+        assert hashlib.sha256(json.dumps(serial).encode()).hexdigest() == digest
+        assert chat.parse_corpus(rows, "both", scope, workers=2) == serial  # ordered: 40 files in chunks of 5
+    # on real files too, each of them twice (the second copy's names, answers and code all asked before)
+    rows = [{"name": f"{root}/{name}", "text": text} for root in ("stdlib", "site") for name, text in stdlib_sample(30)]
+    serial = chat.parse_corpus(rows, "both", "all", workers=1)
+    assert serial == chat.parse_corpus(rows, "both", "all", workers=2)
+    assert len(serial["docstring"][0]) > 100 and len(serial["code"][0]) > 20 and serial["code"][1]["same_code"] > 20
+
+
+def test_sft_data_the_same_on_one_or_two_workers_and_dpo_reuses_the_parse(tree, tiny_data, tmp_path):
+    roots, _ = tree
+    common = ["--corpus=python", "--task=both", f"--tokenizer={tiny_data / 'tokenizer.model'}", "--val_permille=500"]
+    common += [f"--max_file_bytes={MAX_BYTES}"]
+    folders = {}
+    for workers in (1, 2):
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # each parses
+        folders[workers] = tmp_path / f"sft{workers}"
+        proc = prepare(roots, "--mode=sft", f"--num_threads={workers}", f"--data_dir={folders[workers]}", *common)
+        assert f"parse: 11 files parsed with ast on {workers} process(es)" in proc.stdout
+    files = sorted(p.name for p in folders[1].iterdir())
+    assert files == sorted(p.name for p in folders[2].iterdir()) and "manifest.json" in files
+    for name in files:
+        assert (folders[1] / name).read_bytes() == (folders[2] / name).read_bytes(), name
+    proc = prepare(roots, "--mode=dpo", f"--data_dir={tmp_path / 'dpo'}", *common)
+    assert "parse: 11 files as an earlier run parsed them" in proc.stdout and "8 questions" in proc.stdout
+    # a file that changed is a new corpus: parsed again, its new function asked
+    with open(Path(roots[1][1]) / "pkg" / "sub" / "mod.py", "a") as f:
+        f.write('\n\ndef added():\n    """A function added since the last parse, documented."""\n')
+    proc = prepare(roots, "--mode=dpo", f"--data_dir={tmp_path / 'dpo2'}", *common)
+    assert "parse: 11 files parsed with ast" in proc.stdout and "9 questions" in proc.stdout
+
+
+def test_parse_cache_reused_remade_and_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(chat, "cache_dir", lambda: tmp_path)
+    rows, said = synthetic_rows(), []
+    parsed = json.loads(json.dumps(chat.parse_corpus_cached(rows, "both", "all", 1, said.append)))
+    assert "40 files parsed with ast on 1 process(es)" in said[-1]
+    assert chat.parse_corpus_cached(rows, "both", "all", 1, said.append) == parsed
+    assert "as an earlier run parsed them" in said[-1]
+    cache = tmp_path / "parse_both_all.json"
+    cache.write_bytes(cache.read_bytes()[:1000])  # cut short: parsed again, written whole
+    again = chat.parse_corpus_cached(rows, "both", "all", 1, said.append)
+    assert json.loads(json.dumps(again)) == parsed and "parsed with ast" in said[-1]
+    assert json.loads(cache.read_text())["parts"] == parsed
+    # another run parsing with these settings holds the lock: this one waits, then takes what that one kept
+    cache.unlink()
+    with open(tmp_path / "parse_both_all.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=chat.parse_corpus_cached, args=(rows, "both", "all", 1, said.append))
+        waiting.start()
+        deadline = time.time() + 30
+        while "waiting for another run" not in said[-1] and time.time() < deadline:
+            time.sleep(0.01)
+        cache.write_text(json.dumps({"key": chat.corpus_key(rows, "both", "all"), "parts": parsed}))
+    waiting.join(timeout=30)
+    assert "as an earlier run parsed them" in said[-1]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,6 +73,18 @@ def test_resume_after_interruption_gives_the_same_shards(fineweb, tmp_path):
     # a clean stop: --max_shards=5, twice, then the same command to the end
     for _ in range(2):
         assert "run the same command to continue" in prepare(src, stopped, "--max_shards=5").stdout
+    # a folder stopped by a prepare.py older than 2026-12-03 (a resume point per split), or without the file of its
+    # resume point's unwritten tokens: one error line, and the folder left as it was
+    old = tmp_path / "old"
+    shutil.copytree(stopped, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / manifest["resume"]["pending"]["file"]).unlink()
+    one_line_error(prepare(src, old, check=False), manifest["resume"]["pending"]["file"], "is missing")
+    manifest["resume"] = {s: {"row": 0, "offset": 0, "counts": manifest["resume"]["counts"]} for s in ("train", "val")}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    one_line_error(prepare(src, old, check=False), "older than 2026-12-03", "--overwrite=true")
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
     prepare(src, stopped)
     # a hard kill at an arbitrary moment: as soon as the first training shard exists
     cmd = [sys.executable, str(REPO / "prepare.py"), f"--input={src}", f"--data_dir={killed}", *ARGS, "--batch_docs=1"]

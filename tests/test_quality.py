@@ -5,7 +5,7 @@ manifest; web rules on a local JSONL in FineWeb's schema; a resumed run equal to
 import json
 
 import pytest
-from conftest import run, stdlib_sample
+from conftest import patched, run, stdlib_sample
 
 import quality
 from quality import CODE_RULES, WEB_RULES, failed_rule
@@ -31,6 +31,9 @@ CODE_CASES = [  # (document, the rule it fails or None)
     ("#" * 60 + "\n" + "# |__|__|  /\\  /\\ -- ++ ** ## @@ !! %% ^^ &&\n" * 12, "alphanumeric"),
     (TABLE, "literals"),
     (TABLE.replace("    (", "    f(", 25), None),  # 25 of 42 lines call a function: a program, not a table
+    (TABLE.replace("\n", "\r\n"), "literals"),  # CRLF line ends, as pysource reads a Windows file
+    (TABLE.replace("    (", "    f(", 25).replace("\n", "\r\n"), None),
+    (CODE.replace("\n", "\r\n"), None),
 ]
 
 
@@ -194,30 +197,49 @@ def test_web_rules_on_fineweb_jsonl(tmp_path):
     assert "filters: 11 training documents left out" in proc.stdout
 
 
-def test_resumed_with_filters_gives_the_same_shards(tmp_path):
-    """Exact and near copies (the sample twice over), code rules on, stopped twice: the same shards, counts and
-    near-duplicate records as one uninterrupted run. A copy of a validation document after the stops is left out
-    alike: each resume indexes validation first again."""
-    texts = [text for _, text in stdlib_sample(40)]
+def test_resume_at_the_defaults_ratio_reads_only_new_rows(tmp_path):
+    """Validation a tenth of a shard and 50 documents per 1000 (the defaults' ratio), so its split is cut only at the
+    end, code rules on, stopped twice by --max_shards: each resume reads again at most a shard's worth of the rows the
+    stopped run read (here none but the rest of a batch: it starts after the last shard, with the tokens no shard holds
+    yet and the near-duplicate index read back), and the folder is an uninterrupted run's, byte for byte. Near copies
+    (a line changed: hash equality would miss them) of the validation document and of a training document before
+    each stop come after the stops: a resume finds them only with the index the stopped run had."""
+    chunks = [c for _, text in stdlib_sample(20) for c in lines_of(text, 40)][:120]
+    near = [chunks[i].replace("\n", "\n# changed\n", 1) for i in (4, 10, 40)]  # row 4: validation's (CRC32 of "4")
     src = tmp_path / "src.jsonl"
     with open(src, "w") as f:
-        for text in texts + texts[::3] + texts[4:5]:  # row 4 goes to validation, its copy (row 54) is met last
-            f.write(json.dumps({"text": text}) + "\n")
-    args = [f"--input={src}", "--vocab_size=512", "--shard_tokens=3000", "--quality=code", "--near_dup=0.7"]
+        for i, text in enumerate(chunks + near):  # an id: two chunks alike would still be two rows to ROWS_READ
+            f.write(json.dumps({"text": text, "id": i}) + "\n")
+    args = [f"--input={src}", "--vocab_size=512", "--shard_tokens=5000", "--val_tokens=500", "--val_permille=50"]
+    args += ["--batch_docs=4", "--quality=code", "--near_dup=0.7"]
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     run("prepare.py", *args, f"--data_dir={whole}")
-    for _ in range(2):
-        assert (
-            "run the same command to continue"
-            in run("prepare.py", *args, f"--data_dir={stopped}", "--max_shards=4").stdout
+    passes = []  # per run: {pass number: the rows it read}
+    for i, max_shards in enumerate((3, 3, 0)):
+        proc = patched(
+            "prepare.py", *args, f"--data_dir={stopped}", f"--max_shards={max_shards}", ROWS_READ=tmp_path / f"{i}"
         )
-    run("prepare.py", *args, f"--data_dir={stopped}")
-    reference = json.loads((whole / "manifest.json").read_text())
-    manifest = json.loads((stopped / "manifest.json").read_text())
-    assert manifest["shards"] == reference["shards"] and manifest["docs"] == reference["docs"]
-    assert reference["docs"]["near_dup"] >= len(texts[::3]) and reference["docs"]["near_dup_clusters"] >= 1
-    assert reference["docs"]["near_dup_of_val"] == 1
-    assert (stopped / "near_dup.keys").read_bytes() == (whole / "near_dup.keys").read_bytes()
+        assert ("run the same command to continue" in proc.stdout) == bool(max_shards)
+        passes.append({})
+        for line in (tmp_path / f"{i}").read_text().splitlines():
+            number, row = line.split()
+            passes[-1].setdefault(int(number), set()).add(row)
+    for before, after in zip(passes, passes[1:], strict=False):
+        wrote = before[max(before)]  # the stopped run's last pass: the one that wrote its 3 shards
+        again = set().union(*(rows for number, rows in after.items() if number > 1)) & wrote  # pass 1: a peek
+        assert len(again) <= len(wrote) / 3, (len(again), len(wrote))
+    files = {p.name: p.read_bytes() for p in whole.iterdir()}
+    assert {p.name: p.read_bytes() for p in stopped.iterdir()} == files and "near_dup_val.keys" in files
+    manifest = json.loads(files["manifest.json"])
+    assert [s["split"] for s in manifest["shards"]].index("val") > 6  # validation's only shard: after both stops
+    counts = manifest["docs"]
+    assert (counts.get("near_dup"), counts.get("near_dup_of_val"), counts["near_dup_clusters"]) == (3, 1, 3)
+
+
+def lines_of(text, n):
+    """text in pieces of n lines."""
+    lines = text.split("\n")
+    return ["\n".join(lines[i : i + n]) for i in range(0, len(lines), n)]
 
 
 def test_unknown_rule_is_one_error_line(tmp_path):
