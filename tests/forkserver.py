@@ -5,9 +5,12 @@ sys.excepthook). torch's import was 1.6-2 s of every one of the suite's ~190 scr
 prepare.py's runs on files.
 
 What a fork cannot give is set aside: a run needs a server started in the same environment where the interpreter
-or torch read it at start (PYTHON*, OMP_*, ONEDNN_*, TORCH*, ...; conftest.run keeps one server per such
-environment met twice and runs the rest, other commands, and everything off Linux, as plain subprocesses); the
-server never imports the repo's modules, so each run imports them fresh (no side effects at import is still tested).
+or torch read it at start (PYTHON*, OMP_*, ONEDNN_*, TORCH*, HOME, the locale, TMPDIR, ...; conftest.run keeps one
+server per such environment met twice and runs the rest, other commands, and everything off Linux, as plain
+subprocesses); the server never imports the repo's modules, so each run imports them fresh (no side effects at
+import is still tested); each child seeds the random generators a new interpreter seeds, from the OS's entropy.
+What is left, a fork cannot show: docs/testing.md. (multiprocessing's forkserver does not serve: it is one per
+process and environment, and its children run a function and leave by os._exit, past the script's atexit handlers.)
 """
 
 import json
@@ -23,6 +26,10 @@ import tempfile
 # read when the interpreter or torch starts: a run whose environment differs here cannot be a fork of the server
 STARTUP_VARS = ("PYTHON", "LD_", "OMP_", "MKL_", "KMP_", "GOMP_", "ONEDNN_", "DNNL_", "ATEN_", "CUDA_", "TORCH")
 STARTUP_VARS += ("PYTORCH_", "NVIDIA_", "MALLOC", "MLX_", "HF_", "HUGGINGFACE_", "XDG_")  # datasets: at import
+STARTUP_VARS += ("LC_",)  # the locale: Python sets LC_CTYPE and its stdio and file-name encodings at start
+# HOME: site's user folder on sys.path, datasets' cache folder; TMPDIR: tempfile's folder, fixed once asked (torch's
+# import asks); LANG, LANGUAGE: the locale, as LC_*
+STARTUP_NAMES = ("HOME", "TMPDIR", "LANG", "LANGUAGE")
 
 
 def forkable(argv):
@@ -35,7 +42,7 @@ def forkable(argv):
 def startup_env(env):
     """The part of an environment that the interpreter or torch read at start: a server serves only runs that agree
     with its own."""
-    return frozenset((k, v) for k, v in env.items() if k.startswith(STARTUP_VARS))
+    return frozenset((k, v) for k, v in env.items() if k in STARTUP_NAMES or k.startswith(STARTUP_VARS))
 
 
 class ForkServer:
@@ -118,8 +125,10 @@ def serve(sock):
 
 
 if __name__ == "__main__":
-    import numpy  # noqa: F401
-    import torch  # noqa: F401
+    import random
+
+    import numpy
+    import torch
 
     try:  # prepare.py's files and hub path import it: 1.1 s of each of ~45 runs; it reads HF_* and XDG_* here
         import datasets  # noqa: F401
@@ -132,6 +141,12 @@ if __name__ == "__main__":
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    # a new interpreter seeds these from the OS's entropy (torch's default generator too): unseeded
+    # randomness differs from run to run. A fork would inherit the server's state; Python's `random` reseeds itself
+    # at a fork, numpy's and torch's global generators do not.
+    random.seed()
+    numpy.random.seed()
+    torch.seed()
     argv = request["argv"][1:]
     if argv[0] == "-c":
         sys.argv, sys.path[0] = ["-c", *argv[2:]], ""

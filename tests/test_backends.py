@@ -69,6 +69,31 @@ def test_mps_before_torch_2_8_refuses_compile_and_fp16():
         backends.device_defaults("xpu", "2.13.0")
 
 
+# What device=auto picks and what that device then gets, written here from what was measured and decided (README and
+# docs/configuration.md: "auto (cuda > mps > cpu)"; cuda: bf16 autocast and compile, 430K against 207K tok/s eager
+# on an H100, Muon's Newton-Schulz in bf16 on tensor cores; cpu: fp32, bf16 products emulated 50x slower without
+# bf16 instructions; mps: the safe set), not read from backends.py or the table it is checked against above.
+AUTO = {"cuda": (torch.bfloat16, True, "bfloat16"), "mps": (torch.float32, False, "float32")}
+AUTO["cpu"] = (torch.float32, False, "float32")
+
+
+@pytest.mark.parametrize("cuda, mps", [(True, True), (True, False), (False, True), (False, False)])
+def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps):
+    """runtime.setup_device("auto") with CUDA and MPS made available or not: the first of cuda, mps, cpu that is
+    there, with dtype=auto, compile=auto and ns_dtype=auto resolved as AUTO says (nothing runs on the device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # autocast asks on CUDA
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):  # setup_device turns TF32 on for CUDA
+        monkeypatch.setattr(flags, "allow_tf32", flags.allow_tf32)
+    monkeypatch.delenv("RANK", raising=False)
+    env = runtime.setup_device("auto", dtype="auto", compile="auto", ns_dtype="auto")
+    expected = "cuda" if cuda else "mps" if mps else "cpu"
+    assert (env["device"], env["device_type"]) == (expected, expected)
+    assert (env["ptdtype"], env["compile"], env["ns_dtype"]) == AUTO[expected]
+    assert torch.backends.cuda.matmul.allow_tf32 == (expected == "cuda")
+
+
 def test_setup_device_resolves_auto_on_the_cpu(capsys):
     env = runtime.setup_device("cpu", compile="auto")
     assert (env["ptdtype"], env["compile"], env["ns_dtype"]) == (torch.float32, False, "float32")

@@ -1,6 +1,7 @@
 """Files a user hands over that are not what they should be (issue 27), in one table: each is answered by exactly
 one `error:` line and exit status 2, never a traceback, and nothing is written. The scripts run in this process to
-the end (tests/test_fuzz_config.py's runner, not stopped), as `python script ...` would.
+the end (tests/test_fuzz_config.py's runner, not stopped), as `python script ...` would: the error escapes the script
+and its own error handler (the sys.excepthook that runtime.install_error_handler set) writes the line and exits.
 """
 
 import json

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 import runtime
 from accepts import Accepts
-from shards import ShardError
 
 SCRIPTS = {  # script: the config file a user starts from (None: none)
     "train.py": "config/tiny_cpu.py",
@@ -55,8 +54,9 @@ CODE = {}
 
 def run_in_process(script, argv, cwd, stop=True):
     """(exit status, stdout, stderr) of `python script argv` run in this process until runtime.configure returns
-    (status 0 then; to the end with stop=False), as the script's error handler answers: UserError and ShardError
-    are one `error:` line and status 2. Any other exception propagates: a traceback a user would see."""
+    (status 0 then; to the end with stop=False). An exception that escapes the script ends it as it ends the
+    interpreter: through sys.excepthook, the script's own error handler once it has installed one (a SystemExit
+    there is the exit status), else the default one, which prints a traceback, and status 1."""
     path = REPO / script
     if script not in CODE:
         CODE[script] = compile(path.read_text(), str(path), "exec")
@@ -77,13 +77,23 @@ def run_in_process(script, argv, cwd, stop=True):
         status = 0
     except SystemExit as e:
         status = e.code
-    except (runtime.UserError, ShardError) as e:
-        status = 2
-        print(f"error: {e}", file=err)
+    except Exception as e:
+        status = end_uncaught(e, err)
     finally:
         runtime.configure, sys.excepthook, sys.argv = configure, hook, argv0
         os.chdir(old_cwd)
     return status, out.getvalue(), err.getvalue()
+
+
+def end_uncaught(e, err):
+    """The exit status of an interpreter that an exception e ends (Python's PyErr_Print): sys.excepthook prints it
+    (to err here), and a SystemExit that the hook raises is the status; else 1."""
+    with contextlib.redirect_stderr(err):
+        try:
+            sys.excepthook(type(e), e, e.__traceback__)
+        except SystemExit as ended:
+            return ended.code
+    return 1
 
 
 def declared(script, tmp):
@@ -106,7 +116,7 @@ def declared(script, tmp):
 
 def assert_answered(status, stdout, stderr, what):
     """The property: exit 0, or exit 2 with exactly one line on stderr, and that line `error: ...`."""
-    assert "Traceback" not in stdout + stderr, what
+    assert "Traceback" not in stdout + stderr, f"{what}\n{stderr[-3000:]}"
     assert status in (0, None, 2), f"{what}: exit status {status!r}\n{stderr}"
     if status == 2:
         lines = stderr.strip().split("\n")  # a "\r" in a value the user typed starts no new line in a log
