@@ -75,7 +75,10 @@ def generate(
     if not prompts:
         return []
     dev, c = model.lm_head.weight.device, model.config
-    max_new = min(max_new, c.block_size - 1)
+    # an answer gives way to its prompt, down to half the context: an answer of block_size - 1 tokens would cut every
+    # prompt to its last token (eval.py's 128-token chat answers in a 64-token model answered nothing they were asked)
+    room = c.block_size - max(map(len, prompts))
+    max_new = min(max_new, c.block_size - 1, max(room, c.block_size // 2))
     prompts = [p[-(c.block_size - max_new) :] for p in prompts]  # longer prompts keep their end
     rows, max_len = min(batch_size, len(prompts)), max(map(len, prompts)) + max_new
     key = (id(model), rows, max_len)

@@ -84,14 +84,21 @@ def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # autocast asks on CUDA
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
-    for flags in (torch.backends.cuda.matmul, torch.backends.cudnn):  # setup_device turns TF32 on for CUDA
-        monkeypatch.setattr(flags, "allow_tf32", flags.allow_tf32)
     monkeypatch.delenv("RANK", raising=False)
-    env = runtime.setup_device("auto", dtype="auto", compile="auto", ns_dtype="auto")
+    # setup_device turns TF32 on for CUDA; put back by hand: pytest 9's monkeypatch deletes, on undo, an attribute
+    # that is not in the object's __dict__, and torch's flag objects (a property of their class) then raise
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [f.allow_tf32 for f in flags]
+    try:
+        env = runtime.setup_device("auto", dtype="auto", compile="auto", ns_dtype="auto")
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+    finally:
+        for f, value in zip(flags, saved, strict=True):
+            f.allow_tf32 = value
     expected = "cuda" if cuda else "mps" if mps else "cpu"
     assert (env["device"], env["device_type"]) == (expected, expected)
     assert (env["ptdtype"], env["compile"], env["ns_dtype"]) == AUTO[expected]
-    assert torch.backends.cuda.matmul.allow_tf32 == (expected == "cuda")
+    assert tf32 == (expected == "cuda")
 
 
 def test_setup_device_resolves_auto_on_the_cpu(capsys):

@@ -200,6 +200,21 @@ class PieceTokenizer:
         return "".join(self.pieces[i] for i in ids)
 
 
+def test_an_answer_longer_than_the_context_leaves_the_prompt_whole(tiny_model):
+    """max_new beyond what the context holds after the prompt: the answer shortens to the room left (the prompt
+    whole, as an answer of exactly that room gets it), down to half the context; a longer prompt keeps its end.
+    Before, max_new = block_size - 1 cut every prompt to its last token."""
+    torch.manual_seed(3)
+    prompt = torch.randint(6, 97, (40,)).tolist()  # 88 positions left of 128
+    [(fits, _)] = generation.generate(tiny_model, [prompt], 88, stop_ids=[])
+    [(asked, _)] = generation.generate(tiny_model, [prompt], 500, stop_ids=[])
+    assert len(fits) == 88 and asked == fits
+    long = torch.randint(6, 97, (120,)).tolist()  # 8 positions left: the answer keeps half the context
+    [(cut, _)] = generation.generate(tiny_model, [long], 500, stop_ids=[])
+    [(end, _)] = generation.generate(tiny_model, [long[-64:]], 64, stop_ids=[])
+    assert len(cut) == 64 and cut == end
+
+
 def test_generate_stops_at_a_stop_text_where_the_whole_text_shows_it(tiny_model):
     """A row ends at the first look (every 8 tokens) whose decoded completion holds a stop text. generate() decodes
     only each row's last tokens: it must stop at the same token as a look at the whole text would."""
