@@ -22,6 +22,7 @@ import glob
 import hashlib
 import itertools
 import json
+import atexit
 import math
 import multiprocessing.pool
 import os
@@ -306,9 +307,22 @@ def chunk_size(n):
     return max(1, -(-n // (4 * n_workers)))
 
 
+HANDED = []  # the pool's verdicts not yet taken: a stop takes them first (stop_pool)
+
+
 def judged(pool, texts):
     """quality.judge's verdict on each text, in order, as the pool's workers deliver them."""
-    return pool.imap(judge, texts, chunksize=chunk_size(len(texts)))
+    HANDED.append((pool, pool.imap(judge, texts, chunksize=chunk_size(len(texts)))))
+    return HANDED[-1][1]
+
+
+def stop_pool(pool):
+    """End the pool at any exit (an error line, a full disk, Ctrl-C): first take what was handed to it, so that
+    terminate finds no task on its way to a worker (a task handler blocked writing to a worker it has just killed
+    waits forever: prepare.py hung at exit on a full disk), then terminate."""
+    for _ in (v for handed_to, verdicts in HANDED if handed_to is pool for v in verdicts):
+        pass
+    pool.terminate()
 
 
 def judged_batches(docs):
@@ -608,6 +622,7 @@ buffers = read_pending(resume["pending"])  # each split's tokens that no shard h
 buffered = {s: sum(map(len, b)) for s, b in buffers.items()}  # their number, kept: a sum per row would be quadratic
 filters = Filters(rules, near_dup, dedup_ngram, out)
 pool = start_pool(tok)  # before tqdm's monitor thread starts: a fork copies only the thread that forks
+atexit.register(stop_pool, pool)  # runs before multiprocessing's own exit handler (registered before it)
 if filters.near and not resume["row"]:  # validation first: its near-copies leave training wherever they stand
     t_val = time.time()
     filters.index_validation(validation_documents(rows, field), counts)  # saved: a resume reads the keys back
@@ -656,7 +671,7 @@ while not (stopped or reached) and (batch := next(batches, None)):
         )
 
 bar.close()
-pool.terminate()
+stop_pool(pool)
 if stopped:  # the manifest already records where to continue
     print(f"stopped after {new_shards} shards (--max_shards); run the same command to continue")
     sys.exit(0)
