@@ -150,10 +150,13 @@ def check_exportable(args):
     """Refuse, in one line, a model setting that neither Llama nor (with qk_norm) Qwen3 computes, or that
     --format=gguf does not write (HF_ONLY)."""
     on = sorted(k for k in set(args) - set(LLAMA_KEYS) - TRAINING_ONLY if k not in DEFAULTS or args[k] != DEFAULTS[k])
-    if on and on[0] in DEFAULTS and on[0] not in HF_ONLY:  # one of model.py's features (issue 37), on
+    features = [k for k in on if k in DEFAULTS and k not in HF_ONLY]  # model.py's features (issue 37) that are on
+    if features:  # all in one line, with the keys that train a run export maps (the recipe configs turn them on)
+        off = {k: str(DEFAULTS[k]).lower() if isinstance(DEFAULTS[k], bool) else f"{DEFAULTS[k]:g}" for k in features}
+        flags = " ".join(f"--{k}={v}" for k, v in off.items())
         raise UserError(
-            f"cannot map to Llama: the run was trained with {on[0]}={args[on[0]]!r}, which neither Llama nor "
-            f"Qwen3 computes; export a run trained without it ({on[0]}={DEFAULTS[on[0]]})"
+            f"cannot map to Llama: the run was trained with {', '.join(f'{k}={args[k]!r}' for k in features)}, which "
+            f"neither Llama nor Qwen3 computes; train the run with {flags} to export it (docs/export.md)"
         )
     hf_only = [k for k in on if k in HF_ONLY]
     if hf_only and format == "gguf":

@@ -4,13 +4,15 @@ template renders chat.py's; bad input gets one line and overwrites nothing."""
 
 import hashlib
 import json
+import re
+import runpy
 import shutil
 from dataclasses import asdict
 
 import pytest
 import safetensors
 import torch
-from conftest import run, stdlib_sample
+from conftest import REPO, run, stdlib_sample
 from test_train import assert_one_line_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -162,6 +164,28 @@ def test_qk_norm_and_attn_scale_export(tiny_data, tmp_path, changes):
     assert_export_matches(run_dir, tmp_path / "hf", [tok.bos_id, *tok.encode("def f(x):\n")])
 
 
+def test_the_recipe_is_refused_with_the_keys_that_make_it_export(tiny_data, tmp_path):
+    """config/reference_137m.py's recipe (issue 37): one line names every feature Llama lacks, with the --key=value
+    flags that turn them off; the recipe with those flags applied exports (as Qwen3) and gives our logits."""
+    recipe = runpy.run_path(str(REPO / "config" / "reference_137m.py"))
+    keys = {k: recipe[k] for k in checkpoints.FEATURE_KEYS if k in recipe}
+    run_dir = tiny_run(tmp_path / "recipe", tiny_data / "tokenizer.model", GPTConfig(**{**asdict(TINY_CONFIG), **keys}))
+    proc = export(run_dir, tmp_path / "hf", check=False)
+    assert_one_line_error(proc, "cannot map to Llama", *(f"{k}={keys[k]!r}" for k in ("value_residual", "embed_norm")))
+    flags = dict(re.findall(r"--(\w+)=(\S+)", proc.stderr))
+    assert (
+        sorted(flags) == ["embed_norm", "logit_softcap", "value_residual", "x0_shortcut"]
+        and not (tmp_path / "hf").exists()
+    )
+    keys |= {k: v == "true" if isinstance(keys[k], bool) else float(v) for k, v in flags.items()}
+    run_dir = tiny_run(
+        tmp_path / "exportable", tiny_data / "tokenizer.model", GPTConfig(**{**asdict(TINY_CONFIG), **keys})
+    )
+    export(run_dir, tmp_path / "hf")
+    tok = Tokenizer(str(run_dir / "tokenizer.model"))
+    assert_export_matches(run_dir, tmp_path / "hf", [tok.bos_id, *tok.encode("def f(x):\n")])
+
+
 def test_bad_input(tiny_data, tmp_path):
     tokenizer = tiny_data / "tokenizer.model"
     good = tiny_run(tmp_path / "good", tokenizer)
@@ -180,7 +204,7 @@ def test_bad_input(tiny_data, tmp_path):
         tiny_run(tmp_path / name, tokenizer, **{name: value})
         proc = export(tmp_path / name, tmp_path / f"{name}_hf", check=False)
         assert_one_line_error(proc, "cannot map to Llama", f"{name}={value}")
-        assert (name not in features) or "export a run trained without it" in proc.stderr
+        assert (name not in features) or f"train the run with --{name}=" in proc.stderr
         assert not (tmp_path / f"{name}_hf").exists()
     tiny_run(tmp_path / "zero_init", tokenizer, zero_init=True)
     export(tmp_path / "zero_init", tmp_path / "zero_init_hf")
