@@ -17,7 +17,8 @@ Why the mapping is one to one:
   Its RoPE rotates halves (x1, x2 -> -x2, x1 over the two halves of each head, frequencies repeated per half), which
   is what transformers' rotate_half does, so the q/k rows keep their order: no permutation as in Meta's -> HF
   conversion, whose checkpoints rotate interleaved pairs. A model setting Llama cannot express is refused, but
-  qk_norm, which makes the model a Qwen3 (Llama with q/k norms), and attn_scale, folded into q (HF_ONLY).
+  qk_norm, which makes the model a Qwen3 (Llama with q/k norms), attn_scale, folded into q, and embed_norm, folded
+  into an embedding of its own with the head untied (HF_ONLY).
 - Tokenizer: tokenizer.json (the `tokenizers` format) is built from our SentencePiece BPE: the same vocabulary and
   ids, a merge for every way a piece splits into two pieces, ranked by the piece's score (SentencePiece merges the
   highest-scoring pair first), byte fallback, no normalizer. Pieces keep real spaces where SentencePiece writes
@@ -104,8 +105,10 @@ TRAINING_ONLY = {"activation_checkpointing", "zero_init"}
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GPTConfig)}  # a feature at its default is off: no setting
 # --format=hf only (llama.cpp is not run here to test them in GGUF): qk_norm is Qwen3's q_norm/k_norm (Qwen3ForCausalLM
 # is Llama with those two, before RoPE as ours), and attn_scale folds into q (RoPE is linear): into q_norm's weight
-# with qk_norm, else into q_proj's rows, each times attn_scale * sqrt(head size) against the 1/sqrt(head size) there
-HF_ONLY = {"qk_norm", "attn_scale"}
+# with qk_norm, else into q_proj's rows, each times attn_scale * sqrt(head size) against the 1/sqrt(head size) there.
+# embed_norm acts on each token's embedding row alone, so the rows are normed once here into embed_tokens, and the
+# head, tied to the rows before the norm, becomes an lm_head of its own (tie_word_embeddings false)
+HF_ONLY = {"qk_norm", "attn_scale", "embed_norm"}
 # our parameter name inside a block -> Llama's; the tied lm_head.weight is the embedding, stored once
 BLOCK_NAMES = {
     "ln_1": "input_layernorm",
@@ -162,7 +165,7 @@ def check_exportable(args):
     if hf_only and format == "gguf":
         raise UserError(
             f"cannot map to Llama in GGUF: the run was trained with {hf_only[0]}={args[hf_only[0]]!r}, which only "
-            f"--format=hf exports (as Qwen3ForCausalLM, or folded into q); use --format=hf"
+            f"--format=hf exports (as Qwen3ForCausalLM, or folded into q or the embedding); use --format=hf"
         )
     return [k for k in on if k not in HF_ONLY]
 
@@ -194,7 +197,7 @@ def llama_config(args, tok, eos_ids):
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": not c.embed_norm,
         "rope_scaling": None,  # transformers < 5 reads rope_theta and this; 5 reads rope_parameters
         "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
         "attention_dropout": 0.0,
@@ -210,13 +213,18 @@ def llama_config(args, tok, eos_ids):
 
 def llama_weights(model, torch_dtype):
     """The model's weights under Llama's names, in torch_dtype. The q/k rows keep their order (see the top).
-    qk_norm: Qwen3's q_norm and k_norm weights besides; attn_scale folded into q (HF_ONLY says how)."""
+    qk_norm: Qwen3's q_norm and k_norm weights besides; attn_scale folded into q; embed_norm: the normed rows as the
+    embedding and the rows as they are as lm_head (HF_ONLY says how)."""
     c, out = model.config, {}
     hd = c.n_embd // c.n_head
     fold = c.attn_scale * hd**0.5 if c.attn_scale else 1.0
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":  # tied: the same tensor as the embedding, loaded back by tie_word_embeddings
+        if name == "lm_head.weight":  # tied: the embedding's tensor, loaded back by tie_word_embeddings, or untied
+            if c.embed_norm:
+                out[name] = tensor.to(torch_dtype)
             continue
+        if name == "transformer.wte.weight" and c.embed_norm:
+            tensor = torch.nn.functional.rms_norm(tensor.float(), (c.n_embd,), eps=c.norm_eps)
         block = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)\.weight", name)
         llama = f"model.layers.{block[1]}.{BLOCK_NAMES[block[2]]}.weight" if block else OUTER_NAMES[name]
         out[llama] = (tensor * (fold if llama.endswith("q_proj.weight") and not c.qk_norm else 1.0)).to(torch_dtype)

@@ -150,33 +150,38 @@ def test_trained_sft_model_matches_transformers(sft_run, tmp_path):
     assert_export_matches(sft, tmp_path / "hf", chat.render_prompt(tok, CONVERSATIONS[0]))
 
 
-@pytest.mark.parametrize("changes", [{"qk_norm": True, "attn_scale": 0.5}, {"attn_scale": 0.3}], ids=["qwen3", "scale"])
-def test_qk_norm_and_attn_scale_export(tiny_data, tmp_path, changes):
+@pytest.mark.parametrize(
+    "changes",
+    [{"qk_norm": True, "attn_scale": 0.5}, {"attn_scale": 0.3}, {"embed_norm": True}],
+    ids=["qwen3", "scale", "embed_norm"],
+)
+def test_qk_norm_attn_scale_and_embed_norm_export(tiny_data, tmp_path, changes):
     """qk_norm exports as a Qwen3ForCausalLM (q_norm, k_norm before RoPE), attn_scale folded into q_norm's weight
-    or, without qk_norm, into q_proj's rows of a Llama: transformers gives our logits and greedy tokens (a sharp
-    attn_scale: with 0.12 this random model's greedy decoding repeats one token)."""
+    or, without qk_norm, into q_proj's rows of a Llama, embed_norm into normed embedding rows with the head untied:
+    transformers gives our logits and greedy tokens (a sharp attn_scale: with 0.12 this random model's greedy
+    decoding repeats one token)."""
     config = GPTConfig(**{**TINY_CONFIG.__dict__, **changes})
     run_dir = tiny_run(tmp_path / "run", tiny_data / "tokenizer.model", config)
     export(run_dir, tmp_path / "hf")
     arch = json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"]
     assert arch == ["Qwen3ForCausalLM" if "qk_norm" in changes else "LlamaForCausalLM"]
+    with safetensors.safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:  # the head apart only if it must be
+        assert ("lm_head.weight" in f.keys()) == ("embed_norm" in changes)
     tok = Tokenizer(str(run_dir / "tokenizer.model"))
     assert_export_matches(run_dir, tmp_path / "hf", [tok.bos_id, *tok.encode("def f(x):\n")])
 
 
 def test_the_recipe_is_refused_with_the_keys_that_make_it_export(tiny_data, tmp_path):
     """config/reference_137m.py's recipe (issue 37): one line names every feature Llama lacks, with the --key=value
-    flags that turn them off; the recipe with those flags applied exports (as Qwen3) and gives our logits."""
+    flags that turn them off; the recipe with those flags applied exports (as Qwen3 with an untied head) and gives
+    our logits."""
     recipe = runpy.run_path(str(REPO / "config" / "reference_137m.py"))
     keys = {k: recipe[k] for k in checkpoints.FEATURE_KEYS if k in recipe}
     run_dir = tiny_run(tmp_path / "recipe", tiny_data / "tokenizer.model", GPTConfig(**{**asdict(TINY_CONFIG), **keys}))
     proc = export(run_dir, tmp_path / "hf", check=False)
-    assert_one_line_error(proc, "cannot map to Llama", *(f"{k}={keys[k]!r}" for k in ("value_residual", "embed_norm")))
+    assert_one_line_error(proc, "cannot map to Llama", *(f"{k}={keys[k]!r}" for k in ("value_residual", "x0_shortcut")))
     flags = dict(re.findall(r"--(\w+)=(\S+)", proc.stderr))
-    assert (
-        sorted(flags) == ["embed_norm", "logit_softcap", "value_residual", "x0_shortcut"]
-        and not (tmp_path / "hf").exists()
-    )
+    assert sorted(flags) == ["logit_softcap", "value_residual", "x0_shortcut"] and not (tmp_path / "hf").exists()
     keys |= {k: v == "true" if isinstance(keys[k], bool) else float(v) for k, v in flags.items()}
     run_dir = tiny_run(
         tmp_path / "exportable", tiny_data / "tokenizer.model", GPTConfig(**{**asdict(TINY_CONFIG), **keys})
@@ -198,8 +203,8 @@ def test_bad_input(tiny_data, tmp_path):
     # model settings Llama has no place for (model.py's features of issue 37, each on alone, and a setting from
     # another project), and a head size RoPE cannot rotate; zero_init only sets where training started
     features = {"logit_softcap": 30.0, "value_embeds": True, "x0_shortcut": True, "value_residual": True}
-    features["embed_norm"] = True
-    assert set(features) | {"zero_init", "qk_norm", "attn_scale"} == set(checkpoints.FEATURE_KEYS)  # these export
+    exported = {"zero_init", "qk_norm", "attn_scale", "embed_norm"}
+    assert set(features) | exported == set(checkpoints.FEATURE_KEYS)
     for name, value in [*features.items(), ("bias", False), ("n_head", 3)]:
         tiny_run(tmp_path / name, tokenizer, **{name: value})
         proc = export(tmp_path / name, tmp_path / f"{name}_hf", check=False)

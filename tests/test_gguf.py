@@ -188,7 +188,10 @@ def test_bad_input(tiny_data, tmp_path):
     tiny_run(tmp_path / "qk_norm", tokenizer, qk_norm=True)
     proc = export_gguf(tmp_path / "qk_norm", tmp_path / "qk_norm.gguf", check=False)
     assert_one_line_error(proc, "cannot map to Llama in GGUF", "qk_norm=True", "use --format=hf")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd", "qk_norm", "softcap"]
+    tiny_run(tmp_path / "embed_norm", tokenizer, embed_norm=True)  # an untied head: --format=hf only, as qk_norm
+    proc = export_gguf(tmp_path / "embed_norm", tmp_path / "embed_norm.gguf", check=False)
+    assert_one_line_error(proc, "cannot map to Llama in GGUF", "embed_norm=True", "use --format=hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embed_norm", "odd", "qk_norm", "softcap"]
 
 
 @pytest.mark.export_tools

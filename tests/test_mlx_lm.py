@@ -61,9 +61,9 @@ def test_sft_export_in_mlx_lm(sft_run, tmp_path):
 
 
 def test_qk_norm_export_in_mlx_lm(tiny_data, tmp_path):
-    """A run with qk_norm and attn_scale exports as Qwen3 (tests/test_export.py): mlx-lm's qwen3 gives our logits and
-    greedy tokens, and train_mlx.GPT's logits."""
-    config = GPTConfig(**{**TINY_CONFIG.__dict__, "qk_norm": True, "attn_scale": 0.5})
+    """A run with qk_norm, attn_scale and embed_norm exports as Qwen3 with an untied head (tests/test_export.py):
+    mlx-lm's qwen3 gives our logits and greedy tokens, and train_mlx.GPT's logits."""
+    config = GPTConfig(**{**TINY_CONFIG.__dict__, "qk_norm": True, "attn_scale": 0.5, "embed_norm": True})
     run_dir = tiny_run(tmp_path / "run", tiny_data / "tokenizer.model", config)
     export(run_dir, tmp_path / "hf")
     ours, tok = load_run(run_dir)
