@@ -273,7 +273,8 @@ def humaneval(model, tok, env, run, complete=None, chat_format=False):
     cut = (lambda t: t) if chat_format else truncate  # a chat answer ends at <|end|>, its code at its block's end
     t0 = time.time()
     # one pool for all programs: the greedy ones run on the CPU while the GPU generates the samples
-    pool = ThreadPoolExecutor(max_workers=exec_workers or os.cpu_count())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # this process's
+    pool = ThreadPoolExecutor(max_workers=exec_workers or cores)  # (a container's cpu_count is the host's)
     greedy = [[cut(t) for t in ts] for ts in complete(probs, 1, 0.0)]
     greedy_runs = submit(pool, probs, greedy)
     sampled = [[cut(t) for t in ts] for ts in complete(probs, samples, temperature)] if samples else None
