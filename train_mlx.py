@@ -59,6 +59,7 @@ gradient_accumulation_steps: between(1, 2**16) = 8  # micro-batches per step
 global_batch_size: between(0, 2**32) = 0  # sequences per step; sets gradient_accumulation_steps (0 = batch x accum)
 block_size_schedule: any_text = ""  # length curriculum, "T:share,...", e.g. "1024:0.8,4096:0.2"; "" = block_size only
 doc_mask = False  # attention stays inside documents (each starts with <|endoftext|>), not across the window
+data_order: one_of("random", "epoch") = "random"  # random: nanoGPT's windows; epoch: every token once a pass, shuffled
 # model
 vocab_size: between(0, 2**32) = 0  # 0 = the data folder's tokenizer size; a set value must match the shards
 n_layer: between(1, 1024) = 12  # transformer blocks
@@ -431,14 +432,14 @@ if __name__ == "__main__":
     vocab_size = vocab_size or read_header(train_shards[0])["vocab_size"]
     config["vocab_size"] = vocab_size
     bos_id = load_tokenizer(tokenizer_path).bos_id if doc_mask else None  # doc_mask: the document boundary
-    train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed)
+    train_data = TokenWindows(data_dir, "train", block_size, vocab_size, seed, data_order)
     val_data = TokenWindows(data_dir, "val", block_size, vocab_size, seed)
 
     def get_batches(T):
         """The step's micro-batches of sequences of T tokens: the same windows as train.py draws for the same seed
         and step (batch_size x block_size tokens each)."""
         B = batch_size * block_size // T  # rows per micro-batch
-        starts = train_data.sample_starts(gradient_accumulation_steps * B)
+        starts = train_data.sample_starts(gradient_accumulation_steps * B, T)
         for j in range(gradient_accumulation_steps):
             x, y = train_data.gather(starts[j * B : (j + 1) * B], T)
             yield mx.array(x.numpy(), dtype=mx.int32), mx.array(y.numpy(), dtype=mx.int32)
@@ -482,7 +483,7 @@ if __name__ == "__main__":
     if ckpt is not None:
         runtime.load_optimizer_state(torch_optimizer, ckpt["optimizer"])
         opt_state = load_torch_state(torch_optimizer, torch_model)
-        train_data.generator.set_state(ckpt["data"])
+        train_data.set_state(ckpt["data"])  # a generator state, or the place in a pass
         runtime.set_rng_state(ckpt["rng"], "cpu")
         iter_num = ckpt["iter_num"]
         early = checkpoints.EarlyStopping(patience, ckpt["best_val_loss"], ckpt.get("early_stopping"))  # counts on
@@ -621,7 +622,7 @@ if __name__ == "__main__":
                 early_stopping=early.state(),
                 elapsed_s=elapsed_before + time.time() - t_start,
                 rng=runtime.get_rng_state("cpu"),
-                data=train_data.generator.get_state(),
+                data=train_data.state(),
             )
             path = checkpoints.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
             print(f"saved {path}" + (" (best so far)" if is_best else ""))

@@ -232,12 +232,14 @@ def test_loss_curve_tracks_train_py_and_checkpoints_cross(tiny_data, tmp_path, o
 
 
 def test_schedules_and_decay_track_train_py(tiny_data, tmp_path):
-    """lr_schedule=wsd, Muon's momentum warmup, muon_weight_decay and cautious_wd: train_mlx.py logs train.py's
-    rates and momenta, to the bit, and nearly its losses."""
-    common = ["--max_iters=8", "--eval_interval=8", "--lr_schedule=wsd", "--cooldown_frac=0.5"]
+    """lr_schedule=wsd, Muon's momentum warmup, muon_weight_decay, cautious_wd and data_order=epoch: train_mlx.py
+    logs train.py's rates and momenta, to the bit, nearly its losses, and ends at its place in the pass."""
+    common = ["--max_iters=8", "--eval_interval=8", "--lr_schedule=wsd", "--cooldown_frac=0.5", "--data_order=epoch"]
     common += ["--muon_momentum_warmup=6", "--muon_weight_decay=0.5", "--weight_decay=0.1", "--cautious_wd=true"]
     train("train.py", tiny_data, tmp_path / "torch", *common)
     train("train_mlx.py", tiny_data, tmp_path / "mlx", *common)
+    place = [checkpoints.load_checkpoint(checkpoints.find_checkpoint(tmp_path / r))["data"] for r in ("torch", "mlx")]
+    assert place[0] == place[1] and place[1]["index"] > 0  # the epoch order's place, not a random generator's state
     for key in ("lr_mult", "muon_lr", "adamw_lr", "muon_momentum"):
         assert metrics(tmp_path / "torch", key) == metrics(tmp_path / "mlx", key), key
     assert list(metrics(tmp_path / "mlx", "lr_mult").values()) == pytest.approx([0.5, 1, 1, 1, 1, 0.775, 0.55, 0.325])
