@@ -8,9 +8,9 @@
 #         bash reference.sh                               # the same budget without the filters (docs/data.md)
 #
 # Stages: every .py file of this Python (stdlib and site-packages, deduplicated, filtered) -> a 32K tokenizer and
-# shards -> pretraining (config/reference_137m.py, 676 s on an H200) -> docstring questions and coding requests
-# (write this function) from the same files -> SFT -> preference pairs -> DPO -> eval.py on each stage, HumanEval
-# included (asked in the chat format after SFT) -> $RUN_card/card.md, the report card.
+# shards -> pretraining (config/reference_137m.py; 676 s on an H200 before issue 37's recipe) -> docstring questions
+# and coding requests (write this function) from the same files -> SFT -> preference pairs -> DPO -> eval.py on each
+# stage, HumanEval included (asked in the chat format after SFT) -> $RUN_card/card.md, the report card.
 # The CPU stages run beside the GPU ones (SFT and DPO data while pretraining; each eval.py beside the next training
 # stage), their output in $RUN_card/<stage>.log. Arguments go to train.py. Each stage's wall time is appended to
 # $RUN_card/stages.tsv, the whole run's as `wall`; nvidia-smi's utilisation, a sample a second, to gpu_util.csv.
