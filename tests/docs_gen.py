@@ -20,6 +20,8 @@ import tokenize
 from functools import lru_cache
 from pathlib import Path
 
+import forkserver
+
 REPO = Path(__file__).resolve().parent.parent
 REGENERATE = "python tests/docs_gen.py"
 
@@ -174,20 +176,24 @@ PRINTERS = {"{value}", "{message.format(**vars(c))}"}
 
 @lru_cache(maxsize=None)
 def help_outputs():
-    """{script: its `--help` stdout}, all scripts run at once (each imports torch: ~2 s)."""
+    """{script: its `--help` stdout}. Each run is a fork of one process that has imported torch (tests/forkserver.py:
+    torch's import was ~2 s of each script's 2.5 s); where a fork is not safe (macOS), all scripts start at once."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs = {
-        s: subprocess.Popen(
-            [sys.executable, s, "--help"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-        )
-        for s in SCRIPTS
-    }
+    argvs = {s: [sys.executable, s, "--help"] for s in SCRIPTS}
+    if forkserver.forkable(argvs["train.py"]):
+        server = forkserver.ForkServer(env)
+        procs = {s: server.run(argv, REPO, env, None, 120) for s, argv in argvs.items()}
+        server.close()
+    else:
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started = {s: subprocess.Popen(argv, cwd=REPO, env=env, **pipes) for s, argv in argvs.items()}
+        procs = {s: (p, p.communicate(timeout=120)) for s, p in started.items()}
+        procs = {s: subprocess.CompletedProcess(p.args, p.returncode, *std) for s, (p, std) in procs.items()}
     out = {}
     for s, p in procs.items():
-        stdout, stderr = p.communicate(timeout=120)
         if p.returncode != 0:
-            raise RuntimeError(f"python {s} --help failed ({p.returncode}):\n{stderr[-2000:]}")
-        out[s] = stdout
+            raise RuntimeError(f"python {s} --help failed ({p.returncode}):\n{p.stderr[-2000:]}")
+        out[s] = p.stdout
     return out
 
 

@@ -29,11 +29,21 @@ def fineweb(tmp_path_factory):
     return root, rows
 
 
-ARGS = ["--text_field=content", "--vocab_size=512", "--val_permille=150", "--shard_tokens=2000"]
+# shards of 20,000 tokens: ~80 of them. At 2,000 (820 shards) each run spent most of its time rewriting the manifest,
+# which lists every shard, after each one.
+ARGS = ["--text_field=content", "--vocab_size=512", "--val_permille=150", "--shard_tokens=20000"]
 
 
 def prepare(src, out, *extra, check=True, **kw):
     return run("prepare.py", f"--input={src}", f"--data_dir={out}", *ARGS, *extra, check=check, **kw)
+
+
+@pytest.fixture(scope="module")
+def whole(fineweb, tmp_path_factory):
+    """The parquet file prepared in one run, at ARGS: read by the tests below, never written to."""
+    out = tmp_path_factory.mktemp("whole") / "data"
+    prepare(fineweb[0] / "part-000.parquet", out)
+    return out
 
 
 def test_filtered_stream_keeps_exactly_the_passing_documents(fineweb, tmp_path):
@@ -51,25 +61,22 @@ def test_filtered_stream_keeps_exactly_the_passing_documents(fineweb, tmp_path):
         assert manifest["complete"] and manifest["settings"]["score_min"] == 0.8
 
 
-def test_manifest_adds_up(fineweb, tmp_path):
-    root, _ = fineweb
-    out = tmp_path / "all"
-    prepare(root / "part-000.parquet", out)
+def test_manifest_adds_up(whole):
+    out = whole
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["shards"]) > 20
     for shard in manifest["shards"]:
         assert len(open_shard(out / shard["name"])) == shard["tokens"]
-        assert shard["tokens"] == 2000 or shard is [s for s in manifest["shards"] if s["split"] == shard["split"]][-1]
+        assert shard["tokens"] == 20000 or shard is [s for s in manifest["shards"] if s["split"] == shard["split"]][-1]
     import hashlib
 
     assert all(hashlib.sha256((out / s["name"]).read_bytes()).hexdigest() == s["sha256"] for s in manifest["shards"])
 
 
-def test_resume_after_interruption_gives_the_same_shards(fineweb, tmp_path):
+def test_resume_after_interruption_gives_the_same_shards(fineweb, whole, tmp_path):
     root, _ = fineweb
     src = root / "part-000.parquet"
-    whole, stopped, killed = tmp_path / "whole", tmp_path / "stopped", tmp_path / "killed"
-    prepare(src, whole)
+    stopped, killed = tmp_path / "stopped", tmp_path / "killed"
     # a clean stop: --max_shards=5, twice, then the same command to the end
     for _ in range(2):
         assert "run the same command to continue" in prepare(src, stopped, "--max_shards=5").stdout
@@ -103,15 +110,12 @@ def test_resume_after_interruption_gives_the_same_shards(fineweb, tmp_path):
         assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())
 
 
-def test_train_reads_a_multi_shard_folder(fineweb, tmp_path):
-    root, _ = fineweb
-    data = tmp_path / "data"
-    prepare(root / "part-000.parquet", data, "--shard_tokens=20000")
-    assert len(list(data.glob("train_*.bin"))) > 5
+def test_train_reads_a_multi_shard_folder(whole, tmp_path):
+    assert len(list(whole.glob("train_*.bin"))) > 5
     out = tmp_path / "run"
     run(
         "train.py",
-        f"--data_dir={data}",
+        f"--data_dir={whole}",
         f"--out_dir={out}",
         *TINY,
         "--max_iters=30",
