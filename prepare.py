@@ -18,11 +18,11 @@ shard holds yet (pending_*.tokens) and manifest.json (settings, document counts,
 the resume point).
 """
 
+import atexit
 import glob
 import hashlib
 import itertools
 import json
-import atexit
 import math
 import multiprocessing.pool
 import os
@@ -307,13 +307,24 @@ def chunk_size(n):
     return max(1, -(-n // (4 * n_workers)))
 
 
-HANDED = []  # the pool's verdicts not yet taken: a stop takes them first (stop_pool)
+HANDED = []  # the pool's verdicts not yet all taken: a stop takes them first (stop_pool)
 
 
 def judged(pool, texts):
-    """quality.judge's verdict on each text, in order, as the pool's workers deliver them."""
-    HANDED.append((pool, pool.imap(judge, texts, chunksize=chunk_size(len(texts)))))
-    return HANDED[-1][1]
+    """quality.judge's verdict on each text, in order, as the pool's workers deliver them. A batch leaves HANDED
+    when its last verdict is taken (one that validation_documents leaves half read stays, for stop_pool)."""
+    if not texts:
+        return iter(())
+    handed = pool, pool.imap(judge, texts, chunksize=chunk_size(len(texts)))  # handed now, taken as read
+    HANDED.append(handed)
+
+    def taken():
+        for i, verdict in enumerate(handed[1], 1):
+            if i == len(texts):  # the last one: nothing of this batch is left for a stop to take
+                HANDED.remove(handed)
+            yield verdict
+
+    return taken()
 
 
 def stop_pool(pool):

@@ -4,10 +4,12 @@ manifest; web rules on a local JSONL in FineWeb's schema; a resumed run equal to
 
 import json
 import random
+import subprocess
+import sys
 import zlib
 
 import pytest
-from conftest import patched, run, stdlib_sample
+from conftest import REPO, patched, run, stdlib_sample
 from datatrove.data import Document
 from datatrove.pipeline.filters import (
     C4QualityFilter,
@@ -530,6 +532,22 @@ def test_the_same_folder_on_one_or_two_processes(tmp_path):
     expected = {rule: sum(failed_rule(t, CODE_RULES) == rule for t in training) for rule in CODE_RULES}
     assert {rule: counts.get(rule, 0) for rule in CODE_RULES} == expected and sum(expected.values()) >= 5
     assert counts["near_dup"] >= 3 and counts["near_dup_of_val"] == 1  # the planted three, and stdlib's own
+
+
+def test_the_pool_lets_go_of_each_batch_once_read(tmp_path):
+    """prepare.py keeps a batch handed to its judging pool (HANDED, for a stop to take first) only until its last
+    verdict is read: after a run of many small batches on two processes, at most validation's half-read one is left
+    (it kept them all, one per batch, for the run's life)."""
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": t, "name": n}) + "\n" for n, t in stdlib_sample(30)))
+    args = [f"--input={src}", "--vocab_size=512", "--batch_docs=2", "--num_threads=2", f"--data_dir={tmp_path}/d"]
+    code = "import runpy, sys; sys.argv = sys.argv[1:]; g = runpy.run_path(sys.argv[0], run_name='__main__')"
+    code += "; print('handed', len(g['HANDED']))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "prepare.py"), *args], capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0 and "done:" in proc.stdout, proc.stdout[-300:] + proc.stderr[-800:]
+    assert int(proc.stdout.split("handed ")[-1]) <= 1, proc.stdout[-300:]
 
 
 def pieces_of(text, n):
