@@ -30,8 +30,8 @@ attn_scale = 0.12  # the softmax scale that qk_norm wants (modded-nanogpt)
 value_residual = True  # layer 0's values mixed into every later layer's: alone -0.32 at 100 steps
 x0_shortcut = True  # the embedding mixed into every block's input (nanochat)
 logit_softcap = 15.0  # logits = 15 tanh(logits / 15): alone -0.07 at 100 steps
-embed_norm = True  # the embedding RMS-normed before the first block; with zero_init the loss at init is 11.6, not 14.8
-zero_init = True  # attention and MLP output projections start at zero
+embed_norm = True  # the embedding RMS-normed before the first block (nanochat)
+zero_init = True  # attention and MLP output projections start at zero (with the softcap: loss 11.6 at init, not 14.8)
 value_embeds = False  # measured: -0.011 at 240 steps (within noise), but 147M more parameters and 6% fewer tok/s
 lr_schedule = "wsd"  # flat, then linear decay over the last cooldown_frac of the steps (modded-nanogpt): -0.23 alone
 cooldown_frac = 0.6
