@@ -247,8 +247,8 @@ def test_prepare_runs_at_its_edges(tiny_data, tmp_path):
     assert set(accepted) == PREPARE_RUN_KEYS
     for i, end in enumerate((0, -1)):
         argv = [*base, *(f"--{k}={values[end]}" for k, values in accepted.items()), f"--data_dir={tmp_path / str(i)}"]
-        # 30 s of CPU: the largest num_threads forks 128 workers, and each fork copies the page tables of this
-        # process, whose heap in a long pytest worker is large (5 s ran out in the whole suite, never alone)
+        # 30 s of CPU: 5 s ran out in the whole suite, never alone; likely the largest num_threads, whose 128 forks
+        # each copy the page tables of this process, a long pytest worker with a large heap (not measured)
         status, stdout, stderr = run_forked("prepare.py", argv, tmp_path, seconds=30)
         assert_answered(status, stdout, stderr, f"python prepare.py {' '.join(argv)}")
         assert status == 0 and (tmp_path / str(i) / "manifest.json").exists(), stdout[-500:] + stderr
