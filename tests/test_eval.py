@@ -93,9 +93,10 @@ def test_sandbox_hostile_programs_harm_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------- HumanEval through the real path
-def canonical_stub(problems, n, temperature):
+def canonical_stub(problems, n, temperature, ready):
     """Completions as a model would write them: the canonical solution, then more code the stop sequences cut."""
-    return [[p["canonical_solution"] + "\n\ndef unrelated():\n    return 0\n"] * n for p in problems]
+    for j in range(len(problems) * n):
+        ready(j, problems[j // n]["canonical_solution"] + "\n\ndef unrelated():\n    return 0\n")
 
 
 def test_humaneval_canonical_solutions_score_164(tmp_path, monkeypatch):
@@ -116,9 +117,9 @@ def test_our_scores_equal_human_evals_own(tmp_path, monkeypatch):
 
     problems = ev.load_problems(12)
 
-    def mixed(probs, n, temperature):
-        wrong = "    return None\n"
-        return [[p["canonical_solution"] if (i + j) % 3 else wrong for j in range(n)] for i, p in enumerate(probs)]
+    def mixed(probs, n, temperature, ready):
+        for j in range(len(probs) * n):
+            ready(j, probs[j // n]["canonical_solution"] if (j // n + j % n) % 3 else "    return None\n")
 
     for name, value in [("problems", 12), ("samples", 3), ("pass_k", 2), ("exec_workers", 4)]:
         monkeypatch.setattr(ev, name, value)
@@ -176,6 +177,43 @@ def test_generate_batched_equals_unbatched(tiny_model):
     assert together == alone
     assert any(len(ids) > 0 for ids, _ in together)
     assert generation.generate(tiny_model, [], 12, stop_ids=[1]) == []
+
+
+def test_generate_hands_each_batch_over_before_the_next_starts(tiny_model, monkeypatch):
+    """on_done(i, result) for every prompt, with the result generate() returns, as soon as its batch ends: a batch's
+    programs run in the sandbox while the next one is generated (a call after the last batch would hand nothing
+    over early)."""
+    torch.manual_seed(4)
+    prompts = [torch.randint(6, 97, (n,)).tolist() for n in (3, 9, 14, 6, 21)]
+    events, batch = [], generation.generate_batch
+    monkeypatch.setattr(generation, "generate_batch", lambda *a: events.append("batch") or batch(*a))
+    handed = {}
+    on_done = lambda i, r: events.append(i) or handed.update({i: r})  # noqa: E731
+    results = generation.generate(tiny_model, prompts, 12, stop_ids=[1], batch_size=2, on_done=on_done)
+    assert handed == dict(enumerate(results))
+    # prompts by length: (3, 6), (9, 14), (21): each batch's two prompts handed over before the next batch
+    assert events == ["batch", 0, 3, "batch", 1, 2, "batch", 4]
+
+
+def test_humaneval_starts_programs_while_completions_are_written(tmp_path, monkeypatch):
+    """A completion handed over (ready) starts in the sandbox at once, before complete() returns: the GPU writes the
+    next batch while the CPU runs this one's programs."""
+    monkeypatch.setattr(ev, "samples", 0)
+    monkeypatch.setattr(ev, "problems", 3)
+    ran = []
+    monkeypatch.setattr(ev, "run_program", lambda source, *a: ran.append(source) or run_program(source, *a))
+
+    def slow_writer(problems, n, temperature, ready):
+        ready(0, problems[0]["canonical_solution"])
+        deadline = time.time() + 10
+        while not ran and time.time() < deadline:  # the "next batch" is being written
+            time.sleep(0.01)
+        assert ran, "the first program had not started while the next completion was written"
+        for j in (2, 1):  # in any order, as batches of similar lengths come
+            ready(j, "    return None\n")
+
+    result = ev.humaneval(None, None, {"device": "cpu"}, tmp_path, complete=slow_writer)
+    assert result["solved_ids"] == ["HumanEval/0"] and len(ran) == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -2,13 +2,17 @@
 chat format scoring the canonical solutions 164/164, the loop detector, execution-judged coding pairs."""
 
 import json
+import re
 import textwrap
+import time
 
 import pytest
 
 import chat
 import eval as ev
+import generation
 import sandbox
+from tokenizer import load_tokenizer
 
 FAKE_MODULE = '''
 import math
@@ -103,7 +107,48 @@ def test_doctests_judge_answers_in_the_sandbox():
     assert not sandbox.passes_doctests("x = 1\n", "hypot2", question["doc"])  # no function of that name
 
 
-def chat_canonical(problems, n, temperature):
+def test_on_policy_pairs_are_judged_by_doctests_while_the_next_batch_is_written(sft_run, monkeypatch):
+    """prepare.py --sample_from's pairs (generation.sampled_code_pairs), the run's answers set by the test: an answer
+    equal to the real function is dropped, one that passes the examples is dropped, one that fails them is rejected,
+    a real function that fails its own examples keeps a plain pair, a request without examples is not run, and a
+    conversation that is not a coding request keeps its pair. The first batch's examples run before the last batch
+    is generated."""
+    sft, _ = sft_run
+    tok = load_tokenizer(sft / "tokenizer.model")
+    coding, _ = chat.code_conversations(fake_rows())
+    (hyp_q, real), (stem_q, _) = sorted(coding, key=lambda c: c[0]["function"])
+    right = real["content"].replace("math.sqrt(a * a + b * b)", "math.hypot(a, b)")
+    wrong = real["content"].replace("a * a + b * b", "a + b")
+    broken = dict(hyp_q, doc=hyp_q["doc"].replace("5.0", "6.0"))  # examples its real function fails
+    asked = [hyp_q, hyp_q, hyp_q, broken, stem_q]
+    answers = [real["content"], right, wrong, wrong, "```python\ndef stem(path):\n    return path\n```"]
+    assert tok.decode(tok.encode(real["content"])) == real["content"]  # "equal" survives the round trip
+    conversations = [[dict(q, content=q["content"] + f" (#{k})"), real] for k, q in enumerate(asked)]
+    conversations.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    pairs = [{"prompt": c[0]["content"], "chosen": c[1]["content"], "rejected": "old"} for c in conversations]
+    started, batches = [], []
+
+    def answering(model, cache, step, prompts, *rest):  # generate_batch, the answers the test wants
+        batches.append(len(prompts))
+        deadline = time.time() + 20
+        while len(batches) == 3 and not started and time.time() < deadline:
+            time.sleep(0.01)  # the last batch: the first batches' examples run meanwhile
+        assert len(batches) < 3 or started, "no doctest had started while the last batch was written"
+        return [(tok.encode(answers[int(re.search(r"\(#(\d)\)", tok.decode(p))[1])]), True) for p in prompts]
+
+    monkeypatch.setattr(generation, "generate_batch", answering)
+    monkeypatch.setattr(generation, "passes_doctests", lambda *a: started.append(a[1]) or sandbox.passes_doctests(*a))
+    judged, summary = generation.sampled_code_pairs(sft, conversations, pairs, max_new=8, batch_size=2)
+    assert batches == [2, 2, 1]
+    assert judged[0] is None and judged[1] is None  # equal to the real function; passes the examples
+    assert [judged[k]["rejected"] for k in (2, 3, 4)] == answers[2:]
+    assert judged[2]["chosen"] == real["content"] and judged[5] == pairs[5]
+    assert started == ["hypot2"] * 5  # right: real + answer; wrong: real + answer; broken: its real only
+    assert "5 answers" in summary and "1 equal" in summary and "3 judged" in summary
+    assert "1 passing answers dropped" in summary and "1 whose real function fails" in summary
+
+
+def chat_canonical(problems, n, temperature, ready):
     """Answers as a chat model would give them: odd problems the whole function (prompt and canonical solution) in a
     ```python block with a closing remark, even ones the body alone in a bare ``` block."""
     answers = [
@@ -112,7 +157,8 @@ def chat_canonical(problems, n, temperature):
         else "```\n" + p["canonical_solution"] + "```"
         for i, p in enumerate(problems)
     ]
-    return [[ev.answer_completion(a)] * n for a in answers]
+    for j in range(len(problems) * n):
+        ready(j, ev.answer_completion(answers[j // n]))
 
 
 def test_chat_format_humaneval_scores_the_canonical_solutions_164(tmp_path, monkeypatch):
@@ -124,8 +170,12 @@ def test_chat_format_humaneval_scores_the_canonical_solutions_164(tmp_path, monk
     assert result["solved_greedy"] == 164, result
     lines = [json.loads(line) for line in (tmp_path / "humaneval_greedy.jsonl").read_text().splitlines()]
     assert all(line["completion"].startswith("\n") and "```" not in line["completion"] for line in lines)
+
     # a wrong body fails: the path does not pass everything
-    wrong = lambda ps, n, t: [[ev.answer_completion("```python\n    return None\n```")] * n for _ in ps]  # noqa: E731
+    def wrong(ps, n, t, ready):
+        for j in range(len(ps) * n):
+            ready(j, ev.answer_completion("```python\n    return None\n```"))
+
     monkeypatch.setattr(ev, "problems", 10)
     assert ev.humaneval(None, None, env, tmp_path, complete=wrong, chat_format=True)["solved_greedy"] == 0
 

@@ -92,7 +92,8 @@ def test_the_card_shows_the_wall_time_beside_the_stages_and_the_gpu_busy_share(t
     (card / "stages.tsv").write_text("prepare corpus\t20\npretrain\t60\nprepare sft\t40\npretrain\t30\nwall\t95\n")
     (card / "gpu_util.csv").write_text("0\n0\n100\n98\n50\n0\n100\n100\n")
     text = reports.write_card([run], card)
-    assert "| pretrain | 90 |" in text and "| stages summed | 150 |" in text and "| **nothing to card** | **95** |" in text
+    assert "| pretrain | 90 |" in text and "| stages summed | 150 |" in text
+    assert "| **nothing to card** | **95** |" in text
     assert "GPU busy (nvidia-smi, a sample a second): 62.5% of 8 s, mean utilisation 56.0%" in text
     saved = json.loads((card / "card.json").read_text())
     assert saved["stages_s"]["wall"] == 95 and saved["gpu"]["busy"] == 0.625
