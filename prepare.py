@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import json
 import math
-import multiprocessing.pool
 import re
 import sys
 import time
@@ -39,7 +38,7 @@ import disk
 import pysource
 import runtime
 from accepts import above, any_text, at_least, auto, between, empty, file, finite, folder, nonempty, one_of, writable
-from quality import Filters, judge, round_trips, rule_kind, select_rules, start_worker
+from quality import Filters, Judges, round_trips, rule_kind, select_rules
 from runtime import UserError
 from shards import open_shard, read_header, token_dtype, write_shard, write_split
 from tokenizer import TOKENIZER_FILES, TiktokenTokenizer, Tokenizer, find_tokenizer, load_tokenizer, train_tokenizer
@@ -100,7 +99,7 @@ RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", 
 CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
 FILTER_KEYS = ("quality", "quality_skip", "near_dup", "dedup_ngram")  # recorded only when a filter is on, likewise
 local = not (input or dataset)
-# the processes that judge documents (start_pool): forked, so Linux only, as chat.pool_size says why
+# the processes that judge documents (quality.Judges): forked, so Linux only, as chat.pool_size says why
 n_workers = 1 if sys.platform != "linux" else num_threads or runtime.cores()
 config["quality"] = quality = rule_kind(quality, not local)  # recorded as resolved: auto and code are one folder
 config["near_dup"] = near_dup = (0.7 if local else 0.0) if near_dup == "auto" else near_dup
@@ -240,9 +239,10 @@ def get_tokenizer(out, rows, field):
         return Tokenizer(tokenizer)
     t0 = time.time()
     texts, docs = [], (text for _, _, text in documents(rows, field) if text)
-    with start_pool(None) as pool:  # the rules only: there is no tokenizer yet
+    with Judges(None, rules, near_dup, dedup_ngram, n_workers) as rule_judges:  # no tokenizer yet: the rules only
         while len(texts) < tokenizer_docs and (batch := list(itertools.islice(docs, batch_docs))):
-            texts += [text for text, (_, rule, _) in zip(batch, judged(pool, batch), strict=True) if rule is None]
+            verdicts = rule_judges.judged(batch)
+            texts += [text for text, (_, rule, _) in zip(batch, verdicts, strict=True) if rule is None]
     del texts[tokenizer_docs:]
     if not texts:
         raise UserError(f"no document passed the filter ({score_field} >= {score_min}); lower --score_min")
@@ -255,8 +255,8 @@ def get_tokenizer(out, rows, field):
         need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", why)
         advice = f"raise --vocab_size to at least {need[1]}" if need else "lower --vocab_size"
         raise UserError(f"tokenizer training failed: {why.split(' Increase vocab_size')[0]}; {advice}") from None
-    with start_pool(tok) as pool:
-        bad = sum(not same for same in pool.imap(round_trips, texts, chunksize=chunk_size(len(texts))))
+    with Judges(tok, rules, near_dup, dedup_ngram, n_workers) as tok_judges:
+        bad = sum(not same for same in tok_judges.map(round_trips, texts))
     if bad:
         raise UserError(f"the new tokenizer does not round-trip {bad} of its training documents; please report it")
     print(
@@ -283,70 +283,11 @@ def validation_documents(rows, field):
         docs = ((i, text) for i, name, text in documents(rows, field) if text and is_val(name))
     held = 0  # validation's tokens so far: the main pass's counts["val_assigned"]
     while held < val_tokens and val_permille and (batch := list(itertools.islice(docs, batch_docs))):
-        for (row, _), (ids, _, sig) in zip(batch, judged(pool, [t for _, t in batch]), strict=True):
+        for (row, _), (ids, _, sig) in zip(batch, judges.judged([t for _, t in batch]), strict=True):
             if held >= val_tokens:
                 return
             held += len(ids)
             yield row, ids, sig
-
-
-def start_pool(tok):
-    """Processes that judge documents with tok (quality.judge: token ids, quality rules, MinHash signature), each
-    on its own: what depends on the documents before it stays in this process. Forked, so that they inherit the
-    tokenizer and rules: a spawned process would run this script again, which has no __main__ guard. One worker (and
-    every platform but Linux) is a thread of this process."""
-    args = (tok, token_dtype(tok.vocab_size) if tok else None, rules, near_dup, dedup_ngram)
-    if n_workers == 1:
-        return multiprocessing.pool.ThreadPool(1, start_worker, args)
-    return multiprocessing.get_context("fork").Pool(n_workers, start_worker, (*args, True))
-
-
-def chunk_size(n):
-    """Documents per task when n are handed to the pool: four tasks a worker, so that a slow one evens out."""
-    return max(1, -(-n // (4 * n_workers)))
-
-
-HANDED = []  # the pool's verdicts not yet all taken: a stop takes them first (stop_pool)
-
-
-def judged(pool, texts):
-    """quality.judge's verdict on each text, in order, as the pool's workers deliver them. A batch leaves HANDED
-    when its last verdict is taken (one that validation_documents leaves half read stays, for stop_pool)."""
-    if not texts:
-        return iter(())
-    handed = pool, pool.imap(judge, texts, chunksize=chunk_size(len(texts)))  # handed now, taken as read
-    HANDED.append(handed)
-
-    def taken():
-        for i, verdict in enumerate(handed[1], 1):
-            if i == len(texts):  # the last one: nothing of this batch is left for a stop to take
-                HANDED.remove(handed)
-            yield verdict
-
-    return taken()
-
-
-def stop_pool(pool):
-    """End the pool at any exit (an error line, a full disk, Ctrl-C): first take what was handed to it, so that
-    terminate finds no task on its way to a worker (a task handler blocked writing to a worker it has just killed
-    waits forever: prepare.py hung at exit on a full disk), then terminate."""
-    for _ in (v for handed_to, verdicts in HANDED if handed_to is pool for v in verdicts):
-        pass
-    pool.terminate()
-
-
-def judged_batches(docs):
-    """(batch, its verdicts) for each --batch_docs documents of docs, (row, name, text): the verdicts (judged) on the
-    texts, in order. Each batch goes to the pool before the one before it is gone through, so that the workers do not
-    wait while this process reads the next documents, writes a shard, or works through a batch's verdicts."""
-    ahead = None
-    while batch := list(itertools.islice(docs, batch_docs)):
-        handed = batch, judged(pool, [text for _, _, text in batch if text])
-        if ahead:
-            yield ahead
-        ahead = handed
-    if ahead:
-        yield ahead
 
 
 def split_of(i):
@@ -631,8 +572,8 @@ counts = dict(resume["counts"])
 buffers = read_pending(resume["pending"])  # each split's tokens that no shard holds yet
 buffered = {s: sum(map(len, b)) for s, b in buffers.items()}  # their number, kept: a sum per row would be quadratic
 filters = Filters(rules, near_dup, dedup_ngram, out)
-pool = start_pool(tok)  # before tqdm's monitor thread starts: a fork copies only the thread that forks
-atexit.register(stop_pool, pool)  # runs before multiprocessing's own exit handler (registered before it)
+judges = Judges(tok, rules, near_dup, dedup_ngram, n_workers)  # before tqdm's monitor thread: a fork copies one thread
+atexit.register(judges.stop)  # runs before multiprocessing's own exit handler (registered before it)
 if filters.near and not resume["row"]:  # validation first: its near-copies leave training wherever they stand
     t_val = time.time()
     filters.index_validation(validation_documents(rows, field), counts)  # saved: a resume reads the keys back
@@ -643,7 +584,7 @@ if filters.near and not resume["row"]:  # validation first: its near-copies leav
 rows = rows.skip(resume["row"]) if hasattr(rows, "skip") else rows[resume["row"] :]
 total = len(rows) + resume["row"] if hasattr(rows, "__len__") else None  # a local corpus's size; a stream's unknown
 bar = tqdm(total=total, initial=resume["row"], unit="doc", disable=None)  # on a terminal; the lines below go to logs
-batches = judged_batches(documents(rows, field, first_row=resume["row"]))
+batches = judges.batches(documents(rows, field, first_row=resume["row"]), batch_docs)
 filters.restore(resume["row"])  # the near-duplicate index as it stood at the resume point
 new_shards, new_tokens, t_print, t_stream = 0, 0, time.time(), time.time()
 stopped = cut_full_shards("train") or cut_full_shards("val")  # a stop by --max_shards may leave more than a shard
@@ -681,7 +622,7 @@ while not (stopped or reached) and (batch := next(batches, None)):
         )
 
 bar.close()
-stop_pool(pool)
+judges.stop()
 if stopped:  # the manifest already records where to continue
     print(f"stopped after {new_shards} shards (--max_shards); run the same command to continue")
     sys.exit(0)

@@ -18,6 +18,8 @@ where a run was resumed. MinHash estimates Jaccard similarity: a small file copi
 not found (their similarity is small); a copy with a few lines changed or a header added is.
 """
 
+import itertools
+import multiprocessing.pool
 import re
 import signal
 from collections import Counter
@@ -26,6 +28,7 @@ import numpy as np
 import regex
 
 import disk
+from shards import token_dtype
 
 # ----------------------------------------------------------------------------- quality rules: code
 
@@ -468,3 +471,66 @@ def judge(text):
 def round_trips(text):
     """Whether the worker's tokenizer decodes text's token ids back to text."""
     return worker["tok"].decode(worker["tok"].encode(text)) == text
+
+
+class Judges:
+    """The processes that judge documents (judge: token ids, quality rules, MinHash signature) for prepare.py, each
+    document on its own: what depends on the documents before it stays in prepare.py. Forked, so that they inherit
+    the tokenizer and rules: a spawned process would run prepare.py again, which has no __main__ guard. One worker
+    (prepare.py gives one on every platform but Linux) is a thread of this process. tok None: the rules only."""
+
+    def __init__(self, tok, rules, near_dup, ngram, workers):
+        args = (tok, token_dtype(tok.vocab_size) if tok else None, rules, near_dup, ngram)
+        self.workers = workers
+        if workers == 1:
+            self.pool = multiprocessing.pool.ThreadPool(1, start_worker, args)
+        else:
+            self.pool = multiprocessing.get_context("fork").Pool(workers, start_worker, (*args, True))
+        self.handed = []  # verdicts not yet all taken: stop() takes them first
+
+    def map(self, fn, items):
+        """fn of each item on the workers, in order; four tasks a worker, so that a slow one evens out."""
+        return self.pool.imap(fn, items, chunksize=max(1, -(-len(items) // (4 * self.workers))))
+
+    def judged(self, texts):
+        """judge's verdict on each text, in order, as the workers deliver them. A batch leaves self.handed when its
+        last verdict is taken (one left half read, as validation's is, stays there for stop)."""
+        if not texts:
+            return iter(())
+        verdicts = self.map(judge, texts)  # handed now, taken as read
+        self.handed.append(verdicts)
+
+        def taken():
+            for i, verdict in enumerate(verdicts, 1):
+                if i == len(texts):  # the last one: nothing of this batch is left for a stop to take
+                    self.handed.remove(verdicts)
+                yield verdict
+
+        return taken()
+
+    def batches(self, docs, size):
+        """(batch, its verdicts) for each `size` documents of docs, (row, name, text): judged on the texts, in order.
+        Each batch goes to the workers before the one before it is gone through, so that they do not wait while
+        prepare.py reads the next documents, writes a shard, or works through a batch's verdicts."""
+        ahead = None
+        while batch := list(itertools.islice(docs, size)):
+            handed = batch, self.judged([text for _, _, text in batch if text])
+            if ahead:
+                yield ahead
+            ahead = handed
+        if ahead:
+            yield ahead
+
+    def stop(self):
+        """End the workers at any exit (an error line, a full disk, Ctrl-C): first take what was handed to them, so
+        that terminate finds no task on its way to a worker (a task handler blocked writing to a worker it has just
+        killed waits forever: prepare.py hung at exit on a full disk), then terminate."""
+        for _ in (v for verdicts in self.handed for v in verdicts):
+            pass
+        self.pool.terminate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()

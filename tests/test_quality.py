@@ -535,14 +535,14 @@ def test_the_same_folder_on_one_or_two_processes(tmp_path):
 
 
 def test_the_pool_lets_go_of_each_batch_once_read(tmp_path):
-    """prepare.py keeps a batch handed to its judging pool (HANDED, for a stop to take first) only until its last
+    """prepare.py's judges keep a batch handed to them (Judges.handed, for a stop to take first) only until its last
     verdict is read: after a run of many small batches on two processes, at most validation's half-read one is left
     (it kept them all, one per batch, for the run's life)."""
     src = tmp_path / "src.jsonl"
     src.write_text("".join(json.dumps({"text": t, "name": n}) + "\n" for n, t in stdlib_sample(30)))
     args = [f"--input={src}", "--vocab_size=512", "--batch_docs=2", "--num_threads=2", f"--data_dir={tmp_path}/d"]
     code = "import runpy, sys; sys.argv = sys.argv[1:]; g = runpy.run_path(sys.argv[0], run_name='__main__')"
-    code += "; print('handed', len(g['HANDED']))"
+    code += "; print('handed', len(g['judges'].handed))"
     proc = subprocess.run(
         [sys.executable, "-c", code, str(REPO / "prepare.py"), *args], capture_output=True, text=True, timeout=240
     )
