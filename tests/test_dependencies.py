@@ -29,8 +29,9 @@ def declared_distributions(pyproject):
 
 
 def imported_modules(source):
-    """(top-level module, optional) for each absolute import in source. optional: inside a try whose handler
-    catches ImportError, or asked through pytest.importorskip (a test that skips with its reason)."""
+    """(top-level module, how) for each absolute import in source. how: "guarded" inside a try whose handler catches
+    ImportError (code that works without it), "skip" asked through pytest.importorskip (a test that skips with its
+    reason), else None."""
     tree = ast.parse(source)
     guarded = set()
     for node in ast.walk(tree):
@@ -40,31 +41,34 @@ def imported_modules(source):
         ):
             guarded |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
     for node in ast.walk(tree):
+        how = "guarded" if id(node) in guarded else None
         if isinstance(node, ast.Import):
-            yield from ((a.name.split(".")[0], id(node) in guarded) for a in node.names)
+            yield from ((a.name.split(".")[0], how) for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.module.split(".")[0], id(node) in guarded
+            yield node.module.split(".")[0], how
         elif (
             isinstance(node, ast.Call)
             and ast.unparse(node.func).endswith("importorskip")
             and node.args
             and isinstance(node.args[0], ast.Constant)
         ):
-            yield node.args[0].value.split(".")[0], True
+            yield node.args[0].value.split(".")[0], "skip"
 
 
 def undeclared_imports(files, local, declared, owners):
-    """'file: module (why)' for each import of a third-party package that pyproject.toml does not declare.
-    owners: module -> distributions that provide it (importlib.metadata.packages_distributions)."""
+    """'file: module (why)' for each import of a third-party package that pyproject.toml does not declare: a
+    guarded import (runtime.py's psutil, used where it is installed) never; a test's importorskip where the package
+    is installed (the test runs here and skips for a newcomer). owners: module -> distributions that provide it
+    (importlib.metadata.packages_distributions)."""
     problems = []
     for path, source in files:
-        for module, optional in imported_modules(source):
-            if module in sys.stdlib_module_names or module in local or module == "__future__":
+        for module, how in imported_modules(source):
+            if module in sys.stdlib_module_names or module in local or module == "__future__" or how == "guarded":
                 continue
             dists = {normalise(d) for d in owners.get(module, [])}
             if dists and not dists & declared:
                 problems.append(f"{path}: {module} (installed as {', '.join(sorted(dists))}, not declared)")
-            elif not dists and not optional and normalise(module) not in declared:
+            elif not dists and how is None and normalise(module) not in declared:
                 problems.append(f"{path}: {module} (not installed and not declared)")
     return problems
 
@@ -87,17 +91,21 @@ def test_every_third_party_import_is_declared():
 
 
 def test_the_check_bites():
-    """The check flags an undeclared package that is installed, one that is missing, and passes guarded imports."""
+    """The check flags an undeclared package that is installed, one that is missing, and a test that skips here
+    without an undeclared package it finds installed; it passes guarded imports, installed or not."""
     declared = {"numpy", "torch"}
     owners = {"numpy": ["numpy"], "torch": ["torch"], "pandas": ["pandas"], "yaml": ["PyYAML"]}
+    owners |= {"psutil": ["psutil"], "gguf": ["gguf"]}
     source = (
         "import numpy as np\nfrom torch import nn\nimport model\nimport pandas\n"
         "def f():\n    import yaml.parser\n"
         "try:\n    import fancy\nexcept ImportError:\n    fancy = None\n"
-        "mlx = pytest.importorskip('mlx.core')\nimport nothere\n"
+        "try:\n    import psutil\nexcept ImportError:\n    psutil = None\n"
+        "mlx = pytest.importorskip('mlx.core')\ngguf = pytest.importorskip('gguf')\nimport nothere\n"
     )
     problems = undeclared_imports([("t.py", source)], {"model"}, declared, owners)
     assert sorted(problems) == [
+        "t.py: gguf (installed as gguf, not declared)",
         "t.py: nothere (not installed and not declared)",
         "t.py: pandas (installed as pandas, not declared)",
         "t.py: yaml (installed as pyyaml, not declared)",
