@@ -6,6 +6,7 @@
 #     RUN=out/ref_adamw STAGES=pretrain bash reference.sh --optimizer=adamw --learning_rate=0.002   # a variant
 #     RUN=out/ref_unfiltered DATA=data/python32k_unfiltered PREPARE="--quality=off --near_dup=0" STAGES=pretrain \
 #         bash reference.sh                               # the same budget without the filters (docs/data.md)
+#     DPO_PAIRS=sampled bash reference.sh                 # then DPO on pairs of the SFT run's answers: out/ref_dpo_sampled
 #
 # Stages: every .py file of this Python (stdlib and site-packages, deduplicated, filtered) -> a 32K tokenizer and
 # shards -> pretraining (config/reference_137m.py; 676 s on an H200 before issue 37's recipe) -> docstring questions
@@ -16,11 +17,19 @@
 # $RUN_card/stages.tsv, the whole run's as `wall`; nvidia-smi's utilisation, a sample a second, to gpu_util.csv.
 set -euo pipefail
 cd "$(dirname "$0")"
-RUN=${RUN:-out/ref}        # pretraining run folder; SFT and DPO go to ${RUN}_sft and ${RUN}_dpo
+RUN=${RUN:-out/ref}        # pretraining run folder; SFT and DPO go to ${RUN}_sft and ${RUN}_dpo (see DPO_PAIRS)
 STAGES=${STAGES:-all}      # all, or pretrain (prepare, pretrain and evaluate only)
-CARD=${RUN}_card
 DATA=${DATA:-data/python32k}  # the pretraining data; PREPARE adds prepare.py keys (filters) to its command
 PREPARE=${PREPARE:-}
+# DPO's pairs: written (the other function's text rejected), prepared beside pretraining; or sampled: the coding pairs
+# remade from the SFT run's own answers, judged by their doctests in the sandbox (prepare.py --sample_from), after SFT.
+# Sampled pairs go to their own data, DPO run and card folders, so that after a written run only their stages run.
+DPO_PAIRS=${DPO_PAIRS:-written}
+case "$DPO_PAIRS" in
+    written) DPO_DATA=data/dpo_python32k DPO_RUN=${RUN}_dpo CARD=${RUN}_card ;;
+    sampled) DPO_DATA=data/dpo_python32k_sampled DPO_RUN=${RUN}_dpo_sampled CARD=${RUN}_sampled_card ;;
+    *) echo "error: DPO_PAIRS=$DPO_PAIRS: expected written or sampled" >&2 && exit 2 ;;
+esac
 mkdir -p "$CARD"
 
 stage() { # stage NAME COMMAND...: run the command and record its wall time
@@ -73,8 +82,8 @@ main() { # read whole before it runs: editing this file during a run changes not
         tok=--tokenizer=$DATA/tokenizer.model # the file train.py copies into $RUN
         beside "prepare sft" stage "prepare sft" python prepare.py --mode=sft --corpus=python --task=both $tok --block_size=1024 \
             --data_dir=data/sft_python32k
-        beside "prepare dpo" stage "prepare dpo" python prepare.py --mode=dpo --corpus=python --task=both $tok --block_size=1024 \
-            --data_dir=data/dpo_python32k
+        dpo_data=(python prepare.py --mode=dpo --corpus=python --task=both "$tok" --block_size=1024 --data_dir=$DPO_DATA)
+        [ "$DPO_PAIRS" = sampled ] || beside "prepare dpo" stage "prepare dpo" "${dpo_data[@]}"
     fi
     if has_checkpoint "$RUN"; then init=--init_from=resume; else init=--init_from=scratch; fi
     stage "pretrain" python train.py config/reference_137m.py --out_dir="$RUN" --data_dir=$DATA $init "$@"
@@ -84,13 +93,16 @@ main() { # read whole before it runs: editing this file during a run changes not
         if has_checkpoint "${RUN}_sft"; then init=--init_from=resume; else init=--init_from=$RUN; fi
         stage "sft" python sft.py config/reference_sft.py --out_dir="${RUN}_sft" $init
         beside "eval ref_sft" evaluate "${RUN}_sft" --gen_batch=512
+        if [ "$DPO_PAIRS" = sampled ]; then  # the SFT run answers every coding request (GPU) beside its evaluation
+            stage "prepare dpo" "${dpo_data[@]}" --sample_from="${RUN}_sft"
+        fi
         join "prepare dpo"
-        if has_checkpoint "${RUN}_dpo"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi
-        stage "dpo" python dpo.py config/reference_dpo.py --out_dir="${RUN}_dpo" $init
-        evaluate "${RUN}_dpo" --gen_batch=512
+        if has_checkpoint "$DPO_RUN"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi
+        stage "dpo" python dpo.py config/reference_dpo.py --out_dir="$DPO_RUN" --data_dir=$DPO_DATA $init
+        evaluate "$DPO_RUN" --gen_batch=512
         join "eval ref"
         join "eval ref_sft"
-        runs=$RUN,${RUN}_sft,${RUN}_dpo
+        runs=$RUN,${RUN}_sft,$DPO_RUN
     else
         evaluate "$RUN" --gen_batch=512
     fi

@@ -25,34 +25,37 @@ STAGES = {  # a fragment of each command -> the stage's name
     "--out_dir=RUN --gen": "eval ref",
     "--out_dir=RUN_sft --gen": "eval ref_sft",
     "--out_dir=RUN_dpo --gen": "eval ref_dpo",
+    "--out_dir=RUN_dpo_sampled --gen": "eval ref_dpo_sampled",  # DPO_PAIRS=sampled
     "--card": "card",
 }
 
 
-def reference(tmp_path, fail="never-matches"):
-    """Run reference.sh with the stand-in python: (process, {stage: (start, end)})."""
+def reference(tmp_path, fail="never-matches", **extra_env):
+    """Run reference.sh with the stand-in python: (process, {stage: (start, end)}); the commands are kept in
+    reference.commands."""
     (tmp_path / "bin").mkdir()
     fake = tmp_path / "bin" / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     log, run = tmp_path / "log", tmp_path / "ref"
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_FAIL=fail)
-    env.update(RUN=str(run), DATA=str(tmp_path / "data"))
+    env.update(RUN=str(run), DATA=str(tmp_path / "data"), **extra_env)
     proc = subprocess.run(["bash", str(REPO / "reference.sh")], env=env, capture_output=True, text=True, timeout=60)
-    times = {}
-    for line in log.read_text().splitlines():
+    times, reference.commands = {}, {}
+    for line in log.read_text().splitlines() if log.exists() else []:
         t, what, command = line.split(" ", 2)
         command = command.replace(str(run), "RUN")
         names = [name for fragment, name in STAGES.items() if fragment in command]
         assert len(names) == 1, command
         times.setdefault(names[0], {})[what] = float(t)
+        reference.commands[names[0]] = command
     return proc, {name: (t["start"], t.get("end")) for name, t in times.items()}
 
 
 def test_cpu_stages_run_beside_gpu_stages_and_each_waits_for_its_input(tmp_path):
     proc, t = reference(tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert set(t) == set(STAGES.values())
+    assert set(t) == set(STAGES.values()) - {"eval ref_dpo_sampled"}
     start, end = (lambda name: t[name][0]), (lambda name: t[name][1])
     beside = lambda a, b: start(a) < end(b) and start(b) < end(a)  # noqa: E731 (the two ran at the same time)
     # SFT and DPO data are prepared while pretraining runs, from the corpus's tokenizer
@@ -65,7 +68,27 @@ def test_cpu_stages_run_beside_gpu_stages_and_each_waits_for_its_input(tmp_path)
     assert end("dpo") <= start("eval ref_dpo")
     assert start("card") >= max(end(name) for name in t if name != "card")
     stages = [line.split("\t")[0] for line in (tmp_path / "ref_card" / "stages.tsv").read_text().splitlines()]
-    assert sorted(stages) == sorted([*(name for name in STAGES.values() if name != "card"), "wall"])
+    assert sorted(stages) == sorted([*(name for name in set(t) if name != "card"), "wall"])
+
+
+def test_sampled_dpo_pairs_are_made_from_the_sft_run_after_it(tmp_path):
+    """DPO_PAIRS=sampled: DPO's data is prepared after SFT, from the SFT run's answers (--sample_from), beside the SFT
+    model's evaluation, into its own folder, which dpo.py reads, and DPO runs into its own run and card folders; a
+    value it does not know is one error line."""
+    proc, t = reference(tmp_path, DPO_PAIRS="sampled")
+    assert proc.returncode == 0, proc.stderr
+    start, end = (lambda name: t[name][0]), (lambda name: t[name][1])
+    assert end("sft") <= start("prepare dpo") and end("prepare dpo") <= start("dpo")
+    assert start("prepare dpo") < end("eval ref_sft")  # the GPU's two jobs side by side
+    assert "--sample_from=RUN_sft" in reference.commands["prepare dpo"]
+    assert "--data_dir=data/dpo_python32k_sampled" in reference.commands["prepare dpo"]
+    assert "--data_dir=data/dpo_python32k_sampled" in reference.commands["dpo"]
+    assert "--out_dir=RUN_dpo_sampled" in reference.commands["dpo"] and "eval ref_dpo_sampled" in t
+    assert "RUN_dpo_sampled" in reference.commands["card"] and (tmp_path / "ref_sampled_card" / "stages.tsv").exists()
+    (tmp_path / "bad").mkdir()
+    proc, t = reference(tmp_path / "bad", DPO_PAIRS="on-policy")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "DPO_PAIRS=on-policy" in errors[0] and not t
 
 
 def test_a_failed_background_stage_stops_the_run_with_one_error_line(tmp_path):
