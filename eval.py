@@ -290,10 +290,14 @@ def humaneval(model, tok, env, run, complete=None, chat_format=False):
         assert not missing, f"{missing} of {len(probs) * n} completions never handed over"
         return texts, futures
 
-    greedy, greedy_runs = started(1, 0.0)
-    sampled, sampled_runs = started(samples, temperature) if samples else (None, None)
-    t_gen = time.time() - t0
-    greedy_results = results(greedy_runs)
+    try:
+        greedy, greedy_runs = started(1, 0.0)
+        sampled, sampled_runs = started(samples, temperature) if samples else (None, None)
+        t_gen = time.time() - t0
+        greedy_results = results(greedy_runs)
+        sampled_results = results(sampled_runs) if sampled else None
+    finally:  # an error or a Ctrl-C leaves no queued program for the interpreter to run before it exits
+        pool.shutdown(cancel_futures=True)
     write_samples(Path(run) / "humaneval_greedy.jsonl", probs, greedy, greedy_results)
     passed = [rs[0] == "passed" for rs in greedy_results]
     out = {
@@ -305,7 +309,6 @@ def humaneval(model, tok, env, run, complete=None, chat_format=False):
         "sandbox": isolation(),
     }
     if sampled:
-        sampled_results = results(sampled_runs)
         write_samples(Path(run) / "humaneval_samples.jsonl", probs, sampled, sampled_results)
         correct = [sum(r == "passed" for r in rs) for rs in sampled_results]
         out.update(
@@ -319,7 +322,6 @@ def humaneval(model, tok, env, run, complete=None, chat_format=False):
                 "problems_solved_by_a_sample": sum(c > 0 for c in correct),
             }
         )
-    pool.shutdown()
     out["generation_s"], out["total_s"] = t_gen, time.time() - t0
     return out
 

@@ -174,31 +174,35 @@ def sampled_code_pairs(run, conversations, pairs, max_new=512, batch_size=128, t
     model, tok, _, _ = load_run(run, "best", runtime.setup_device(), "--sample_from")
     code = [i for i, c in enumerate(conversations) if "function" in c[0]]
     prompts = [render_prompt(tok, conversations[i][:1]) for i in code]
-    answers, verdicts = {}, {}  # by place in code: the decoded answer, and the future of its doctest verdict
-    with ThreadPoolExecutor(max_workers=runtime.cores()) as pool:
+    answers, verdicts = {}, {}  # by place in code: the decoded answer, and its doctest verdict (a future until the end)
+    pool = ThreadPoolExecutor(max_workers=runtime.cores())
 
-        def judge(j, result):
-            question, real = conversations[code[j]]
-            answers[j] = answer = tok.decode(result[0])
-            if question.get("doc") and answer.strip() != real["content"].strip():
-                args = real["content"], answer, question["function"], question["doc"], timeout, memory_mb
-                verdicts[j] = pool.submit(doctest_verdict, *args)
+    def judge(j, result):
+        question, real = conversations[code[j]]
+        answers[j] = answer = tok.decode(result[0])
+        if question.get("doc") and answer.strip() != real["content"].strip():
+            args = real["content"], answer, question["function"], question["doc"], timeout, memory_mb
+            verdicts[j] = pool.submit(doctest_verdict, *args)
 
+    try:
         stops = [tok.special[END], tok.bos_id]
         generate(model, prompts, max_new, stops, batch_size=batch_size, desc="pairs", on_done=judge)
-        pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
-        for j, i in enumerate(code):
-            question, real = conversations[i]
-            pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answers[j]}
-            if answers[j].strip() == real["content"].strip():
-                counts["same"], pairs[i] = counts["same"] + 1, None
-            elif j in verdicts:
-                counts["judged"] += 1
-                verdict = verdicts[j].result()
-                if verdict == "broken":
-                    counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
-                elif verdict == "both pass":
-                    counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
+        verdicts = {j: future.result() for j, future in verdicts.items()}
+    finally:  # an error or a Ctrl-C leaves no queued program for the interpreter to run before it exits
+        pool.shutdown(cancel_futures=True)
+    pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
+    for j, i in enumerate(code):
+        question, real = conversations[i]
+        pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answers[j]}
+        if answers[j].strip() == real["content"].strip():
+            counts["same"], pairs[i] = counts["same"] + 1, None
+        elif j in verdicts:
+            counts["judged"] += 1
+            verdict = verdicts[j]
+            if verdict == "broken":
+                counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
+            elif verdict == "both pass":
+                counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
     summary = (
         f"{counts['sampled']:,} answers of {run} rejected, {counts['same']:,} equal to the real function dropped; "
         f"{counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "

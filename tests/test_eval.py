@@ -216,6 +216,28 @@ def test_humaneval_starts_programs_while_completions_are_written(tmp_path, monke
     assert result["solved_ids"] == ["HumanEval/0"] and len(ran) == 3
 
 
+def test_humaneval_stopped_midway_leaves_no_program_queued(tmp_path, monkeypatch):
+    """An error (or Ctrl-C) while completions are written cancels the programs still queued: the interpreter would
+    otherwise run them all before it exits."""
+    monkeypatch.setattr(ev, "samples", 0)
+    monkeypatch.setattr(ev, "problems", 40)
+    monkeypatch.setattr(ev, "exec_workers", 1)
+    ran = []
+    monkeypatch.setattr(ev, "run_program", lambda *a: ran.append(1) or time.sleep(0.2) or ("failed: slow", ""))
+
+    def failing_writer(problems, n, temperature, ready):
+        for j in range(len(problems) * n):
+            ready(j, "    return None\n")
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="stand-in"):
+        ev.humaneval(None, None, {"device": "cpu"}, tmp_path, complete=failing_writer)
+    assert time.time() - t0 < 2
+    time.sleep(1)  # queued programs left to the pool would start one after another meanwhile
+    assert len(ran) <= 2  # the one running when the error came (40 queued x 0.2 s would go on for 8 s)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_generate_graph_equals_eager_on_cuda(tiny_model):
     """graph=True (eval.py's gen_graph): the captured step gives the eager step's greedy tokens, batch after batch
