@@ -81,6 +81,7 @@ block_size: between(1, 4096) = 1024  # sft: longer conversations dropped; dpo: l
 task: one_of("docstring", "code", "both") = "docstring"  # local corpus: what does f do? (docstring), write f, or both
 code_scope: one_of("self_contained", "all") = "self_contained"  # coding task's functions: self_contained: stdlib only
 sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose answers are the rejected ones (GPU)
+sample_batch: at_least(1) = 128  # --sample_from: answers decoded at once (reference.sh: 512, as eval.py's gen_batch)
 # filters of the training split (quality.py); validation documents are kept as they are, so that runs made with and
 # without them are scored on the same held-out set, and enter the near-duplicate index first (their near-copies leave
 # training). auto: on for the local Python corpus, where the reference run measured them (docs/data.md), off for
@@ -94,7 +95,7 @@ runtime.install_error_handler()
 config = runtime.configure(  # quality_skip's names: rules of the kind --quality picks
     globals(), sys.argv[1:], rules=[lambda c: select_rules(c.quality, c.quality_skip, bool(c.input or c.dataset))]
 )
-RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "overwrite")
+RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "sample_batch", "overwrite")
 # the corpus keys are recorded only for corpus=python: folders made before they existed still resume
 CHAT_KEYS = ("task", "code_scope", "sample_from")  # recorded only for --mode=sft/dpo: older folders still resume
 FILTER_KEYS = ("quality", "quality_skip", "near_dup", "dedup_ngram")  # recorded only when a filter is on, likewise
@@ -384,8 +385,8 @@ def build_chat_data():
             if sample_from and conversations is not None:
                 import generation  # the model and the sandbox: only this option needs them
 
-                pairs, judged = generation.sampled_code_pairs(sample_from, conversations, pairs)
-                source += f" | coding pairs: {judged}"
+                pairs, how = generation.sampled_code_pairs(sample_from, conversations, pairs, batch_size=sample_batch)
+                source += f" | coding pairs: {how}"
             data, counts, note = chat.render_dpo(tok, pairs, block_size, split_of)
     except chat.ConversationError as e:
         raise UserError(str(e)) from None

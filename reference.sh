@@ -94,7 +94,7 @@ main() { # read whole before it runs: editing this file during a run changes not
         stage "sft" python sft.py config/reference_sft.py --out_dir="${RUN}_sft" $init
         beside "eval ref_sft" evaluate "${RUN}_sft" --gen_batch=512
         if [ "$DPO_PAIRS" = sampled ]; then  # the SFT run answers every coding request (GPU) beside its evaluation
-            stage "prepare dpo" "${dpo_data[@]}" --sample_from="${RUN}_sft"
+            stage "prepare dpo" "${dpo_data[@]}" --sample_from="${RUN}_sft" --sample_batch=512
         fi
         join "prepare dpo"
         if has_checkpoint "$DPO_RUN"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi
