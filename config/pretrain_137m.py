@@ -21,17 +21,17 @@ ckpt_interval = 500  # a checkpoint every ~260M tokens
 activation_checkpointing = False  # an 80 GB GPU fits batch_size=8 at 4K without it
 compile = "auto"  # torch.compile on CUDA (a large win there), not on a Mac or a CPU (backends.py)
 # The recipe (issue 37): what config/reference_137m.py measured on one H200; each key in docs/pretraining.md
-qk_norm = True  # q and k RMS-normed per head, with the softmax scale it wants
-attn_scale = 0.12
+qk_norm = True  # q and k RMS-normed per head
+attn_scale = 0.12  # the softmax scale that qk_norm wants (modded-nanogpt)
 value_residual = True  # layer 0's values mixed into every later layer's
 x0_shortcut = True  # the embedding mixed into every block's input
 logit_softcap = 15.0  # logits = 15 tanh(logits / 15)
 embed_norm = True  # the embedding RMS-normed before the first block
 zero_init = True  # attention and MLP output projections start at zero
-lr_schedule = "wsd"  # flat, then linear decay over the last 60% of the steps
-cooldown_frac = 0.6
+lr_schedule = "wsd"  # flat, then a linear decay
+cooldown_frac = 0.6  # the decay takes the last 60% of the steps
 muon_momentum_start = 0.85  # Muon's momentum 0.85 -> 0.95 over the first 300 steps (modded-nanogpt's count; the
 muon_momentum_warmup = 300  # reference run's 20 is the same share of its 440 steps as ~250 of these 5400)
-muon_weight_decay = 0.1  # keeps the matrices' norms from growing over a long run; only where update and weight agree
-cautious_wd = True
+muon_weight_decay = 0.1  # keeps the matrices' norms from growing over a long run
+cautious_wd = True  # decay only where the update and the weight agree in sign (muon.py)
 data_order = "epoch"  # every token once a pass: at 2.8B draws over ~2.8B tokens random windows leave ~36% unread

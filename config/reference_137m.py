@@ -33,10 +33,10 @@ logit_softcap = 15.0  # logits = 15 tanh(logits / 15): alone -0.07 at 100 steps
 embed_norm = True  # the embedding RMS-normed before the first block (nanochat)
 zero_init = True  # attention and MLP output projections start at zero (with the softcap: loss 11.6 at init, not 14.8)
 value_embeds = False  # measured: -0.011 at 240 steps (within noise), but 147M more parameters and 6% fewer tok/s
-lr_schedule = "wsd"  # flat, then linear decay over the last cooldown_frac of the steps (modded-nanogpt): -0.23 alone
-cooldown_frac = 0.6
-muon_momentum_start = 0.85  # Muon's momentum rises 0.85 -> 0.95 over the first 20 steps (modded-nanogpt)
-muon_momentum_warmup = 20
-muon_weight_decay = 0.1  # decoupled decay of Muon's matrices, only where update and weight agree in sign
-cautious_wd = True
+lr_schedule = "wsd"  # flat, then a linear decay (modded-nanogpt): -0.23 alone at 100 steps
+cooldown_frac = 0.6  # the decay takes the last 60% of the steps
+muon_momentum_start = 0.85  # Muon's momentum rises 0.85 -> 0.95 (modded-nanogpt)
+muon_momentum_warmup = 20  # over the first 20 steps
+muon_weight_decay = 0.1  # decoupled decay of Muon's matrices
+cautious_wd = True  # only where the update and the weight agree in sign (muon.py)
 data_order = "epoch"  # every training token once a pass, in shuffled order (the default draws windows at random)
