@@ -63,6 +63,22 @@ def test_shipped_configs_are_valid():
         assert "--n_layer=" in proc.stdout
 
 
+def test_every_config_value_says_why():
+    """STYLE.md: configs are plain assignments, each with its comment (units, range or reason) on its line."""
+    import ast
+
+    from conftest import REPO
+
+    bare = []
+    for path in sorted((REPO / "config").glob("*.py")):
+        lines = path.read_text().splitlines()
+        for node in ast.parse(path.read_text()).body:
+            assert isinstance(node, (ast.Assign, ast.AnnAssign)), f"{path.name}:{node.lineno} is not an assignment"
+            if "  # " not in lines[node.lineno - 1]:
+                bare.append(f"{path.name}:{node.lineno}: {lines[node.lineno - 1]}")
+    assert not bare, "config values without a comment:\n" + "\n".join(bare)
+
+
 def test_an_output_file_that_exists_may_be_replaced(tmp_path):
     """bench.py's results file and export.py's GGUF file are files a run replaces: the declaration accepts an existing
     one (a second `python bench.py` was refused before; export.py's own guard asks for --overwrite), not a folder, a
