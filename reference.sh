@@ -6,7 +6,8 @@
 #     RUN=out/ref_adamw STAGES=pretrain bash reference.sh --optimizer=adamw --learning_rate=0.002   # a variant
 #     RUN=out/ref_unfiltered DATA=data/python32k_unfiltered PREPARE="--quality=off --near_dup=0" STAGES=pretrain \
 #         bash reference.sh                               # the same budget without the filters (docs/data.md)
-#     DPO_PAIRS=sampled bash reference.sh                 # then DPO on pairs of the SFT run's answers: out/ref_dpo_sampled
+#     DPO_PAIRS=sampled bash reference.sh                 # then DPO on the SFT run's own answers: out/ref_dpo_sampled
+#     SIZE=tiny bash reference.sh                         # the same stages with the Quick start's model, on any machine
 #
 # Stages: every .py file of this Python (stdlib and site-packages, deduplicated, filtered) -> a 32K tokenizer and
 # shards -> pretraining (config/reference_137m.py; 676 s on an H200 before issue 37's recipe) -> docstring questions
@@ -17,17 +18,32 @@
 # $RUN_card/stages.tsv, the whole run's as `wall`; nvidia-smi's utilisation, a sample a second, to gpu_util.csv.
 set -euo pipefail
 cd "$(dirname "$0")"
-RUN=${RUN:-out/ref}        # pretraining run folder; SFT and DPO go to ${RUN}_sft and ${RUN}_dpo (see DPO_PAIRS)
-STAGES=${STAGES:-all}      # all, or pretrain (prepare, pretrain and evaluate only)
-DATA=${DATA:-data/python32k}  # the pretraining data; PREPARE adds prepare.py keys (filters) to its command
-PREPARE=${PREPARE:-}
+# SIZE: reference (the 137.8M model, one CUDA GPU) or tiny (the Quick start's model and the standard library: every
+# stage and its resumption checked on a CPU in minutes; tests/test_reference_sh.py runs it with fewer steps)
+case "${SIZE:=reference}" in
+    reference)
+        CORPUS="--corpus=python --vocab_size=32000 --tokenizer_docs=8000" CHAT=--corpus=python
+        CONFIGS=(config/reference_137m.py config/reference_sft.py config/reference_dpo.py) EVAL="" GEN=--gen_batch=512
+        RUN=${RUN:-out/ref} DATA=${DATA:-data/python32k} CHAT_DATA=python32k SAMPLE_BATCH=512 ;;
+    tiny)
+        CORPUS=--corpus=stdlib CHAT=--corpus=stdlib
+        CONFIGS=(config/tiny_cpu.py config/sft_tiny_cpu.py config/dpo_tiny_cpu.py) EVAL=config/eval_tiny_cpu.py GEN=""
+        RUN=${RUN:-out/tiny_ref} DATA=${DATA:-data/stdlib} CHAT_DATA=stdlib_both SAMPLE_BATCH=128 ;;
+    *) echo "error: SIZE=$SIZE: expected reference or tiny" >&2 && exit 2 ;;
+esac
+# RUN: the pretraining run folder; SFT and DPO go to ${RUN}_sft and ${RUN}_dpo (see DPO_PAIRS). DATA: the pretraining
+# data; the SFT and DPO data go to SFT_DATA and DPO_DATA (data/sft_python32k, data/dpo_python32k at the reference size)
+STAGES=${STAGES:-all}  # all, or pretrain (prepare, pretrain and evaluate only)
+PREPARE=${PREPARE:-}  # prepare.py keys added to the corpus's command (filters)
+SFT_ARGS=${SFT_ARGS:-} DPO_ARGS=${DPO_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}  # keys added to sft.py's, dpo.py's, eval.py's
+SFT_DATA=${SFT_DATA:-data/sft_$CHAT_DATA}
 # DPO's pairs: written (the other function's text rejected), prepared beside pretraining; or sampled: the coding pairs
 # remade from the SFT run's own answers, judged by their doctests in the sandbox (prepare.py --sample_from), after SFT.
 # Sampled pairs go to their own data, DPO run and card folders, so that after a written run only their stages run.
 DPO_PAIRS=${DPO_PAIRS:-written}
 case "$DPO_PAIRS" in
-    written) DPO_DATA=data/dpo_python32k DPO_RUN=${RUN}_dpo CARD=${RUN}_card ;;
-    sampled) DPO_DATA=data/dpo_python32k_sampled DPO_RUN=${RUN}_dpo_sampled CARD=${RUN}_sampled_card ;;
+    written) DPO_DATA=${DPO_DATA:-data/dpo_$CHAT_DATA} DPO_RUN=${RUN}_dpo CARD=${RUN}_card ;;
+    sampled) DPO_DATA=${DPO_DATA:-data/dpo_${CHAT_DATA}_sampled} DPO_RUN=${RUN}_dpo_sampled CARD=${RUN}_sampled_card ;;
     *) echo "error: DPO_PAIRS=$DPO_PAIRS: expected written or sampled" >&2 && exit 2 ;;
 esac
 mkdir -p "$CARD"
@@ -59,9 +75,9 @@ join() { # join NAME: wait for a stage started by beside; if it failed, the end 
     echo "== $1: done"
 }
 has_checkpoint() { compgen -G "$1/ckpt_[0-9]*.safetensors" >/dev/null; }
-evaluate() { # evaluate RUN ARGS...: eval.py unless its report is newer than the run's best checkpoint
+evaluate() { # evaluate RUN: eval.py unless its report is newer than the run's best checkpoint
     if [ "$1/report.json" -nt "$1/ckpt_best.safetensors" ]; then echo "== eval $1: report is up to date"; else
-        stage "eval $(basename "$1")" python eval.py --out_dir="$1" "${@:2}"
+        stage "eval $(basename "$1")" python eval.py $EVAL --out_dir="$1" $GEN $EVAL_ARGS
     fi
 }
 watch_gpu() { # one utilisation sample a second, for the card's GPU-busy line (where nvidia-smi exists)
@@ -76,35 +92,37 @@ main() { # read whole before it runs: editing this file during a run changes not
     trap 'for job in $(jobs -p); do pkill -P "$job"; kill "$job"; done 2>/dev/null || true' EXIT
     t_start=$(date +%s)
     watch_gpu
-    stage "prepare corpus" python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir=$DATA $PREPARE
+    stage "prepare corpus" python prepare.py $CORPUS --data_dir=$DATA $PREPARE
     runs=$RUN
     if [ "$STAGES" = all ]; then
-        tok=--tokenizer=$DATA/tokenizer.model # the file train.py copies into $RUN
-        beside "prepare sft" stage "prepare sft" python prepare.py --mode=sft --corpus=python --task=both $tok --block_size=1024 \
-            --data_dir=data/sft_python32k
-        dpo_data=(python prepare.py --mode=dpo --corpus=python --task=both "$tok" --block_size=1024 --data_dir=$DPO_DATA)
-        [ "$DPO_PAIRS" = sampled ] || beside "prepare dpo" stage "prepare dpo" "${dpo_data[@]}"
+        # SFT and DPO data from the corpus's tokenizer, the file train.py copies into RUN
+        chat=(python prepare.py $CHAT --task=both --block_size=1024 --tokenizer=$DATA/tokenizer.model)
+        beside "prepare sft" stage "prepare sft" "${chat[@]}" --mode=sft --data_dir=$SFT_DATA
+        if [ "$DPO_PAIRS" = written ]; then
+            beside "prepare dpo" stage "prepare dpo" "${chat[@]}" --mode=dpo --data_dir=$DPO_DATA
+        fi
     fi
     if has_checkpoint "$RUN"; then init=--init_from=resume; else init=--init_from=scratch; fi
-    stage "pretrain" python train.py config/reference_137m.py --out_dir="$RUN" --data_dir=$DATA $init "$@"
+    stage "pretrain" python train.py "${CONFIGS[0]}" --out_dir="$RUN" --data_dir=$DATA $init "$@"
     if [ "$STAGES" = all ]; then
-        beside "eval ref" evaluate "$RUN" --gen_batch=512
+        beside "eval ref" evaluate "$RUN"
         join "prepare sft"
         if has_checkpoint "${RUN}_sft"; then init=--init_from=resume; else init=--init_from=$RUN; fi
-        stage "sft" python sft.py config/reference_sft.py --out_dir="${RUN}_sft" $init
-        beside "eval ref_sft" evaluate "${RUN}_sft" --gen_batch=512
+        stage "sft" python sft.py "${CONFIGS[1]}" --out_dir="${RUN}_sft" --data_dir=$SFT_DATA $init $SFT_ARGS
+        beside "eval ref_sft" evaluate "${RUN}_sft"
         if [ "$DPO_PAIRS" = sampled ]; then  # the SFT run answers every coding request (GPU) beside its evaluation
-            stage "prepare dpo" "${dpo_data[@]}" --sample_from="${RUN}_sft" --sample_batch=512
+            stage "prepare dpo" "${chat[@]}" --mode=dpo --data_dir=$DPO_DATA --sample_from="${RUN}_sft" \
+                --sample_batch=$SAMPLE_BATCH
         fi
         join "prepare dpo"
         if has_checkpoint "$DPO_RUN"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi
-        stage "dpo" python dpo.py config/reference_dpo.py --out_dir="$DPO_RUN" --data_dir=$DPO_DATA $init
-        evaluate "$DPO_RUN" --gen_batch=512
+        stage "dpo" python dpo.py "${CONFIGS[2]}" --out_dir="$DPO_RUN" --data_dir=$DPO_DATA $init $DPO_ARGS
+        evaluate "$DPO_RUN"
         join "eval ref"
         join "eval ref_sft"
         runs=$RUN,${RUN}_sft,$DPO_RUN
     else
-        evaluate "$RUN" --gen_batch=512
+        evaluate "$RUN"
     fi
     printf 'wall\t%s\n' $(($(date +%s) - t_start)) >>"$CARD/stages.tsv"
     python eval.py --card="$runs" --card_dir="$CARD"

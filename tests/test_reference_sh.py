@@ -3,7 +3,9 @@ beside the GPU stages, each stage waits for what it needs, and a failed backgrou
 error line and no stage after it."""
 
 import os
+import signal
 import subprocess
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,3 +122,61 @@ def test_the_card_shows_the_wall_time_beside_the_stages_and_the_gpu_busy_share(t
     assert "GPU busy (nvidia-smi, a sample a second): 62.5% of 8 s, mean utilisation 56.0%" in text
     saved = json.loads((card / "card.json").read_text())
     assert saved["stages_s"]["wall"] == 95 and saved["gpu"]["busy"] == 0.625
+
+
+# ----------------------------------------------------------------------------- the real scripts, at the tiny size
+STEPS = ["--log_interval=1", "--eval_interval=2", "--ckpt_interval=2", "--eval_iters=1"]  # a checkpoint every 2 steps
+
+
+def tiny_reference(tmp_path, stop_at=None):
+    """`SIZE=tiny bash reference.sh` with a few steps per stage, every folder in tmp_path; stop_at: a line of its
+    output at which it is stopped as Ctrl-C in its terminal stops it (SIGINT to its process group). Returns (exit
+    status, output)."""
+    env = dict(os.environ, SIZE="tiny", RUN=str(tmp_path / "ref"), DATA=str(tmp_path / "data"), PYTHONUNBUFFERED="1")
+    env.update(SFT_DATA=str(tmp_path / "sft_data"), DPO_DATA=str(tmp_path / "dpo_data"))
+    env.update(PREPARE="--vocab_size=512 --tokenizer_docs=300")  # a smaller tokenizer, trained sooner
+    env.update(SFT_ARGS=" ".join([*STEPS, "--max_iters=4", "--num_samples=0", "--max_new_tokens=8"]))
+    env.update(DPO_ARGS=" ".join([*STEPS, "--max_iters=5"]))
+    env.update(EVAL_ARGS="--problems=2 --samples=0 --chat_questions=4 --bpb_tokens=4096 --max_new_tokens=16")
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "reference.sh"), *STEPS, "--max_iters=6"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines, watchdog = [], threading.Timer(400, os.killpg, (proc.pid, signal.SIGKILL))  # a hang fails, not hangs
+    watchdog.start()
+    for line in proc.stdout:
+        lines.append(line)
+        if stop_at and line.startswith(stop_at):
+            os.killpg(proc.pid, signal.SIGINT)
+            stop_at = None
+    watchdog.cancel()
+    return proc.wait(timeout=60), "".join(lines)
+
+
+def test_the_tiny_pipeline_ends_in_a_card_after_a_stop_in_each_training_stage(tmp_path):
+    """The real scripts, stopped as Ctrl-C stops them in pretraining, SFT and DPO (each after its step 3, a checkpoint
+    at step 2), then run again: each run goes on from where the last one stopped, never from the start of a finished
+    or stopped stage, no background stage outlives a stop, and the last run ends in a card of the three runs."""
+    stops = ["step 3/6 |", "step 3/4 |", "step 3/5 |"]  # pretraining, SFT, DPO
+    outputs = []
+    for stop in stops:
+        status, out = tiny_reference(tmp_path, stop)
+        outputs.append(out)
+        assert status != 0 and stop in out and not (tmp_path / "ref_card" / "card.md").exists(), out[-2000:]
+        leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "ref")], capture_output=True, text=True).stdout
+        assert not leftover, f"a stage outlived the stop: {leftover}"
+    status, out = tiny_reference(tmp_path)
+    outputs.append(out)
+    assert status == 0, out[-3000:]
+    # each run began its stage where the last one stopped: the stopped stage again from its step-2 checkpoint
+    for run_out, steps in zip(outputs[1:], ["/6 |", "/4 |", "/5 |"], strict=True):
+        assert f"step 3{steps}" in run_out and f"step 1{steps}" not in run_out, run_out[-3000:]
+    assert "step 1/6 |" not in "".join(outputs[1:]) and "step 1/4 |" not in "".join(outputs[2:])
+    card = (tmp_path / "ref_card" / "card.md").read_text()
+    assert all(name in card for name in ("ref", "ref_sft", "ref_dpo")) and "HumanEval" in card, card
+    stages = [line.split("\t")[0] for line in (tmp_path / "ref_card" / "stages.tsv").read_text().splitlines()]
+    assert {"prepare corpus", "pretrain", "sft", "dpo", "eval ref", "eval ref_sft", "eval ref_dpo"} <= set(stages)
