@@ -2,6 +2,7 @@
 beside the GPU stages, each stage waits for what it needs, and a failed background stage stops the run with one
 error line and no stage after it."""
 
+import json
 import os
 import signal
 import subprocess
@@ -103,7 +104,6 @@ def test_a_failed_background_stage_stops_the_run_with_one_error_line(tmp_path):
 
 
 def test_the_card_shows_the_wall_time_beside_the_stages_and_the_gpu_busy_share(tmp_path):
-    import json
     import sys
 
     sys.path.insert(0, str(REPO))
@@ -128,7 +128,7 @@ def test_the_card_shows_the_wall_time_beside_the_stages_and_the_gpu_busy_share(t
 STEPS = ["--log_interval=1", "--eval_interval=2", "--ckpt_interval=2", "--eval_iters=1"]  # a checkpoint every 2 steps
 
 
-def tiny_reference(tmp_path, stop_at=None):
+def tiny_reference(tmp_path, stop_at=None, **extra_env):
     """`SIZE=tiny bash reference.sh` with a few steps per stage, every folder in tmp_path; stop_at: a line of its
     output at which it is stopped as Ctrl-C in its terminal stops it (SIGINT to its process group). Returns (exit
     status, output)."""
@@ -138,6 +138,7 @@ def tiny_reference(tmp_path, stop_at=None):
     env.update(SFT_ARGS=" ".join([*STEPS, "--max_iters=4", "--num_samples=0", "--max_new_tokens=8"]))
     env.update(DPO_ARGS=" ".join([*STEPS, "--max_iters=5"]))
     env.update(EVAL_ARGS="--problems=2 --samples=0 --chat_questions=4 --bpb_tokens=4096 --max_new_tokens=16")
+    env.update(extra_env)
     proc = subprocess.Popen(
         ["bash", str(REPO / "reference.sh"), *STEPS, "--max_iters=6"],
         env=env,
@@ -180,3 +181,10 @@ def test_the_tiny_pipeline_ends_in_a_card_after_a_stop_in_each_training_stage(tm
     assert all(name in card for name in ("ref", "ref_sft", "ref_dpo")) and "HumanEval" in card, card
     stages = [line.split("\t")[0] for line in (tmp_path / "ref_card" / "stages.tsv").read_text().splitlines()]
     assert {"prepare corpus", "pretrain", "sft", "dpo", "eval ref", "eval ref_sft", "eval ref_dpo"} <= set(stages)
+    # then DPO on the SFT run's own answers: only its stages run, from the same SFT model, into folders of their own
+    status, out = tiny_reference(tmp_path, DPO_PAIRS="sampled", DPO_DATA=str(tmp_path / "dpo_sampled"))
+    assert status == 0 and "step 1/6 |" not in out and "step 1/4 |" not in out and "step 5/5 |" in out, out[-3000:]
+    manifest = json.loads((tmp_path / "dpo_sampled" / "manifest.json").read_text())
+    assert "answers of " + str(tmp_path / "ref_sft") in manifest["source"], manifest["source"]
+    card = (tmp_path / "ref_sampled_card" / "card.md").read_text()
+    assert "ref_dpo_sampled" in card and (tmp_path / "ref_card" / "card.md").read_text() != card
