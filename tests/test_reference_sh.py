@@ -158,6 +158,19 @@ def tiny_reference(tmp_path, stop_at=None, **extra_env):
     return proc.wait(timeout=60), "".join(lines)
 
 
+def processes_naming(path):
+    """The command lines of running processes that name path (Linux's /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # it ended meanwhile
+            continue
+        if any(str(path) in arg for arg in args):
+            found.append(" ".join(args))
+    return found
+
+
 def test_the_tiny_pipeline_ends_in_a_card_after_a_stop_in_each_training_stage(tmp_path):
     """The real scripts, stopped as Ctrl-C stops them in pretraining, SFT and DPO (each after its step 3, a checkpoint
     at step 2), then run again: each run goes on from where the last one stopped, never from the start of a finished
@@ -168,7 +181,7 @@ def test_the_tiny_pipeline_ends_in_a_card_after_a_stop_in_each_training_stage(tm
         status, out = tiny_reference(tmp_path, stop)
         outputs.append(out)
         assert status != 0 and stop in out and not (tmp_path / "ref_card" / "card.md").exists(), out[-2000:]
-        leftover = subprocess.run(["pgrep", "-f", str(tmp_path / "ref")], capture_output=True, text=True).stdout
+        leftover = processes_naming(tmp_path / "ref")
         assert not leftover, f"a stage outlived the stop: {leftover}"
     status, out = tiny_reference(tmp_path)
     outputs.append(out)
