@@ -162,6 +162,8 @@ def processes_naming(path):
     """The command lines of running processes that name path (Linux's /proc)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        if cmdline.parent.name == str(os.getpid()):
+            continue
         try:
             args = cmdline.read_bytes().decode(errors="replace").split("\0")
         except OSError:  # it ended meanwhile
