@@ -80,6 +80,18 @@ evaluate() { # evaluate RUN: eval.py unless its report is newer than the run's b
         stage "eval $(basename "$1")" python eval.py $EVAL --out_dir="$1" $GEN $EVAL_ARGS
     fi
 }
+descendants() { local p; for p in $(pgrep -P "$1"); do echo "$p"; descendants "$p"; done; }
+stop_background() { # at exit (a stop, an error): end every background stage, each job with all it started (eval.py's
+    # programs, prepare.py's workers), and wait until they are gone, so that a run started again meets none of them
+    local pids
+    pids=$(for job in $(jobs -p); do echo "$job"; descendants "$job"; done)
+    [ -n "$pids" ] || return 0
+    kill $pids 2>/dev/null || true
+    for _ in $(seq 100); do  # 10 s at most; a zombie (ended, not yet collected) counts as gone
+        ps -o stat= -p "${pids//$'\n'/,}" 2>/dev/null | grep -q '^[^Z]' || return 0
+        sleep 0.1
+    done
+}
 watch_gpu() { # one utilisation sample a second, for the card's GPU-busy line (where nvidia-smi exists)
     command -v nvidia-smi >/dev/null || return 0
     nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -l 1 >>"$CARD/gpu_util.csv" 2>/dev/null &
@@ -88,8 +100,7 @@ watch_gpu() { # one utilisation sample a second, for the card's GPU-busy line (w
 # The GPU is kept busy: SFT and DPO data need only the tokenizer, so they are prepared on the CPU while pretraining
 # runs; each eval.py generates on the GPU beside the next training stage and scores its programs on the CPU.
 main() { # read whole before it runs: editing this file during a run changes nothing
-    # a stopped run stops its background stages too: each job's subshell and the command it runs
-    trap 'for job in $(jobs -p); do pkill -P "$job"; kill "$job"; done 2>/dev/null || true' EXIT
+    trap stop_background EXIT
     t_start=$(date +%s)
     watch_gpu
     stage "prepare corpus" python prepare.py $CORPUS --data_dir=$DATA $PREPARE

@@ -146,6 +146,9 @@ def tiny_reference(tmp_path, stop_at=None, **extra_env):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # Ctrl-C's signal as a terminal delivers it: a test run in the background (CI's may be) inherits SIGINT ignored,
+        # and a non-interactive bash cannot undo that, so the stops below would stop nothing
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines, watchdog = [], threading.Timer(400, os.killpg, (proc.pid, signal.SIGKILL))  # a hang fails, not hangs
     watchdog.start()
