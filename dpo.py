@@ -300,7 +300,9 @@ if iter_num == 0:
         report(0, result)
 stats_sum = torch.zeros(len(STATS), device=env["device"])
 steps_since_log, t_log, t_start, start_iter, tokens = 0, time.time(), time.time(), iter_num, 0
+saver = checkpoints.Saver()  # checkpoints are written in the background, one at a time
 while iter_num < max_iters and not early.stop:
+    saver.check()  # a failed checkpoint write (a full disk) stops the run here
     lr_mult = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * lr_mult
@@ -376,8 +378,7 @@ while iter_num < max_iters and not early.stop:
             rng=runtime.get_rng_state(env["device"]),
             data=generator.get_state(),
         )
-        path = checkpoints.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
-        print(f"saved {path}" + (" (best so far)" if is_best else ""))
+        saver.save(out_dir, iter_num, state, keep_last, is_best)  # written while the next steps run
     t_log += time.time() - t_pause
 if early.stop:
     stopped, line = early.record(iter_num)
@@ -399,6 +400,7 @@ if master:
         f"held-out preference accuracy ({len(val_rows)} pairs, chosen more likely than rejected): SFT "
         f"{result['ref_prefers_chosen']:.1%} -> DPO {result['val_prefers_chosen']:.1%}"
     )
+saver.finish()  # the last checkpoint on disk before the run says it is done
 log.close()
 if master:
     print(f"done: {iter_num} steps, best held-out loss {early.best:.4f}, checkpoints in {out_dir}")

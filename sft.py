@@ -316,7 +316,9 @@ if iter_num == 0:
         print(f"step 0: masked val loss {val_loss:.4f} | pretraining data held-out loss {pre_loss:.4f}")
 loss_sum, replay_sum = torch.zeros((), device=env["device"]), torch.zeros((), device=env["device"])
 steps_since_log, t_log, t_start, start_iter, tokens = 0, time.time(), time.time(), iter_num, 0
+saver = checkpoints.Saver()  # checkpoints are written in the background, one at a time
 while iter_num < max_iters and not early.stop:
+    saver.check()  # a failed checkpoint write (a full disk) stops the run here
     lr_mult = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * lr_mult
@@ -397,8 +399,7 @@ while iter_num < max_iters and not early.stop:
             data=generator.get_state(),
             replay_data=replay_train.generator.get_state() if replay_train else None,
         )
-        path = checkpoints.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
-        print(f"saved {path}" + (" (best so far)" if is_best else ""))
+        saver.save(out_dir, iter_num, state, keep_last, is_best)  # written while the next steps run
     t_log += time.time() - t_pause
 if early.stop:
     stopped, line = early.record(iter_num)
@@ -415,6 +416,7 @@ if master:
         f"end-of-turn: {ended}/{len(held_out)} held-out answers ({100 * ended / len(held_out):.0f}%) end with "
         f"{chat.END} within {max_new_tokens} tokens"
     )
+saver.finish()  # the last checkpoint on disk before the run says it is done
 log.close()
 if master:
     print(f"done: {iter_num} steps, best masked val loss {early.best:.4f}, checkpoints in {out_dir}")

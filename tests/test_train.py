@@ -9,6 +9,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ import torch
 from conftest import REPO, TINY, assert_memory_fields, patched, run
 
 import checkpoints
+import disk
+from runtime import UserError
 from shards import open_shard, write_shard
 
 
@@ -310,6 +313,76 @@ def test_run_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_on
     assert checkpoints.load_checkpoint(out / "ckpt_0000006.safetensors")["iter_num"] == 6
 
 
+def test_checkpoint_file_is_safetensors_own(tmp_path):
+    """checkpoints.encode writes safetensors' format itself: safetensors reads back every dtype a run stores
+    (bfloat16 without a numpy dtype, bool, int64 counters, 0-d and empty tensors) to the bit, and a tied tensor once."""
+    tied = torch.randn(8, 4)
+    state = {
+        "model": {"wte": tied, "head": tied, "bf16": torch.randn(3, 5).to(torch.bfloat16)},
+        "optimizer": {"state": {0: {"step": torch.tensor(7), "mask": torch.rand(6) > 0.5}}},
+        "rng": torch.randint(0, 255, (33,), dtype=torch.uint8),
+        "empty": torch.zeros(0, 4),
+        "model_args": {},
+        "iter_num": 3,
+    }
+    path = tmp_path / "c.safetensors"
+    checkpoints.atomic_save(state, path)
+    raw = safetensors.torch.load_file(path)
+    assert sorted(raw) == [
+        "empty",
+        "model/bf16",
+        "model/wte",
+        "optimizer/state/0/mask",
+        "optimizer/state/0/step",
+        "rng",
+    ]
+    back = checkpoints.load_checkpoint(path)
+    assert back["model"]["head"] is back["model"]["wte"] and torch.equal(back["model"]["wte"], tied)
+    assert back["model"]["bf16"].dtype == torch.bfloat16 and torch.equal(back["model"]["bf16"], state["model"]["bf16"])
+    step = back["optimizer"]["state"][0]["step"]
+    assert (
+        step.dim() == 0
+        and step.item() == 7
+        and torch.equal(back["optimizer"]["state"][0]["mask"], state["optimizer"]["state"][0]["mask"])
+    )
+    assert torch.equal(back["rng"], state["rng"]) and back["empty"].shape == (0, 4) and back["iter_num"] == 3
+
+
+def test_saver_writes_what_the_state_was_at_save(tmp_path, monkeypatch, capsys):
+    """Saver.save returns while its write waits; the weights changed in place after it (the next steps) do not reach
+    the file; "saved" is printed once the file is there; a failed write is raised by check(), once."""
+    w = torch.zeros(1000)
+    started, go = threading.Event(), threading.Event()
+    write = disk.write_atomic
+
+    def held(path, data, then):
+        started.set()
+        assert go.wait(10)
+        write(path, data, then)
+
+    monkeypatch.setattr(disk, "write_atomic", held)
+    saver = checkpoints.Saver()
+    saver.save(tmp_path, 1, {"model": {"w": w}, "model_args": {}, "iter_num": 1}, keep_last=2, is_best=True)
+    assert started.wait(10) and not (tmp_path / "ckpt_0000001.safetensors").exists()
+    w.add_(1.0)  # the next training step
+    go.set()
+    saver.finish()
+    assert torch.equal(checkpoints.load_checkpoint(tmp_path / checkpoints.BEST)["model"]["w"], torch.zeros(1000))
+    assert capsys.readouterr().out == f"saved {tmp_path / 'ckpt_0000001.safetensors'} (best so far)\n"
+
+    def full(path, data, then):
+        raise UserError(f"no space left in {tmp_path}")
+
+    monkeypatch.setattr(disk, "write_atomic", full)
+    saver.save(tmp_path, 2, {"model": {"w": w}, "model_args": {}, "iter_num": 2}, keep_last=2, is_best=False)
+    saver.thread.join()
+    with pytest.raises(UserError, match="no space left"):
+        saver.check()
+    saver.check()  # raised once
+    saver.finish()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000001.safetensors", checkpoints.BEST]
+
+
 def test_best_checkpoint_survives_a_copy_that_stops_halfway(tmp_path, monkeypatch):
     """On a file system without hard links ckpt_best is a copy. The step checkpoint is written whole, then the copy
     runs out of room halfway (the file size limit: EFBIG): the previous best is still whole and loadable, and so is
@@ -326,13 +399,13 @@ def test_best_checkpoint_survives_a_copy_that_stops_halfway(tmp_path, monkeypatc
     checkpoints.save_checkpoint(tmp_path, 1, state(1), keep_last=3, is_best=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     half = (tmp_path / checkpoints.BEST).stat().st_size // 2
-    save = checkpoints.atomic_save
+    write = disk.write_atomic
 
-    def save_then_limit(state, path, then):
-        save(state, path, then)
+    def write_then_limit(path, data, then):  # the step checkpoint whole; the copy to ckpt_best then meets the limit
+        write(path, data, then)
         resource.setrlimit(resource.RLIMIT_FSIZE, (half, hard))
 
-    monkeypatch.setattr(checkpoints, "atomic_save", save_then_limit)
+    monkeypatch.setattr(disk, "write_atomic", write_then_limit)
     try:
         with pytest.raises(OSError, match="File too large"):
             checkpoints.save_checkpoint(tmp_path, 2, state(2), keep_last=3, is_best=True)
