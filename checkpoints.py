@@ -152,7 +152,7 @@ class Saver:
         def write():
             try:
                 path = write_checkpoint(out_dir, step, pieces, keep_last, is_best)
-                print(f"saved {path}" + (" (best so far)" if is_best else ""), flush=True)
+                print(f"saved {path}" + (" (best so far)" if is_best else "") + "\n", end="", flush=True)  # one write
             except BaseException as e:  # raised in the training loop, by check()
                 self.error = e
 
