@@ -129,7 +129,7 @@ def write_checkpoint(out_dir, step, pieces, keep_last, is_best):
 
 
 def save_checkpoint(out_dir, step, state, keep_last, is_best):
-    """write_checkpoint of state, now (train_mlx.py; the PyTorch scripts save through a Saver)."""
+    """write_checkpoint of state, now (the trainers save through a Saver, in the background)."""
     return write_checkpoint(out_dir, step, encode(state), keep_last, is_best)
 
 

@@ -546,7 +546,9 @@ if __name__ == "__main__":
         print(f"step 0: val loss {val_loss:.4f}")
     loss_sum = mx.array(0.0)  # summed step losses since the last log line
     steps_since_log, t_log = 0, time.time()
+    saver = checkpoints.Saver()  # checkpoints are written in the background, one at a time
     while iter_num < max_iters and not early.stop:
+        saver.check()  # a failed checkpoint write (a full disk) stops the run here
         lr_mult, momentum = get_lr(iter_num), get_momentum(iter_num)
         T = batching.block_size_at(stages, iter_num, lr_decay_iters or max_iters)  # this step's sequence length
         grads = None
@@ -624,8 +626,7 @@ if __name__ == "__main__":
                 rng=runtime.get_rng_state("cpu"),
                 data=train_data.state(),
             )
-            path = checkpoints.save_checkpoint(out_dir, iter_num, state, keep_last, is_best)
-            print(f"saved {path}" + (" (best so far)" if is_best else ""))
+            saver.save(out_dir, iter_num, state, keep_last, is_best)  # written while the next steps run
         t_log += time.time() - t_pause
 
     # ------------------------------------------------------------------------- cleanup
@@ -633,5 +634,6 @@ if __name__ == "__main__":
         stopped, line = early.record(iter_num)
         log.log(stopped)
         print(line)
+    saver.finish()  # the last checkpoint on disk before the run says it is done
     log.close()
     print(f"done: {iter_num} steps, best val loss {early.best:.4f}, checkpoints in {out_dir}")
