@@ -180,7 +180,8 @@ def bench_training(T, mode):
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             with env["autocast"]:
-                _, loss = model(xy[:, :-1], xy[:, 1:], mask=document_mask(xy[:, :-1], 1) if doc_len else None)
+                x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # train.py's inputs: its compiled graphs
+            _, loss = model(x, y, mask=document_mask(x, 1) if doc_len else None)
             (loss / gradient_accumulation_steps).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=not graphs)

@@ -189,7 +189,7 @@ class TokenWindows:
             off = int(g - self.cum[i])
             rows.append(torch.from_numpy(self.shards[i][off : off + T + 1].astype(np.int64)))
         xy = torch.stack(rows)  # (B, T+1)
-        return xy[:, :-1], xy[:, 1:]
+        return xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # as a copy to a GPU makes them (one compiled graph)
 
 
 def open_pairs(data_dir, split, vocab_size):

@@ -19,6 +19,7 @@ echo "$(date +%s.%N) end $*" >>"$FAKE_LOG"
 """
 
 STAGES = {  # a fragment of each command -> the stage's name
+    "bench.py": "warm compile",  # on a GPU only
     "--corpus=python --vocab_size": "prepare corpus",
     "--mode=sft": "prepare sft",
     "--mode=dpo": "prepare dpo",
@@ -33,13 +34,13 @@ STAGES = {  # a fragment of each command -> the stage's name
 }
 
 
-def reference(tmp_path, fail="never-matches", **extra_env):
-    """Run reference.sh with the stand-in python: (process, {stage: (start, end)}); the commands are kept in
-    reference.commands."""
-    (tmp_path / "bin").mkdir()
-    fake = tmp_path / "bin" / "python"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
+def reference(tmp_path, fail="never-matches", gpu=False, **extra_env):
+    """Run reference.sh with the stand-in python (and with gpu, a stand-in nvidia-smi): (process, {stage: (start,
+    end)}); the commands are kept in reference.commands."""
+    (tmp_path / "bin").mkdir(exist_ok=True)
+    for name, text in [("python", FAKE_PYTHON)] + [("nvidia-smi", "#!/usr/bin/env bash\n")] * gpu:
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
     log, run = tmp_path / "log", tmp_path / "ref"
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_FAIL=fail)
     env.update(RUN=str(run), DATA=str(tmp_path / "data"), **extra_env)
@@ -58,7 +59,7 @@ def reference(tmp_path, fail="never-matches", **extra_env):
 def test_cpu_stages_run_beside_gpu_stages_and_each_waits_for_its_input(tmp_path):
     proc, t = reference(tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert set(t) == set(STAGES.values()) - {"eval ref_dpo_sampled"}
+    assert set(t) == set(STAGES.values()) - {"eval ref_dpo_sampled", "warm compile"}  # no nvidia-smi: no warm-up
     start, end = (lambda name: t[name][0]), (lambda name: t[name][1])
     beside = lambda a, b: start(a) < end(b) and start(b) < end(a)  # noqa: E731 (the two ran at the same time)
     # SFT and DPO data are prepared while pretraining runs, from the corpus's tokenizer
@@ -72,6 +73,26 @@ def test_cpu_stages_run_beside_gpu_stages_and_each_waits_for_its_input(tmp_path)
     assert start("card") >= max(end(name) for name in t if name != "card")
     stages = [line.split("\t")[0] for line in (tmp_path / "ref_card" / "stages.tsv").read_text().splitlines()]
     assert sorted(stages) == sorted([*(name for name in set(t) if name != "card"), "wall"])
+
+
+def test_on_a_gpu_pretrainings_compile_is_warmed_beside_the_corpus_and_a_failure_there_costs_nothing(tmp_path):
+    proc, t = reference(tmp_path, gpu=True)
+    assert proc.returncode == 0, proc.stderr
+    start, end = (lambda name: t[name][0]), (lambda name: t[name][1])
+    assert start("warm compile") < end("prepare corpus") and end("warm compile") <= start("pretrain")
+    command = reference.commands["warm compile"]
+    assert command.startswith("bench.py config/reference_137m.py --compile_modes=regions --seq_lens=2048"), command
+    assert "warm compile" in (tmp_path / "ref_card" / "stages.tsv").read_text()
+    (tmp_path / "ref").mkdir(exist_ok=True)
+    (tmp_path / "ref" / "ckpt_0000002.safetensors").write_bytes(b"")  # pretraining under way: its graphs exist
+    (tmp_path / "log").unlink()
+    proc, t = reference(tmp_path, gpu=True)
+    assert proc.returncode == 0 and "warm compile" not in t and "pretrain" in t, proc.stderr
+    (tmp_path / "failed").mkdir()
+    proc, t = reference(tmp_path / "failed", fail="bench.py", gpu=True)
+    assert proc.returncode == 0 and t["card"][1] is not None, proc.stderr
+    log = (tmp_path / "failed" / "ref_card" / "warm_compile.log").read_text()
+    assert "warm compile failed: train.py compiles for itself" in log
 
 
 def test_sampled_dpo_pairs_are_made_from_the_sft_run_after_it(tmp_path):
