@@ -270,9 +270,8 @@ def estimate_loss():
             x, y = x.to(env["device"]), y.to(env["device"])
             if cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            with env["autocast"]:
-                _, loss = net(x, y, mask=attention_mask(x))
-            losses[k] = loss.detach()
+            with env["autocast"]:  # no name holds the loss: its graph goes before the next forward
+                losses[k] = net(x, y, mask=attention_mask(x))[1].detach()
     net.train()
     mean = losses.mean()
     if env["ddp"]:
