@@ -179,9 +179,9 @@ def bench_training(T, mode):
             xy = batches[k % 2]
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
+            x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # as train.py's inputs: its compiled graphs
             with env["autocast"]:
-                x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()  # train.py's inputs: its compiled graphs
-            _, loss = model(x, y, mask=document_mask(x, 1) if doc_len else None)
+                _, loss = model(x, y, mask=document_mask(x, 1) if doc_len else None)
             (loss / gradient_accumulation_steps).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=not graphs)
