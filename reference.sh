@@ -97,7 +97,7 @@ stop_background() { # at exit (a stop, an error): end every background stage, ea
 }
 warm_compile() { # bench.py runs train.py's compiled step on random tokens: the graphs it compiles land in torch's
     # caches (Inductor's, AOTAutograd's, Triton's), where train.py finds them; a failure here only costs that
-    "${WARM[@]}" || echo "warm compile failed: train.py compiles for itself"
+    "${WARM[@]}" --out="$CARD/warm_compile.json" || echo "warm compile failed: train.py compiles for itself"
 }
 watch_gpu() { # one utilisation sample a second, for the card's GPU-busy line (where nvidia-smi exists)
     command -v nvidia-smi >/dev/null || return 0

@@ -82,6 +82,7 @@ def test_on_a_gpu_pretrainings_compile_is_warmed_beside_the_corpus_and_a_failure
     assert start("warm compile") < end("prepare corpus") and end("warm compile") <= start("pretrain")
     command = reference.commands["warm compile"]
     assert command.startswith("bench.py config/reference_137m.py --compile_modes=regions --seq_lens=2048"), command
+    assert command.endswith("--out=RUN_card/warm_compile.json")  # a user's out/bench.json stays
     assert "warm compile" in (tmp_path / "ref_card" / "stages.tsv").read_text()
     (tmp_path / "ref").mkdir(exist_ok=True)
     (tmp_path / "ref" / "ckpt_0000002.safetensors").write_bytes(b"")  # pretraining under way: its graphs exist
