@@ -408,7 +408,7 @@ if early.stop:
         print(line)
 
 # ----------------------------------------------------------------------------- end-of-turn rate, cleanup
-if master:
+if master and iter_num > start_iter:  # a finished run resumed (reference.sh again) trained nothing to check
     held_out = val_rows[:64]
     ended = sum(answer(x)[2] for x, _ in held_out)
     log.log({"step": iter_num, "eot_rate": ended / len(held_out)})

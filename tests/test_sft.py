@@ -255,6 +255,20 @@ def test_sft_learns_the_demo_set_and_chat_answers(sft_base, tmp_path):
         stdin="What does os.getcwd do?\nAnd os.listdir?\n",
     )
     assert len(piped.stdout.strip().splitlines()) >= 2
+    # the finished run resumed, as reference.sh does after a later stage stopped: done at once, nothing re-checked
+    again = run(
+        "sft.py",
+        "--init_from=resume",
+        f"--data_dir={sft_data}",
+        f"--out_dir={out}",
+        "--device=cpu",
+        "--batch_size=8",
+        "--max_iters=40",
+        "--max_new_tokens=8",
+    )
+    assert "done: 40 steps" in again.stdout and "end-of-turn:" not in again.stdout, again.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eot_rate" in r for r in records) == 1
 
 
 def test_base_tokenizer_without_chat_tokens_is_refused(tiny_data, tmp_path):
