@@ -423,6 +423,23 @@ def test_the_page_in_chromium_streams_and_stops(talk_server, talker):
             browser.close()
 
 
+def test_the_load_client_reports_rates_and_says_when_no_answer_streamed_text(talk_server):
+    """`python tests/test_serve.py URL` (docs/serving.md's figures): a line of requests/s, tokens/s and time to first
+    token for each client count; answers of one token (a model that ends at once) get a line that says so, not a
+    crash (an H200 run of 2026-12-03 crashed on a model one step old)."""
+    run = [sys.executable, str(Path(__file__).resolve()), talk_server.url, "--clients=1,3", "--requests=3"]
+    out = subprocess.run([*run, "--max_tokens=6"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split(" requests:")[0] for line in lines] == ["1 clients, 3", "3 clients, 3"], out.stdout
+    for line in lines:  # the talker never ends its answers: 6 tokens each
+        assert "(6.0 a request;" in line and float(re.search(r"([\d.]+) requests/s", line).group(1)) > 0, line
+    out = subprocess.run([*run, "--max_tokens=1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("no answer streamed text") == 2, out.stdout
+    talk_server.wait_idle()
+
+
 # ----------------------------------------------------------------------------- docs/serving.md's figures
 def closed_loop(url, body, clients, requests):
     """`requests` streaming requests from `clients` clients, each sending its next one when the last has ended:
@@ -459,9 +476,13 @@ def main():
     stream(a.url, body)  # warm-up
     for clients in map(int, a.clients.split(",")):
         results, seconds = closed_loop(a.url, body, clients, a.requests)
-        ttft = sorted(r["ttft"] for r in results if r["ttft"])
         tokens = sum(r["usage"]["completion_tokens"] for r in results)
-        rate = statistics.median((r["usage"]["completion_tokens"] - 1) / (r["seconds"] - r["ttft"]) for r in results)
+        texts = [r for r in results if r["ttft"] and r["usage"]["completion_tokens"] > 1]  # not an answer ended at once
+        if not texts:
+            print(f"{clients} clients, {len(results)} requests: no answer streamed text (a model that stops at once?)")
+            continue
+        ttft = sorted(r["ttft"] for r in texts)
+        rate = statistics.median((r["usage"]["completion_tokens"] - 1) / (r["seconds"] - r["ttft"]) for r in texts)
         print(
             f"{clients} clients, {len(results)} requests: {len(results) / seconds:.1f} requests/s, "
             f"{tokens / seconds:.0f} tokens/s ({tokens / len(results):.1f} a request; {rate:.0f} tokens/s a stream), "
