@@ -140,8 +140,8 @@ class CausalSelfAttention(nn.Module):
         if pos is not None:  # one token at position pos (a tensor) against the whole cache: see GPT.decode
             k, v = cache.write(self.layer_idx, pos, k, v)  # (B, n_head, max_len, hd)
             att = (q @ k.transpose(-2, -1)) * (self.scale or 1.0 / math.sqrt(hd))  # (B, n_head, 1, max_len)
-            att = att.masked_fill(~cache.visible(pos.view(1), cache.max_len), float("-inf"))
-            y = att.float().softmax(dim=-1).to(v.dtype) @ v
+            att = att + mask  # decode()'s bias: 0 where a key is visible, -inf where not, made once for all layers
+            y = att.softmax(dim=-1, dtype=torch.float32).to(v.dtype) @ v
             return self.c_proj(y.transpose(1, 2).reshape(B, T, C)), values
         past = cache.pos if cache is not None else 0
         if cache is not None:
@@ -326,7 +326,9 @@ class GPT(nn.Module):
         dtype = self.transformer.wte.weight.dtype
         cos = self.rope_cos.index_select(0, pos.view(1)).to(dtype)  # (1, head_dim)
         sin = self.rope_sin.index_select(0, pos.view(1)).to(dtype)
-        x = self.blocks(idx, cos, sin, cache, pos, fused)  # (B, 1, C)
+        hidden = ~cache.visible(pos.view(1), cache.max_len)  # the same keys hidden in every layer: made once
+        bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+        x = self.blocks(idx, cos, sin, cache, pos, fused, bias)  # (B, 1, C)
         return self.head(self.transformer.ln_f(x[:, -1]))
 
     def decode_step(self, cache):
