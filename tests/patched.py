@@ -6,6 +6,8 @@ FAKE_OOM=N (or N0,N1,... one per DDP rank): a training micro-batch of more than 
 FORCE_VAL=S:D: validation losses rise by D for every optimizer step after step S, as when a run overfits (the step
     count is the optimizer's own, or in train_mlx.py the schedule's, so a resumed run goes on with it)
 RECORD_SHAPES=PATH: append the (rows, length) of every training micro-batch to PATH, one JSON list a line.
+RECORD_INPUTS=PATH: append how every training forward was called, one JSON object a line: the autocast precision it
+    ran under (null: none) and whether its tokens and targets were contiguous (as Dynamo's graphs tell them apart).
 FAKE_ENOSPC=GLOB: a file opened for writing whose name matches GLOB (ckpt_0000008.safetensors.tmp) is on a full disk:
     its first write stores half the bytes, then fails with ENOSPC, as a write that fills a real disk does.
 FAKE_FREE=N: shutil.disk_usage says N bytes are free (the run folder's check before step 0).
@@ -39,6 +41,14 @@ def patched_forward(self, idx, targets=None, **kwargs):
     if self.training and "RECORD_SHAPES" in os.environ:
         with open(os.environ["RECORD_SHAPES"], "a") as f:
             f.write(json.dumps(list(idx.shape)) + "\n")
+    if self.training and "RECORD_INPUTS" in os.environ:
+        cast = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
+        contiguous = idx.is_contiguous() and (targets is None or targets.is_contiguous())
+        with open(os.environ["RECORD_INPUTS"], "a") as f:
+            f.write(
+                json.dumps({"autocast": str(cast).removeprefix("torch.") if cast else None, "contiguous": contiguous})
+            )
+            f.write("\n")
     if self.training and "FAKE_OOM" in os.environ and idx.numel() > fake_oom_tokens():
         raise torch.OutOfMemoryError(f"CUDA out of memory (faked: {idx.numel()} tokens)")
     logits, loss = forward(self, idx, targets, **kwargs)

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from conftest import REPO, run
+from conftest import REPO, TINY, patched, run
 
 TINY_BENCH = [
     "--device=cpu",
@@ -44,6 +44,22 @@ def test_bench_runs_on_cpu_and_writes_json(tmp_path):
     assert (r["peer"]["batch_size"], r["peer"]["seq_len"]) == (12, 64)
     assert "| T=64 | off | 4 x 64 |" in proc.stdout  # the table comes last
     assert proc.stdout.strip().splitlines()[-1].startswith("data:")
+
+
+def test_bench_trains_as_train_py_calls_the_model(tiny_data, tmp_path):
+    """bench.py's training forward runs as train.py's does: under the autocast of the run's precision, on contiguous
+    tokens and targets (on a GPU, anything else is another compiled graph: reference.sh's warm-up would compile for
+    nothing; once it ran in float32 outside the autocast and no test saw it). bfloat16 on the CPU stands in."""
+    bench = [*TINY_BENCH, "--seq_lens=64", "--train_steps=1", "--decode_batches=", f"--out={tmp_path / 'b.json'}"]
+    train = [*TINY, f"--data_dir={tiny_data}", f"--out_dir={tmp_path / 'run'}", "--max_iters=2"]
+    seen = {}
+    for script, args in [("bench.py", bench), ("train.py", train)]:
+        record = tmp_path / f"{script}.jsonl"
+        patched(script, *args, "--dtype=bfloat16", RECORD_INPUTS=record)
+        seen[script] = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(seen["bench.py"]) >= 4 and len(seen["train.py"]) >= 2, seen
+    for calls in seen.values():
+        assert {json.dumps(c) for c in calls} == {json.dumps({"autocast": "bfloat16", "contiguous": True})}, seen
 
 
 def test_bench_takes_a_train_config_and_checks_the_command_line(tmp_path):
