@@ -43,12 +43,10 @@ def patched_forward(self, idx, targets=None, **kwargs):
             f.write(json.dumps(list(idx.shape)) + "\n")
     if self.training and "RECORD_INPUTS" in os.environ:
         cast = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else None
-        contiguous = idx.is_contiguous() and (targets is None or targets.is_contiguous())
+        call = {"autocast": str(cast).removeprefix("torch.") if cast else None}
+        call["contiguous"] = idx.is_contiguous() and (targets is None or targets.is_contiguous())
         with open(os.environ["RECORD_INPUTS"], "a") as f:
-            f.write(
-                json.dumps({"autocast": str(cast).removeprefix("torch.") if cast else None, "contiguous": contiguous})
-            )
-            f.write("\n")
+            f.write(json.dumps(call) + "\n")
     if self.training and "FAKE_OOM" in os.environ and idx.numel() > fake_oom_tokens():
         raise torch.OutOfMemoryError(f"CUDA out of memory (faked: {idx.numel()} tokens)")
     logits, loss = forward(self, idx, targets, **kwargs)
