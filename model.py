@@ -326,8 +326,8 @@ class GPT(nn.Module):
         dtype = self.transformer.wte.weight.dtype
         cos = self.rope_cos.index_select(0, pos.view(1)).to(dtype)  # (1, head_dim)
         sin = self.rope_sin.index_select(0, pos.view(1)).to(dtype)
-        hidden = ~cache.visible(pos.view(1), cache.max_len)  # the same keys hidden in every layer: made once
-        bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
+        visible = cache.visible(pos.view(1), cache.max_len)  # the same keys in every layer: the bias made once
+        bias = torch.where(visible, 0.0, float("-inf")).to(dtype)
         x = self.blocks(idx, cos, sin, cache, pos, fused, bias)  # (B, 1, C)
         return self.head(self.transformer.ln_f(x[:, -1]))
 
