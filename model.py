@@ -505,18 +505,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):
-    """One token id per row from (B, vocab) logits: greedy, or temperature + top-k + nucleus (top-p)."""
+    """One token id per row from (B, vocab) logits: greedy, or temperature + top-k + nucleus (top-p). The filters act
+    on the candidates sorted, only the k most likely when top_k is set: a top-k of 200 of a 32K vocabulary costs a
+    seventh of sorting it all (a CPU, PERF.md), and the draw is among what they keep."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    k = top_k if 0 < top_k < logits.size(-1) else 0
+    if not k and top_p >= 1.0:
+        return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+    logits, order = torch.topk(logits, k) if k else torch.sort(logits, descending=True)  # most likely first
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs.cumsum(dim=-1) - probs > top_p, float("-inf"))  # the smallest prefix >= top_p
+    return order.gather(-1, torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator))

@@ -1,6 +1,6 @@
 # The reference run (reference.sh): the 137.8M model on every .py file of this machine's Python (standard library
 # and site-packages, `prepare.py --corpus=python`), trained with the speedrun recipe of issue 37 (below): 440 steps,
-# 678 s of training on one H200 at 385K tok/s, val loss 1.1585, held-out bits per byte 0.6263 (2026-12-03; the run of
+# 643 s of training on one H200 at 372K tok/s, val loss 1.1618, held-out bits per byte 0.6260 (2026-12-03; the run of
 # 2026-12-02, without the recipe: 480 steps, 654 s, 1.2974, 0.7006). A run with the recipe's model keys on cannot be
 # exported (docs/export.md).
 out_dir = "out/ref"  # then out/ref_sft and out/ref_dpo

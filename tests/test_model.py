@@ -163,6 +163,12 @@ def test_sampling_filters():
     nucleus = sample_next(logits, 1.0, 0, 0.8, g)
     assert set(nucleus.unique().tolist()) == {0, 1}
     assert set(sample_next(logits, 1.0, 0, 1.0, g).unique().tolist()) == {0, 1, 2, 3, 4}
+    assert set(sample_next(logits, 1.0, 3, 0.8, g).unique().tolist()) == {0, 1}  # top-k, then top-p of what is left
+    # the draw follows the kept probabilities, mapped back to vocabulary ids (shuffled here): .64 / (.64 + .24)
+    perm = torch.randperm(5, generator=g)
+    drawn = sample_next(logits[:, perm], 1.0, 2, 1.0, g)
+    assert set(drawn.unique().tolist()) == {int((perm == 0).nonzero()), int((perm == 1).nonzero())}
+    assert abs((drawn == int((perm == 0).nonzero())).float().mean().item() - 0.731) < 0.04
 
 
 @CONFIGS

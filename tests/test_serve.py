@@ -199,16 +199,28 @@ def talk_server(talker, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- generation.Slots
-def test_slots_join_a_running_batch_and_answer_as_alone():
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_slots_join_a_running_batch_and_answer_as_alone(graph, monkeypatch):
     """Requests that join a running batch at later steps, in rows that others gave back, get the greedy tokens they
-    get alone from generation.generate (a left-padded batch of one)."""
+    get alone from generation.generate (a left-padded batch of one). graph: the step over all rows that the CUDA
+    graph replays (here decode() on the whole cache, eagerly: the CPU has no CUDA graphs), free rows included."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=97, n_layer=2, n_head=2, n_embd=64, mlp_hidden=128)).eval()
+    steps = []
+
+    def capture_decode(cache):
+        def step(next_id, position):
+            steps.append(next_id.size(0))
+            return model.decode(next_id, cache, torch.tensor(position))
+
+        return step
+
+    monkeypatch.setattr(model, "capture_decode", capture_decode)
     for p in model.parameters():  # sharper logits than at init (as tests/test_eval.py's tiny_model)
         p.data.mul_(3)
     prompts = [torch.randint(6, 97, (n,)).tolist() for n in (9, 4, 17, 6, 3)]
     alone = [generation.generate(model, [p], 20, stop_ids=[])[0][0] for p in prompts]
-    slots, got, rows = generation.Slots(model, rows=2), {}, {}
+    slots, got, rows = generation.Slots(model, rows=2, graph=graph), {}, {}
     slots.restart(max(len(p) for p in prompts[:2]))
     for step in range(200):  # prompt i asks to join at step 3 * i; there are 2 rows, so some wait for one
         for i, p in enumerate(prompts):
@@ -224,6 +236,34 @@ def test_slots_join_a_running_batch_and_answer_as_alone():
             del rows[row]
     assert [got.get(i) for i in range(len(prompts))] == alone
     assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: joins at different offsets
+    assert set(steps) == ({2} if graph else set())  # the graph's step ran, over both rows
+
+
+def test_slots_draw_a_seeded_request_as_alone_and_the_others_apart():
+    """Slots.sample draws rows of the same settings in one call and a seeded row from its own generator: a seeded
+    request samples the tokens it samples alone while unseeded rows of the same settings share the step, and two
+    unseeded rows with the same prompt draw their own tokens."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=64, mlp_hidden=128)).eval()
+    prompt = torch.randint(6, 97, (7,)).tolist()
+
+    def run(company):
+        slots = generation.Slots(model, rows=3)
+        slots.restart(len(prompt))
+        for _ in range(company):
+            slots.join(prompt, 1.0, 0, 1.0, None)
+        row, token = slots.join(prompt, 1.0, 0, 1.0, torch.Generator().manual_seed(5))
+        got = {r: [] for r in slots.busy()}
+        got[row].append(token)
+        for _ in range(15):
+            for r, token in slots.advance().items():
+                got[r].append(token)
+        return got[row], [got[r] for r in got if r != row]
+
+    alone, _ = run(0)
+    seeded, others = run(2)
+    assert seeded == alone and len(alone) == 16
+    assert others[0] != others[1] and all(len(o) == 15 for o in others)
 
 
 # ----------------------------------------------------------------------------- real clients
