@@ -164,13 +164,18 @@ def doctest_verdict(real, answer, name, doc, timeout, memory_mb):
     return "both pass" if passes_doctests(code_block(answer), name, doc, timeout, memory_mb) else "answer fails"
 
 
-def sampled_code_pairs(run, conversations, pairs, max_new=512, batch_size=128, timeout=10.0, memory_mb=2048):
+def sampled_code_pairs(
+    run, conversations, pairs, max_new=512, batch_size=128, timeout=10.0, memory_mb=2048, samples=1, temperature=0.8
+):
     """prepare.py --mode=dpo --sample_from=RUN: the coding requests' pairs remade on-policy. The SFT run answers each
     request greedily; the real function is chosen and the run's own answer rejected, except where the docstring has
     examples: then both run in the sandbox against them, and a pair is kept only when the real function passes and
     the answer fails (an answer that passes is as good as the real one). Other pairs stay as they are; a dropped
-    pair becomes None. The examples run on every core, a batch's while the next batch is generated. Returns (pairs,
-    a summary of the judging)."""
+    pair becomes None. The examples run on every core, a batch's while the next batch is generated.
+    samples > 1 (--sample_n): each request with examples is also answered samples - 1 times at temperature (top-p
+    0.95, as eval.py's pass@k), each answer judged by the examples; where the run's answers both pass and fail, the
+    pair is all its own: a passing answer chosen, a failing one rejected (a real function failing its examples keeps
+    its plain pair). Returns (pairs, a summary of the judging)."""
     model, tok, _, _ = load_run(run, "best", runtime.setup_device(), "--sample_from")
     code = [i for i, c in enumerate(conversations) if "function" in c[0]]
     prompts = [render_prompt(tok, conversations[i][:1]) for i in code]
@@ -184,13 +189,28 @@ def sampled_code_pairs(run, conversations, pairs, max_new=512, batch_size=128, t
             args = real["content"], answer, question["function"], question["doc"], timeout, memory_mb
             verdicts[j] = pool.submit(doctest_verdict, *args)
 
+    drawn, asked = {}, [j for j, i in enumerate(code) if conversations[i][0].get("doc")]  # drawn: place -> answers
+
+    def judge_drawn(k, result):
+        j, answer = asked[k // (samples - 1)], tok.decode(result[0])
+        question = conversations[code[j]][0]
+        args = code_block(answer), question["function"], question["doc"], timeout, memory_mb
+        drawn.setdefault(j, {})[k] = answer, pool.submit(passes_doctests, *args)
+
     try:
         stops = [tok.special[END], tok.bos_id]
         generate(model, prompts, max_new, stops, batch_size=batch_size, desc="pairs", on_done=judge)
+        if samples > 1:
+            again = [prompts[j] for j in asked for _ in range(samples - 1)]
+            g = torch.Generator(model.lm_head.weight.device).manual_seed(1337)
+            generate(model, again, max_new, stops, temperature=temperature, top_p=0.95, generator=g,
+                     batch_size=batch_size, desc="samples", on_done=judge_drawn)  # fmt: skip
         verdicts = {j: future.result() for j, future in verdicts.items()}
+        drawn = {j: [(a, future.result()) for _, (a, future) in sorted(d.items())] for j, d in drawn.items()}
     finally:  # an error or a Ctrl-C leaves no queued program for the interpreter to run before it exits
         pool.shutdown(cancel_futures=True)
     pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
+    counts["own"] = 0
     for j, i in enumerate(code):
         question, real = conversations[i]
         pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answers[j]}
@@ -203,11 +223,22 @@ def sampled_code_pairs(run, conversations, pairs, max_new=512, batch_size=128, t
                 counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
             elif verdict == "both pass":
                 counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
+        if j in drawn and verdicts.get(j) != "broken":  # the greedy answer passes where its pair was dropped
+            passing = [answers[j]] * (pairs[i] is None) + [a for a, ok in drawn[j] if ok]
+            failing = [answers[j]] * (pairs[i] is not None) + [a for a, ok in drawn[j] if not ok]
+            if passing and failing:
+                pairs[i] = {"prompt": question["content"], "chosen": passing[0], "rejected": failing[0]}
+                counts["own"] += 1
     summary = (
         f"{counts['sampled']:,} answers of {run} rejected, {counts['same']:,} equal to the real function dropped; "
         f"{counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "
         f"{counts['example_broken']:,} whose real function fails its own examples kept as plain pairs)"
     )
+    if samples > 1:
+        summary += (
+            f"; {len(asked) * (samples - 1):,} more answers drawn at T={temperature}: {counts['own']:,} pairs of the "
+            f"run's own answers, a passing one against a failing one"
+        )
     return pairs, summary
 
 

@@ -82,6 +82,7 @@ task: one_of("docstring", "code", "both") = "docstring"  # local corpus: what do
 code_scope: one_of("self_contained", "all") = "self_contained"  # coding task's functions: self_contained: stdlib only
 sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose answers are the rejected ones (GPU)
 sample_batch: at_least(1) = 128  # --sample_from: answers decoded at once (reference.sh: 512, as eval.py's gen_batch)
+sample_n: between(1, 64) = 1  # --sample_from: answers to each request with examples; > 1: passing against failing
 # filters of the training split (quality.py); validation documents are kept as they are, so that runs made with and
 # without them are scored on the same held-out set, and enter the near-duplicate index first (their near-copies leave
 # training). auto: on for the local Python corpus, where the reference run measured them (docs/data.md), off for
@@ -112,6 +113,7 @@ SETTINGS = [
     and (corpus == "python" or k not in ("corpus", "max_file_bytes"))
     and (mode != "pretrain" or k not in CHAT_KEYS)
     and (filtering or k not in FILTER_KEYS)
+    and (k != "sample_n" or sample_n > 1)  # recorded when it changes the pairs: folders made before it still resume
 ]
 rules = select_rules(quality if mode == "pretrain" else "off", quality_skip, not local)
 
@@ -385,7 +387,9 @@ def build_chat_data():
             if sample_from and conversations is not None:
                 import generation  # the model and the sandbox: only this option needs them
 
-                pairs, how = generation.sampled_code_pairs(sample_from, conversations, pairs, batch_size=sample_batch)
+                pairs, how = generation.sampled_code_pairs(
+                    sample_from, conversations, pairs, batch_size=sample_batch, samples=sample_n
+                )
                 source += f" | coding pairs: {how}"
             data, counts, note = chat.render_dpo(tok, pairs, block_size, split_of)
     except chat.ConversationError as e:

@@ -148,6 +148,44 @@ def test_on_policy_pairs_are_judged_by_doctests_while_the_next_batch_is_written(
     assert "1 passing answers dropped" in summary and "1 whose real function fails" in summary
 
 
+def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_run, monkeypatch):
+    """--sample_n=3: each request with examples is answered twice more at T=0.8 and every answer judged; where the
+    run's answers both pass and fail, a passing one is chosen over a failing one (its greedy answer among them);
+    where none passes, the plain pair stays; where all pass, none; a real function failing its examples keeps its
+    plain pair, and a request without examples is asked once."""
+    sft, _ = sft_run
+    tok = load_tokenizer(sft / "tokenizer.model")
+    coding, _ = chat.code_conversations(fake_rows())
+    (hyp_q, real), (stem_q, _) = sorted(coding, key=lambda c: c[0]["function"])
+    right = real["content"].replace("math.sqrt(a * a + b * b)", "math.hypot(a, b)")
+    wrong = real["content"].replace("a * a + b * b", "a + b")
+    wrong2 = real["content"].replace("a * a + b * b", "a * b")
+    broken = dict(hyp_q, doc=hyp_q["doc"].replace("5.0", "6.0"))  # examples its real function fails
+    asked = [hyp_q, hyp_q, hyp_q, hyp_q, broken, stem_q]
+    greedy = [wrong, right, wrong, real["content"], wrong, "```python\ndef stem(path):\n    return path\n```"]
+    plus_one = real["content"].replace("math.sqrt(a * a + b * b)", "math.sqrt(a * a + b * b) + 1")  # 6.0: "broken"
+    drawn = {0: [wrong2, right], 1: [wrong2, wrong2], 2: [wrong2, wrong2], 3: [right, right], 4: [plus_one, wrong2]}
+    conversations = [[dict(q, content=q["content"] + f" (#{k})"), real] for k, q in enumerate(asked)]
+    pairs = [{"prompt": c[0]["content"], "chosen": c[1]["content"], "rejected": "old"} for c in conversations]
+    temperatures = []
+
+    def answering(model, cache, step, prompts, max_new, stop_ids, tok_, stop_texts, temperature, top_p, generator):
+        temperatures.extend([temperature] * len(prompts))
+        ks = [int(re.search(r"\(#(\d)\)", tok.decode(p))[1]) for p in prompts]
+        return [(tok.encode(drawn[k].pop(0) if temperature else greedy[k]), True) for k in ks]
+
+    monkeypatch.setattr(generation, "generate_batch", answering)
+    judged, summary = generation.sampled_code_pairs(sft, conversations, pairs, max_new=8, batch_size=4, samples=3)
+    assert temperatures == [0.0] * 6 + [0.8] * 10  # 5 requests with examples, twice more each
+    assert (judged[0]["chosen"], judged[0]["rejected"]) == (right, wrong)  # greedy fails, a sample passes
+    assert (judged[1]["chosen"], judged[1]["rejected"]) == (right, wrong2)  # greedy passes, a sample fails
+    assert (judged[2]["chosen"], judged[2]["rejected"]) == (real["content"], wrong)  # none passes: the plain pair
+    assert judged[3] is None  # all pass
+    assert (judged[4]["chosen"], judged[4]["rejected"]) == (real["content"], wrong)  # broken examples: plain pair
+    assert judged[5]["rejected"] == greedy[5] and judged[5]["chosen"] == real["content"]
+    assert "10 more answers drawn at T=0.8: 2 pairs of the run's own answers" in summary
+
+
 def chat_canonical(problems, n, temperature, ready):
     """Answers as a chat model would give them: odd problems the whole function (prompt and canonical solution) in a
     ```python block with a closing remark, even ones the body alone in a bare ``` block."""
