@@ -164,6 +164,32 @@ def doctest_verdict(real, answer, name, doc, timeout, memory_mb):
     return "both pass" if passes_doctests(code_block(answer), name, doc, timeout, memory_mb) else "answer fails"
 
 
+def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn):
+    """sampled_code_pairs' pairs from its judged answers: (pairs, counts). By place j in code: answers[j] the greedy
+    answer, verdicts[j] its doctest_verdict, drawn[j] the other answers with whether they pass."""
+    pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
+    counts["own"] = 0
+    for j, i in enumerate(code):
+        question, real = conversations[i]
+        pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answers[j]}
+        if answers[j].strip() == real["content"].strip():
+            counts["same"], pairs[i] = counts["same"] + 1, None
+        elif j in verdicts:
+            counts["judged"] += 1
+            verdict = verdicts[j]
+            if verdict == "broken":
+                counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
+            elif verdict == "both pass":
+                counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
+        if j in drawn and verdicts.get(j) != "broken":  # the greedy answer passes where its pair was dropped
+            passing = [answers[j]] * (pairs[i] is None) + [a for a, ok in drawn[j] if ok]
+            failing = [answers[j]] * (pairs[i] is not None) + [a for a, ok in drawn[j] if not ok]
+            if passing and failing:
+                pairs[i] = {"prompt": question["content"], "chosen": passing[0], "rejected": failing[0]}
+                counts["own"] += 1
+    return pairs, counts
+
+
 def sampled_code_pairs(
     run, conversations, pairs, max_new=512, batch_size=128, timeout=10.0, memory_mb=2048, samples=1, temperature=0.8
 ):
@@ -209,26 +235,7 @@ def sampled_code_pairs(
         drawn = {j: [(a, future.result()) for _, (a, future) in sorted(d.items())] for j, d in drawn.items()}
     finally:  # an error or a Ctrl-C leaves no queued program for the interpreter to run before it exits
         pool.shutdown(cancel_futures=True)
-    pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
-    counts["own"] = 0
-    for j, i in enumerate(code):
-        question, real = conversations[i]
-        pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answers[j]}
-        if answers[j].strip() == real["content"].strip():
-            counts["same"], pairs[i] = counts["same"] + 1, None
-        elif j in verdicts:
-            counts["judged"] += 1
-            verdict = verdicts[j]
-            if verdict == "broken":
-                counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
-            elif verdict == "both pass":
-                counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
-        if j in drawn and verdicts.get(j) != "broken":  # the greedy answer passes where its pair was dropped
-            passing = [answers[j]] * (pairs[i] is None) + [a for a, ok in drawn[j] if ok]
-            failing = [answers[j]] * (pairs[i] is not None) + [a for a, ok in drawn[j] if not ok]
-            if passing and failing:
-                pairs[i] = {"prompt": question["content"], "chosen": passing[0], "rejected": failing[0]}
-                counts["own"] += 1
+    pairs, counts = verdict_pairs(conversations, code, pairs, answers, verdicts, drawn)
     summary = (
         f"{counts['sampled']:,} answers of {run} rejected, {counts['same']:,} equal to the real function dropped; "
         f"{counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "
