@@ -304,25 +304,36 @@ class Slots:
         x = torch.tensor([ids], dtype=torch.long, device=self.cache.device)
         logits = self.model(x, cache=view)[0][:, -1]  # (1, vocab)
         self.sampling[row] = (temperature, top_k, top_p, generator)
-        return row, self.sample([row], logits)[0]
+        next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (1, 1)
+        self.next_ids[row] = next_id[0]
+        return row, int(next_id)
 
-    def sample(self, rows, logits):
-        """The next token id of each of rows from its logits (logits[i] is rows[i]'s), also kept in next_ids. Rows of
-        the same settings and no seed of their own are drawn in one call, and the ids reach the host in one copy:
-        drawn row by row, 32 rows cost 32 waits for the GPU a step (PERF.md, "Serving's step")."""
-        groups = {}  # a seeded request draws alone from its own generator: its answer does not depend on its company
-        for i, r in enumerate(rows):
+    def sample(self, busy, logits):
+        """{row: its next token id} for the busy rows from logits (B, vocab) of rows 0..B-1, free ones too; kept in
+        next_ids. The rows of the same settings and no seed are drawn in one call over all of logits (the other rows'
+        draws unused, so no index list is copied to the GPU: such a copy waits for it), a seeded row alone from its
+        own generator, and the ids reach the host in one copy. Drawn row by row, 32 rows cost 32 waits for the GPU a
+        step (PERF.md, "Serving's step")."""
+        groups = {}  # a seeded request draws alone: its answer does not depend on its company
+        for r in busy:
             temperature, top_k, top_p, generator = self.sampling[r]
-            groups.setdefault(r if generator is not None else (temperature, top_k, top_p), []).append(i)
-        if len(groups) == 1:
-            ids = sample_next(logits, *self.sampling[rows[0]])
-        else:
-            ids = torch.empty(len(rows), 1, dtype=torch.long, device=logits.device)
-            for group in groups.values():
-                at = torch.tensor(group, device=logits.device)
-                ids[at] = sample_next(logits[at], *self.sampling[rows[group[0]]])
-        self.next_ids[torch.tensor(rows, device=logits.device)] = ids
-        return ids.flatten().tolist()
+            groups.setdefault(r if generator is not None else (temperature, top_k, top_p), []).append(r)
+        draws = [
+            sample_next(logits if isinstance(key, tuple) else logits[key : key + 1], *self.sampling[rows[0]])
+            for key, rows in groups.items()
+        ]
+        B = logits.size(0)
+        if len(draws) == 1 and isinstance(next(iter(groups)), tuple):
+            self.next_ids[:B] = draws[0]  # on the device: the next step reads them there
+            ids = draws[0].flatten().tolist()
+            return {r: ids[r] for r in busy}
+        ids, at, out = torch.cat(draws).flatten().tolist(), 0, {}
+        for key, rows in groups.items():
+            for r in rows:
+                out[r] = ids[at + r] if isinstance(key, tuple) else ids[at]
+            at += B if isinstance(key, tuple) else 1
+        self.next_ids[:B] = torch.tensor([out.get(r, 0) for r in range(B)]).view(B, 1)  # the GPU has finished
+        return out
 
     @torch.no_grad()
     def advance(self):
@@ -334,9 +345,7 @@ class Slots:
             n = busy[-1] + 1
             logits = self.model.decode(self.next_ids[:n], self.view(0, n), self.pos.fill_(self.cache.pos))
         self.cache.pos += 1
-        if len(busy) < logits.size(0):
-            logits = logits[torch.tensor(busy, device=logits.device)]
-        return dict(zip(busy, self.sample(busy, logits), strict=True))
+        return self.sample(busy, logits)
 
     def leave(self, row):
         """Give a row back: its keys are masked from now on, and the next request may take it."""

@@ -242,17 +242,18 @@ def test_slots_join_a_running_batch_and_answer_as_alone(graph, monkeypatch):
 def test_slots_draw_a_seeded_request_as_alone_and_the_others_apart():
     """Slots.sample draws rows of the same settings in one call and a seeded row from its own generator: a seeded
     request samples the tokens it samples alone while unseeded rows of the same settings share the step, and two
-    unseeded rows with the same prompt draw their own tokens."""
+    unseeded rows with the same prompt draw their own tokens; a seeded greedy one beside them gets generate()'s
+    answer (each step fed the token drawn before it)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=97, n_layer=2, n_head=2, n_embd=64, mlp_hidden=128)).eval()
     prompt = torch.randint(6, 97, (7,)).tolist()
 
-    def run(company):
+    def run(company, temperature=1.0):
         slots = generation.Slots(model, rows=3)
         slots.restart(len(prompt))
         for _ in range(company):
             slots.join(prompt, 1.0, 0, 1.0, None)
-        row, token = slots.join(prompt, 1.0, 0, 1.0, torch.Generator().manual_seed(5))
+        row, token = slots.join(prompt, temperature, 0, 1.0, torch.Generator().manual_seed(5))
         got = {r: [] for r in slots.busy()}
         got[row].append(token)
         for _ in range(15):
@@ -264,6 +265,11 @@ def test_slots_draw_a_seeded_request_as_alone_and_the_others_apart():
     seeded, others = run(2)
     assert seeded == alone and len(alone) == 16
     assert others[0] != others[1] and all(len(o) == 15 for o in others)
+    for p in model.parameters():  # sharper: greedy answers that do not repeat one token
+        p.data.mul_(3)
+    seeded_greedy, _ = run(2, temperature=0.0)  # each step fed the token drawn before it
+    assert seeded_greedy == generation.generate(model, [prompt], 16, stop_ids=[])[0][0]
+    assert len(set(seeded_greedy)) > 8
 
 
 # ----------------------------------------------------------------------------- real clients
