@@ -107,6 +107,17 @@ def test_doctests_judge_answers_in_the_sandbox():
     assert not sandbox.passes_doctests("x = 1\n", "hypot2", question["doc"])  # no function of that name
 
 
+def hypot2_answers():
+    """The coding requests of fake_rows (hypot2's, stem's), hypot2's real answer, a right and a wrong one of its
+    own, and hypot2's request with examples that its real function fails."""
+    coding, _ = chat.code_conversations(fake_rows())
+    (hyp_q, real), (stem_q, _) = sorted(coding, key=lambda c: c[0]["function"])
+    right = real["content"].replace("math.sqrt(a * a + b * b)", "math.hypot(a, b)")
+    wrong = real["content"].replace("a * a + b * b", "a + b")
+    broken = dict(hyp_q, doc=hyp_q["doc"].replace("5.0", "6.0"))
+    return hyp_q, real, stem_q, right, wrong, broken
+
+
 def test_on_policy_pairs_are_judged_by_doctests_while_the_next_batch_is_written(sft_run, monkeypatch):
     """prepare.py --sample_from's pairs (generation.sampled_code_pairs), the run's answers set by the test: an answer
     equal to the real function is dropped, one that passes the examples is dropped, one that fails them is rejected,
@@ -115,11 +126,7 @@ def test_on_policy_pairs_are_judged_by_doctests_while_the_next_batch_is_written(
     is generated."""
     sft, _ = sft_run
     tok = load_tokenizer(sft / "tokenizer.model")
-    coding, _ = chat.code_conversations(fake_rows())
-    (hyp_q, real), (stem_q, _) = sorted(coding, key=lambda c: c[0]["function"])
-    right = real["content"].replace("math.sqrt(a * a + b * b)", "math.hypot(a, b)")
-    wrong = real["content"].replace("a * a + b * b", "a + b")
-    broken = dict(hyp_q, doc=hyp_q["doc"].replace("5.0", "6.0"))  # examples its real function fails
+    hyp_q, real, stem_q, right, wrong, broken = hypot2_answers()
     asked = [hyp_q, hyp_q, hyp_q, broken, stem_q]
     answers = [real["content"], right, wrong, wrong, "```python\ndef stem(path):\n    return path\n```"]
     assert tok.decode(tok.encode(real["content"])) == real["content"]  # "equal" survives the round trip
@@ -155,12 +162,8 @@ def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_ru
     plain pair, and a request without examples is asked once."""
     sft, _ = sft_run
     tok = load_tokenizer(sft / "tokenizer.model")
-    coding, _ = chat.code_conversations(fake_rows())
-    (hyp_q, real), (stem_q, _) = sorted(coding, key=lambda c: c[0]["function"])
-    right = real["content"].replace("math.sqrt(a * a + b * b)", "math.hypot(a, b)")
-    wrong = real["content"].replace("a * a + b * b", "a + b")
+    hyp_q, real, stem_q, right, wrong, broken = hypot2_answers()
     wrong2 = real["content"].replace("a * a + b * b", "a * b")
-    broken = dict(hyp_q, doc=hyp_q["doc"].replace("5.0", "6.0"))  # examples its real function fails
     asked = [hyp_q, hyp_q, hyp_q, hyp_q, broken, stem_q]
     greedy = [wrong, right, wrong, real["content"], wrong, "```python\ndef stem(path):\n    return path\n```"]
     plus_one = real["content"].replace("math.sqrt(a * a + b * b)", "math.sqrt(a * a + b * b) + 1")  # 6.0: "broken"
