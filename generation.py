@@ -289,24 +289,46 @@ class Slots:
         assert not self.busy()
         self.cache.pos = pos
 
-    def fits(self, n_prompt, n_new):
-        """Whether a request of n_prompt tokens that may generate n_new can join now."""
-        free = None in self.sampling
+    def fits(self, n_prompt, n_new, taken=0):
+        """Whether a request of n_prompt tokens that may generate n_new can join now, beside `taken` others that
+        join with it."""
+        free = self.sampling.count(None) > taken
         return free and n_prompt <= self.cache.pos and self.cache.pos + n_new <= self.max_len
 
     @torch.no_grad()
-    def join(self, ids, temperature, top_k, top_p, generator):
-        """Put prompt ids in the lowest free row (fits() must be true): (row, the first new token id)."""
-        row, L = self.sampling.index(None), len(ids)
-        self.cache.start[row] = self.cache.pos - L
-        view = self.view(row, row + 1)
-        view.pos = self.cache.pos - L
-        x = torch.tensor([ids], dtype=torch.long, device=self.cache.device)
-        logits = self.model(x, cache=view)[0][:, -1]  # (1, vocab)
-        self.sampling[row] = (temperature, top_k, top_p, generator)
-        next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (1, 1)
-        self.next_ids[row] = next_id[0]
-        return row, int(next_id)
+    def join(self, requests):
+        """Put requests [(prompt ids, (temperature, top_k, top_p, generator))] in the lowest free rows (each must
+        fit() beside the ones before it): [(row, its first new token id)]. Each run of adjacent rows is prefilled
+        as one left-padded batch (a burst of 32 requests into an idle batch: one forward, not 32); a row's padding
+        lies before its start, masked."""
+        rows = [r for r in range(self.rows) if self.sampling[r] is None][: len(requests)]
+        try:
+            return self._prefill(rows, requests)
+        except BaseException:  # the model failed (out of memory, say): no row stays taken
+            for row in rows:
+                self.leave(row)
+            raise
+
+    def _prefill(self, rows, requests):
+        pos, out, i = self.cache.pos, [], 0
+        while i < len(rows):  # rows[i:j]: adjacent rows
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            batch, L = requests[i:j], max(len(ids) for ids, _ in requests[i:j])
+            for row, (ids, _) in zip(rows[i:j], batch, strict=True):
+                self.cache.start[row] = pos - len(ids)
+            view = self.view(rows[i], rows[j - 1] + 1)
+            view.pos = pos - L
+            x = torch.tensor([[0] * (L - len(ids)) + ids for ids, _ in batch], device=self.cache.device)
+            logits = self.model(x, cache=view)[0][:, -1]  # (j - i, vocab)
+            for k, (row, (_, sampling)) in enumerate(zip(rows[i:j], batch, strict=True)):
+                self.sampling[row] = sampling
+                next_id = sample_next(logits[k : k + 1], *sampling)  # (1, 1)
+                self.next_ids[row] = next_id[0]
+                out.append((row, int(next_id)))
+            i = j
+        return out
 
     def sample(self, busy, logits):
         """{row: its next token id} for the busy rows from logits (B, vocab) of rows 0..B-1, free ones too; kept in

@@ -158,16 +158,16 @@ class Engine:
     def status(self):
         return {"rows": self.slots.rows, "busy": len(self.running), "waiting": len(self.waiting)}
 
-    def next_request(self):
-        """The waiting request that joins now, or None. An idle batch restarts at the longest prompt of the first
-        requests that fit in the context together; then the first in line joins while it fits (the rest waits
-        behind it: first come, first served)."""
+    def next_request(self, taken):
+        """The waiting request that joins now beside `taken` others, or None. An idle batch restarts at the longest
+        prompt of the first requests that fit in the context together; then the first in line joins while it fits
+        (the rest waits behind it: first come, first served)."""
         with self.wake:
             while self.waiting and self.waiting[0].cancelled:
                 self.waiting.popleft()
             if not self.waiting:
                 return None
-            if not self.running:
+            if not self.running and not taken:
                 pos, longest = 0, 0
                 for req in [r for r in self.waiting if not r.cancelled][: self.slots.rows]:
                     if max(pos, len(req.ids)) + max(longest, req.max_new) > self.slots.max_len:
@@ -175,18 +175,23 @@ class Engine:
                     pos, longest = max(pos, len(req.ids)), max(longest, req.max_new)
                 self.slots.restart(pos)
             head = self.waiting[0]
-            return self.waiting.popleft() if self.slots.fits(len(head.ids), head.max_new) else None
+            return self.waiting.popleft() if self.slots.fits(len(head.ids), head.max_new, taken) else None
 
     def loop(self):
         while True:
             with self.wake:
                 self.wake.wait_for(lambda: self.running or self.waiting, timeout=1.0)
-            joining = None
+            joining = []  # all that can join now, prefilled together (Slots.join)
             try:
-                while (joining := self.next_request()) is not None:
-                    row, token = self.slots.join(joining.ids, *joining.sampling)
-                    self.running[row], joining = joining, None
-                    self.hand(row, token)
+                while (req := self.next_request(len(joining))) is not None:
+                    joining.append(req)
+                if joining:
+                    rows = self.slots.join([(req.ids, req.sampling) for req in joining])
+                    for (row, _), req in zip(rows, joining, strict=True):
+                        self.running[row] = req
+                    joining = []
+                    for row, token in rows:
+                        self.hand(row, token)
                 for row in [r for r, req in self.running.items() if req.cancelled]:
                     self.release(row)  # a client that left: its row is free before the next step
                 if self.running:
@@ -194,9 +199,8 @@ class Engine:
                         self.hand(row, token)
             except Exception as e:  # the model failed (out of memory, say): these answers end, the server goes on
                 log.exception("generation failed; %d answers in progress end with an error", len(self.running))
-                for req in [joining, *self.running.values()]:
-                    if req is not None:
-                        req.put("error", f"generation failed: {type(e).__name__}")
+                for req in [*joining, *self.running.values()]:
+                    req.put("error", f"generation failed: {type(e).__name__}")
                 for row in list(self.running):
                     self.release(row)
 

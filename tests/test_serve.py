@@ -225,7 +225,7 @@ def test_slots_join_a_running_batch_and_answer_as_alone(graph, monkeypatch):
     for step in range(200):  # prompt i asks to join at step 3 * i; there are 2 rows, so some wait for one
         for i, p in enumerate(prompts):
             if i not in got and step >= 3 * i and slots.fits(len(p), 20):
-                row, token = slots.join(p, 0.0, 0, 1.0, None)
+                [(row, token)] = slots.join([(p, (0.0, 0, 1.0, None))])
                 rows[row], got[i] = i, [token]
         if len(got) == len(prompts) and not rows:
             break
@@ -237,6 +237,66 @@ def test_slots_join_a_running_batch_and_answer_as_alone(graph, monkeypatch):
     assert [got.get(i) for i in range(len(prompts))] == alone
     assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: joins at different offsets
     assert set(steps) == ({2} if graph else set())  # the graph's step ran, over both rows
+
+
+def test_slots_prefill_requests_that_join_together_in_one_forward_and_answer_as_alone(monkeypatch):
+    """Requests that join at once (serve.py takes all that fit between two steps) are prefilled as one left-padded
+    batch per run of adjacent free rows, and each gets the greedy tokens it gets alone: three prompts of different
+    lengths into an idle batch (one forward), then two into rows 1 and 3 around a busy row 2 (two forwards); a
+    model that fails mid-join leaves no row taken."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=128, vocab_size=97, n_layer=2, n_head=2, n_embd=64, mlp_hidden=128)).eval()
+    for p in model.parameters():  # sharper logits than at init (as tests/test_eval.py's tiny_model)
+        p.data.mul_(3)
+    prompts = [torch.randint(6, 97, (n,)).tolist() for n in (9, 4, 17, 6, 3)]
+    alone = [generation.generate(model, [p], 12, stop_ids=[])[0][0] for p in prompts]
+    prefills, forward = [], model.forward
+
+    def counted(idx, *args, **kwargs):
+        if kwargs.get("cache") is not None:
+            prefills.append(idx.size(0))
+        return forward(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    slots, got, rows = generation.Slots(model, rows=4), {}, {}
+    slots.restart(17)
+
+    def join(which):
+        assert all(slots.fits(len(prompts[i]), 12, taken=k) for k, i in enumerate(which))
+        prefills.clear()
+        for (row, token), i in zip(slots.join([(prompts[i], (0.0, 0, 1.0, None)) for i in which]), which, strict=True):
+            rows[row], got[i] = i, [token]
+
+    def step():
+        for row, token in slots.advance().items():
+            got[rows[row]].append(token)
+        for row in [r for r, i in rows.items() if len(got[i]) == 12]:
+            slots.leave(row)
+            del rows[row]
+
+    join([0, 1, 2])
+    assert prefills == [3] and slots.fits(3, 12) and not slots.fits(3, 12, taken=1)  # one row left
+    step(), step()
+    slots.leave(1)  # prompt 1 leaves after 3 tokens, row 2 runs on: rows 1 and 3 are free, apart
+    del rows[1], got[1]
+    join([3, 4])
+    assert prefills == [1, 1] and sorted(rows) == [0, 1, 2, 3]
+    while rows:
+        step()
+    first = dict(got)
+    join([1, 3])  # an idle batch at a later position: rows 0 and 1, one forward
+    assert prefills == [2]
+    while rows:
+        step()
+    assert [first.get(i, got[i]) for i in range(len(prompts))] == alone and got[3] == alone[3]
+
+    def broken(idx, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(model, "forward", broken)
+    with pytest.raises(RuntimeError):
+        slots.join([(prompts[0], (0.0, 0, 1.0, None)), (prompts[1], (0.0, 0, 1.0, None))])
+    assert slots.busy() == []
 
 
 def test_slots_draw_a_seeded_request_as_alone_and_the_others_apart():
@@ -252,8 +312,8 @@ def test_slots_draw_a_seeded_request_as_alone_and_the_others_apart():
         slots = generation.Slots(model, rows=3)
         slots.restart(len(prompt))
         for _ in range(company):
-            slots.join(prompt, 1.0, 0, 1.0, None)
-        row, token = slots.join(prompt, temperature, 0, 1.0, torch.Generator().manual_seed(5))
+            slots.join([(prompt, (1.0, 0, 1.0, None))])
+        [(row, token)] = slots.join([(prompt, (temperature, 0, 1.0, torch.Generator().manual_seed(5)))])
         got = {r: [] for r in slots.busy()}
         got[row].append(token)
         for _ in range(15):
