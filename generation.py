@@ -45,6 +45,7 @@ def load_run(out_dir, ckpt, env, flag="--out_dir"):
 
 
 # ----------------------------------------------------------------------------- many prompts at once
+PREFILL = 8192  # most prompt tokens (rows x longest prompt) that Slots.join prefills in one forward: one full context
 STEPS = {}  # (model id, rows, cache length) -> (KVCache, captured step): the greedy and the sampled pass share one
 
 
@@ -299,8 +300,8 @@ class Slots:
     def join(self, requests):
         """Put requests [(prompt ids, (temperature, top_k, top_p, generator))] in the lowest free rows (each must
         fit() beside the ones before it): [(row, its first new token id)]. Each run of adjacent rows is prefilled
-        as one left-padded batch (a burst of 32 requests into an idle batch: one forward, not 32); a row's padding
-        lies before its start, masked."""
+        as one left-padded batch of at most PREFILL tokens (a burst of 32 requests into an idle batch: one forward,
+        not 32); a row's padding lies before its start, masked."""
         rows = [r for r in range(self.rows) if self.sampling[r] is None][: len(requests)]
         try:
             return self._prefill(rows, requests)
@@ -312,10 +313,10 @@ class Slots:
     def _prefill(self, rows, requests):
         pos, out, i = self.cache.pos, [], 0
         while i < len(rows):  # rows[i:j]: adjacent rows
-            j = i + 1
-            while j < len(rows) and rows[j] == rows[j - 1] + 1:
-                j += 1
-            batch, L = requests[i:j], max(len(ids) for ids, _ in requests[i:j])
+            j, L = i + 1, len(requests[i][0])
+            while j < len(rows) and rows[j] == rows[j - 1] + 1 and (j - i + 1) * max(L, len(requests[j][0])) <= PREFILL:
+                j, L = j + 1, max(L, len(requests[j][0]))
+            batch = requests[i:j]
             for row, (ids, _) in zip(rows[i:j], batch, strict=True):
                 self.cache.start[row] = pos - len(ids)
             view = self.view(rows[i], rows[j - 1] + 1)

@@ -242,8 +242,9 @@ def test_slots_join_a_running_batch_and_answer_as_alone(graph, monkeypatch):
 def test_slots_prefill_requests_that_join_together_in_one_forward_and_answer_as_alone(monkeypatch):
     """Requests that join at once (serve.py takes all that fit between two steps) are prefilled as one left-padded
     batch per run of adjacent free rows, and each gets the greedy tokens it gets alone: three prompts of different
-    lengths into an idle batch (one forward), then two into rows 1 and 3 around a busy row 2 (two forwards); a
-    model that fails mid-join leaves no row taken."""
+    lengths into an idle batch (one forward), then two into rows 1 and 3 around a busy row 2 (two forwards); with
+    generation.PREFILL lowered, a run is cut where its padded prompts would pass it; a model that fails mid-join
+    leaves no row taken."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, vocab_size=97, n_layer=2, n_head=2, n_embd=64, mlp_hidden=128)).eval()
     for p in model.parameters():  # sharper logits than at init (as tests/test_eval.py's tiny_model)
@@ -289,6 +290,13 @@ def test_slots_prefill_requests_that_join_together_in_one_forward_and_answer_as_
     while rows:
         step()
     assert [first.get(i, got[i]) for i in range(len(prompts))] == alone and got[3] == alone[3]
+    monkeypatch.setattr(generation, "PREFILL", 20)  # at most 20 prompt tokens a forward: 9 and 4 padded to 18, then 17
+    slots = generation.Slots(model, rows=4)
+    slots.restart(17)
+    join([0, 1, 2])
+    assert prefills == [2, 1] and [got[i] for i in range(3)] == [a[:1] for a in alone[:3]]
+    for row in range(3):
+        slots.leave(row)
 
     def broken(idx, *args, **kwargs):
         raise RuntimeError("out of memory")
