@@ -3,6 +3,7 @@
 #
 #     bash compare.sh                  # one H100: about 30 minutes; again after a stop: finished runs are skipped
 #     STEPS=440 bash compare.sh        # at the reference run's length (about 55 minutes)
+#     PEERS=nanogpt bash compare.sh    # ours and nanoGPT's only (about 8 minutes): the wall-time row
 #
 # 1. the corpus of reference.sh (every .py file of this Python; reused when already prepared)
 # 2. ours with Muon: config/reference_137m.py for STEPS steps of 512K tokens -> ${PREFIX}_muon
@@ -23,6 +24,7 @@ STEPS=${STEPS:-160}                        # 160 x 524,288 = 84M tokens: 0.72 pa
 SWEEP_STEPS=${SWEEP_STEPS:-60}             # 31M tokens per sweep run
 SWEEP_LRS=${SWEEP_LRS:-"0.001 0.002 0.004"}
 CONFIG=${CONFIG:-config/reference_137m.py}
+PEERS=${PEERS:-"adamw nanogpt"}            # which peers run beside ours: adamw (its sweep, then its two best), nanogpt
 # nanoGPT's GPT-2 has none of the recipe's model keys, and nanoGPT's cosine schedule without cautious decay: the
 # config's recipe (issue 37) turned off for it; the data order stays the config's, the same for every run
 PLAIN="--qk_norm=false --attn_scale=0 --value_residual=false --x0_shortcut=false --logit_softcap=0 --embed_norm=false
@@ -37,15 +39,8 @@ train() { # train RUN CACHE ARGS...: train.py on CONFIG, resumed when RUN has a 
     TORCHINDUCTOR_CACHE_DIR="${TMPDIR:-/tmp}/anarchobot_inductor_$cache" python train.py "$CONFIG" --data_dir="$DATA" --out_dir="$run" --init_from=$init --eval_interval=10 "$@"
 }
 
-main() { # read whole before it runs: editing this file during a run changes nothing
-    if [ "$(wc -w <<<"$SWEEP_LRS")" -lt 2 ]; then
-        echo "error: SWEEP_LRS=\"$SWEEP_LRS\" needs two rates or more (AdamW runs at the best two)" >&2
-        exit 1
-    fi
-    if [ ! -f "$DATA/manifest.json" ]; then
-        python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir="$DATA"
-    fi
-    train "${PREFIX}_muon" muon --max_iters="$STEPS" "$@"
+adamw_runs() { # AdamW's sweep, widened while its best rate is at an edge, then its two best rates at STEPS
+    # (sets sweep, best, second)
     sweep=() lrs=$SWEEP_LRS
     for _ in 1 2 3 4; do # a best rate at the edge of the sweep is not bracketed: extend it (three times at most)
         for lr in $lrs; do
@@ -72,12 +67,44 @@ PY
     for lr in "$best" "$second"; do
         train "${PREFIX}_adamw_$lr" "adamw_$lr" --max_iters="$STEPS" --optimizer=adamw --learning_rate="$lr" "$@"
     done
-    train "${PREFIX}_nanogpt" nanogpt --max_iters="$STEPS" --arch=nanogpt --optimizer=adamw --learning_rate=6e-4 \
-        --weight_decay=0.1 --min_lr_frac=0.1 $PLAIN "$@"
-    python eval.py --out_dir="${PREFIX}_muon" --compare="${PREFIX}_adamw_$best,${PREFIX}_adamw_$second,${PREFIX}_nanogpt" \
-        --tasks=curves
-    python eval.py --out_dir="${PREFIX}_adamw_$best" --compare="${PREFIX}_adamw_$second,$(IFS=,; echo "${sweep[*]}")" \
-        --tasks=curves
+}
+
+main() { # read whole before it runs: editing this file during a run changes nothing
+    local peer adamw=false nanogpt=false
+    for peer in $PEERS; do
+        case "$peer" in
+            adamw) adamw=true ;;
+            nanogpt) nanogpt=true ;;
+            *) echo "error: PEERS=\"$PEERS\": unknown peer '$peer'; give adamw, nanogpt or both" >&2 && exit 1 ;;
+        esac
+    done
+    if [ "$adamw$nanogpt" = falsefalse ]; then
+        echo "error: PEERS is empty; give adamw, nanogpt or both" >&2
+        exit 1
+    fi
+    if $adamw && [ "$(wc -w <<<"$SWEEP_LRS")" -lt 2 ]; then
+        echo "error: SWEEP_LRS=\"$SWEEP_LRS\" needs two rates or more (AdamW runs at the best two)" >&2
+        exit 1
+    fi
+    if [ ! -f "$DATA/manifest.json" ]; then
+        python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir="$DATA"
+    fi
+    train "${PREFIX}_muon" muon --max_iters="$STEPS" "$@"
+    local compared=()  # the peers' runs, on our run's curves and table
+    if $adamw; then
+        adamw_runs "$@"
+        compared+=("${PREFIX}_adamw_$best" "${PREFIX}_adamw_$second")
+    fi
+    if $nanogpt; then
+        train "${PREFIX}_nanogpt" nanogpt --max_iters="$STEPS" --arch=nanogpt --optimizer=adamw --learning_rate=6e-4 \
+            --weight_decay=0.1 --min_lr_frac=0.1 $PLAIN "$@"
+        compared+=("${PREFIX}_nanogpt")
+    fi
+    python eval.py --out_dir="${PREFIX}_muon" --compare="$(IFS=,; echo "${compared[*]}")" --tasks=curves
+    if $adamw; then
+        python eval.py --out_dir="${PREFIX}_adamw_$best" --compare="${PREFIX}_adamw_$second,$(IFS=,; echo "${sweep[*]}")" \
+            --tasks=curves
+    fi
 }
 main "$@"
 exit

@@ -1,0 +1,62 @@
+"""compare.sh's peers, with a stand-in `python` that logs each command (and answers the sweep's ranking): by default
+ours, AdamW's sweep and its two best rates, nanoGPT's GPT-2 and the two comparisons; PEERS=nanogpt ours and nanoGPT's
+only, compared; an unknown or empty PEERS is one error line before anything runs."""
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >>"$FAKE_LOG"
+if [ "$1" = - ]; then echo "0.002 0.001"; fi  # the sweep's ranking: best, second, no rate to add
+"""
+
+
+def compare(tmp_path, **extra_env):
+    """Run compare.sh with the stand-in python: (process, the commands it ran, the runs' prefix)."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(FAKE_PYTHON)
+    (tmp_path / "bin" / "python").chmod(0o755)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")  # prepared: no prepare.py
+    log, prefix = tmp_path / "log", tmp_path / "cmp"
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_LOG=str(log), TMPDIR=str(tmp_path))
+    env.update(DATA=str(tmp_path / "data"), PREFIX=str(prefix), **extra_env)
+    proc = subprocess.run(["bash", str(REPO / "compare.sh")], env=env, capture_output=True, text=True, timeout=60)
+    return proc, log.read_text().splitlines() if log.exists() else [], str(prefix)
+
+
+def out_dir(command):
+    return next(arg.split("=", 1)[1] for arg in command.split() if arg.startswith("--out_dir="))
+
+
+def test_by_default_adamw_is_swept_and_both_peers_are_compared(tmp_path):
+    proc, commands, p = compare(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    trained = [out_dir(c) for c in commands if c.startswith("train.py")]
+    assert trained == [f"{p}_muon", f"{p}_sweep_0.001", f"{p}_sweep_0.002", f"{p}_sweep_0.004"] + [
+        f"{p}_adamw_0.002",
+        f"{p}_adamw_0.001",
+        f"{p}_nanogpt",
+    ]
+    evals = [c for c in commands if c.startswith("eval.py")]
+    assert f"--compare={p}_adamw_0.002,{p}_adamw_0.001,{p}_nanogpt " in evals[0] and out_dir(evals[0]) == f"{p}_muon"
+    assert out_dir(evals[1]) == f"{p}_adamw_0.002" and len(evals) == 2
+
+
+def test_peers_nanogpt_runs_ours_and_nanogpts_only(tmp_path):
+    proc, commands, p = compare(tmp_path, PEERS="nanogpt", STEPS="7")
+    assert proc.returncode == 0, proc.stderr
+    assert [out_dir(c) for c in commands] == [f"{p}_muon", f"{p}_nanogpt", f"{p}_muon"]
+    assert all("--max_iters=7" in c for c in commands[:2]) and "--arch=nanogpt" in commands[1]
+    assert commands[2].startswith("eval.py") and f"--compare={p}_nanogpt --tasks=curves" in commands[2]
+
+
+def test_an_unknown_or_empty_peer_is_one_error_line_and_nothing_runs(tmp_path):
+    for i, peers in enumerate(["nanogpt gpt4", " "]):
+        (tmp_path / str(i)).mkdir()
+        proc, commands, _ = compare(tmp_path / str(i), PEERS=peers)
+        assert proc.returncode == 1 and not commands
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: PEERS"), proc.stderr
