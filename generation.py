@@ -123,18 +123,25 @@ def generate(
     return results
 
 
+def prefill(model, cache, prompts, end):
+    """Prompts (lists of token ids) into the rows of cache, left-padded so that all end at position `end`, the
+    padding masked by cache.start: the logits (B, vocab) after each prompt's last token."""
+    T = max(map(len, prompts))
+    x = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        x[i, T - len(p) :] = torch.tensor(p)
+    cache.pos = end - T
+    cache.start.copy_(torch.tensor([end - len(p) for p in prompts]))
+    return model(x.to(cache.device), cache=cache)[0][:, -1]
+
+
 def generate_batch(model, cache, step, prompts, max_new, stop_ids, tok, stop_texts, temperature, top_p, generator):
     """One batch into cache (rows, max_len): the prompts, then rows filled up with copies of the last prompt
     (decoded and dropped: every batch has the cache's shape)."""
     dev, n = cache.device, len(prompts)
     prompts = prompts + [prompts[-1]] * (cache.batch_size - n)
-    B, T = len(prompts), max(len(p) for p in prompts)
-    x = torch.zeros(B, T, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        x[i, T - len(p) :] = torch.tensor(p)
-    cache.pos = 0
-    cache.start.copy_(torch.tensor([T - len(p) for p in prompts]))
-    logits = model(x.to(dev), cache=cache)[0][:, -1]
+    B = len(prompts)
+    logits = prefill(model, cache, prompts, max(map(len, prompts)))
     stops = torch.tensor(stop_ids, device=dev)
     tail = 8 + max(map(len, stop_texts), default=0)  # tokens that hold any stop text ending in the last 8 tokens
     new, hit, done = [], torch.zeros(B, dtype=torch.bool, device=dev), [False] * n + [True] * (B - n)
@@ -317,12 +324,7 @@ class Slots:
             while j < len(rows) and rows[j] == rows[j - 1] + 1 and (j - i + 1) * max(L, len(requests[j][0])) <= PREFILL:
                 j, L = j + 1, max(L, len(requests[j][0]))
             batch = requests[i:j]
-            for row, (ids, _) in zip(rows[i:j], batch, strict=True):
-                self.cache.start[row] = pos - len(ids)
-            view = self.view(rows[i], rows[j - 1] + 1)
-            view.pos = pos - L
-            x = torch.tensor([[0] * (L - len(ids)) + ids for ids, _ in batch], device=self.cache.device)
-            logits = self.model(x, cache=view)[0][:, -1]  # (j - i, vocab)
+            logits = prefill(self.model, self.view(rows[i], rows[j - 1] + 1), [ids for ids, _ in batch], pos)
             for k, (row, (_, sampling)) in enumerate(zip(rows[i:j], batch, strict=True)):
                 self.sampling[row] = sampling
                 next_id = sample_next(logits[k : k + 1], *sampling)  # (1, 1)
