@@ -6,15 +6,18 @@
 #     PEERS=nanogpt bash compare.sh    # ours and nanoGPT's only (about 8 minutes): the wall-time row
 #
 # 1. the corpus of reference.sh (every .py file of this Python; reused when already prepared)
-# 2. ours with Muon: config/reference_137m.py for STEPS steps of 512K tokens -> ${PREFIX}_muon
-# 3. AdamW's learning rate for our model, swept: SWEEP_LRS at SWEEP_STEPS steps each (warmup 10, full decay), widened
-#    while the best rate is at an edge (three times at most)
-# 4. ours with AdamW for STEPS steps at the sweep's two best rates -> ${PREFIX}_adamw_<rate>: a short sweep can rank
-#    two close rates the other way round from a whole run (measured: 2.5e-4 won at 60 steps, 5e-4 at 160)
-# 5. nanoGPT's GPT-2 (peer.py) as nanoGPT trains it: AdamW 6e-4, weight decay 0.1, decay to a tenth -> ${PREFIX}_nanogpt
+# 2. ours with Muon: config/reference_137m.py for the tokens of STEPS steps of 512K, at the config's batch (128K: 4x
+#    the steps) -> ${PREFIX}_muon
+# 3. AdamW's learning rate for our model, swept: SWEEP_LRS for the tokens of SWEEP_STEPS steps of 512K each (warmup
+#    5.2M tokens, full decay), widened while the best rate is at an edge (three times at most)
+# 4. ours with AdamW as long as ours with Muon at the sweep's two best rates -> ${PREFIX}_adamw_<rate>: a short sweep
+#    can rank two close rates the other way round from a whole run (measured: 2.5e-4 won at 60 steps, 5e-4 at 160)
+# 5. nanoGPT's GPT-2 (peer.py) as nanoGPT trains it: AdamW 6e-4, weight decay 0.1, decay to a tenth, 512K tokens a
+#    step (the config's warmup in tokens) -> ${PREFIX}_nanogpt
 # 6. eval.py --compare: loss against tokens and wall time on one figure, and the table of tokens and wall time each
 #    run took to reach the others' final validation loss -> ${PREFIX}_muon/report.md, curves.png
-# Every run has the same data order, batch, schedule and validation windows; only model and optimizer differ. Each
+# Every run has the same data order, tokens, schedule shape and validation windows; only model and optimizer differ,
+# and nanoGPT's batch (ours: the config's; Muon and AdamW at the same batch, 2026-11-23: 512K for all). Each
 # of the three compared runs compiles into its own empty Inductor cache, so none starts with another's compiled code
 # (wall time counts from the start of training, compilation included). Arguments go to every train.py.
 set -euo pipefail
@@ -44,7 +47,8 @@ adamw_runs() { # AdamW's sweep, widened while its best rate is at an edge, then 
     sweep=() lrs=$SWEEP_LRS
     for _ in 1 2 3 4; do # a best rate at the edge of the sweep is not bracketed: extend it (three times at most)
         for lr in $lrs; do
-            train "${PREFIX}_sweep_$lr" sweep --max_iters="$SWEEP_STEPS" --warmup_iters=10 --optimizer=adamw \
+            train "${PREFIX}_sweep_$lr" sweep --max_iters=$((SWEEP_STEPS * scale)) --warmup_iters=$((10 * scale)) \
+                --optimizer=adamw \
                 --learning_rate="$lr" "$@"
             sweep+=("${PREFIX}_sweep_$lr")
         done
@@ -65,7 +69,8 @@ PY
     done
     echo "== AdamW's best learning rates at $SWEEP_STEPS steps: $best, then $second"
     for lr in "$best" "$second"; do
-        train "${PREFIX}_adamw_$lr" "adamw_$lr" --max_iters="$STEPS" --optimizer=adamw --learning_rate="$lr" "$@"
+        train "${PREFIX}_adamw_$lr" "adamw_$lr" --max_iters=$((STEPS * scale)) --optimizer=adamw --learning_rate="$lr" \
+            "$@"
     done
 }
 
@@ -86,17 +91,30 @@ main() { # read whole before it runs: editing this file during a run changes not
         echo "error: SWEEP_LRS=\"$SWEEP_LRS\" needs two rates or more (AdamW runs at the best two)" >&2
         exit 1
     fi
+    # the config's batch against nanoGPT's 512K tokens a step: ours run `scale` steps for each of nanoGPT's
+    local scale accum warmup
+    read -r scale accum warmup < <(python - "$CONFIG" <<'PY'
+import runpy, sys
+c = runpy.run_path(sys.argv[1])
+step = c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
+if 524288 % step or c["warmup_iters"] % (524288 // step):
+    sys.exit(f"error: {sys.argv[1]}: {step:,} tokens a step and {c['warmup_iters']} warmup steps must divide into "
+             "nanoGPT's 524,288 tokens a step; set gradient_accumulation_steps and warmup_iters to fit")
+print(524288 // step, c["gradient_accumulation_steps"], c["warmup_iters"])
+PY
+    ) || exit 1
     if [ ! -f "$DATA/manifest.json" ]; then
         python prepare.py --corpus=python --vocab_size=32000 --tokenizer_docs=8000 --data_dir="$DATA"
     fi
-    train "${PREFIX}_muon" muon --max_iters="$STEPS" "$@"
+    train "${PREFIX}_muon" muon --max_iters=$((STEPS * scale)) "$@"
     local compared=()  # the peers' runs, on our run's curves and table
     if $adamw; then
         adamw_runs "$@"
         compared+=("${PREFIX}_adamw_$best" "${PREFIX}_adamw_$second")
     fi
     if $nanogpt; then
-        train "${PREFIX}_nanogpt" nanogpt --max_iters="$STEPS" --arch=nanogpt --optimizer=adamw --learning_rate=6e-4 \
+        train "${PREFIX}_nanogpt" nanogpt --max_iters="$STEPS" --gradient_accumulation_steps=$((accum * scale)) \
+            --warmup_iters=$((warmup / scale)) --arch=nanogpt --optimizer=adamw --learning_rate=6e-4 \
             --weight_decay=0.1 --min_lr_frac=0.1 $PLAIN "$@"
         compared+=("${PREFIX}_nanogpt")
     fi

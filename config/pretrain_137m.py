@@ -11,13 +11,15 @@ n_embd = 768  # residual width
 mlp_hidden = 3072  # SwiGLU hidden width: with three matrices this is 113M non-embedding parameters
 block_size = 4096  # full 4K context
 batch_size = 8  # 8 x 4096 = 32K tokens per micro-batch per GPU
-gradient_accumulation_steps = 16  # 16 x 32K = 512K tokens per step in total, whatever the GPU count
-max_iters = 5400  # 5400 x 512K = 2.83B tokens
-warmup_iters = 200  # ~0.1B tokens of warmup
-eval_interval = 250  # validation loss every ~130M tokens
+gradient_accumulation_steps = 8  # 8 x 32K = 256K tokens per step in total, on 1, 2, 4 or 8 GPUs. Smaller batches
+# won on the reference (128K beat 512K by 0.058 val loss at 225M tokens, PERF.md); a run 12x longer wants a larger
+# batch as its loss falls (modded-nanogpt: 393K at ~0.5B tokens), so half of 512K here, not measured at this length
+max_iters = 10800  # 10800 x 256K = 2.83B tokens
+warmup_iters = 400  # ~0.1B tokens of warmup
+eval_interval = 500  # validation loss every ~130M tokens
 eval_iters = 20  # 20 x 32K = 655K validation tokens per rank per evaluation
 log_interval = 10  # progress line every 10 steps
-ckpt_interval = 500  # a checkpoint every ~260M tokens
+ckpt_interval = 1000  # a checkpoint every ~260M tokens
 activation_checkpointing = False  # an 80 GB GPU fits batch_size=8 at 4K without it
 compile = "auto"  # torch.compile on CUDA (a large win there), not on a Mac or a CPU (backends.py)
 # The recipe (issue 37): what config/reference_137m.py measured on one H200; each key in docs/pretraining.md
@@ -31,7 +33,7 @@ zero_init = True  # attention and MLP output projections start at zero
 lr_schedule = "wsd"  # flat, then a linear decay
 cooldown_frac = 0.6  # the decay takes the last 60% of the steps
 muon_momentum_start = 0.85  # Muon's momentum 0.85 -> 0.95 over the first 300 steps (modded-nanogpt's count; the
-muon_momentum_warmup = 300  # reference run's 20 is the same share of its 440 steps as ~250 of these 5400)
+muon_momentum_warmup = 300  # reference run's 80 of its 1,720 steps would be ~500 of these 10,800)
 muon_weight_decay = 0.1  # keeps the matrices' norms from growing over a long run
 cautious_wd = True  # decay only where the update and the weight agree in sign (muon.py)
 data_order = "epoch"  # every token once a pass: at 2.8B draws over ~2.8B tokens random windows leave ~36% unread

@@ -1,6 +1,7 @@
-"""compare.sh's peers, with a stand-in `python` that logs each command (and answers the sweep's ranking): by default
-ours, AdamW's sweep and its two best rates, nanoGPT's GPT-2 and the two comparisons; PEERS=nanogpt ours and nanoGPT's
-only, compared; an unknown or empty PEERS is one error line before anything runs."""
+"""compare.sh's peers, with a stand-in `python` that logs each command (and answers the sweep's ranking; the config's
+batch is read by the real python): by default ours, AdamW's sweep and its two best rates, nanoGPT's GPT-2 and the two
+comparisons; PEERS=nanogpt ours and nanoGPT's only, compared, on equal tokens at their own batches; an unknown or
+empty PEERS, or a config whose batch does not divide nanoGPT's, is one error line before anything runs."""
 
 import os
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = - ] && [[ "$2" == *.py ]]; then exec python3 "$@"; fi  # the config's batch: the real python reads it
 echo "$*" >>"$FAKE_LOG"
 if [ "$1" = - ]; then echo "0.002 0.001"; fi  # the sweep's ranking: best, second, no rate to add
 """
@@ -50,7 +52,10 @@ def test_peers_nanogpt_runs_ours_and_nanogpts_only(tmp_path):
     proc, commands, p = compare(tmp_path, PEERS="nanogpt", STEPS="7")
     assert proc.returncode == 0, proc.stderr
     assert [out_dir(c) for c in commands] == [f"{p}_muon", f"{p}_nanogpt", f"{p}_muon"]
-    assert all("--max_iters=7" in c for c in commands[:2]) and "--arch=nanogpt" in commands[1]
+    # equal tokens: ours 28 steps of the config's 128K, nanoGPT 7 of 512K with the config's warmup in tokens (120 / 4)
+    assert "--max_iters=28" in commands[0] and "--gradient_accumulation_steps" not in commands[0]
+    nanogpt = "--max_iters=7 --gradient_accumulation_steps=16 --warmup_iters=30 --arch=nanogpt"
+    assert nanogpt in commands[1], commands[1]
     assert commands[2].startswith("eval.py") and f"--compare={p}_nanogpt --tasks=curves" in commands[2]
 
 
@@ -60,3 +65,12 @@ def test_an_unknown_or_empty_peer_is_one_error_line_and_nothing_runs(tmp_path):
         proc, commands, _ = compare(tmp_path / str(i), PEERS=peers)
         assert proc.returncode == 1 and not commands
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: PEERS"), proc.stderr
+
+
+def test_a_config_whose_batch_does_not_divide_nanogpts_is_one_error_line(tmp_path):
+    config = tmp_path / "odd.py"
+    config.write_text("batch_size = 3\nblock_size = 2048\ngradient_accumulation_steps = 5\nwarmup_iters = 10\n")
+    (tmp_path / "run").mkdir()
+    proc, commands, _ = compare(tmp_path / "run", CONFIG=str(config))
+    assert proc.returncode == 1 and not commands
+    assert proc.stderr.count("\n") == 1 and "30,720 tokens a step" in proc.stderr, proc.stderr
