@@ -179,9 +179,14 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None, pos=None, fused=None, mask=None, ve=None, v_first=None):
-        """The block's output and its attention's values (see CausalSelfAttention.forward)."""
+    def forward(
+        self, x, cos, sin, cache=None, pos=None, fused=None, mask=None, ve=None, v_first=None, x0=None, mix=None
+    ):
+        """The block's output and its attention's values (see CausalSelfAttention.forward). x0, mix: the x0
+        shortcut (GPT.blocks), mixed here so that a compiled block fuses it with the norm after it."""
         w_qkv, w_gate_up = fused or (None, None)  # this block's stacked weights from GPT.decode_weights
+        if x0 is not None:
+            x = mix[0] * x + mix[1] * x0  # mix: this block's (resid_lambda, x0_lambda)
         y, v = self.attn(self.ln_1(x), cos, sin, cache, pos, w_qkv, mask, ve, v_first)
         x = x + y
         return x + self.mlp(self.ln_2(x), w_gate_up), v
@@ -268,10 +273,10 @@ class GPT(nn.Module):
             x = F.rms_norm(x, (x.size(-1),), eps=self.config.norm_eps)
         x0, v_first = x, None
         for i, block in enumerate(self.transformer.h):
-            if self.config.x0_shortcut:
-                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             args = (x, cos, sin, cache, pos, fused[i] if fused else None, mask, ve, v_first)
+            if self.config.x0_shortcut:  # mixed inside the block (Block.forward)
+                args += (x0, (self.resid_lambdas[i], self.x0_lambdas[i]))
             if self.config.activation_checkpointing and self.training and cache is None:
                 x, v = checkpoint(block, *args, use_reentrant=False)
             else:
