@@ -48,8 +48,7 @@ adamw_runs() { # AdamW's sweep, widened while its best rate is at an edge, then 
     for _ in 1 2 3 4; do # a best rate at the edge of the sweep is not bracketed: extend it (three times at most)
         for lr in $lrs; do
             train "${PREFIX}_sweep_$lr" sweep --max_iters=$((SWEEP_STEPS * scale)) --warmup_iters=$((10 * scale)) \
-                --optimizer=adamw \
-                --learning_rate="$lr" "$@"
+                --optimizer=adamw --learning_rate="$lr" "$@"
             sweep+=("${PREFIX}_sweep_$lr")
         done
         read -r best second lrs < <(python - "${sweep[@]}" <<'PY'
@@ -95,7 +94,14 @@ main() { # read whole before it runs: editing this file during a run changes not
     local scale accum warmup
     read -r scale accum warmup < <(python - "$CONFIG" <<'PY'
 import runpy, sys
-c = runpy.run_path(sys.argv[1])
+try:
+    c = runpy.run_path(sys.argv[1])
+except OSError as e:
+    sys.exit(f"error: CONFIG={sys.argv[1]}: {e.strerror}; give a train.py config file")
+keys = "batch_size", "block_size", "gradient_accumulation_steps", "warmup_iters"
+missing = [k for k in keys if type(c.get(k)) is not int]  # batch_size="auto" too: the batch must be known here
+if missing:
+    sys.exit(f"error: CONFIG={sys.argv[1]} does not set {', '.join(missing)} (whole numbers): compare.sh scales them")
 step = c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
 if 524288 % step or c["warmup_iters"] % (524288 // step):
     sys.exit(f"error: {sys.argv[1]}: {step:,} tokens a step and {c['warmup_iters']} warmup steps must divide into "

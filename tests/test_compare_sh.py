@@ -67,10 +67,17 @@ def test_an_unknown_or_empty_peer_is_one_error_line_and_nothing_runs(tmp_path):
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: PEERS"), proc.stderr
 
 
-def test_a_config_whose_batch_does_not_divide_nanogpts_is_one_error_line(tmp_path):
+def test_a_config_whose_batch_does_not_divide_nanogpts_or_is_not_set_is_one_error_line(tmp_path):
     config = tmp_path / "odd.py"
     config.write_text("batch_size = 3\nblock_size = 2048\ngradient_accumulation_steps = 5\nwarmup_iters = 10\n")
     (tmp_path / "run").mkdir()
     proc, commands, _ = compare(tmp_path / "run", CONFIG=str(config))
     assert proc.returncode == 1 and not commands
     assert proc.stderr.count("\n") == 1 and "30,720 tokens a step" in proc.stderr, proc.stderr
+    config.write_text("batch_size = 4\n")  # the rest left to train.py's defaults: compare.sh cannot scale them
+    (tmp_path / "run2").mkdir()
+    proc, commands, _ = compare(tmp_path / "run2", CONFIG=str(config))
+    assert proc.returncode == 1 and not commands and proc.stderr.count("\n") == 1, proc.stderr
+    assert "does not set block_size, gradient_accumulation_steps, warmup_iters (whole numbers)" in proc.stderr, (
+        proc.stderr
+    )
