@@ -272,6 +272,8 @@ class GPT(nn.Module):
         if self.config.embed_norm:
             x = F.rms_norm(x, (x.size(-1),), eps=self.config.norm_eps)
         x0, v_first = x, None
+        if self.config.x0_shortcut:  # block 0 given one tensor twice (x and x0) would compile a graph of its own
+            x = x.clone()
         for i, block in enumerate(self.transformer.h):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             args = (x, cos, sin, cache, pos, fused[i] if fused else None, mask, ve, v_first)
