@@ -17,7 +17,8 @@ gradient_accumulation_steps = 4  # 128K tokens per step: at the same tokens, 4x 
 # loss (1.1043 against 1.1618) at the same tok/s (PERF.md, "Smaller batches")
 max_iters = 1720  # 1720 x 131,072 = 225M tokens, 2.3 passes: the recipe reads 17% fewer tokens a second than the
 # plain model (373K tok/s on an H200 against 450K), so 1,720 steps keep pretraining within 5% of 2026-12-02's time
-warmup_iters = 120  # 15.7M tokens of warmup, as 30 steps of 512K were
+warmup_iters = 0  # the peak rate from the first step, as modded-nanogpt and nanochat train: qk_norm and zero_init keep
+# the first steps stable (120 steps of warmup before 2026-12-04; PERF.md, "No learning-rate warmup")
 min_lr_frac = 0.05  # decay nearly to zero: the last steps of a short run count most
 eval_interval = 172  # validation loss every ~23M tokens (20 x 32K tokens, ~1 s), ten in the run
 eval_iters = 20  # 655K validation tokens per evaluation

@@ -49,7 +49,9 @@ def test_by_default_adamw_is_swept_and_both_peers_are_compared(tmp_path):
 
 
 def test_peers_nanogpt_runs_ours_and_nanogpts_only(tmp_path):
-    proc, commands, p = compare(tmp_path, PEERS="nanogpt", STEPS="7")
+    config = tmp_path / "warm.py"  # the reference's batch with a warmup (config/reference_137m.py has none)
+    config.write_text("batch_size = 16\nblock_size = 2048\ngradient_accumulation_steps = 4\nwarmup_iters = 120\n")
+    proc, commands, p = compare(tmp_path, PEERS="nanogpt", STEPS="7", CONFIG=str(config))
     assert proc.returncode == 0, proc.stderr
     assert [out_dir(c) for c in commands] == [f"{p}_muon", f"{p}_nanogpt", f"{p}_muon"]
     # equal tokens: ours 28 steps of the config's 128K, nanoGPT 7 of 512K with the config's warmup in tokens (120 / 4)
