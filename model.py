@@ -123,7 +123,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, pos=None, w_qkv=None, mask=None, ve=None, v_first=None):
         """Returns the output (B, T, C) and this layer's values (B, n_head, T, hd), for value_residual.
-        ve: this layer's value embeddings (B, T, C); v_first: layer 0's values at the same positions."""
+        ve: this layer's value embeddings (B, T, C); v_first: layer 0's values at the same positions and the weight
+        of this layer's own, (values, lambda)."""
         B, T, C = x.size()
         hd = C // self.n_head
         qkv = F.linear(x, w_qkv).split(C, dim=-1) if w_qkv is not None else (self.c_q(x), self.c_k(x), self.c_v(x))
@@ -132,7 +133,7 @@ class CausalSelfAttention(nn.Module):
             q, k = F.rms_norm(q, (hd,), eps=self.eps), F.rms_norm(k, (hd,), eps=self.eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if v_first is not None:
-            v = torch.lerp(v_first, v, self.v_lambda.to(v.dtype))  # lambda * v + (1 - lambda) * v_first
+            v = torch.lerp(v_first[0], v, v_first[1].to(v.dtype))  # lambda * v + (1 - lambda) * layer 0's values
         if ve is not None:  # gate in (0, 2) per head from the first channels of x (nanochat)
             gate = 2 * torch.sigmoid(F.linear(x[..., : self.ve_gate.size(1)], self.ve_gate))  # (B, T, n_head)
             v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve.view(B, T, self.n_head, hd).transpose(1, 2)).to(v.dtype)
@@ -206,6 +207,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix, counted and stored once
         self.loss_head = ChunkedCrossEntropy.apply  # compile_regions() replaces it by its compiled version
+        self.regions = False  # set by compile_regions()
         # Computed once; not in the state dict, so a checkpoint holds only learned weights.
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -240,9 +242,20 @@ class GPT(nn.Module):
         """torch.compile each block and the loss head apart, not the whole model (train.py compile_regions):
         Dynamo traces one block and all n_layer share its graph (as torchtitan compiles), so a cold start is
         shorter (57.8 s -> 19.8 s for 12 small layers on a 2-core CPU); fusions across blocks are given up."""
+        self.regions = True
         for block in self.transformer.h:
             block.compile(dynamic=False, backend=backend)
         self.loss_head = torch.compile(ChunkedCrossEntropy.apply, dynamic=False, backend=backend)
+
+    def no_value_residual(self, x):
+        """(values, lambda) that leave block 0's values as they are: torch.lerp(zeros, v, 1) is v exactly, and so are
+        the gradients through it. Under compile_regions, block 0 given them runs the graph of the blocks after it (one
+        block graph, not two: a shorter cold start) for two elementwise passes over its values."""
+        c, (B, T, _) = self.config, x.shape
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        zeros = torch.zeros(B, T, c.n_head, c.n_embd // c.n_head, dtype=dtype, device=x.device)
+        zeros.requires_grad_(torch.is_grad_enabled())  # as layer 0's values would
+        return zeros.transpose(1, 2), nn.Parameter(torch.ones(1, device=x.device))  # as v: (B, n_head, T, hd)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights are one parameter
@@ -276,7 +289,10 @@ class GPT(nn.Module):
             x = x.clone()
         for i, block in enumerate(self.transformer.h):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            args = (x, cos, sin, cache, pos, fused[i] if fused else None, mask, ve, v_first)
+            mixed = (v_first, block.attn.v_lambda) if i > 0 and v_first is not None else None
+            if i == 0 and self.config.value_residual and self.regions and cache is None:
+                mixed = self.no_value_residual(x)  # block 0 runs the later blocks' compiled graph
+            args = (x, cos, sin, cache, pos, fused[i] if fused else None, mask, ve, mixed)
             if self.config.x0_shortcut:  # mixed inside the block (Block.forward)
                 args += (x0, (self.resid_lambdas[i], self.x0_lambdas[i]))
             if self.config.activation_checkpointing and self.training and cache is None:
