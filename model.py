@@ -206,7 +206,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix, counted and stored once
-        self.loss_head = ChunkedCrossEntropy.apply  # compile_regions() replaces it by its compiled version
+        self.loss_head = ChunkedCrossEntropy.apply  # compile_regions() gives it a compiled chunk
         self.regions = False  # set by compile_regions()
         # Computed once; not in the state dict, so a checkpoint holds only learned weights.
         cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
@@ -245,7 +245,12 @@ class GPT(nn.Module):
         self.regions = True
         for block in self.transformer.h:
             block.compile(dynamic=False, backend=backend)
-        self.loss_head = torch.compile(ChunkedCrossEntropy.apply, dynamic=False, backend=backend)
+        # one chunk of the loss compiled and run for each chunk, not the loop unrolled into one graph (16 chunks of a
+        # 32K-token batch: that graph took 2.9x as long to compile on a 2-core CPU, PERF.md)
+        chunk = torch.compile(ce_chunk, dynamic=False, backend=backend)
+        self.loss_head = lambda x, w, targets, need_grad, cap: ChunkedCrossEntropy.apply(
+            x, w, targets, need_grad, cap, chunk
+        )
 
     def no_value_residual(self, x):
         """(values, lambda) that leave block 0's values as they are: torch.lerp(zeros, v, 1) is v exactly, and so are
@@ -490,7 +495,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, need_grad, cap=0.0):
+    def forward(ctx, x, weight, targets, need_grad, cap=0.0, chunk=None):
+        """chunk: what computes each chunk (ce_chunk, or its compiled graph: GPT.compile_regions)."""
         # the matmuls run in the autocast precision (bf16 on CUDA): cast once here, not once per chunk
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs, w = x.to(dtype), weight.to(dtype)
@@ -501,30 +507,40 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         cols = torch.arange(weight.size(0), device=x.device)  # (V,)
         for i in range(0, x.size(0), CE_CHUNK):
             xc, tc = xs[i : i + CE_CHUNK], targets[i : i + CE_CHUNK]
-            logits = xc @ w.t()  # (n, V) in the compute dtype; the reductions below run in fp32
-            if cap:  # logit_softcap, in fp32
-                logits = softcap(logits.float(), cap)
-            lse = logits.float().logsumexp(dim=-1, keepdim=True)  # (n, 1)
-            valid = (tc >= 0).unsqueeze(1)  # (n, 1)
-            target_logit = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).float()  # (n, 1)
-            loss += ((lse - target_logit) * valid).sum()
+            part, gx, grad_w = (chunk or ce_chunk)(xc, w, tc, cols, n_valid, cap, grad_w)
+            loss += part
             if need_grad:
-                # d loss / d logits = (softmax - onehot) / n_valid: one expression, which Inductor fuses into a
-                # single pass from the logits to g, so no (n, V) fp32 tensor is ever stored when compiled
-                onehot = cols == tc.unsqueeze(1)  # (n, V); a target of -1 matches no column
-                g = ((logits.float() - lse).exp() - onehot.float()) * (valid / n_valid)
-                if cap:  # through the cap: d(cap * tanh(z / cap)) / dz = 1 - tanh(z / cap)^2
-                    g = g * (1 - (logits / cap).square())
-                g = g.to(dtype)
-                grad_x[i : i + CE_CHUNK] = g @ w
-                grad_w += (g.t() @ xc).float()
+                grad_x[i : i + CE_CHUNK] = gx
         ctx.save_for_backward(grad_x, grad_w)
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None, None
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None, None, None
+
+
+def ce_chunk(xc, w, tc, cols, n_valid, cap, grad_w=None):
+    """One chunk of ChunkedCrossEntropy: the summed loss of its rows xc (n, C) against tc (n,) and, given the weight's
+    gradient so far grad_w (V, C, fp32), the gradients of the mean over n_valid targets: of xc, and grad_w with this
+    chunk's added (None, None without)."""
+    logits = xc @ w.t()  # (n, V) in the compute dtype; the reductions below run in fp32
+    if cap:  # logit_softcap, in fp32
+        logits = softcap(logits.float(), cap)
+    lse = logits.float().logsumexp(dim=-1, keepdim=True)  # (n, 1)
+    valid = (tc >= 0).unsqueeze(1)  # (n, 1)
+    target_logit = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).float()  # (n, 1)
+    loss = ((lse - target_logit) * valid).sum()
+    if grad_w is None:
+        return loss, None, None
+    # d loss / d logits = (softmax - onehot) / n_valid: one expression, which Inductor fuses into a single pass from
+    # the logits to g, so no (n, V) fp32 tensor is ever stored when compiled
+    onehot = cols == tc.unsqueeze(1)  # (n, V); a target of -1 matches no column
+    g = ((logits.float() - lse).exp() - onehot.float()) * (valid / n_valid)
+    if cap:  # through the cap: d(cap * tanh(z / cap)) / dz = 1 - tanh(z / cap)^2
+        g = g * (1 - (logits / cap).square())
+    g = g.to(xc.dtype)
+    return loss, g @ w, grad_w + (g.t() @ xc).float()
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):

@@ -197,18 +197,20 @@ def test_activation_checkpointing_gives_same_gradients(config):
     ],
     ids=["plain", "x0", "reference", "recipe"],
 )
-def test_compile_regions_compiles_one_block_for_all_and_keeps_the_numbers(config, graphs):
+def test_compile_regions_compiles_one_block_for_all_and_keeps_the_numbers(monkeypatch, config, graphs):
     """GPT.compile_regions (train.py compile_regions=true): the same loss and gradients as eager, one graph for
     all three blocks plus one for the loss head, no graph breaks, and the state dict's names unchanged. Dynamo's
     capture is what is tested (backend aot_eager: forward and backward graphs, no Inductor code generation, which
     takes ~25 s on this CPU and is torch's to test). The x0 shortcut, mixed inside each block, keeps one graph for
     all (block 0 gets a copy of x0, not x0 twice); so does the value residual (block 0 mixes zeros at weight 1:
     GPT.no_value_residual), and so the reference config's keys compile one block graph. With value embeddings (on
-    layers 1 and 3) the blocks differ: two block graphs, a longer cold start."""
+    layers 1 and 3) the blocks differ: two block graphs, a longer cold start. The loss's four chunks share one graph
+    (the loop is not unrolled into it)."""
     import copy
 
     import torch._dynamo.utils as dynamo_utils
 
+    monkeypatch.setattr(model_module, "CE_CHUNK", 16)  # 64 rows: four chunks
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     eager = make_model(config)
