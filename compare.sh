@@ -13,11 +13,11 @@
 # 4. ours with AdamW as long as ours with Muon at the sweep's two best rates -> ${PREFIX}_adamw_<rate>: a short sweep
 #    can rank two close rates the other way round from a whole run (measured: 2.5e-4 won at 60 steps, 5e-4 at 160)
 # 5. nanoGPT's GPT-2 (peer.py) as nanoGPT trains it: AdamW 6e-4, weight decay 0.1, decay to a tenth, 512K tokens a
-#    step (the config's warmup in tokens) -> ${PREFIX}_nanogpt
+#    step, a warmup of NANOGPT_WARMUP steps -> ${PREFIX}_nanogpt
 # 6. eval.py --compare: loss against tokens and wall time on one figure, and the table of tokens and wall time each
 #    run took to reach the others' final validation loss -> ${PREFIX}_muon/report.md, curves.png
 # Every run has the same data order, tokens, schedule shape and validation windows; only model and optimizer differ,
-# and nanoGPT's batch (ours: the config's; Muon and AdamW at the same batch, 2026-11-23: 512K for all). Each
+# and nanoGPT's batch and warmup (ours: the config's; Muon and AdamW at the same batch, 2026-11-23: 512K for all). Each
 # of the three compared runs compiles into its own empty Inductor cache, so none starts with another's compiled code
 # (wall time counts from the start of training, compilation included). Arguments go to every train.py.
 set -euo pipefail
@@ -26,6 +26,9 @@ PREFIX=${PREFIX:-out/cmp}                  # run folders: ${PREFIX}_muon, _nanog
 STEPS=${STEPS:-160}                        # 160 x 524,288 = 84M tokens: 0.72 passes over the corpus
 SWEEP_STEPS=${SWEEP_STEPS:-60}             # 31M tokens per sweep run
 SWEEP_LRS=${SWEEP_LRS:-"0.001 0.002 0.004"}
+# nanoGPT's warmup, in its steps of 512K: its own, not ours (none since 2026-12-04), which it does worse with (one H200,
+# 160 steps: final val loss 4.0928 with 30 steps of warmup, 4.5283 with none; docs/reference.md)
+NANOGPT_WARMUP=${NANOGPT_WARMUP:-30}
 CONFIG=${CONFIG:-config/reference_137m.py}
 PEERS=${PEERS:-"adamw nanogpt"}            # which peers run beside ours: adamw (its sweep, then its two best), nanogpt
 # nanoGPT's GPT-2 has none of the recipe's model keys, and nanoGPT's cosine schedule without cautious decay: the
@@ -91,22 +94,22 @@ main() { # read whole before it runs: editing this file during a run changes not
         exit 1
     fi
     # the config's batch against nanoGPT's 512K tokens a step: ours run `scale` steps for each of nanoGPT's
-    local scale accum warmup
-    read -r scale accum warmup < <(python - "$CONFIG" <<'PY'
+    local scale accum
+    read -r scale accum < <(python - "$CONFIG" <<'PY'
 import runpy, sys
 try:
     c = runpy.run_path(sys.argv[1])
 except OSError as e:
     sys.exit(f"error: CONFIG={sys.argv[1]}: {e.strerror}; give a train.py config file")
-keys = "batch_size", "block_size", "gradient_accumulation_steps", "warmup_iters"
+keys = "batch_size", "block_size", "gradient_accumulation_steps"
 missing = [k for k in keys if type(c.get(k)) is not int]  # batch_size="auto" too: the batch must be known here
 if missing:
     sys.exit(f"error: CONFIG={sys.argv[1]} does not set {', '.join(missing)} (whole numbers): compare.sh scales them")
 step = c["batch_size"] * c["block_size"] * c["gradient_accumulation_steps"]
-if 524288 % step or c["warmup_iters"] % (524288 // step):
-    sys.exit(f"error: {sys.argv[1]}: {step:,} tokens a step and {c['warmup_iters']} warmup steps must divide into "
-             "nanoGPT's 524,288 tokens a step; set gradient_accumulation_steps and warmup_iters to fit")
-print(524288 // step, c["gradient_accumulation_steps"], c["warmup_iters"])
+if 524288 % step:
+    sys.exit(f"error: {sys.argv[1]}: {step:,} tokens a step must divide into nanoGPT's 524,288 tokens a step; set "
+             "gradient_accumulation_steps to fit")
+print(524288 // step, c["gradient_accumulation_steps"])
 PY
     ) || exit 1
     if [ ! -f "$DATA/manifest.json" ]; then
@@ -120,7 +123,7 @@ PY
     fi
     if $nanogpt; then
         train "${PREFIX}_nanogpt" nanogpt --max_iters="$STEPS" --gradient_accumulation_steps=$((accum * scale)) \
-            --warmup_iters=$((warmup / scale)) --arch=nanogpt --optimizer=adamw --learning_rate=6e-4 \
+            --warmup_iters="$NANOGPT_WARMUP" --arch=nanogpt --optimizer=adamw --learning_rate=6e-4 \
             --weight_decay=0.1 --min_lr_frac=0.1 $PLAIN "$@"
         compared+=("${PREFIX}_nanogpt")
     fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The reference run: the whole pipeline at the reference size on one CUDA GPU, ending in a report card.
 #
-#     bash reference.sh                                    # one H200: 1,202 s in all (2026-12-03)
+#     bash reference.sh                                    # one H200: 1,116 s in all (2026-12-04)
 #     bash reference.sh                                    # after a stop: finished stages are skipped, training resumes
 #     RUN=out/ref_adamw STAGES=pretrain bash reference.sh --optimizer=adamw --learning_rate=0.002   # a variant
 #     RUN=out/ref_unfiltered DATA=data/python32k_unfiltered PREPARE="--quality=off --near_dup=0" STAGES=pretrain \

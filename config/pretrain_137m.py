@@ -15,7 +15,7 @@ gradient_accumulation_steps = 8  # 8 x 32K = 256K tokens per step in total, on 1
 # won on the reference (128K beat 512K by 0.058 val loss at 225M tokens, PERF.md); a run 12x longer wants a larger
 # batch as its loss falls (modded-nanogpt: 393K at ~0.5B tokens), so half of 512K here, not measured at this length
 max_iters = 10800  # 10800 x 256K = 2.83B tokens
-warmup_iters = 400  # ~0.1B tokens of warmup
+warmup_iters = 0  # none, as the reference (no warmup beat 120 steps there: PERF.md); not measured at this length
 eval_interval = 500  # validation loss every ~130M tokens
 eval_iters = 20  # 20 x 32K = 655K validation tokens per rank per evaluation
 log_interval = 10  # progress line every 10 steps

@@ -1,9 +1,9 @@
 # The reference run (reference.sh): the 137.8M model on every .py file of this machine's Python (standard library
 # and site-packages, `prepare.py --corpus=python`), trained with the speedrun recipe of issue 37 (below) at 128K
-# tokens a step: 1,720 steps, 628 s of training on one H200 at 373K tok/s, val loss 1.1043, held-out bits per byte
-# 0.6019, HumanEval pass@10 3.50% (2026-12-04, docs/runs/2026-12-04-gpu5; at 512K a step, 440 steps: 643 s, 1.1618,
-# 0.6260, 2.36%; without the recipe, 2026-12-02: 480 steps, 654 s, 1.2974, 0.7006). A run with the recipe's model
-# keys on cannot be exported (docs/export.md).
+# tokens a step: 1,720 steps, 591 s of training on one H200 at ~400K tok/s, val loss 1.1027, held-out bits per byte
+# 0.5998, HumanEval pass@10 3.84% (2026-12-04, reference.sh at 0d057d9, docs/runs/2026-12-04-gpu6; at 512K a step,
+# 440 steps: 643 s, 1.1618, 0.6260, 2.36%; without the recipe, 2026-12-02: 480 steps, 654 s, 1.2974, 0.7006). A run
+# with the recipe's model keys on cannot be exported (docs/export.md).
 out_dir = "out/ref"  # then out/ref_sft and out/ref_dpo
 data_dir = "data/python32k"  # made by: python prepare.py --corpus=python --vocab_size=32000 --data_dir=data/python32k
 vocab_size = 32000  # the shards' vocabulary (checked at start)
@@ -15,10 +15,10 @@ block_size = 2048  # HumanEval prompt + 512-token completion fits; trains ~7% fa
 batch_size = 16  # 16 x 2048 = 32K tokens per micro-batch
 gradient_accumulation_steps = 4  # 128K tokens per step: at the same tokens, 4x the steps of 512K beat it by 0.058 val
 # loss (1.1043 against 1.1618) at the same tok/s (PERF.md, "Smaller batches")
-max_iters = 1720  # 1720 x 131,072 = 225M tokens, 2.3 passes: the recipe reads 17% fewer tokens a second than the
-# plain model (373K tok/s on an H200 against 450K), so 1,720 steps keep pretraining within 5% of 2026-12-02's time
+max_iters = 1720  # 1720 x 131,072 = 225M tokens, 2.3 passes: the recipe reads fewer tokens a second than the plain
+# model (~400K tok/s on an H200 against 450K), so 1,720 steps keep pretraining within 2026-12-02's time
 warmup_iters = 0  # the peak rate from the first step, as modded-nanogpt and nanochat train: qk_norm and zero_init keep
-# the first steps stable (120 steps of warmup before 2026-12-04; PERF.md, "No learning-rate warmup")
+# the first steps stable (with 120 steps of warmup: val loss 1.1043, pass@10 3.50%; PERF.md, "No learning-rate warmup")
 min_lr_frac = 0.05  # decay nearly to zero: the last steps of a short run count most
 eval_interval = 172  # validation loss every ~23M tokens (20 x 32K tokens, ~1 s), ten in the run
 eval_iters = 20  # 655K validation tokens per evaluation
