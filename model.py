@@ -121,10 +121,10 @@ class CausalSelfAttention(nn.Module):
         if config.value_residual and layer_idx > 0:
             self.v_lambda = nn.Parameter(torch.full((1,), 0.5))
 
-    def forward(self, x, cos, sin, cache=None, pos=None, w_qkv=None, mask=None, ve=None, v_first=None):
+    def forward(self, x, cos, sin, cache=None, pos=None, w_qkv=None, mask=None, ve=None, v_mix=None):
         """Returns the output (B, T, C) and this layer's values (B, n_head, T, hd), for value_residual.
-        ve: this layer's value embeddings (B, T, C); v_first: layer 0's values at the same positions and the weight
-        of this layer's own, (values, lambda)."""
+        ve: this layer's value embeddings (B, T, C); v_mix: (layer 0's values at the same positions, the weight of
+        this layer's own)."""
         B, T, C = x.size()
         hd = C // self.n_head
         qkv = F.linear(x, w_qkv).split(C, dim=-1) if w_qkv is not None else (self.c_q(x), self.c_k(x), self.c_v(x))
@@ -132,8 +132,8 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:  # no gain: RoPE is a rotation, so the order is moot here; Qwen3's order for export
             q, k = F.rms_norm(q, (hd,), eps=self.eps), F.rms_norm(k, (hd,), eps=self.eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if v_first is not None:
-            v = torch.lerp(v_first[0], v, v_first[1].to(v.dtype))  # lambda * v + (1 - lambda) * layer 0's values
+        if v_mix is not None:
+            v = torch.lerp(v_mix[0], v, v_mix[1].to(v.dtype))  # lambda * v + (1 - lambda) * layer 0's values
         if ve is not None:  # gate in (0, 2) per head from the first channels of x (nanochat)
             gate = 2 * torch.sigmoid(F.linear(x[..., : self.ve_gate.size(1)], self.ve_gate))  # (B, T, n_head)
             v = v + (gate.transpose(1, 2).unsqueeze(-1) * ve.view(B, T, self.n_head, hd).transpose(1, 2)).to(v.dtype)
@@ -180,15 +180,13 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x, cos, sin, cache=None, pos=None, fused=None, mask=None, ve=None, v_first=None, x0=None, mix=None
-    ):
+    def forward(self, x, cos, sin, cache=None, pos=None, fused=None, mask=None, ve=None, v_mix=None, x0=None, mix=None):
         """The block's output and its attention's values (see CausalSelfAttention.forward). x0, mix: the x0
         shortcut (GPT.blocks), mixed here so that a compiled block fuses it with the norm after it."""
         w_qkv, w_gate_up = fused or (None, None)  # this block's stacked weights from GPT.decode_weights
         if x0 is not None:
             x = mix[0] * x + mix[1] * x0  # mix: this block's (resid_lambda, x0_lambda)
-        y, v = self.attn(self.ln_1(x), cos, sin, cache, pos, w_qkv, mask, ve, v_first)
+        y, v = self.attn(self.ln_1(x), cos, sin, cache, pos, w_qkv, mask, ve, v_mix)
         x = x + y
         return x + self.mlp(self.ln_2(x), w_gate_up), v
 
@@ -294,10 +292,10 @@ class GPT(nn.Module):
             x = x.clone()
         for i, block in enumerate(self.transformer.h):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            mixed = (v_first, block.attn.v_lambda) if i > 0 and v_first is not None else None
+            v_mix = (v_first, block.attn.v_lambda) if i > 0 and v_first is not None else None
             if i == 0 and self.config.value_residual and self.regions and cache is None:
-                mixed = self.no_value_residual(x)  # block 0 runs the later blocks' compiled graph
-            args = (x, cos, sin, cache, pos, fused[i] if fused else None, mask, ve, mixed)
+                v_mix = self.no_value_residual(x)  # block 0 runs the later blocks' compiled graph
+            args = (x, cos, sin, cache, pos, fused[i] if fused else None, mask, ve, v_mix)
             if self.config.x0_shortcut:  # mixed inside the block (Block.forward)
                 args += (x0, (self.resid_lambdas[i], self.x0_lambdas[i]))
             if self.config.activation_checkpointing and self.training and cache is None:
