@@ -172,9 +172,11 @@ def doctest_verdict(real, answer, name, doc, timeout, memory_mb):
     return "both pass" if passes_doctests(code_block(answer), name, doc, timeout, memory_mb) else "answer fails"
 
 
-def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn):
+def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged="own"):
     """sampled_code_pairs' pairs from its judged answers: (pairs, counts). By place j in code: answers[j] the greedy
-    answer, verdicts[j] its doctest_verdict, drawn[j] the other answers with whether they pass."""
+    answer, verdicts[j] its doctest_verdict, drawn[j] the other answers with whether they pass. unjudged="written":
+    a request whose real function fails its own examples keeps its written pair (no verdict, no own answer rejected)."""
+    written = pairs
     pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
     counts["own"] = 0
     for j, i in enumerate(code):
@@ -187,6 +189,8 @@ def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn):
             verdict = verdicts[j]
             if verdict == "broken":
                 counts["example_broken"] += 1  # examples that need more than the function (or are out of date)
+                if unjudged == "written":
+                    pairs[i] = written[i]
             elif verdict == "both pass":
                 counts["both_pass"], pairs[i] = counts["both_pass"] + 1, None
         if j in drawn and verdicts.get(j) != "broken":  # the greedy answer passes where its pair was dropped
@@ -199,8 +203,9 @@ def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn):
 
 
 def sampled_code_pairs(
-    run, conversations, pairs, max_new=512, batch_size=128, timeout=10.0, memory_mb=2048, samples=1, temperature=0.8
-):
+    run, conversations, pairs, max_new=512, batch_size=128, timeout=10.0, memory_mb=2048, samples=1, temperature=0.8,
+    unjudged="own",
+):  # fmt: skip
     """prepare.py --mode=dpo --sample_from=RUN: the coding requests' pairs remade on-policy. The SFT run answers each
     request greedily; the real function is chosen and the run's own answer rejected, except where the docstring has
     examples: then both run in the sandbox against them, and a pair is kept only when the real function passes and
@@ -209,9 +214,11 @@ def sampled_code_pairs(
     samples > 1 (--sample_n): each request with examples is also answered samples - 1 times at temperature (top-p
     0.95, as eval.py's pass@k), each answer judged by the examples; where the run's answers both pass and fail, the
     pair is all its own: a passing answer chosen, a failing one rejected (a real function failing its examples keeps
-    its plain pair). Returns (pairs, a summary of the judging)."""
+    its plain pair). unjudged="written" (--sample_unjudged): only answers with a verdict are rejected; a request
+    without examples, or whose real function fails them, keeps its written pair and is not answered at all.
+    Returns (pairs, a summary of the judging)."""
     model, tok, _, _ = load_run(run, "best", runtime.setup_device(), "--sample_from")
-    code = [i for i, c in enumerate(conversations) if "function" in c[0]]
+    code = [i for i, c in enumerate(conversations) if "function" in c[0] and (unjudged == "own" or c[0].get("doc"))]
     prompts = [render_prompt(tok, conversations[i][:1]) for i in code]
     answers, verdicts = {}, {}  # by place in code: the decoded answer, and its doctest verdict (a future until the end)
     pool = ThreadPoolExecutor(max_workers=runtime.cores())
@@ -243,9 +250,11 @@ def sampled_code_pairs(
         drawn = {j: [(a, future.result()) for _, (a, future) in sorted(d.items())] for j, d in drawn.items()}
     finally:  # an error or a Ctrl-C leaves no queued program for the interpreter to run before it exits
         pool.shutdown(cancel_futures=True)
-    pairs, counts = verdict_pairs(conversations, code, pairs, answers, verdicts, drawn)
+    pairs, counts = verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged)
+    which = " to requests with examples" if unjudged == "written" else ""
     summary = (
-        f"{counts['sampled']:,} answers of {run} rejected, {counts['same']:,} equal to the real function dropped; "
+        f"{counts['sampled']:,} answers of {run}{which} rejected, {counts['same']:,} equal to the real function "
+        f"dropped; "
         f"{counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "
         f"{counts['example_broken']:,} whose real function fails its own examples kept as plain pairs)"
     )

@@ -83,6 +83,7 @@ code_scope: one_of("self_contained", "all") = "self_contained"  # coding task's 
 sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose answers are the rejected ones (GPU)
 sample_batch: at_least(1) = 128  # --sample_from: answers decoded at once (reference.sh: 512, as eval.py's gen_batch)
 sample_n: between(1, 64) = 1  # --sample_from: answers to each request with examples; > 1: passing against failing
+sample_unjudged: one_of("own", "written") = "own"  # --sample_from, a request with no doctest verdict: written: its pair
 # filters of the training split (quality.py); validation documents are kept as they are, so that runs made with and
 # without them are scored on the same held-out set, and enter the near-duplicate index first (their near-copies leave
 # training). auto: on for the local Python corpus, where the reference run measured them (docs/data.md), off for
@@ -114,6 +115,7 @@ SETTINGS = [
     and (mode != "pretrain" or k not in CHAT_KEYS)
     and (filtering or k not in FILTER_KEYS)
     and (k != "sample_n" or sample_n > 1)  # recorded when it changes the pairs: folders made before it still resume
+    and (k != "sample_unjudged" or sample_unjudged != "own")
 ]
 rules = select_rules(quality if mode == "pretrain" else "off", quality_skip, not local)
 
@@ -388,8 +390,9 @@ def build_chat_data():
                 import generation  # the model and the sandbox: only this option needs them
 
                 pairs, how = generation.sampled_code_pairs(
-                    sample_from, conversations, pairs, batch_size=sample_batch, samples=sample_n
-                )
+                    sample_from, conversations, pairs, batch_size=sample_batch, samples=sample_n,
+                    unjudged=sample_unjudged,
+                )  # fmt: skip
                 source += f" | coding pairs: {how}"
             data, counts, note = chat.render_dpo(tok, pairs, block_size, split_of)
     except chat.ConversationError as e:

@@ -39,6 +39,7 @@ esac
 STAGES=${STAGES:-all}  # all, or pretrain (prepare, pretrain and evaluate only)
 PREPARE=${PREPARE:-}  # prepare.py keys added to the corpus's command (filters)
 SFT_ARGS=${SFT_ARGS:-} DPO_ARGS=${DPO_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}  # keys added to sft.py's, dpo.py's, eval.py's
+PAIRS_ARGS=${PAIRS_ARGS:-}  # prepare.py keys added to DPO_PAIRS=sampled's pairs (e.g. --sample_n=8)
 SFT_DATA=${SFT_DATA:-data/sft_$CHAT_DATA}
 # DPO's pairs: written (the other function's text rejected), prepared beside pretraining; or sampled: the coding pairs
 # remade from the SFT run's own answers, judged by their doctests in the sandbox (prepare.py --sample_from), after SFT.
@@ -136,7 +137,7 @@ main() { # read whole before it runs: editing this file during a run changes not
         beside "eval ref_sft" evaluate "${RUN}_sft"
         if [ "$DPO_PAIRS" = sampled ]; then  # the SFT run answers every coding request (GPU) beside its evaluation
             stage "prepare dpo" "${chat[@]}" --mode=dpo --data_dir=$DPO_DATA --sample_from="${RUN}_sft" \
-                --sample_batch=$SAMPLE_BATCH
+                --sample_batch=$SAMPLE_BATCH $PAIRS_ARGS
         fi
         join "prepare dpo"
         if has_checkpoint "$DPO_RUN"; then init=--init_from=resume; else init=--init_from=${RUN}_sft; fi

@@ -155,11 +155,13 @@ def test_on_policy_pairs_are_judged_by_doctests_while_the_next_batch_is_written(
     assert "1 passing answers dropped" in summary and "1 whose real function fails" in summary
 
 
-def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_run, monkeypatch):
+@pytest.mark.parametrize("unjudged", ["own", "written"])
+def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_run, monkeypatch, unjudged):
     """--sample_n=3: each request with examples is answered twice more at T=0.8 and every answer judged; where the
     run's answers both pass and fail, a passing one is chosen over a failing one (its greedy answer among them);
     where none passes, the plain pair stays; where all pass, none; a real function failing its examples keeps its
-    plain pair, and a request without examples is asked once."""
+    plain pair, and a request without examples is asked once. --sample_unjudged=written: those last two keep their
+    written pair, and the request without examples is not asked."""
     sft, _ = sft_run
     tok = load_tokenizer(sft / "tokenizer.model")
     hyp_q, real, stem_q, right, wrong, broken = hypot2_answers()
@@ -178,14 +180,21 @@ def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_ru
         return [(tok.encode(drawn[k].pop(0) if temperature else greedy[k]), True) for k in ks]
 
     monkeypatch.setattr(generation, "generate_batch", answering)
-    judged, summary = generation.sampled_code_pairs(sft, conversations, pairs, max_new=8, batch_size=4, samples=3)
-    assert temperatures == [0.0] * 6 + [0.8] * 10  # 5 requests with examples, twice more each
+    judged, summary = generation.sampled_code_pairs(
+        sft, conversations, pairs, max_new=8, batch_size=4, samples=3, unjudged=unjudged
+    )
+    written = unjudged == "written"
+    assert temperatures == [0.0] * (6 - written) + [0.8] * 10  # 5 requests with examples, twice more each
     assert (judged[0]["chosen"], judged[0]["rejected"]) == (right, wrong)  # greedy fails, a sample passes
     assert (judged[1]["chosen"], judged[1]["rejected"]) == (right, wrong2)  # greedy passes, a sample fails
     assert (judged[2]["chosen"], judged[2]["rejected"]) == (real["content"], wrong)  # none passes: the plain pair
     assert judged[3] is None  # all pass
-    assert (judged[4]["chosen"], judged[4]["rejected"]) == (real["content"], wrong)  # broken examples: plain pair
-    assert judged[5]["rejected"] == greedy[5] and judged[5]["chosen"] == real["content"]
+    if written:  # no verdict: the written pairs, as prepare.py made them without --sample_from
+        assert judged[4] == pairs[4] and judged[5] == pairs[5]
+        assert "5 answers of " + str(sft) + " to requests with examples" in summary
+    else:
+        assert (judged[4]["chosen"], judged[4]["rejected"]) == (real["content"], wrong)  # broken examples: plain pair
+        assert judged[5]["rejected"] == greedy[5] and judged[5]["chosen"] == real["content"]
     assert "10 more answers drawn at T=0.8: 2 pairs of the run's own answers" in summary
 
 

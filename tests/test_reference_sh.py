@@ -99,13 +99,14 @@ def test_on_a_gpu_pretrainings_compile_is_warmed_beside_the_corpus_and_a_failure
 def test_sampled_dpo_pairs_are_made_from_the_sft_run_after_it(tmp_path):
     """DPO_PAIRS=sampled: DPO's data is prepared after SFT, from the SFT run's answers (--sample_from), beside the SFT
     model's evaluation, into its own folder, which dpo.py reads, and DPO runs into its own run and card folders; a
-    value it does not know is one error line."""
-    proc, t = reference(tmp_path, DPO_PAIRS="sampled")
+    value it does not know is one error line. PAIRS_ARGS: keys added to its prepare.py."""
+    proc, t = reference(tmp_path, DPO_PAIRS="sampled", PAIRS_ARGS="--sample_n=8 --sample_unjudged=written")
     assert proc.returncode == 0, proc.stderr
     start, end = (lambda name: t[name][0]), (lambda name: t[name][1])
     assert end("sft") <= start("prepare dpo") and end("prepare dpo") <= start("dpo")
     assert start("prepare dpo") < end("eval ref_sft")  # the GPU's two jobs side by side
     assert "--sample_from=RUN_sft" in reference.commands["prepare dpo"]
+    assert reference.commands["prepare dpo"].endswith(" --sample_n=8 --sample_unjudged=written")  # PAIRS_ARGS, last
     assert "--data_dir=data/dpo_python32k_sampled" in reference.commands["prepare dpo"]
     assert "--data_dir=data/dpo_python32k_sampled" in reference.commands["dpo"]
     assert "--out_dir=RUN_dpo_sampled" in reference.commands["dpo"] and "eval ref_dpo_sampled" in t
