@@ -247,7 +247,7 @@ class GPT(nn.Module):
         # 32K-token batch: that graph took 2.9x as long to compile on a 2-core CPU, PERF.md)
         chunk = torch.compile(ce_chunk, dynamic=False, backend=backend)
         self.loss_head = lambda x, w, targets, need_grad, cap: ChunkedCrossEntropy.apply(
-            x, w, targets, need_grad, cap, chunk
+            x, w, targets, need_grad, cap, chunk, CE_CHUNK_COMPILED
         )
 
     def no_value_residual(self, x):
@@ -470,6 +470,9 @@ def compiled(fn):
 
 # ----------------------------------------------------------------------------- loss
 CE_CHUNK = 2048  # rows of logits alive at once: 2048 x 32000 bf16 = 125 MiB, instead of 2 GiB for 32K tokens
+# compile_regions' chunks: fused, they store no fp32 logits, and each call of the chunk's graph costs host time: 4 calls
+# per 32K-token micro-batch, not 16, gave +1.8% tokens/s on an H200 (382K -> 389K, 0.74 GiB more memory; PERF.md)
+CE_CHUNK_COMPILED = 8192
 
 
 def softcap(logits, cap):
@@ -493,8 +496,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, need_grad, cap=0.0, chunk=None):
-        """chunk: what computes each chunk (ce_chunk, or its compiled graph: GPT.compile_regions)."""
+    def forward(ctx, x, weight, targets, need_grad, cap=0.0, chunk=None, rows=None):
+        """chunk: what computes each chunk of `rows` rows (ce_chunk and CE_CHUNK, or the compiled graph of ce_chunk
+        and CE_CHUNK_COMPILED: GPT.compile_regions)."""
+        rows = rows or CE_CHUNK
         # the matmuls run in the autocast precision (bf16 on CUDA): cast once here, not once per chunk
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         xs, w = x.to(dtype), weight.to(dtype)
@@ -503,19 +508,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         cols = torch.arange(weight.size(0), device=x.device)  # (V,)
-        for i in range(0, x.size(0), CE_CHUNK):
-            xc, tc = xs[i : i + CE_CHUNK], targets[i : i + CE_CHUNK]
+        for i in range(0, x.size(0), rows):
+            xc, tc = xs[i : i + rows], targets[i : i + rows]
             part, gx, grad_w = (chunk or ce_chunk)(xc, w, tc, cols, n_valid, cap, grad_w)
             loss += part
             if need_grad:
-                grad_x[i : i + CE_CHUNK] = gx
+                grad_x[i : i + rows] = gx
         ctx.save_for_backward(grad_x, grad_w)
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None, None, None
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss, None, None, None, None, None
 
 
 def ce_chunk(xc, w, tc, cols, n_valid, cap, grad_w=None):

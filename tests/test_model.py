@@ -210,7 +210,7 @@ def test_compile_regions_compiles_one_block_for_all_and_keeps_the_numbers(monkey
 
     import torch._dynamo.utils as dynamo_utils
 
-    monkeypatch.setattr(model_module, "CE_CHUNK", 16)  # 64 rows: four chunks
+    monkeypatch.setattr(model_module, "CE_CHUNK_COMPILED", 16)  # 64 rows: four chunks
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     eager = make_model(config)
