@@ -172,10 +172,11 @@ def doctest_verdict(real, answer, name, doc, timeout, memory_mb):
     return "both pass" if passes_doctests(code_block(answer), name, doc, timeout, memory_mb) else "answer fails"
 
 
-def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged="own"):
+def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged="own", own_only=False):
     """sampled_code_pairs' pairs from its judged answers: (pairs, counts). By place j in code: answers[j] the greedy
     answer, verdicts[j] its doctest_verdict, drawn[j] the other answers with whether they pass. unjudged="written":
-    a request whose real function fails its own examples keeps its written pair (no verdict, no own answer rejected)."""
+    a request whose real function fails its own examples keeps its written pair (no verdict, no own answer rejected).
+    own_only: every request without a pair of the run's own answers keeps its written pair."""
     written = pairs
     pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
     counts["own"] = 0
@@ -199,12 +200,15 @@ def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged
             if passing and failing:
                 pairs[i] = {"prompt": question["content"], "chosen": passing[0], "rejected": failing[0]}
                 counts["own"] += 1
+                continue
+        if own_only:
+            pairs[i] = written[i]
     return pairs, counts
 
 
 def sampled_code_pairs(
     run, conversations, pairs, max_new=512, batch_size=128, timeout=10.0, memory_mb=2048, samples=1, temperature=0.8,
-    unjudged="own",
+    unjudged="own", own_only=False,
 ):  # fmt: skip
     """prepare.py --mode=dpo --sample_from=RUN: the coding requests' pairs remade on-policy. The SFT run answers each
     request greedily; the real function is chosen and the run's own answer rejected, except where the docstring has
@@ -216,9 +220,11 @@ def sampled_code_pairs(
     pair is all its own: a passing answer chosen, a failing one rejected (a real function failing its examples keeps
     its plain pair). unjudged="written" (--sample_unjudged): only answers with a verdict are rejected; a request
     without examples, or whose real function fails them, keeps its written pair and is not answered at all.
+    own_only (--sample_own_only, with samples > 1): only pairs of the run's own answers replace written ones.
     Returns (pairs, a summary of the judging)."""
     model, tok, _, _ = load_run(run, "best", runtime.setup_device(), "--sample_from")
-    code = [i for i, c in enumerate(conversations) if "function" in c[0] and (unjudged == "own" or c[0].get("doc"))]
+    every = unjudged == "own" and not own_only  # every coding request answered, not only those with examples
+    code = [i for i, c in enumerate(conversations) if "function" in c[0] and (every or c[0].get("doc"))]
     prompts = [render_prompt(tok, conversations[i][:1]) for i in code]
     answers, verdicts = {}, {}  # by place in code: the decoded answer, and its doctest verdict (a future until the end)
     pool = ThreadPoolExecutor(max_workers=runtime.cores())
@@ -250,8 +256,8 @@ def sampled_code_pairs(
         drawn = {j: [(a, future.result()) for _, (a, future) in sorted(d.items())] for j, d in drawn.items()}
     finally:  # an error or a Ctrl-C leaves no queued program for the interpreter to run before it exits
         pool.shutdown(cancel_futures=True)
-    pairs, counts = verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged)
-    which = " to requests with examples" if unjudged == "written" else ""
+    pairs, counts = verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged, own_only)
+    which = "" if every else " to requests with examples"
     summary = (
         f"{counts['sampled']:,} answers of {run}{which} rejected, {counts['same']:,} equal to the real function "
         f"dropped; "
@@ -263,6 +269,8 @@ def sampled_code_pairs(
             f"; {len(asked) * (samples - 1):,} more answers drawn at T={temperature}: {counts['own']:,} pairs of the "
             f"run's own answers, a passing one against a failing one"
         )
+    if own_only:
+        summary += "; only those replace written pairs"
     return pairs, summary
 
 

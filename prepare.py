@@ -84,6 +84,7 @@ sample_from: empty | folder = ""  # --mode=dpo, coding task: an SFT run whose an
 sample_batch: at_least(1) = 128  # --sample_from: answers decoded at once (reference.sh: 512, as eval.py's gen_batch)
 sample_n: between(1, 64) = 1  # --sample_from: answers to each request with examples; > 1: passing against failing
 sample_unjudged: one_of("own", "written") = "own"  # --sample_from, a request with no doctest verdict: written: its pair
+sample_own_only = False  # --sample_from with sample_n > 1: only pairs of the run's own answers replace written ones
 # filters of the training split (quality.py); validation documents are kept as they are, so that runs made with and
 # without them are scored on the same held-out set, and enter the near-duplicate index first (their near-copies leave
 # training). auto: on for the local Python corpus, where the reference run measured them (docs/data.md), off for
@@ -95,7 +96,15 @@ dedup_ngram: between(1, 64) = 5  # tokens per MinHash shingle, for near_dup
 # -----------------------------------------------------------------------------
 runtime.install_error_handler()
 config = runtime.configure(  # quality_skip's names: rules of the kind --quality picks
-    globals(), sys.argv[1:], rules=[lambda c: select_rules(c.quality, c.quality_skip, bool(c.input or c.dataset))]
+    globals(),
+    sys.argv[1:],
+    rules=[
+        lambda c: select_rules(c.quality, c.quality_skip, bool(c.input or c.dataset)),
+        (
+            lambda c: not c.sample_own_only or (c.sample_from and c.sample_n > 1),
+            "sample_own_only=true needs --sample_from=SFT_RUN and --sample_n of 2 or more (the run's own answers)",
+        ),
+    ],
 )
 RUN_KEYS = ("data_dir", "plan_only", "max_shards", "num_threads", "batch_docs", "sample_batch", "overwrite")
 # the corpus keys are recorded only for corpus=python: folders made before they existed still resume
@@ -116,6 +125,7 @@ SETTINGS = [
     and (filtering or k not in FILTER_KEYS)
     and (k != "sample_n" or sample_n > 1)  # recorded when it changes the pairs: folders made before it still resume
     and (k != "sample_unjudged" or sample_unjudged != "own")
+    and (k != "sample_own_only" or sample_own_only)
 ]
 rules = select_rules(quality if mode == "pretrain" else "off", quality_skip, not local)
 
@@ -391,7 +401,7 @@ def build_chat_data():
 
                 pairs, how = generation.sampled_code_pairs(
                     sample_from, conversations, pairs, batch_size=sample_batch, samples=sample_n,
-                    unjudged=sample_unjudged,
+                    unjudged=sample_unjudged, own_only=sample_own_only,
                 )  # fmt: skip
                 source += f" | coding pairs: {how}"
             data, counts, note = chat.render_dpo(tok, pairs, block_size, split_of)

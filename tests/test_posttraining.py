@@ -7,6 +7,7 @@ import textwrap
 import time
 
 import pytest
+from conftest import run
 
 import chat
 import eval as ev
@@ -155,13 +156,14 @@ def test_on_policy_pairs_are_judged_by_doctests_while_the_next_batch_is_written(
     assert "1 passing answers dropped" in summary and "1 whose real function fails" in summary
 
 
-@pytest.mark.parametrize("unjudged", ["own", "written"])
-def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_run, monkeypatch, unjudged):
+@pytest.mark.parametrize("unjudged, own_only", [("own", False), ("written", False), ("written", True)])
+def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_run, monkeypatch, unjudged, own_only):
     """--sample_n=3: each request with examples is answered twice more at T=0.8 and every answer judged; where the
     run's answers both pass and fail, a passing one is chosen over a failing one (its greedy answer among them);
     where none passes, the plain pair stays; where all pass, none; a real function failing its examples keeps its
     plain pair, and a request without examples is asked once. --sample_unjudged=written: those last two keep their
-    written pair, and the request without examples is not asked."""
+    written pair, and the request without examples is not asked. --sample_own_only: only the two pairs of the run's
+    own answers replace written pairs."""
     sft, _ = sft_run
     tok = load_tokenizer(sft / "tokenizer.model")
     hyp_q, real, stem_q, right, wrong, broken = hypot2_answers()
@@ -181,14 +183,17 @@ def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_ru
 
     monkeypatch.setattr(generation, "generate_batch", answering)
     judged, summary = generation.sampled_code_pairs(
-        sft, conversations, pairs, max_new=8, batch_size=4, samples=3, unjudged=unjudged
+        sft, conversations, pairs, max_new=8, batch_size=4, samples=3, unjudged=unjudged, own_only=own_only
     )
-    written = unjudged == "written"
+    written = unjudged == "written" or own_only
     assert temperatures == [0.0] * (6 - written) + [0.8] * 10  # 5 requests with examples, twice more each
     assert (judged[0]["chosen"], judged[0]["rejected"]) == (right, wrong)  # greedy fails, a sample passes
     assert (judged[1]["chosen"], judged[1]["rejected"]) == (right, wrong2)  # greedy passes, a sample fails
-    assert (judged[2]["chosen"], judged[2]["rejected"]) == (real["content"], wrong)  # none passes: the plain pair
-    assert judged[3] is None  # all pass
+    if own_only:  # none passes, all pass: the written pairs
+        assert judged[2] == pairs[2] and judged[3] == pairs[3] and summary.endswith("only those replace written pairs")
+    else:
+        assert (judged[2]["chosen"], judged[2]["rejected"]) == (real["content"], wrong)  # none passes: the plain pair
+        assert judged[3] is None  # all pass
     if written:  # no verdict: the written pairs, as prepare.py made them without --sample_from
         assert judged[4] == pairs[4] and judged[5] == pairs[5]
         assert "5 answers of " + str(sft) + " to requests with examples" in summary
@@ -251,3 +256,15 @@ def test_chat_humaneval_asks_with_the_request_template():
 )
 def test_loop_detector(text, looping):
     assert ev.is_looping(text) is looping
+
+
+def test_sample_own_only_without_the_runs_answers_is_one_error_line(tmp_path, sft_run):
+    """--sample_own_only needs pairs of the run's own answers: --sample_from and --sample_n >= 2; without either,
+    prepare.py says so in one line before any work and writes nothing."""
+    sft, _ = sft_run
+    for keys in ([], [f"--sample_from={sft}"]):
+        proc = run("prepare.py", "--mode=dpo", "--sample_own_only=true", *keys, f"--data_dir={tmp_path}/d", check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        needs = "needs --sample_from=SFT_RUN and --sample_n of 2 or more (the run's own answers)"
+        assert proc.stderr.strip().splitlines() == [f"error: sample_own_only=true {needs}"]
+        assert not (tmp_path / "d").exists()
