@@ -102,7 +102,7 @@ config = runtime.configure(  # quality_skip's names: rules of the kind --quality
         lambda c: select_rules(c.quality, c.quality_skip, bool(c.input or c.dataset)),
         (
             lambda c: not c.sample_own_only or (c.sample_from and c.sample_n > 1),
-            "sample_own_only=true needs --sample_from=SFT_RUN and --sample_n of 2 or more (the run's own answers)",
+            "sample_own_only=true needs its run's answers: --sample_from=SFT_RUN and --sample_n=N, N >= 2; add both",
         ),
     ],
 )

@@ -265,6 +265,6 @@ def test_sample_own_only_without_the_runs_answers_is_one_error_line(tmp_path, sf
     for keys in ([], [f"--sample_from={sft}"]):
         proc = run("prepare.py", "--mode=dpo", "--sample_own_only=true", *keys, f"--data_dir={tmp_path}/d", check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
-        needs = "needs --sample_from=SFT_RUN and --sample_n of 2 or more (the run's own answers)"
+        needs = "needs its run's answers: --sample_from=SFT_RUN and --sample_n=N, N >= 2; add both"
         assert proc.stderr.strip().splitlines() == [f"error: sample_own_only=true {needs}"]
         assert not (tmp_path / "d").exists()
