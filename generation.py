@@ -260,8 +260,7 @@ def sampled_code_pairs(
     which = "" if every else " to requests with examples"
     summary = (
         f"{counts['sampled']:,} answers of {run}{which} rejected, {counts['same']:,} equal to the real function "
-        f"dropped; "
-        f"{counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "
+        f"dropped; {counts['judged']:,} judged by their doctests ({counts['both_pass']:,} passing answers dropped, "
         f"{counts['example_broken']:,} whose real function fails its own examples kept as plain pairs)"
     )
     if samples > 1:
