@@ -244,7 +244,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             block.compile(dynamic=False, backend=backend)
         # one chunk of the loss compiled and run for each chunk, not the loop unrolled into one graph (16 chunks of a
-        # 32K-token batch: that graph took 2.9x as long to compile on a 2-core CPU, PERF.md)
+        # 32K-token batch: 2.9x as long to compile on a 2-core CPU; on an H200, ~30 s of a 35.8 s cold start, PERF.md)
         chunk = torch.compile(ce_chunk, dynamic=False, backend=backend)
         self.loss_head = lambda x, w, targets, need_grad, cap: ChunkedCrossEntropy.apply(
             x, w, targets, need_grad, cap, chunk, CE_CHUNK_COMPILED
