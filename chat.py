@@ -215,30 +215,30 @@ def fit_pair(prompt, chosen, rejected, block_size):
 
 def render_dpo(tok, rows, block_size, split_of):
     """({split: {tokens, lengths}}, counts, summary) for DPO: tokens holds each pair's prompt, chosen and rejected
-    completion in turn (a completion is the answer and <|end|>), lengths their three lengths. Over-long pairs are
-    cut by fit_pair and counted; pairs whose completions are then identical are skipped and counted."""
+    completion in turn (a completion is the answer and <|end|>), lengths their three lengths. A row may be a list of
+    pairs (one request's, all in its split). Over-long pairs are cut by fit_pair and counted; pairs whose completions
+    are then identical are skipped and counted."""
     counts = {"pairs": 0, "kept": 0, "identical": 0, "truncated": 0}
     data = {s: {"tokens": [], "lengths": []} for s in ("train", "val")}
     end = tok.special[END]
-    for i, row in enumerate(rows):
-        if row is None:  # dropped by generation.sampled_code_pairs; its index keeps the others' split
-            continue
-        counts["pairs"] += 1
-        try:
-            context, chosen, rejected = pair_messages(row)
-            prompt = render_prompt(tok, context)
-        except ConversationError as e:
-            raise ConversationError(f"pair {i}: {e}") from None
-        prompt, chosen, rejected, cut = fit_pair(
-            prompt, tok.encode(chosen) + [end], tok.encode(rejected) + [end], block_size
-        )
-        if chosen == rejected:
-            counts["identical"] += 1
-            continue
-        counts["kept"] += 1
-        counts["truncated"] += cut
-        data[split_of(i)]["tokens"].extend(prompt + chosen + rejected)
-        data[split_of(i)]["lengths"].extend([len(prompt), len(chosen), len(rejected)])
+    for i, row in enumerate(rows):  # None: dropped by generation.sampled_code_pairs; its index keeps the others' split
+        for pair in [] if row is None else row if isinstance(row, list) else [row]:  # a list: pairs of one request
+            counts["pairs"] += 1
+            try:
+                context, chosen, rejected = pair_messages(pair)
+                prompt = render_prompt(tok, context)
+            except ConversationError as e:
+                raise ConversationError(f"pair {i}: {e}") from None
+            prompt, chosen, rejected, cut = fit_pair(
+                prompt, tok.encode(chosen) + [end], tok.encode(rejected) + [end], block_size
+            )
+            if chosen == rejected:
+                counts["identical"] += 1
+                continue
+            counts["kept"] += 1
+            counts["truncated"] += cut
+            data[split_of(i)]["tokens"].extend(prompt + chosen + rejected)
+            data[split_of(i)]["lengths"].extend([len(prompt), len(chosen), len(rejected)])
     return (
         data,
         counts,

@@ -172,14 +172,20 @@ def doctest_verdict(real, answer, name, doc, timeout, memory_mb):
     return "both pass" if passes_doctests(code_block(answer), name, doc, timeout, memory_mb) else "answer fails"
 
 
-def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged="own", own_only=False):
+def verdict_pairs(
+    conversations, code, pairs, answers, verdicts, drawn, unjudged="own", own_only=False, per_request=1,
+    others="written",
+):  # fmt: skip
     """sampled_code_pairs' pairs from its judged answers: (pairs, counts). By place j in code: answers[j] the greedy
     answer, verdicts[j] its doctest_verdict, drawn[j] the other answers with whether they pass. unjudged="written":
     a request whose real function fails its own examples keeps its written pair (no verdict, no own answer rejected).
-    own_only: every request without a pair of the run's own answers keeps its written pair."""
+    own_only: every request without a pair of the run's own answers keeps its written pair, or with others="none"
+    has none (every other pair, docstring questions' too, is dropped). per_request > 1: up to that many pairs of
+    the run's own answers to a request, a list in its place: each answer of the longer side (passing or failing,
+    distinct texts) once, against the other side's in turn."""
     written = pairs
     pairs, counts = list(pairs), {"sampled": len(code), "same": 0, "judged": 0, "both_pass": 0, "example_broken": 0}
-    counts["own"] = 0
+    counts["own"] = counts["own_requests"] = 0
     for j, i in enumerate(code):
         question, real = conversations[i]
         pairs[i] = {"prompt": question["content"], "chosen": real["content"], "rejected": answers[j]}
@@ -198,17 +204,27 @@ def verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged
             passing = [answers[j]] * (pairs[i] is None) + [a for a, ok in drawn[j] if ok]
             failing = [answers[j]] * (pairs[i] is not None) + [a for a, ok in drawn[j] if not ok]
             if passing and failing:
-                pairs[i] = {"prompt": question["content"], "chosen": passing[0], "rejected": failing[0]}
-                counts["own"] += 1
+                passing, failing = list(dict.fromkeys(passing)), list(dict.fromkeys(failing))  # distinct, in order
+                n = min(per_request, max(len(passing), len(failing)))
+                own = [
+                    {"prompt": question["content"], "chosen": passing[k % len(passing)],
+                     "rejected": failing[k % len(failing)]}
+                    for k in range(n)
+                ]  # fmt: skip
+                pairs[i] = own[0] if per_request == 1 else own
+                counts["own"], counts["own_requests"] = counts["own"] + n, counts["own_requests"] + 1
                 continue
         if own_only:
-            pairs[i] = written[i]
+            pairs[i] = written[i] if others == "written" else None
+    if own_only and others == "none":  # the docstring questions (not in code) too
+        asked = set(code)
+        pairs = [p if i in asked else None for i, p in enumerate(pairs)]
     return pairs, counts
 
 
 def sampled_code_pairs(
     run, conversations, pairs, max_new=512, batch_size=128, timeout=10.0, memory_mb=2048, samples=1, temperature=0.8,
-    unjudged="own", own_only=False,
+    unjudged="own", own_only=False, per_request=1, others="written",
 ):  # fmt: skip
     """prepare.py --mode=dpo --sample_from=RUN: the coding requests' pairs remade on-policy. The SFT run answers each
     request greedily; the real function is chosen and the run's own answer rejected, except where the docstring has
@@ -220,8 +236,9 @@ def sampled_code_pairs(
     pair is all its own: a passing answer chosen, a failing one rejected (a real function failing its examples keeps
     its plain pair). unjudged="written" (--sample_unjudged): only answers with a verdict are rejected; a request
     without examples, or whose real function fails them, keeps its written pair and is not answered at all.
-    own_only (--sample_own_only, with samples > 1): only pairs of the run's own answers replace written ones.
-    Returns (pairs, a summary of the judging)."""
+    own_only (--sample_own_only, with samples > 1): only pairs of the run's own answers replace written ones;
+    others="none" (--sample_others): every other pair is dropped. per_request (--sample_pairs): pairs of the run's
+    own answers a request may give (verdict_pairs). Returns (pairs, a summary of the judging)."""
     model, tok, _, _ = load_run(run, "best", runtime.setup_device(), "--sample_from")
     every = unjudged == "own" and not own_only  # every coding request answered, not only those with examples
     code = [i for i, c in enumerate(conversations) if "function" in c[0] and (every or c[0].get("doc"))]
@@ -256,7 +273,9 @@ def sampled_code_pairs(
         drawn = {j: [(a, future.result()) for _, (a, future) in sorted(d.items())] for j, d in drawn.items()}
     finally:  # an error or a Ctrl-C leaves no queued program for the interpreter to run before it exits
         pool.shutdown(cancel_futures=True)
-    pairs, counts = verdict_pairs(conversations, code, pairs, answers, verdicts, drawn, unjudged, own_only)
+    pairs, counts = verdict_pairs(
+        conversations, code, pairs, answers, verdicts, drawn, unjudged, own_only, per_request, others
+    )
     which = "" if every else " to requests with examples"
     summary = (
         f"{counts['sampled']:,} answers of {run}{which} rejected, {counts['same']:,} equal to the real function "
@@ -268,8 +287,10 @@ def sampled_code_pairs(
             f"; {len(asked) * (samples - 1):,} more answers drawn at T={temperature}: {counts['own']:,} pairs of the "
             f"run's own answers, a passing one against a failing one"
         )
+        if per_request > 1:
+            summary += f" ({counts['own_requests']:,} requests, up to {per_request} pairs each)"
     if own_only:
-        summary += "; only those replace written pairs"
+        summary += "; only those replace written pairs" if others == "written" else "; every other pair dropped"
     return pairs, summary
 
 

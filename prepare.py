@@ -85,6 +85,8 @@ sample_batch: at_least(1) = 128  # --sample_from: answers decoded at once (refer
 sample_n: between(1, 64) = 1  # --sample_from: answers to each request with examples; > 1: passing against failing
 sample_unjudged: one_of("own", "written") = "own"  # --sample_from, a request with no doctest verdict: written: its pair
 sample_own_only = False  # --sample_from with sample_n > 1: only pairs of the run's own answers replace written ones
+sample_others: one_of("written", "none") = "written"  # --sample_own_only: the other pairs; none: the run's own alone
+sample_pairs: between(1, 64) = 1  # --sample_n > 1: pairs of the run's own answers a request may give (distinct ones)
 # filters of the training split (quality.py); validation documents are kept as they are, so that runs made with and
 # without them are scored on the same held-out set, and enter the near-duplicate index first (their near-copies leave
 # training). auto: on for the local Python corpus, where the reference run measured them (docs/data.md), off for
@@ -103,6 +105,15 @@ config = runtime.configure(  # quality_skip's names: rules of the kind --quality
         (
             lambda c: not c.sample_own_only or (c.sample_from and c.sample_n > 1),
             "sample_own_only=true needs its run's answers: --sample_from=SFT_RUN and --sample_n=N, N >= 2; add both",
+        ),
+        (
+            lambda c: c.sample_others == "written" or c.sample_own_only,
+            "sample_others=none keeps the run's own pairs alone, which --sample_own_only=true sets apart; add it",
+        ),
+        (
+            lambda c: c.sample_pairs == 1 or (c.sample_from and c.sample_n > 1),
+            "sample_pairs > 1 needs several answers of the run to each request: --sample_from=SFT_RUN and "
+            "--sample_n=N, N >= 2; add both",
         ),
     ],
 )
@@ -126,6 +137,8 @@ SETTINGS = [
     and (k != "sample_n" or sample_n > 1)  # recorded when it changes the pairs: folders made before it still resume
     and (k != "sample_unjudged" or sample_unjudged != "own")
     and (k != "sample_own_only" or sample_own_only)
+    and (k != "sample_others" or sample_others != "written")
+    and (k != "sample_pairs" or sample_pairs > 1)
 ]
 rules = select_rules(quality if mode == "pretrain" else "off", quality_skip, not local)
 
@@ -401,13 +414,19 @@ def build_chat_data():
 
                 pairs, how = generation.sampled_code_pairs(
                     sample_from, conversations, pairs, batch_size=sample_batch, samples=sample_n,
-                    unjudged=sample_unjudged, own_only=sample_own_only,
+                    unjudged=sample_unjudged, own_only=sample_own_only, per_request=sample_pairs, others=sample_others,
                 )  # fmt: skip
                 source += f" | coding pairs: {how}"
             data, counts, note = chat.render_dpo(tok, pairs, block_size, split_of)
     except chat.ConversationError as e:
         raise UserError(str(e)) from None
     if not data["train"]["tokens"] or not data["val"]["tokens"]:
+        if sample_others == "none":  # the run's own pairs alone: too few of its answers passed, or none failed
+            raise UserError(
+                f"{len(data['train']['lengths']) // 3} train and {len(data['val']['lengths']) // 3} held-out pairs "
+                f"of {sample_from}'s own answers, passing against failing; need some in both: raise --sample_n, or "
+                f"keep the written pairs beside them (--sample_others=written)"
+            )
         raise UserError(f"{counts['kept']} usable records ({counts}); need some for both train and val")
     return tok, data, counts, note, source
 

@@ -156,14 +156,21 @@ def test_on_policy_pairs_are_judged_by_doctests_while_the_next_batch_is_written(
     assert "1 passing answers dropped" in summary and "1 whose real function fails" in summary
 
 
-@pytest.mark.parametrize("unjudged, own_only", [("own", False), ("written", False), ("written", True)])
-def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_run, monkeypatch, unjudged, own_only):
+@pytest.mark.parametrize(
+    "unjudged, own_only, others, per_request",
+    [("own", False, "written", 1), ("written", False, "written", 1), ("written", True, "written", 1)]
+    + [("written", True, "none", 3)],
+)
+def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(
+    sft_run, monkeypatch, unjudged, own_only, others, per_request
+):
     """--sample_n=3: each request with examples is answered twice more at T=0.8 and every answer judged; where the
     run's answers both pass and fail, a passing one is chosen over a failing one (its greedy answer among them);
     where none passes, the plain pair stays; where all pass, none; a real function failing its examples keeps its
     plain pair, and a request without examples is asked once. --sample_unjudged=written: those last two keep their
     written pair, and the request without examples is not asked. --sample_own_only: only the two pairs of the run's
-    own answers replace written pairs."""
+    own answers replace written pairs; with --sample_others=none every other pair is dropped, and --sample_pairs=3
+    gives a request one pair per distinct answer of its longer side."""
     sft, _ = sft_run
     tok = load_tokenizer(sft / "tokenizer.model")
     hyp_q, real, stem_q, right, wrong, broken = hypot2_answers()
@@ -183,10 +190,20 @@ def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(sft_ru
 
     monkeypatch.setattr(generation, "generate_batch", answering)
     judged, summary = generation.sampled_code_pairs(
-        sft, conversations, pairs, max_new=8, batch_size=4, samples=3, unjudged=unjudged, own_only=own_only
-    )
+        sft, conversations, pairs, max_new=8, batch_size=4, samples=3, unjudged=unjudged, own_only=own_only,
+        per_request=per_request, others=others,
+    )  # fmt: skip
     written = unjudged == "written" or own_only
     assert temperatures == [0.0] * (6 - written) + [0.8] * 10  # 5 requests with examples, twice more each
+    if per_request > 1:  # greedy wrong, samples wrong2 and right: each failing answer against the one passing
+        assert [(p["chosen"], p["rejected"]) for p in judged[0]] == [(right, wrong), (right, wrong2)]
+        assert [(p["chosen"], p["rejected"]) for p in judged[1]] == [(right, wrong2)]  # wrong2 twice: one pair
+        assert judged[2:] == [None] * 4  # the others dropped
+        assert "3 pairs of the run's own answers" in summary and "(2 requests, up to 3 pairs each)" in summary
+        assert summary.endswith("every other pair dropped")
+        data, counts, _ = chat.render_dpo(tok, judged, 1024, lambda i: "val" if i == 1 else "train")
+        assert counts["kept"] == 3 and [len(data[s]["lengths"]) // 3 for s in ("train", "val")] == [2, 1]
+        return
     assert (judged[0]["chosen"], judged[0]["rejected"]) == (right, wrong)  # greedy fails, a sample passes
     assert (judged[1]["chosen"], judged[1]["rejected"]) == (right, wrong2)  # greedy passes, a sample fails
     if own_only:  # none passes, all pass: the written pairs
@@ -260,11 +277,20 @@ def test_loop_detector(text, looping):
 
 def test_sample_own_only_without_the_runs_answers_is_one_error_line(tmp_path, sft_run):
     """--sample_own_only needs pairs of the run's own answers: --sample_from and --sample_n >= 2; without either,
-    prepare.py says so in one line before any work and writes nothing."""
+    prepare.py says so in one line before any work and writes nothing. So do --sample_others=none without
+    --sample_own_only and --sample_pairs > 1 without --sample_n >= 2."""
     sft, _ = sft_run
     for keys in ([], [f"--sample_from={sft}"]):
         proc = run("prepare.py", "--mode=dpo", "--sample_own_only=true", *keys, f"--data_dir={tmp_path}/d", check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr
         needs = "needs its run's answers: --sample_from=SFT_RUN and --sample_n=N, N >= 2; add both"
         assert proc.stderr.strip().splitlines() == [f"error: sample_own_only=true {needs}"]
+        assert not (tmp_path / "d").exists()
+    for keys, says in [
+        (["--sample_others=none"], "sample_others=none keeps the run's own pairs alone, which --sample_own_only=true"),
+        ([f"--sample_from={sft}", "--sample_pairs=4"], "sample_pairs > 1 needs several answers of the run to each"),
+    ]:
+        proc = run("prepare.py", "--mode=dpo", *keys, f"--data_dir={tmp_path}/d", check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"error: {says}")
         assert not (tmp_path / "d").exists()
