@@ -266,9 +266,9 @@ def sampled_code_pairs(
         generate(model, prompts, max_new, stops, batch_size=batch_size, desc="pairs", on_done=judge)
         if samples > 1:
             again = [prompts[j] for j in asked for _ in range(samples - 1)]
-            g = torch.Generator(model.lm_head.weight.device).manual_seed(1337)
-            generate(model, again, max_new, stops, temperature=temperature, top_p=0.95, generator=g,
-                     batch_size=batch_size, desc="samples", on_done=judge_drawn)  # fmt: skip
+            # answers of every length: continuous batching, a row that ends takes the next prompt
+            generate_stream(model, again, max_new, stops, temperature=temperature, top_p=0.95, seed=1337,
+                            rows=batch_size, desc="samples", on_done=judge_drawn)  # fmt: skip
         verdicts = {j: future.result() for j, future in verdicts.items()}
         drawn = {j: [(a, future.result()) for _, (a, future) in sorted(d.items())] for j, d in drawn.items()}
     finally:  # an error or a Ctrl-C leaves no queued program for the interpreter to run before it exits
@@ -413,3 +413,57 @@ class Slots:
         """Give a row back: its keys are masked from now on, and the next request may take it."""
         self.sampling[row] = None
         self.cache.start[row] = self.max_len
+
+
+@torch.no_grad()
+def generate_stream(
+    model, prompts, max_new, stop_ids, temperature=0.0, top_p=1.0, seed=None, rows=128, desc="generate", on_done=None
+):  # fmt: skip
+    """generate's results by continuous batching (Slots): a row whose answer ends takes the next prompt at the next
+    step, so a batch no longer decodes until its longest answer ends. Prompts join shortest first, as the shared
+    position passes their length; once no prompt fits (position + max_new past the context) the running answers
+    finish and the batch restarts. Greedy answers are generate's but for rounding; sampled ones draw from torch's
+    generator seeded with seed (the caller's RNG state is kept), all rows in one call. prepare.py --sample_n's
+    answers, whose lengths differ most. on_done(i, result) as each answer ends. Returns [(token ids, ended)]."""
+    if not prompts:
+        return []
+    c, dev = model.config, model.lm_head.weight.device
+    room = c.block_size - max(map(len, prompts))  # as generate: an answer gives way to its prompt, down to half
+    max_new = min(max_new, c.block_size - 1, max(room, c.block_size // 2))
+    prompts = [p[-(c.block_size - max_new) :] for p in prompts]
+    slots, stops, sampling = Slots(model, min(rows, len(prompts))), set(stop_ids), (temperature, 0, top_p, None)
+    waiting = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)  # the next one last
+    results, running = [None] * len(prompts), {}  # running: row -> (prompt index, its new token ids)
+    bar = tqdm(total=len(prompts), desc=desc, unit="seq", disable=None, leave=False)
+
+    def take(row, token):
+        i, ids = running[row]
+        ids.append(token)
+        if token in stops or len(ids) == max_new:
+            results[i] = (ids[:-1], True) if token in stops else (ids, False)
+            slots.leave(row)
+            del running[row]
+            bar.update(1)
+            if on_done:
+                on_done(i, results[i])
+
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        while waiting or running:
+            if not running:  # an idle batch starts at the longest prompt of those that fill it
+                slots.restart(max(len(prompts[i]) for i in waiting[-slots.rows :]))
+            joining = []  # a running batch is joined once a sixteenth of its rows are free: a prefill costs a step
+            if not running or slots.rows - len(running) >= max(1, slots.rows // 16):
+                while waiting and slots.fits(len(prompts[waiting[-1]]), max_new, len(joining)):
+                    joining.append(waiting.pop())
+            if joining:
+                joined = slots.join([(prompts[i], sampling) for i in joining])
+                for (row, token), i in zip(joined, joining, strict=True):
+                    running[row] = i, []
+                    take(row, token)
+            if running:
+                for row, token in slots.advance().items():
+                    take(row, token)
+    bar.close()
+    return results

@@ -188,7 +188,15 @@ def test_sample_n_pairs_a_passing_answer_of_the_run_against_a_failing_one(
         ks = [int(re.search(r"\(#(\d)\)", tok.decode(p))[1]) for p in prompts]
         return [(tok.encode(drawn[k].pop(0) if temperature else greedy[k]), True) for k in ks]
 
+    def streaming(model, prompts, max_new, stop_ids, temperature, top_p, seed, rows, desc, on_done):
+        assert seed == 1337 and rows == 4  # the samples' stream: one seed, sample_batch rows
+        for i, result in enumerate(
+            answering(model, None, None, prompts, max_new, stop_ids, None, (), temperature, top_p, None)
+        ):
+            on_done(i, result)
+
     monkeypatch.setattr(generation, "generate_batch", answering)
+    monkeypatch.setattr(generation, "generate_stream", streaming)
     judged, summary = generation.sampled_code_pairs(
         sft, conversations, pairs, max_new=8, batch_size=4, samples=3, unjudged=unjudged, own_only=own_only,
         per_request=per_request, others=others,

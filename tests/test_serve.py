@@ -239,6 +239,39 @@ def test_slots_join_a_running_batch_and_answer_as_alone(graph, monkeypatch):
     assert set(steps) == ({2} if graph else set())  # the graph's step ran, over both rows
 
 
+def test_generate_stream_answers_as_generate_in_fewer_steps_and_keeps_the_rng(monkeypatch):
+    """generate_stream (continuous batching, prepare.py --sample_n's answers): 9 prompts in 3 rows, a stop token
+    that ends answers at different lengths, a context (48) that fits only part of a batch's answers, so the batch
+    drains and restarts: every greedy answer is what generate gives it alone, in fewer decoding steps than
+    generate's batches of 3 take, and so in 32 rows joined two or more at a time (45 prompts); sampled answers
+    repeat with the seed, change with another, and leave the caller's RNG as it was."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=64, mlp_hidden=128)).eval()
+    for p in model.parameters():  # sharper logits than at init (as tests/test_eval.py's tiny_model)
+        p.data.mul_(3)
+    prompts = [torch.randint(6, 97, (n,)).tolist() for n in (9, 4, 17, 6, 3, 12, 20, 8, 5)]
+    free = [generation.generate(model, [p], 24, stop_ids=[])[0][0] for p in prompts]
+    counts = torch.bincount(torch.tensor([t for a in free for t in set(a)]), minlength=97)
+    stop = int(counts.argmax())  # the token in most answers: they end where it first comes, some not at all
+    alone = [generation.generate(model, [p], 24, stop_ids=[stop])[0] for p in prompts]
+    assert len({len(ids) for ids, _ in alone}) >= 4 and any(ended for _, ended in alone)
+    steps, restarts, decode, restart = [], [], model.decode, generation.Slots.restart
+    monkeypatch.setattr(model, "decode", lambda *a, **k: steps.append(1) or decode(*a, **k))
+    monkeypatch.setattr(generation.Slots, "restart", lambda self, pos: restarts.append(pos) or restart(self, pos))
+    done = {}
+    got = generation.generate_stream(model, prompts, 24, [stop], rows=3, on_done=lambda i, r: done.setdefault(i, r))
+    assert got == alone and done == dict(enumerate(alone))
+    stream_steps, steps[:] = len(steps), []
+    generation.generate(model, prompts, 24, stop_ids=[stop], batch_size=3)
+    assert len(restarts) >= 2 and stream_steps < len(steps), (restarts, stream_steps, len(steps))
+    assert generation.generate_stream(model, prompts * 5, 24, [stop], rows=32) == alone * 5  # joins 2+ rows at a time
+
+    state = torch.get_rng_state()
+    a, b = (generation.generate_stream(model, prompts, 24, [], 1.0, seed=s, rows=3) for s in (5, 5))
+    assert a == b != generation.generate_stream(model, prompts, 24, [], 1.0, seed=6, rows=3)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_slots_prefill_requests_that_join_together_in_one_forward_and_answer_as_alone(monkeypatch):
     """Requests that join at once (serve.py takes all that fit between two steps) are prefilled as one left-padded
     batch per run of adjacent free rows, and each gets the greedy tokens it gets alone: three prompts of different
