@@ -447,7 +447,8 @@ def generate_stream(
             if on_done:
                 on_done(i, results[i])
 
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    accelerator = None if dev.type == "cpu" else dev.type  # the CPU's state is always kept, a GPU's when named
+    with torch.random.fork_rng(devices=[dev] if accelerator else [], device_type=accelerator):
         if seed is not None:
             torch.manual_seed(seed)
         while waiting or running:
