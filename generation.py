@@ -80,11 +80,7 @@ def generate(
     if not prompts:
         return []
     dev, c = model.lm_head.weight.device, model.config
-    # an answer gives way to its prompt, down to half the context: an answer of block_size - 1 tokens would cut every
-    # prompt to its last token (eval.py's 128-token chat answers in a 64-token model answered nothing they were asked)
-    room = c.block_size - max(map(len, prompts))
-    max_new = min(max_new, c.block_size - 1, max(room, c.block_size // 2))
-    prompts = [p[-(c.block_size - max_new) :] for p in prompts]  # longer prompts keep their end
+    prompts, max_new = fit_context(c.block_size, prompts, max_new)
     rows, max_len = min(batch_size, len(prompts)), max(map(len, prompts)) + max_new
     key = (id(model), rows, max_len)
     if key in STEPS:
@@ -121,6 +117,14 @@ def generate(
         bar.update(len(batch))
     bar.close()
     return results
+
+
+def fit_context(block_size, prompts, max_new):
+    """(prompts, max_new) that fit the context: an answer gives way to its prompt, down to half the context (an
+    answer of block_size - 1 tokens would cut every prompt to its last token: eval.py's 128-token chat answers in a
+    64-token model answered nothing they were asked); longer prompts keep their end."""
+    max_new = min(max_new, block_size - 1, max(block_size - max(map(len, prompts)), block_size // 2))
+    return [p[-(block_size - max_new) :] for p in prompts], max_new
 
 
 def prefill(model, cache, prompts, end):
@@ -427,10 +431,8 @@ def generate_stream(
     answers, whose lengths differ most. on_done(i, result) as each answer ends. Returns [(token ids, ended)]."""
     if not prompts:
         return []
-    c, dev = model.config, model.lm_head.weight.device
-    room = c.block_size - max(map(len, prompts))  # as generate: an answer gives way to its prompt, down to half
-    max_new = min(max_new, c.block_size - 1, max(room, c.block_size // 2))
-    prompts = [p[-(c.block_size - max_new) :] for p in prompts]
+    dev = model.lm_head.weight.device
+    prompts, max_new = fit_context(model.config.block_size, prompts, max_new)
     slots, stops, sampling = Slots(model, min(rows, len(prompts))), set(stop_ids), (temperature, 0, top_p, None)
     waiting = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)  # the next one last
     results, running = [None] * len(prompts), {}  # running: row -> (prompt index, its new token ids)
